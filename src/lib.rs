@@ -1,0 +1,1 @@
+//! DeltaStream gateway.
