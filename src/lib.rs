@@ -1,1 +1,2 @@
 //! DeltaStream gateway.
+pub mod config;

@@ -1,0 +1,3 @@
+//! Configuration: raw serde types, defaults, validation and environment overrides.
+pub mod types;
+pub use types::{join, ByteSize, Dur, FieldError};
