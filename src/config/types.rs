@@ -23,7 +23,9 @@ impl Dur {
     pub fn parse(text: &str) -> Result<Self, String> {
         humantime::parse_duration(text.trim())
             .map(Dur)
-            .map_err(|_| format!("invalid duration {text:?} (expected e.g. \"250ms\", \"10s\", \"1m\")"))
+            .map_err(|_| {
+                format!("invalid duration {text:?} (expected e.g. \"250ms\", \"10s\", \"1m\")")
+            })
     }
 }
 
@@ -65,7 +67,9 @@ impl<'de> Deserialize<'de> for Dur {
                 self.visit_i64(v as i64)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dur, E> {
-                Err(E::custom(format!("invalid duration \"{v}\": give a unit, e.g. \"{v}s\"")))
+                Err(E::custom(format!(
+                    "invalid duration \"{v}\": give a unit, e.g. \"{v}s\""
+                )))
             }
         }
         d.deserialize_any(V)
@@ -184,7 +188,9 @@ mod tests {
     fn durations_need_units() {
         assert_eq!(Dur::parse("250ms").unwrap(), Dur::from_millis(250));
         assert_eq!(Dur::parse("10s").unwrap(), Dur::from_secs(10));
-        assert!(Dur::parse("10").unwrap_err().contains("invalid duration \"10\""));
+        assert!(Dur::parse("10")
+            .unwrap_err()
+            .contains("invalid duration \"10\""));
     }
 
     #[test]
