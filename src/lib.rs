@@ -1,2 +1,20 @@
-//! DeltaStream gateway.
+//! DeltaStream gateway: a resilience-first API gateway for the DeltaStream
+//! option-market-data platform.
+//!
+//! A request's path through the house, one module per stage:
+//!
+//! * [`server`]: listeners, connection limits, header-read timeout, graceful drain.
+//! * [`observability`]: the outermost layer: request id, panic -> 500, JSON access log,
+//!   Prometheus metrics.
+//! * [`routes`]: the route table built from [`config`] and the ONE generic proxy handler;
+//!   built-ins (`/health`, `/api/docs`) and the admin listener.
+//! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens.
+//! * [`upstream`]: the pooled client and the resilience pipeline around it.
+//! * [`error`]: every error the gateway produces, mapped to a JSON response in one match.
+pub mod auth;
 pub mod config;
+pub mod error;
+pub mod observability;
+pub mod routes;
+pub mod server;
+pub mod upstream;

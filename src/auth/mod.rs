@@ -1,0 +1,322 @@
+//! Token verification at the edge and the identity headers it produces.
+//!
+//! Remote mode asks the auth service (`POST {auth}/verify {"token"}`); local mode checks the
+//! JWT signature in-process. Either way a verified identity is cached briefly, keyed by a
+//! SHA-256 of the token (the token itself is never stored or logged), never past the
+//! token's own `exp`, so a burst of requests with one token makes one verify call.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use moka::future::Cache;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthConfig, AuthMode, JwtAlgorithm};
+use crate::error::GatewayError;
+
+pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+pub static X_USER_EMAIL: HeaderName = HeaderName::from_static("x-user-email");
+
+/// Tokens longer than this are refused without a verify call: no real JWT is that big,
+/// and forwarding megabytes to the auth service would make it the victim.
+const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub email: String,
+}
+
+#[derive(Clone)]
+struct Cached {
+    identity: Arc<Identity>,
+    /// How long this entry may live: min(cache_ttl, time left until the token's exp).
+    ttl: Duration,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<[u8; 32], Cached> for PerEntryTtl {
+    fn expire_after_create(&self, _: &[u8; 32], v: &Cached, _: std::time::Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+enum Backend {
+    Remote {
+        client: reqwest::Client,
+        url: String,
+        timeout: Duration,
+    },
+    Local {
+        key: Box<DecodingKey>,
+        validation: Box<Validation>,
+    },
+}
+
+pub struct TokenVerifier {
+    backend: Backend,
+    cache: Cache<[u8; 32], Cached>,
+    max_ttl: Duration,
+}
+
+/// Removes every client-supplied `X-User-*` header: only the gateway may assert identity.
+pub fn strip_identity_headers(headers: &mut HeaderMap) {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-user-"))
+        .cloned()
+        .collect();
+    for k in spoofed {
+        headers.remove(&k);
+    }
+}
+
+/// The token from `Authorization: Bearer <token>`; a missing or malformed header is
+/// "Missing Authorization header" (as the original service said).
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, GatewayError> {
+    let value = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(GatewayError::MissingToken)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(GatewayError::MissingToken)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(GatewayError::MissingToken);
+    }
+    Ok(token)
+}
+
+#[derive(Deserialize)]
+struct VerifyResponse {
+    #[serde(default)]
+    valid: Option<bool>,
+    user_id: serde_json::Value,
+    #[serde(default)]
+    email: String,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: serde_json::Value,
+    #[serde(default)]
+    email: String,
+}
+
+fn id_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Seconds until the token's `exp`, read WITHOUT checking the signature: used only to
+/// bound how long a result the verifier vouched for is reused.
+fn seconds_until_exp(token: &str) -> Option<i64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = v.get("exp")?.as_i64()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(exp - now)
+}
+
+impl TokenVerifier {
+    /// `client` and `base_url` are the auth upstream's (remote mode).
+    pub fn new(cfg: &AuthConfig, client: Option<reqwest::Client>, base_url: Option<&str>) -> Result<TokenVerifier, String> {
+        let backend = match cfg.mode {
+            AuthMode::Remote => Backend::Remote {
+                client: client.unwrap_or_default(),
+                url: format!(
+                    "{}{}",
+                    base_url.unwrap_or("http://auth:8001").trim_end_matches('/'),
+                    cfg.verify_path
+                ),
+                timeout: cfg.verify_timeout.0,
+            },
+            AuthMode::Local => {
+                let (key, alg) = match cfg.jwt_algorithm {
+                    JwtAlgorithm::HS256 => (
+                        DecodingKey::from_secret(cfg.jwt_secret.as_deref().unwrap_or("").as_bytes()),
+                        Algorithm::HS256,
+                    ),
+                    JwtAlgorithm::RS256 => {
+                        let path = cfg.jwt_public_key_file.as_deref().unwrap_or("");
+                        let pem = std::fs::read(path)
+                            .map_err(|e| format!("auth.jwt_public_key_file: cannot read {path:?}: {e}"))?;
+                        (
+                            DecodingKey::from_rsa_pem(&pem)
+                                .map_err(|e| format!("auth.jwt_public_key_file: invalid RSA key: {e}"))?,
+                            Algorithm::RS256,
+                        )
+                    }
+                };
+                // Exactly one algorithm: `alg: none` or an HS/RS confusion is rejected.
+                let mut validation = Validation::new(alg);
+                validation.set_required_spec_claims(&["exp", "sub"]);
+                validation.leeway = 5;
+                Backend::Local {
+                    key: Box::new(key),
+                    validation: Box::new(validation),
+                }
+            }
+        };
+        Ok(TokenVerifier {
+            backend,
+            cache: Cache::builder()
+                .max_capacity(100_000)
+                .expire_after(PerEntryTtl)
+                .build(),
+            max_ttl: cfg.cache_ttl.0,
+        })
+    }
+
+    /// Verifies the request's bearer token.
+    pub async fn verify_headers(&self, headers: &HeaderMap) -> Result<Arc<Identity>, GatewayError> {
+        let token = bearer_token(headers)?;
+        self.verify(token).await
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, GatewayError> {
+        if token.len() > MAX_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(GatewayError::InvalidToken);
+        }
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Concurrent misses for one token share ONE verification (moka coalesces them).
+        let cached = self
+            .cache
+            .try_get_with(key, async {
+                let identity = Arc::new(self.verify_uncached(token).await?);
+                let left = seconds_until_exp(token).unwrap_or(i64::MAX);
+                let ttl = if left <= 0 {
+                    Duration::ZERO
+                } else {
+                    self.max_ttl.min(Duration::from_secs(left as u64))
+                };
+                Ok::<_, GatewayError>(Cached { identity, ttl })
+            })
+            .await
+            .map_err(|e: Arc<GatewayError>| (*e).clone())?;
+        Ok(cached.identity)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Identity, GatewayError> {
+        match &self.backend {
+            Backend::Local { key, validation } => {
+                let data = jsonwebtoken::decode::<Claims>(token, key, validation)
+                    .map_err(|_| GatewayError::InvalidToken)?;
+                let user_id = id_string(&data.claims.sub).ok_or(GatewayError::InvalidToken)?;
+                Ok(Identity {
+                    user_id,
+                    email: data.claims.email,
+                })
+            }
+            Backend::Remote {
+                client,
+                url,
+                timeout,
+            } => {
+                let body = serde_json::json!({ "token": token });
+                let sent = client.post(url).json(&body).timeout(*timeout).send();
+                let resp = match tokio::time::timeout(*timeout, sent).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "token verification: auth service unreachable");
+                        return Err(GatewayError::AuthUnavailable);
+                    }
+                    Err(_) => {
+                        tracing::warn!("token verification: auth service timed out");
+                        return Err(GatewayError::AuthUnavailable);
+                    }
+                };
+                let status = resp.status().as_u16();
+                match status {
+                    200 => {}
+                    400 | 401 | 403 | 422 => return Err(GatewayError::InvalidToken),
+                    _ => {
+                        tracing::warn!(status, "token verification: unexpected auth service status");
+                        return Err(GatewayError::AuthUnavailable);
+                    }
+                }
+                let bytes = match tokio::time::timeout(*timeout, resp.bytes()).await {
+                    Ok(Ok(b)) => b,
+                    _ => return Err(GatewayError::AuthUnavailable),
+                };
+                let v: VerifyResponse = serde_json::from_slice(&bytes).map_err(|_| {
+                    tracing::warn!("token verification: auth service answered malformed JSON");
+                    GatewayError::AuthUnavailable
+                })?;
+                if v.valid == Some(false) {
+                    return Err(GatewayError::InvalidToken);
+                }
+                let user_id = id_string(&v.user_id).ok_or(GatewayError::InvalidToken)?;
+                Ok(Identity {
+                    user_id,
+                    email: v.email,
+                })
+            }
+        }
+    }
+}
+
+impl Identity {
+    /// Adds `X-User-Id` / `X-User-Email` for the upstream (values that cannot be header
+    /// values are refused rather than mangled).
+    pub fn insert_headers(&self, headers: &mut HeaderMap) -> Result<(), GatewayError> {
+        let id = HeaderValue::from_str(&self.user_id).map_err(|_| GatewayError::InvalidToken)?;
+        let email = HeaderValue::from_str(&self.email).map_err(|_| GatewayError::InvalidToken)?;
+        headers.insert(X_USER_ID.clone(), id);
+        headers.insert(X_USER_EMAIL.clone(), email);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_str(auth).unwrap());
+        h
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer_token(&headers("Bearer abc")).unwrap(), "abc");
+        assert_eq!(bearer_token(&headers("bearer  abc ")).unwrap(), "abc");
+        assert!(matches!(bearer_token(&headers("Basic abc")), Err(GatewayError::MissingToken)));
+        assert!(matches!(bearer_token(&headers("Bearer")), Err(GatewayError::MissingToken)));
+        assert!(matches!(bearer_token(&HeaderMap::new()), Err(GatewayError::MissingToken)));
+    }
+
+    #[test]
+    fn strips_spoofed_identity() {
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_static("1"));
+        h.insert("x-user-email", HeaderValue::from_static("a@b"));
+        h.insert("x-user-role", HeaderValue::from_static("admin"));
+        h.insert("x-other", HeaderValue::from_static("keep"));
+        strip_identity_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-other"));
+    }
+
+    #[test]
+    fn exp_is_read_for_cache_bounds() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{{\"exp\":{}}}", now + 100));
+        let left = seconds_until_exp(&format!("h.{payload}.s")).unwrap();
+        assert!((95..=100).contains(&left));
+        assert_eq!(seconds_until_exp("garbage"), None);
+    }
+}

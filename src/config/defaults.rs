@@ -1,0 +1,118 @@
+//! The embedded default: the DeltaStream route table (GUIDE section 1), so that
+//! `deltastream-gateway serve` behaves like the original service with zero files.
+
+use std::collections::BTreeMap;
+
+use super::{Dur, OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind, UpstreamConfig};
+
+pub fn upstreams() -> BTreeMap<String, UpstreamConfig> {
+    [
+        ("auth", "http://auth:8001", 10),
+        ("storage", "http://storage:8003", 10),
+        ("analytics", "http://analytics:8004", 30),
+    ]
+    .into_iter()
+    .map(|(name, url, secs)| {
+        (
+            name.to_string(),
+            UpstreamConfig {
+                url: url.into(),
+                timeout: Dur::from_secs(secs),
+                ..UpstreamConfig::default()
+            },
+        )
+    })
+    .collect()
+}
+
+fn query(name: &str, schema_type: &str, description: &str) -> ParamDoc {
+    ParamDoc {
+        name: name.into(),
+        location: ParamLocation::Query,
+        required: false,
+        schema_type: schema_type.into(),
+        description: description.into(),
+    }
+}
+
+fn doc(tag: &str, summary: &str, params: Vec<ParamDoc>) -> OpenApiDoc {
+    OpenApiDoc {
+        summary: summary.into(),
+        description: String::new(),
+        tags: vec![tag.into()],
+        params,
+        request_body: None,
+    }
+}
+
+fn proxy(path: &str, upstream: &str, upstream_path: &str, openapi: OpenApiDoc) -> RouteConfig {
+    RouteConfig {
+        path: path.into(),
+        upstream: Some(upstream.into()),
+        upstream_path: Some(upstream_path.into()),
+        rate_limit: vec!["default".into()],
+        openapi,
+        ..RouteConfig::default()
+    }
+}
+
+fn auth_post(path: &str, upstream_path: &str, summary: &str, body: &str) -> RouteConfig {
+    let mut openapi = doc("Authentication", summary, Vec::new());
+    openapi.request_body = Some(body.into());
+    RouteConfig {
+        methods: vec!["POST".into()],
+        // Credential stuffing is the threat on these two: a tighter policy than data reads.
+        rate_limit: vec!["auth".into()],
+        ..proxy(path, "auth", upstream_path, openapi)
+    }
+}
+
+pub fn routes() -> Vec<RouteConfig> {
+    let product_ticks = vec![
+        query("limit", "integer", "Number of ticks, newest first (default 100, max 1000)"),
+        query("start", "string", "ISO-8601 start time (inclusive)"),
+        query("end", "string", "ISO-8601 end time (inclusive)"),
+    ];
+    let expiry = || vec![query("expiry", "string", "Expiry date (YYYY-MM-DD)")];
+    vec![
+        auth_post("/api/auth/register", "/register", "Register a user", "register"),
+        auth_post("/api/auth/login", "/login", "Log in and get a token", "login"),
+        proxy(
+            "/api/data/underlying/{product}",
+            "storage",
+            "/underlying/{product}",
+            doc("Data", "Underlying price ticks for a product", product_ticks),
+        ),
+        proxy(
+            "/api/data/chain/{product}",
+            "storage",
+            "/option/chain/{product}",
+            doc("Data", "Option chain with greeks for a product", expiry()),
+        ),
+        proxy(
+            "/api/data/products",
+            "storage",
+            "/products",
+            doc("Data", "Tradable products", Vec::new()),
+        ),
+        proxy(
+            "/api/analytics/pcr/{product}",
+            "analytics",
+            "/pcr/{product}",
+            doc("Analytics", "Put-call ratio by open interest and volume", expiry()),
+        ),
+        proxy(
+            "/api/analytics/volatility-surface/{product}",
+            "analytics",
+            "/volatility-surface/{product}",
+            doc("Analytics", "Implied-volatility surface and ATM term structure", Vec::new()),
+        ),
+        RouteConfig {
+            path: "/api/user/me".into(),
+            kind: RouteKind::UserMe,
+            auth: true,
+            openapi: doc("User", "The authenticated user", Vec::new()),
+            ..RouteConfig::default()
+        },
+    ]
+}

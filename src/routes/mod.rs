@@ -1,0 +1,165 @@
+//! The public surface: built-in endpoints (health, docs), the route table and the generic
+//! proxy handler, and the shared state they run on.
+
+pub mod admin;
+pub mod docs;
+pub mod proxy;
+pub mod table;
+pub mod template;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, StatusCode};
+
+use crate::auth::{strip_identity_headers, TokenVerifier};
+use crate::config::{Config, RouteKind};
+use crate::error::GatewayError;
+use crate::observability::access::{ClientAddr, RequestId, RouteInfo};
+use crate::upstream::pipeline::Pipeline;
+use table::{RouteMatch, RouteTable};
+
+/// One upstream at run time.
+pub struct UpstreamRuntime {
+    pub name: Arc<str>,
+    /// Base URL without a trailing slash; the rewritten path is appended.
+    pub base_url: String,
+    /// The `error` text clients see when it is down ("Storage service unavailable").
+    pub message: Arc<str>,
+    pub pipeline: Pipeline,
+    /// Kept for readiness probes and token verification.
+    pub client: reqwest::Client,
+}
+
+/// Everything a request needs, built once at startup and shared.
+pub struct AppState {
+    pub config: Config,
+    pub table: RouteTable,
+    pub upstreams: Vec<UpstreamRuntime>,
+    pub verifier: TokenVerifier,
+    pub timeout_status: StatusCode,
+    pub max_body: u64,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The OpenAPI document, rendered once from the route table.
+    pub openapi: Bytes,
+    pub health: Bytes,
+}
+
+impl AppState {
+    pub fn upstream_index(&self, name: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| &*u.name == name)
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The single entry point for every public request.
+pub async fn handle(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let rid = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or(HeaderValue::from_static(""));
+    let mut info = RouteInfo::default();
+    let result = dispatch(&app, req, &rid, &mut info).await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => e.to_response(rid.to_str().unwrap_or(""), app.timeout_status),
+    };
+    resp.extensions_mut().insert(info);
+    resp
+}
+
+async fn dispatch(
+    app: &AppState,
+    req: Request,
+    rid: &HeaderValue,
+    info: &mut RouteInfo,
+) -> Result<Response, GatewayError> {
+    let method = req.method().clone();
+    if let Some(resp) = builtin(app, &method, req.uri().path(), info)? {
+        return Ok(resp);
+    }
+    let path = req.uri().path().to_owned();
+    let (route, params) = match app.table.find(&method, &path) {
+        RouteMatch::Found { route, params } => (route, params),
+        RouteMatch::MethodNotAllowed(route) => {
+            info.route = Some(route.label.clone());
+            return Err(GatewayError::MethodNotAllowed {
+                allow: route.allow.clone(),
+            });
+        }
+        RouteMatch::NotFound => return Err(GatewayError::NotFound),
+    };
+    info.route = Some(route.label.clone());
+    info.upstream = route
+        .upstream
+        .and_then(|i| app.upstreams.get(i))
+        .map(|u| u.name.clone());
+    for p in &params {
+        template::check_param(p).map_err(|e| GatewayError::BadRequest(e.0.into()))?;
+    }
+    let peer = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let (mut parts, body) = req.into_parts();
+    // Identity headers are the gateway's to assert, on every route, authenticated or not.
+    strip_identity_headers(&mut parts.headers);
+    let identity = if route.auth {
+        Some(app.verifier.verify_headers(&parts.headers).await?)
+    } else {
+        None
+    };
+    match route.kind {
+        RouteKind::UserMe => {
+            let id = identity.ok_or(GatewayError::Internal)?;
+            let body = serde_json::to_vec(&serde_json::json!({
+                "user_id": id.user_id,
+                "email": id.email,
+            }))
+            .map_err(|_| GatewayError::Internal)?;
+            Ok(json_response(StatusCode::OK, Bytes::from(body)))
+        }
+        RouteKind::Proxy => {
+            proxy::forward(app, route, &params, parts, body, identity.as_deref(), peer, rid).await
+        }
+    }
+}
+
+/// `/health` and the docs: answered by the gateway itself, on any version prefix.
+fn builtin(
+    app: &AppState,
+    method: &Method,
+    path: &str,
+    info: &mut RouteInfo,
+) -> Result<Option<Response>, GatewayError> {
+    let path = table::unversioned(path);
+    let (label, resp): (&'static str, fn(&AppState) -> Response) = match path {
+        "/health" => ("/health", |a| json_response(StatusCode::OK, a.health.clone())),
+        "/api/docs" => ("/api/docs", |a| json_response(StatusCode::OK, a.openapi.clone())),
+        "/api/docs/ui" | "/api/docs/ui/" => ("/api/docs/ui", |_| docs::ui_page()),
+        "/api/docs/ui/swagger-ui.css" => ("/api/docs/ui/*", |_| docs::ui_css()),
+        "/api/docs/ui/swagger-ui-bundle.js" => ("/api/docs/ui/*", |_| docs::ui_js()),
+        _ => return Ok(None),
+    };
+    info.route = Some(Arc::from(label));
+    if *method != Method::GET && *method != Method::HEAD {
+        return Err(GatewayError::MethodNotAllowed {
+            allow: HeaderValue::from_static("GET, HEAD"),
+        });
+    }
+    Ok(Some(resp(app)))
+}

@@ -1,0 +1,207 @@
+//! The ONE generic proxy handler: every public route is served by this code, driven by the
+//! route table. Builds the upstream request (rewritten path, raw query, body bytes,
+//! filtered headers) and streams the upstream's response back untouched.
+
+use std::net::IpAddr;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method};
+
+use super::table::Route;
+use super::AppState;
+use crate::auth::Identity;
+use crate::error::GatewayError;
+use crate::observability::access::X_REQUEST_ID;
+use crate::upstream::pipeline::{CallOptions, UpstreamError};
+
+pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) plus those named in `Connection`: they describe one
+/// connection, not the message, so they must not cross the proxy in either direction.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// Builds the upstream URL: base + rewritten path + the client's raw query string.
+pub fn upstream_url(base: &str, route: &Route, params: &[&str], query: Option<&str>) -> String {
+    let mut url = String::with_capacity(base.len() + 64);
+    url.push_str(base);
+    if let Some(t) = &route.upstream_template {
+        t.render(&route.template, params, &mut url);
+    }
+    if route.forward_query {
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+    }
+    url
+}
+
+/// Request headers for the upstream: the client's minus hop-by-hop, `Host` (set from the
+/// upstream URL by the client) and `Content-Length` (set from the body), with forwarding
+/// headers that cannot be spoofed by an untrusted peer.
+pub fn upstream_headers(
+    mut headers: HeaderMap,
+    peer: IpAddr,
+    peer_trusted: bool,
+    request_id: &HeaderValue,
+) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    let peer_value = HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    if peer_trusted {
+        // A trusted proxy's chain is kept and our peer appended (what nginx's
+        // $proxy_add_x_forwarded_for does).
+        let chain = headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .map(|prev| format!("{prev}, {peer}"));
+        match chain.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            Some(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
+            None => headers.insert(X_FORWARDED_FOR.clone(), peer_value),
+        };
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+    } else {
+        // From anyone else these headers are claims we cannot check: replace them.
+        headers.remove(&FORWARDED);
+        headers.remove(&X_REAL_IP);
+        headers.remove(&X_FORWARDED_HOST);
+        headers.insert(X_FORWARDED_FOR.clone(), peer_value);
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    headers
+}
+
+/// Reads the request body into memory, up to `limit` bytes (413 beyond). Small bodies are
+/// the norm here, and a buffered body is what lets a request be retried.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, GatewayError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+    }
+    match axum::body::to_bytes(body, limit as usize).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    return Err(GatewayError::PayloadTooLarge { limit });
+                }
+                source = err.source();
+            }
+            Err(GatewayError::BadRequest("could not read the request body".into()))
+        }
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Forwards one request along `route` and converts the upstream's answer.
+pub async fn forward(
+    app: &AppState,
+    route: &Route,
+    params: &[&str],
+    parts: Parts,
+    body: Body,
+    identity: Option<&Identity>,
+    peer: IpAddr,
+    request_id: &HeaderValue,
+) -> Result<Response, GatewayError> {
+    let Some(up) = route.upstream.and_then(|i| app.upstreams.get(i)) else {
+        tracing::error!(route = %route.label, "proxy route without an upstream");
+        return Err(GatewayError::Internal);
+    };
+    let body = read_body(&parts.headers, body, app.max_body).await?;
+    let url = upstream_url(&up.base_url, route, params, parts.uri.query());
+    let url = reqwest::Url::parse(&url).map_err(|_| GatewayError::BadRequest("invalid request path".into()))?;
+    let peer_trusted = app.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let mut headers = upstream_headers(parts.headers, peer, peer_trusted, request_id);
+    if let Some(id) = identity {
+        id.insert_headers(&mut headers)?;
+    }
+    let mut req = reqwest::Request::new(parts.method.clone(), url);
+    *req.headers_mut() = headers;
+    if !body.is_empty() || !matches!(parts.method, Method::GET | Method::HEAD) {
+        *req.body_mut() = Some(reqwest::Body::from(body));
+    }
+    let call = CallOptions {
+        deadline: route.deadline,
+        attempt_timeout: route.attempt_timeout,
+        idempotent: is_idempotent(&parts.method),
+        retry_non_idempotent: route.retry_non_idempotent,
+        max_retries: route.retries,
+    };
+    let delivered = up.pipeline.send(req, call).await.map_err(|e| match e {
+        UpstreamError::Unavailable { .. } => GatewayError::UpstreamUnavailable {
+            upstream: up.name.clone(),
+            message: up.message.clone(),
+        },
+        UpstreamError::Timeout { .. } => GatewayError::UpstreamTimeout {
+            upstream: up.name.clone(),
+            message: up.message.clone(),
+        },
+        UpstreamError::CircuitOpen { retry_after } => GatewayError::CircuitOpen {
+            upstream: up.name.clone(),
+            message: up.message.clone(),
+            retry_after,
+        },
+    })?;
+    let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
+    let (mut resp_parts, resp_body) = upstream_resp.into_parts();
+    strip_hop_by_hop(&mut resp_parts.headers);
+    resp_parts
+        .headers
+        .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(delivered.attempts));
+    let mut resp = Response::new(Body::new(resp_body));
+    *resp.status_mut() = resp_parts.status;
+    *resp.headers_mut() = resp_parts.headers;
+    Ok(resp)
+}

@@ -1,0 +1,190 @@
+//! The compiled route table: config routes turned into matchers and per-route policies,
+//! built once at startup so the request path does no parsing or lookups by name.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+
+use super::template::{parse_template, Template};
+use crate::config::{Config, RouteConfig, RouteKind};
+
+/// One public route with everything the request path needs, resolved.
+#[derive(Debug)]
+pub struct Route {
+    /// Public template text: the `route` label of logs and metrics (never the raw path,
+    /// which would explode metric cardinality).
+    pub label: Arc<str>,
+    pub template: Template,
+    pub methods: Vec<Method>,
+    /// Pre-rendered `Allow` header for 405s.
+    pub allow: HeaderValue,
+    pub kind: RouteKind,
+    /// Index into the gateway's upstream list.
+    pub upstream: Option<usize>,
+    pub upstream_template: Option<Template>,
+    pub deadline: Duration,
+    pub attempt_timeout: Duration,
+    pub retries: Option<u32>,
+    pub retry_non_idempotent: bool,
+    pub auth: bool,
+    pub forward_query: bool,
+    /// Rate-limit policy names (resolved to handles by the limiter).
+    pub rate_limit: Vec<String>,
+    pub config: RouteConfig,
+}
+
+impl Route {
+    fn allows(&self, method: &Method) -> bool {
+        self.methods.contains(method)
+            || (*method == Method::HEAD && self.methods.contains(&Method::GET))
+    }
+}
+
+pub enum RouteMatch<'t, 'p> {
+    Found {
+        route: &'t Route,
+        /// Raw (still percent-encoded) parameter values in template order.
+        params: Vec<&'p str>,
+    },
+    MethodNotAllowed(&'t Route),
+    NotFound,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Most literal segments first, so `/x/products` wins over `/x/{id}`.
+    routes: Vec<Route>,
+}
+
+/// Strips the optional version prefix: `/api/v1/data/...` serves `/api/data/...`.
+pub fn unversioned(path: &str) -> &str {
+    match path.strip_prefix("/api/v1/") {
+        // Keep "/api/" by slicing the original string: no allocation.
+        Some(_) => &path[7..],
+        None => path,
+    }
+}
+
+impl RouteTable {
+    /// `upstream_index` maps an upstream name to its position in the gateway's list.
+    /// The config has been validated, so templates parse and upstreams exist.
+    pub fn build(cfg: &Config, upstream_index: impl Fn(&str) -> Option<usize>) -> RouteTable {
+        let mut routes: Vec<Route> = cfg
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let template = parse_template(&r.path).ok()?;
+                let upstream_template = match r.kind {
+                    RouteKind::Proxy => {
+                        parse_template(r.upstream_path.as_deref().unwrap_or(&r.path)).ok()
+                    }
+                    RouteKind::UserMe => None,
+                };
+                let methods: Vec<Method> = r
+                    .methods
+                    .iter()
+                    .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                    .collect();
+                let mut allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
+                if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
+                    allow.push("HEAD");
+                }
+                let deadline = r.effective_timeout(cfg).0;
+                Some(Route {
+                    label: Arc::from(r.path.as_str()),
+                    template,
+                    allow: HeaderValue::from_str(&allow.join(", "))
+                        .unwrap_or(HeaderValue::from_static("GET")),
+                    methods,
+                    kind: r.kind,
+                    upstream: r.upstream.as_deref().and_then(&upstream_index),
+                    upstream_template,
+                    deadline,
+                    attempt_timeout: r.attempt_timeout.map(|d| d.0).unwrap_or(deadline),
+                    retries: r.retries,
+                    retry_non_idempotent: r.retry_non_idempotent,
+                    auth: r.auth || r.kind == RouteKind::UserMe,
+                    forward_query: r.forward_query,
+                    rate_limit: r.rate_limit.clone(),
+                    config: r.clone(),
+                })
+            })
+            .collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.template.literal_count()));
+        RouteTable { routes }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Finds the route for a raw request path (with or without `/api/v1`).
+    pub fn find<'t, 'p>(&'t self, method: &Method, path: &'p str) -> RouteMatch<'t, 'p> {
+        let path = unversioned(path);
+        let Some(rest) = path.strip_prefix('/') else {
+            return RouteMatch::NotFound;
+        };
+        // Up to 8 segments on the stack; longer paths cannot match any route anyway.
+        let mut segs: [&str; 8] = [""; 8];
+        let mut n = 0;
+        for s in rest.split('/') {
+            if n == segs.len() {
+                return RouteMatch::NotFound;
+            }
+            segs[n] = s;
+            n += 1;
+        }
+        let segs = &segs[..n];
+        let mut wrong_method = None;
+        for route in &self.routes {
+            if let Some(params) = route.template.matches(segs) {
+                if route.allows(method) {
+                    return RouteMatch::Found { route, params };
+                }
+                wrong_method.get_or_insert(route);
+            }
+        }
+        match wrong_method {
+            Some(r) => RouteMatch::MethodNotAllowed(r),
+            None => RouteMatch::NotFound,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let cfg = Config::embedded();
+        let names: Vec<String> = cfg.upstreams.keys().cloned().collect();
+        RouteTable::build(&cfg, |n| names.iter().position(|x| x == n))
+    }
+
+    #[test]
+    fn finds_routes_with_and_without_version() {
+        let t = table();
+        for path in ["/api/data/underlying/NIFTY", "/api/v1/data/underlying/NIFTY"] {
+            match t.find(&Method::GET, path) {
+                RouteMatch::Found { route, params } => {
+                    assert_eq!(&*route.label, "/api/data/underlying/{product}");
+                    assert_eq!(params, vec!["NIFTY"]);
+                }
+                _ => panic!("no match for {path}"),
+            }
+        }
+        assert!(matches!(t.find(&Method::HEAD, "/api/data/products"), RouteMatch::Found { .. }));
+        assert!(matches!(t.find(&Method::GET, "/api/data/nope"), RouteMatch::NotFound));
+        assert!(matches!(t.find(&Method::GET, "/api/v2/data/products"), RouteMatch::NotFound));
+        assert!(matches!(t.find(&Method::GET, "/a/b/c/d/e/f/g/h/i/j"), RouteMatch::NotFound));
+        match t.find(&Method::GET, "/api/auth/login") {
+            RouteMatch::MethodNotAllowed(r) => assert_eq!(r.allow, "POST"),
+            _ => panic!("expected 405"),
+        }
+        match t.find(&Method::DELETE, "/api/data/products") {
+            RouteMatch::MethodNotAllowed(r) => assert_eq!(r.allow, "GET, HEAD"),
+            _ => panic!("expected 405"),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Listeners (public + admin), the connection loop, and graceful shutdown.
+//!
+//! The public listener runs its own accept loop on hyper-util rather than `axum::serve`
+//! because three protections live at the connection level: a header-read timeout
+//! (slowloris), a cap on the request-head size (431), and a bound on concurrent connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use bytes::Bytes;
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
+use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
+
+use crate::auth::TokenVerifier;
+use crate::config::{parse_cidr, Config};
+use crate::observability::access::{access_layer, AccessSettings, ClientAddr};
+use crate::routes::table::RouteTable;
+use crate::routes::{self, AppState, UpstreamRuntime};
+use crate::upstream::client::build_client;
+use crate::upstream::pipeline::Pipeline;
+
+/// Builds the shared state from a validated config.
+pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
+    let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
+    for (name, u) in &cfg.upstreams {
+        let client = build_client(u).map_err(|e| format!("upstreams.{name}: {e}"))?;
+        upstreams.push(UpstreamRuntime {
+            name: Arc::from(name.as_str()),
+            base_url: u.url.trim_end_matches('/').to_string(),
+            message: Arc::from(u.unavailable_message(name)),
+            pipeline: Pipeline::new(name, client.clone()),
+            client,
+        });
+    }
+    let auth_upstream = upstreams.iter().find(|u| *u.name == *cfg.auth.upstream);
+    let verifier = TokenVerifier::new(
+        &cfg.auth,
+        auth_upstream.map(|u| u.client.clone()),
+        auth_upstream.map(|u| u.base_url.as_str()),
+    )?;
+    let table = RouteTable::build(&cfg, |n| upstreams.iter().position(|u| &*u.name == n));
+    let openapi = serde_json::to_vec(&routes::docs::openapi(&cfg)).map_err(|e| e.to_string())?;
+    let health = serde_json::to_vec(&serde_json::json!({
+        "status": "healthy",
+        "service": cfg.service_name,
+    }))
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(AppState {
+        table,
+        upstreams,
+        verifier,
+        timeout_status: StatusCode::from_u16(cfg.errors.timeout_status)
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        max_body: cfg.limits.max_body.0,
+        trusted_proxies: cfg.trusted_proxies.iter().filter_map(|c| parse_cidr(c)).collect(),
+        openapi: Bytes::from(openapi),
+        health: Bytes::from(health),
+        config: cfg,
+    }))
+}
+
+fn cors_layer(cfg: &Config) -> CorsLayer {
+    let c = &cfg.cors;
+    let origin = if c.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(c.allowed_origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    let headers = if c.allowed_headers.iter().any(|h| h == "*") {
+        AllowHeaders::mirror_request()
+    } else {
+        AllowHeaders::list(c.allowed_headers.iter().filter_map(|h| h.parse().ok()))
+    };
+    let methods = AllowMethods::list(c.allowed_methods.iter().filter_map(|m| m.parse().ok()));
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_headers(headers)
+        .allow_methods(methods)
+        .allow_credentials(c.allow_credentials)
+        .max_age(c.max_age.0)
+        .expose_headers([
+            "x-request-id",
+            "retry-after",
+            "ratelimit",
+            "ratelimit-policy",
+            "x-cache",
+            "x-upstream-attempts",
+        ]
+        .map(http::HeaderName::from_static))
+}
+
+/// The public application: the generic handler inside CORS inside the access layer
+/// (outermost, so even CORS preflights and panics get a request id and a log line).
+pub fn public_router(app: Arc<AppState>) -> Router {
+    let settings = AccessSettings {
+        timeout_status: app.timeout_status,
+    };
+    Router::new()
+        .fallback(routes::handle)
+        .with_state(app.clone())
+        .layer(cors_layer(&app.config))
+        .layer(axum::middleware::from_fn_with_state(settings, access_layer))
+}
+
+/// A running gateway (public + admin listeners).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within the grace period, and waits.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts the gateway on already-bound listeners (tests bind 127.0.0.1:0).
+pub async fn start(cfg: Config, public: TcpListener, admin: TcpListener) -> Result<Running, String> {
+    let addr = public.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    let limits = cfg.limits.clone();
+    let grace = cfg.server.shutdown_grace.0;
+    let state = build_state(cfg).await?;
+    let router = public_router(state.clone());
+    let admin_router = routes::admin::router(state.clone());
+    let (tx, rx) = watch::channel(false);
+
+    let mut admin_rx = rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin, admin_router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_rx.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    let task = tokio::spawn(async move {
+        accept_loop(public, router, limits, grace, rx).await;
+        let _ = admin_task.await;
+    });
+    crate::observability::metrics::handle();
+    Ok(Running {
+        addr,
+        admin_addr,
+        state,
+        shutdown: tx,
+        task,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    limits: crate::config::LimitsConfig,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = ConnBuilder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout.0)
+        .max_buf_size(limits.max_header_bytes.0 as usize);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        // Wait for a free connection slot BEFORE accepting: at the cap, new clients queue
+        // in the kernel's backlog instead of costing us memory.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// Resolves once shutdown was requested (the watch guard is not held across awaits).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// `serve`: binds from the config, runs until a signal, drains, returns.
+pub async fn serve(cfg: Config) -> Result<(), String> {
+    let public = TcpListener::bind((cfg.server.host, cfg.server.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", cfg.server.host, cfg.server.port))?;
+    let admin = TcpListener::bind((cfg.admin.host, cfg.admin.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{} (admin): {e}", cfg.admin.host, cfg.admin.port))?;
+    let running = start(cfg, public, admin).await?;
+    tracing::info!(addr = %running.addr, admin = %running.admin_addr, "gateway listening");
+    signal().await;
+    tracing::info!("shutdown signal received; draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
