@@ -47,11 +47,11 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
     )?;
     let table = RouteTable::build(&cfg, |n| upstreams.iter().position(|u| &*u.name == n));
     let openapi = serde_json::to_vec(&routes::docs::openapi(&cfg)).map_err(|e| e.to_string())?;
-    let health = serde_json::to_vec(&serde_json::json!({
-        "status": "healthy",
-        "service": cfg.service_name,
-    }))
-    .map_err(|e| e.to_string())?;
+    // Field order as the original service wrote it (serde_json would sort the keys).
+    let health = format!(
+        r#"{{"status":"healthy","service":{}}}"#,
+        serde_json::Value::String(cfg.service_name.clone())
+    );
     Ok(Arc::new(AppState {
         table,
         upstreams,

@@ -147,7 +147,7 @@ fn builtin(
     info: &mut RouteInfo,
 ) -> Result<Option<Response>, GatewayError> {
     let path = table::unversioned(path);
-    let (label, resp): (&'static str, fn(&AppState) -> Response) = match path {
+    let (label, resp): (&'static str, fn(&AppState) -> Response) = match &*path {
         "/health" => ("/health", |a| json_response(StatusCode::OK, a.health.clone())),
         "/api/docs" => ("/api/docs", |a| json_response(StatusCode::OK, a.openapi.clone())),
         "/api/docs/ui" | "/api/docs/ui/" => ("/api/docs/ui", |_| docs::ui_page()),

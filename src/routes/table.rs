@@ -1,6 +1,7 @@
 //! The compiled route table: config routes turned into matchers and per-route policies,
 //! built once at startup so the request path does no parsing or lookups by name.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,11 +59,11 @@ pub struct RouteTable {
 }
 
 /// Strips the optional version prefix: `/api/v1/data/...` serves `/api/data/...`.
-pub fn unversioned(path: &str) -> &str {
+/// Allocates only for versioned paths.
+pub fn unversioned(path: &str) -> Cow<'_, str> {
     match path.strip_prefix("/api/v1/") {
-        // Keep "/api/" by slicing the original string: no allocation.
-        Some(_) => &path[7..],
-        None => path,
+        Some(rest) => Cow::Owned(format!("/api/{rest}")),
+        None => Cow::Borrowed(path),
     }
 }
 
@@ -121,14 +122,17 @@ impl RouteTable {
 
     /// Finds the route for a raw request path (with or without `/api/v1`).
     pub fn find<'t, 'p>(&'t self, method: &Method, path: &'p str) -> RouteMatch<'t, 'p> {
-        let path = unversioned(path);
+        // The version prefix is skipped segment-wise, so matching never allocates.
         let Some(rest) = path.strip_prefix('/') else {
             return RouteMatch::NotFound;
         };
         // Up to 8 segments on the stack; longer paths cannot match any route anyway.
         let mut segs: [&str; 8] = [""; 8];
         let mut n = 0;
-        for s in rest.split('/') {
+        for (i, s) in rest.split('/').enumerate() {
+            if i == 1 && s == "v1" && segs[0] == "api" {
+                continue;
+            }
             if n == segs.len() {
                 return RouteMatch::NotFound;
             }
