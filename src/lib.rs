@@ -1,1 +1,3 @@
 //! DeltaStream gateway.
+
+pub mod sim;
