@@ -3,6 +3,20 @@
 //! `GET /pcr/{product}?expiry=`, `GET /volatility-surface/{product}`. Both are computed from
 //! the same seeded [`Market`] the storage service serves, in-process: the analytics service
 //! does not need storage running, and its numbers agree with storage's chain for the same seed.
+//!
+//! ```text
+//! GET /pcr/{product}?expiry=YYYY-MM-DD
+//!   {"product":"NIFTY","expiry":null,"timestamp":"2025-01-06T10:00:00Z",
+//!    "pcr_oi":1.0291,"pcr_volume":1.1507,"total_call_oi":4568320,"total_put_oi":4701452,
+//!    "total_call_volume":1633763,"total_put_volume":1880023,
+//!    "by_expiry":[{"expiry":"2025-01-09","pcr_oi":1.0731,"pcr_volume":1.1641,
+//!                  "total_call_oi":...,"total_put_oi":...,...},...]}
+//!   Ratios are put / call, 4 decimals, `null` if the call side is zero. `expiry` as in storage.
+//! GET /volatility-surface/{product}
+//!   {"product":"BANKNIFTY","spot":50414.5,"timestamp":"...","strikes":[49400.0,...],
+//!    "expiries":["2025-01-30",...],"iv":[[0.1801,...],...],        one row per expiry
+//!    "atm_term_structure":[{"expiry":"2025-01-30","days_to_expiry":24.0,"atm_iv":0.167},...]}
+//! ```
 
 use std::sync::Arc;
 
@@ -14,8 +28,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::market::{self, ChainRow, Market};
-use super::storage::ExpiryQuery;
-use super::{date_strings, expiry_filter, product_or_404, query_error, ApiError};
+use super::{date_strings, expiry_filter, product_or_404, query_error, ApiError, ExpiryQuery};
 
 pub fn router(market: Arc<Market>) -> Router {
     Router::new()

@@ -3,6 +3,22 @@
 //! `POST /register`, `POST /login`, `POST /verify`. Users live only as long as the process:
 //! the simulator exists to give the gateway something real to authenticate against, not to
 //! keep accounts.
+//!
+//! ```text
+//! POST /register {"email","password","name"}
+//!   201 {"message":"User registered successfully","token":"<JWT>",
+//!        "user":{"id":"<uuid>","email":"ada@example.com","name":"Ada"}}
+//!   400 bad JSON / invalid email / password < 8 chars / missing name; 409 email taken
+//! POST /login {"email","password"}
+//!   200 same shape, "message":"Login successful"; 401 {"error":"Invalid credentials"}
+//! POST /verify {"token"}
+//!   200 {"valid":true,"user_id":"<uuid>","email":"..."}; 401 {"valid":false,"error":"Invalid token"}
+//!   400 when `token` is missing or empty
+//! ```
+//!
+//! Emails are trimmed and lower-cased, so accounts are case-insensitive. Tokens are HS256 with
+//! `sub` (user id), `email`, `iat`, `exp` (24 h) and are checked statelessly: any token signed
+//! with the configured secret verifies, which lets tests and the gateway mint their own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

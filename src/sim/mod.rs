@@ -211,6 +211,12 @@ pub fn query_error(rejection: QueryRejection) -> ApiError {
     ApiError::bad_request(format!("Invalid query string: {}", rejection.body_text()))
 }
 
+/// `?expiry=YYYY-MM-DD`, taken as a raw string so a bad value gets our message.
+#[derive(serde::Deserialize)]
+struct ExpiryQuery {
+    expiry: Option<String>,
+}
+
 /// Resolves a `{product}` path segment (case-insensitive) or answers 404.
 fn product_or_404(name: &str) -> Result<&'static market::ProductSpec, ApiError> {
     market::find_product(name)

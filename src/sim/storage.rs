@@ -1,8 +1,29 @@
 //! The storage service: products, underlying ticks and option chains from the seeded market.
 //!
-//! `GET /products`, `GET /underlying/{product}?limit=&start=&end=`,
-//! `GET /option/chain/{product}?expiry=`. All data is a function of the seed, anchored to the
-//! frozen [`market::REFERENCE_TIME`] rather than the wall clock (see [`market`]).
+//! All data is a function of the seed, anchored to the frozen [`market::REFERENCE_TIME`]
+//! (2025-01-06T10:00:00Z) rather than the wall clock (see [`market`]). Products are matched
+//! case-insensitively; responses carry the canonical symbol. Shapes (abbreviated):
+//!
+//! ```text
+//! GET /products
+//!   {"count":3,"products":[{"symbol":"NIFTY","lot_size":75,"spot":24428.15,"tick_size":0.05,
+//!     "strike_step":50.0,"expiries":["2025-01-09",...]},...]}
+//! GET /underlying/{product}?limit=100&start=<RFC 3339>&end=<RFC 3339>
+//!   {"product":"NIFTY","count":2,"ticks":[{"product":"NIFTY","price":24428.15,
+//!     "timestamp":"2025-01-06T10:00:00Z"},...]}                      newest first
+//!   limit: default 100, above 1000 capped to 1000, 0 or not a number -> 400;
+//!   start/end: inclusive bounds, malformed or start > end -> 400; unknown product -> 404.
+//! GET /option/chain/{product}?expiry=YYYY-MM-DD
+//!   {"product":"NIFTY","spot":24428.15,"timestamp":"2025-01-06T10:00:00Z",
+//!    "risk_free_rate":0.065,"expiries":[...all listed...],
+//!    "chain":[{"expiry":"2025-01-09","strike":24450.0,
+//!      "call":{"bid":135.2,"ask":135.85,"last_price":135.3,"volume":32680,
+//!              "open_interest":85624,"iv":0.1583,"delta":0.4929,"gamma":0.001138,
+//!              "theta":-25.4237,"vega":8.8338},
+//!      "put":{...}},...]}                               ordered by expiry, then strike
+//!   21 strikes (ATM +/- 10 steps) per expiry; theta per calendar day, vega per 1 % vol.
+//!   expiry: absent/empty = all; not a date -> 400; a date that is not listed -> 404.
+//! ```
 
 use std::sync::Arc;
 
@@ -15,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::market::{self, Market};
-use super::{date_strings, expiry_filter, product_or_404, query_error, ApiError};
+use super::{date_strings, expiry_filter, product_or_404, query_error, ApiError, ExpiryQuery};
 
 const DEFAULT_TICK_LIMIT: usize = 100;
 /// Larger requests are capped rather than refused: a client asking for "everything" still gets
@@ -109,12 +130,6 @@ async fn option_chain(
         "expiries": date_strings(&market.expiries(spec)),
         "chain": market.chain(spec, expiry),
     })))
-}
-
-/// `?expiry=YYYY-MM-DD`, shared with the analytics service.
-#[derive(Deserialize)]
-pub(crate) struct ExpiryQuery {
-    pub(crate) expiry: Option<String>,
 }
 
 fn parse_limit(raw: Option<&str>) -> Result<usize, ApiError> {
