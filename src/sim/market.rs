@@ -153,10 +153,16 @@ impl Market {
             }
             let time = years_to_expiry(expiry);
             for &strike in &strikes {
-                let vol = implied_vol(spec, spot, strike, time);
+                let inputs = Inputs {
+                    spot,
+                    strike,
+                    time,
+                    rate: RISK_FREE_RATE,
+                    vol: implied_vol(spec, spot, strike, time),
+                };
                 let quote = |kind| {
                     let mut rng = Rng::for_cell(self.seed, spec, expiry, strike, kind);
-                    quote_option(spec, &mut rng, kind, spot, strike, time, vol, expiry_rank)
+                    quote_option(spec, &mut rng, kind, inputs, expiry_rank)
                 };
                 rows.push(ChainRow {
                     expiry,
@@ -238,27 +244,14 @@ pub fn atm_vol(spec: &ProductSpec, time: f64) -> f64 {
     spec.base_vol * (1.0 + 0.25 * (-days / 30.0).exp())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn quote_option(
     spec: &ProductSpec,
     rng: &mut Rng,
     kind: OptionKind,
-    spot: f64,
-    strike: f64,
-    time: f64,
-    vol: f64,
+    inputs: Inputs,
     expiry_rank: usize,
 ) -> OptionQuote {
-    let greeks = black_scholes::price(
-        kind,
-        Inputs {
-            spot,
-            strike,
-            time,
-            rate: RISK_FREE_RATE,
-            vol,
-        },
-    );
+    let greeks = black_scholes::price(kind, inputs);
     let theo = greeks.price;
     // A quarter-percent half-spread, never tighter than one tick: deep OTM options quote 0 / 0.05.
     let half_spread = (theo * 0.0025).max(spec.tick_size);
@@ -270,7 +263,8 @@ fn quote_option(
     )
     .clamp(bid, ask);
 
-    let (open_interest, volume) = activity(spec, rng, kind, spot, strike, expiry_rank);
+    let (open_interest, volume) =
+        activity(spec, rng, kind, inputs.spot, inputs.strike, expiry_rank);
 
     OptionQuote {
         bid,
@@ -278,7 +272,7 @@ fn quote_option(
         last_price: last,
         volume,
         open_interest,
-        iv: round(vol, 4),
+        iv: round(inputs.vol, 4),
         delta: round(greeks.delta, 4),
         gamma: round(greeks.gamma, 6),
         theta: round(greeks.theta, 4),
