@@ -10,6 +10,8 @@
 //!   built-ins (`/health`, `/api/docs`) and the admin listener.
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens.
 //! * [`upstream`]: the pooled client and the resilience pipeline around it.
+//! * [`sim`]: the simulated DeltaStream backends (auth, storage, analytics) for the demo,
+//!   the end-to-end tests and the chaos suite.
 //! * [`error`]: every error the gateway produces, mapped to a JSON response in one match.
 pub mod auth;
 pub mod config;
@@ -17,4 +19,5 @@ pub mod error;
 pub mod observability;
 pub mod routes;
 pub mod server;
+pub mod sim;
 pub mod upstream;
