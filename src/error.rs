@@ -16,9 +16,15 @@ use serde::Serialize;
 #[derive(Clone, Debug)]
 pub enum GatewayError {
     /// Refused, reset or unreachable (after any retries).
-    UpstreamUnavailable { upstream: Arc<str>, message: Arc<str> },
+    UpstreamUnavailable {
+        upstream: Arc<str>,
+        message: Arc<str>,
+    },
     /// An attempt or the overall deadline ran out.
-    UpstreamTimeout { upstream: Arc<str>, message: Arc<str> },
+    UpstreamTimeout {
+        upstream: Arc<str>,
+        message: Arc<str>,
+    },
     /// The upstream's breaker is open: no call was made.
     CircuitOpen {
         upstream: Arc<str>,
@@ -26,7 +32,9 @@ pub enum GatewayError {
         retry_after: Duration,
     },
     /// Over a rate-limit policy; `headers` carry RateLimit / Retry-After.
-    RateLimited { headers: HeaderMap },
+    RateLimited {
+        headers: HeaderMap,
+    },
     /// Redis is down and `on_redis_error = "deny"`.
     RateLimiterUnavailable,
     MissingToken,
@@ -35,8 +43,12 @@ pub enum GatewayError {
     /// log their users out during an auth outage.
     AuthUnavailable,
     NotFound,
-    MethodNotAllowed { allow: HeaderValue },
-    PayloadTooLarge { limit: u64 },
+    MethodNotAllowed {
+        allow: HeaderValue,
+    },
+    PayloadTooLarge {
+        limit: u64,
+    },
     BadRequest(Cow<'static, str>),
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
@@ -53,7 +65,10 @@ struct ErrorBody<'a> {
 
 impl GatewayError {
     /// Status, machine reason and human message, decided in one exhaustive match.
-    fn status_reason_message(&self, timeout_status: StatusCode) -> (StatusCode, &'static str, Cow<'_, str>) {
+    fn status_reason_message(
+        &self,
+        timeout_status: StatusCode,
+    ) -> (StatusCode, &'static str, Cow<'_, str>) {
         use GatewayError as E;
         match self {
             E::UpstreamUnavailable { message, .. } => (
@@ -61,9 +76,11 @@ impl GatewayError {
                 "upstream_unavailable",
                 Cow::Borrowed(&**message),
             ),
-            E::UpstreamTimeout { message, .. } => {
-                (timeout_status, "upstream_timeout", Cow::Borrowed(&**message))
-            }
+            E::UpstreamTimeout { message, .. } => (
+                timeout_status,
+                "upstream_timeout",
+                Cow::Borrowed(&**message),
+            ),
             E::CircuitOpen { message, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "circuit_open",
@@ -94,7 +111,11 @@ impl GatewayError {
                 "auth_unavailable",
                 Cow::Borrowed("Auth service unavailable"),
             ),
-            E::NotFound => (StatusCode::NOT_FOUND, "not_found", Cow::Borrowed("Not found")),
+            E::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                Cow::Borrowed("Not found"),
+            ),
             E::MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -105,7 +126,11 @@ impl GatewayError {
                 "payload_too_large",
                 Cow::Owned(format!("Request body larger than {limit} bytes")),
             ),
-            E::BadRequest(msg) => (StatusCode::BAD_REQUEST, "bad_request", Cow::Borrowed(&**msg)),
+            E::BadRequest(msg) => (
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                Cow::Borrowed(&**msg),
+            ),
             E::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -151,7 +176,10 @@ impl GatewayError {
                 headers.insert(ALLOW, allow.clone());
             }
             GatewayError::MissingToken | GatewayError::InvalidToken => {
-                headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                headers.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
             }
             _ => {}
         }

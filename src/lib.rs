@@ -12,9 +12,11 @@
 //! * [`upstream`]: the pooled client and the resilience pipeline around it.
 //! * [`sim`]: the simulated DeltaStream backends (auth, storage, analytics) for the demo,
 //!   the end-to-end tests and the chaos suite.
+//! * [`demo`]: the services and the gateway in one process (`deltastream-gateway demo`).
 //! * [`error`]: every error the gateway produces, mapped to a JSON response in one match.
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod observability;
 pub mod routes;

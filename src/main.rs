@@ -1,13 +1,19 @@
-//! `deltastream-gateway`: serve (default) | check-config.
+//! `deltastream-gateway`: serve (default) | check-config | demo | sim.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use deltastream_gateway::config::Config;
+use deltastream_gateway::demo::{start_demo, DemoPorts};
+use deltastream_gateway::sim::{self, Service, SimOptions};
 
 #[derive(Parser)]
-#[command(name = "deltastream-gateway", version, about = "Resilience-first API gateway for DeltaStream")]
+#[command(
+    name = "deltastream-gateway",
+    version,
+    about = "Resilience-first API gateway for DeltaStream"
+)]
 struct Cli {
     /// TOML config file (extends the embedded DeltaStream default).
     #[arg(long, global = true, env = "GATEWAY_CONFIG")]
@@ -20,29 +26,126 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve,
-    /// Validate a config file and print the effective configuration.
+    /// Validate a config file and print the effective configuration (exit 0), or the
+    /// errors (exit 2).
     CheckConfig {
         /// The file to check.
         file: PathBuf,
+    },
+    /// Run the three simulated services and the gateway in one process.
+    Demo {
+        /// Gateway port (env PORT).
+        #[arg(long, env = "PORT", default_value_t = 8000)]
+        port: u16,
+        #[arg(long, env = "ADMIN_PORT", default_value_t = 9000)]
+        admin_port: u16,
+        #[arg(long, default_value_t = 8001)]
+        auth_port: u16,
+        #[arg(long, default_value_t = 8003)]
+        storage_port: u16,
+        #[arg(long, default_value_t = 8004)]
+        analytics_port: u16,
+        /// Enable the services' /_faults switches.
+        #[arg(long)]
+        faults: bool,
+    },
+    /// Run one simulated DeltaStream backend.
+    Sim {
+        /// auth | storage | analytics
+        service: Service,
+        /// Listen port (default 8001 / 8003 / 8004).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Listen address.
+        #[arg(long, default_value = "0.0.0.0")]
+        host: std::net::IpAddr,
+        /// Enable POST/GET/DELETE /_faults (latency, errors, hang) for chaos experiments.
+        #[arg(long)]
+        faults: bool,
+        /// Seed of the synthetic market data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig { file } => check_config(&file),
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::CheckConfig { file } = &command {
+        return check_config(file);
+    }
+    deltastream_gateway::observability::init_logging();
+    match command {
+        Command::CheckConfig { .. } => unreachable!("handled above"),
         Command::Serve => {
-            deltastream_gateway::observability::init_logging();
-            let cfg = match Config::load(cli.config.as_deref()) {
+            let cfg = match load(cli.config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("invalid configuration:\n{e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             run(deltastream_gateway::server::serve(cfg))
         }
+        Command::Demo {
+            port,
+            admin_port,
+            auth_port,
+            storage_port,
+            analytics_port,
+            faults,
+        } => {
+            let cfg = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let ports = DemoPorts {
+                gateway: port,
+                admin: admin_port,
+                auth: auth_port,
+                storage: storage_port,
+                analytics: analytics_port,
+            };
+            run(async move {
+                let demo = start_demo(cfg, ports, faults).await?;
+                println!("{}", demo.banner());
+                deltastream_gateway::server::signal().await;
+                demo.shutdown().await;
+                Ok(())
+            })
+        }
+        Command::Sim {
+            service,
+            port,
+            host,
+            faults,
+            seed,
+        } => {
+            let opts = SimOptions {
+                faults,
+                seed,
+                ..SimOptions::default()
+            };
+            let port = port.unwrap_or(service.default_port());
+            run(async move {
+                let listener = tokio::net::TcpListener::bind((host, port))
+                    .await
+                    .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+                sim::serve(
+                    service,
+                    listener,
+                    opts,
+                    deltastream_gateway::server::signal(),
+                )
+                .await
+                .map_err(|e| e.to_string())
+            })
+        }
     }
+}
+
+fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(file).map_err(|e| {
+        eprintln!("invalid configuration:\n{e}");
+        ExitCode::from(2)
+    })
 }
 
 fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
@@ -56,7 +159,7 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "gateway failed");
+            tracing::error!(error = %e, "stopped with an error");
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
@@ -66,7 +169,7 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(Some(file)) {
         Ok(cfg) => {
-            println!("{file}: OK\n{}", cfg.summary(), file = file.display());
+            println!("{}: OK\n{}", file.display(), cfg.summary());
             ExitCode::SUCCESS
         }
         Err(e) => {

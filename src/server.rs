@@ -59,7 +59,11 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         timeout_status: StatusCode::from_u16(cfg.errors.timeout_status)
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         max_body: cfg.limits.max_body.0,
-        trusted_proxies: cfg.trusted_proxies.iter().filter_map(|c| parse_cidr(c)).collect(),
+        trusted_proxies: cfg
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| parse_cidr(c))
+            .collect(),
         openapi: Bytes::from(openapi),
         health: Bytes::from(health),
         config: cfg,
@@ -85,15 +89,17 @@ fn cors_layer(cfg: &Config) -> CorsLayer {
         .allow_methods(methods)
         .allow_credentials(c.allow_credentials)
         .max_age(c.max_age.0)
-        .expose_headers([
-            "x-request-id",
-            "retry-after",
-            "ratelimit",
-            "ratelimit-policy",
-            "x-cache",
-            "x-upstream-attempts",
-        ]
-        .map(http::HeaderName::from_static))
+        .expose_headers(
+            [
+                "x-request-id",
+                "retry-after",
+                "ratelimit",
+                "ratelimit-policy",
+                "x-cache",
+                "x-upstream-attempts",
+            ]
+            .map(http::HeaderName::from_static),
+        )
 }
 
 /// The public application: the generic handler inside CORS inside the access layer
@@ -131,7 +137,11 @@ impl Running {
 }
 
 /// Starts the gateway on already-bound listeners (tests bind 127.0.0.1:0).
-pub async fn start(cfg: Config, public: TcpListener, admin: TcpListener) -> Result<Running, String> {
+pub async fn start(
+    cfg: Config,
+    public: TcpListener,
+    admin: TcpListener,
+) -> Result<Running, String> {
     let addr = public.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
     let limits = cfg.limits.clone();
@@ -201,11 +211,14 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ClientAddr(peer));
-            router.clone().oneshot(req.map(axum::body::Body::new))
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let svc =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                router.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
@@ -252,10 +265,20 @@ pub async fn signal() {
 pub async fn serve(cfg: Config) -> Result<(), String> {
     let public = TcpListener::bind((cfg.server.host, cfg.server.port))
         .await
-        .map_err(|e| format!("cannot listen on {}:{}: {e}", cfg.server.host, cfg.server.port))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}:{}: {e}",
+                cfg.server.host, cfg.server.port
+            )
+        })?;
     let admin = TcpListener::bind((cfg.admin.host, cfg.admin.port))
         .await
-        .map_err(|e| format!("cannot listen on {}:{} (admin): {e}", cfg.admin.host, cfg.admin.port))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}:{} (admin): {e}",
+                cfg.admin.host, cfg.admin.port
+            )
+        })?;
     let running = start(cfg, public, admin).await?;
     tracing::info!(addr = %running.addr, admin = %running.admin_addr, "gateway listening");
     signal().await;

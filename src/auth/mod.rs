@@ -42,7 +42,12 @@ struct Cached {
 struct PerEntryTtl;
 
 impl moka::Expiry<[u8; 32], Cached> for PerEntryTtl {
-    fn expire_after_create(&self, _: &[u8; 32], v: &Cached, _: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        v: &Cached,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
         Some(v.ttl)
     }
 }
@@ -84,7 +89,10 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, GatewayError> {
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or(GatewayError::MissingToken)?;
-    let (scheme, token) = value.trim().split_once(' ').ok_or(GatewayError::MissingToken)?;
+    let (scheme, token) = value
+        .trim()
+        .split_once(' ')
+        .ok_or(GatewayError::MissingToken)?;
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
         return Err(GatewayError::MissingToken);
@@ -131,7 +139,11 @@ fn seconds_until_exp(token: &str) -> Option<i64> {
 
 impl TokenVerifier {
     /// `client` and `base_url` are the auth upstream's (remote mode).
-    pub fn new(cfg: &AuthConfig, client: Option<reqwest::Client>, base_url: Option<&str>) -> Result<TokenVerifier, String> {
+    pub fn new(
+        cfg: &AuthConfig,
+        client: Option<reqwest::Client>,
+        base_url: Option<&str>,
+    ) -> Result<TokenVerifier, String> {
         let backend = match cfg.mode {
             AuthMode::Remote => Backend::Remote {
                 client: client.unwrap_or_default(),
@@ -145,16 +157,20 @@ impl TokenVerifier {
             AuthMode::Local => {
                 let (key, alg) = match cfg.jwt_algorithm {
                     JwtAlgorithm::HS256 => (
-                        DecodingKey::from_secret(cfg.jwt_secret.as_deref().unwrap_or("").as_bytes()),
+                        DecodingKey::from_secret(
+                            cfg.jwt_secret.as_deref().unwrap_or("").as_bytes(),
+                        ),
                         Algorithm::HS256,
                     ),
                     JwtAlgorithm::RS256 => {
                         let path = cfg.jwt_public_key_file.as_deref().unwrap_or("");
-                        let pem = std::fs::read(path)
-                            .map_err(|e| format!("auth.jwt_public_key_file: cannot read {path:?}: {e}"))?;
+                        let pem = std::fs::read(path).map_err(|e| {
+                            format!("auth.jwt_public_key_file: cannot read {path:?}: {e}")
+                        })?;
                         (
-                            DecodingKey::from_rsa_pem(&pem)
-                                .map_err(|e| format!("auth.jwt_public_key_file: invalid RSA key: {e}"))?,
+                            DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                                format!("auth.jwt_public_key_file: invalid RSA key: {e}")
+                            })?,
                             Algorithm::RS256,
                         )
                     }
@@ -242,7 +258,10 @@ impl TokenVerifier {
                     200 => {}
                     400 | 401 | 403 | 422 => return Err(GatewayError::InvalidToken),
                     _ => {
-                        tracing::warn!(status, "token verification: unexpected auth service status");
+                        tracing::warn!(
+                            status,
+                            "token verification: unexpected auth service status"
+                        );
                         return Err(GatewayError::AuthUnavailable);
                     }
                 }
@@ -293,9 +312,18 @@ mod tests {
     fn bearer_parsing() {
         assert_eq!(bearer_token(&headers("Bearer abc")).unwrap(), "abc");
         assert_eq!(bearer_token(&headers("bearer  abc ")).unwrap(), "abc");
-        assert!(matches!(bearer_token(&headers("Basic abc")), Err(GatewayError::MissingToken)));
-        assert!(matches!(bearer_token(&headers("Bearer")), Err(GatewayError::MissingToken)));
-        assert!(matches!(bearer_token(&HeaderMap::new()), Err(GatewayError::MissingToken)));
+        assert!(matches!(
+            bearer_token(&headers("Basic abc")),
+            Err(GatewayError::MissingToken)
+        ));
+        assert!(matches!(
+            bearer_token(&headers("Bearer")),
+            Err(GatewayError::MissingToken)
+        ));
+        assert!(matches!(
+            bearer_token(&HeaderMap::new()),
+            Err(GatewayError::MissingToken)
+        ));
     }
 
     #[test]
@@ -312,7 +340,10 @@ mod tests {
 
     #[test]
     fn exp_is_read_for_cache_bounds() {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(format!("{{\"exp\":{}}}", now + 100));
         let left = seconds_until_exp(&format!("h.{payload}.s")).unwrap();

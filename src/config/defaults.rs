@@ -69,19 +69,37 @@ fn auth_post(path: &str, upstream_path: &str, summary: &str, body: &str) -> Rout
 
 pub fn routes() -> Vec<RouteConfig> {
     let product_ticks = vec![
-        query("limit", "integer", "Number of ticks, newest first (default 100, max 1000)"),
+        query(
+            "limit",
+            "integer",
+            "Number of ticks, newest first (default 100, max 1000)",
+        ),
         query("start", "string", "ISO-8601 start time (inclusive)"),
         query("end", "string", "ISO-8601 end time (inclusive)"),
     ];
     let expiry = || vec![query("expiry", "string", "Expiry date (YYYY-MM-DD)")];
     vec![
-        auth_post("/api/auth/register", "/register", "Register a user", "register"),
-        auth_post("/api/auth/login", "/login", "Log in and get a token", "login"),
+        auth_post(
+            "/api/auth/register",
+            "/register",
+            "Register a user",
+            "register",
+        ),
+        auth_post(
+            "/api/auth/login",
+            "/login",
+            "Log in and get a token",
+            "login",
+        ),
         proxy(
             "/api/data/underlying/{product}",
             "storage",
             "/underlying/{product}",
-            doc("Data", "Underlying price ticks for a product", product_ticks),
+            doc(
+                "Data",
+                "Underlying price ticks for a product",
+                product_ticks,
+            ),
         ),
         proxy(
             "/api/data/chain/{product}",
@@ -99,13 +117,21 @@ pub fn routes() -> Vec<RouteConfig> {
             "/api/analytics/pcr/{product}",
             "analytics",
             "/pcr/{product}",
-            doc("Analytics", "Put-call ratio by open interest and volume", expiry()),
+            doc(
+                "Analytics",
+                "Put-call ratio by open interest and volume",
+                expiry(),
+            ),
         ),
         proxy(
             "/api/analytics/volatility-surface/{product}",
             "analytics",
             "/volatility-surface/{product}",
-            doc("Analytics", "Implied-volatility surface and ATM term structure", Vec::new()),
+            doc(
+                "Analytics",
+                "Implied-volatility surface and ATM term structure",
+                Vec::new(),
+            ),
         ),
         RouteConfig {
             path: "/api/user/me".into(),

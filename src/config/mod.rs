@@ -263,10 +263,11 @@ impl From<FieldError> for ConfigErrors {
 impl Config {
     /// The embedded default: the DeltaStream route table with env-less defaults.
     pub fn embedded() -> Config {
-        let mut c = Config::default();
-        c.upstreams = defaults::upstreams();
-        c.routes = defaults::routes();
-        c
+        Config {
+            upstreams: defaults::upstreams(),
+            routes: defaults::routes(),
+            ..Config::default()
+        }
     }
 
     /// Parses a TOML document (without env overrides), merging over the embedded default
@@ -288,7 +289,10 @@ impl Config {
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            FieldError::new("", format!("cannot read config file {}: {e}", path.display()))
+            FieldError::new(
+                "",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
         })?;
         Config::from_toml(&text)
     }
@@ -321,7 +325,10 @@ impl Config {
 
     /// Applies the documented environment variables. `lookup` is the environment (a closure
     /// so tests need not mutate the process environment).
-    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), ConfigErrors> {
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         let parse_port = |var: &str, errors: &mut Vec<FieldError>| -> Option<u16> {
             let v = lookup(var)?;
@@ -400,13 +407,22 @@ impl Config {
             errors.push(FieldError::new("limits.max_body", "must be greater than 0"));
         }
         if self.limits.max_header_bytes.0 < 8192 {
-            errors.push(FieldError::new("limits.max_header_bytes", "must be at least 8KiB"));
+            errors.push(FieldError::new(
+                "limits.max_header_bytes",
+                "must be at least 8KiB",
+            ));
         }
         if self.limits.max_connections == 0 {
-            errors.push(FieldError::new("limits.max_connections", "must be at least 1"));
+            errors.push(FieldError::new(
+                "limits.max_connections",
+                "must be at least 1",
+            ));
         }
         if self.limits.header_read_timeout.0.is_zero() {
-            errors.push(FieldError::new("limits.header_read_timeout", "must be greater than 0"));
+            errors.push(FieldError::new(
+                "limits.header_read_timeout",
+                "must be greater than 0",
+            ));
         }
         if !matches!(self.errors.timeout_status, 503 | 504) {
             errors.push(FieldError::new(
@@ -452,7 +468,10 @@ impl Config {
             }
         }
         let a = &self.auth;
-        let auth_needed = self.routes.iter().any(|r| r.auth || r.kind == RouteKind::UserMe);
+        let auth_needed = self
+            .routes
+            .iter()
+            .any(|r| r.auth || r.kind == RouteKind::UserMe);
         match a.mode {
             AuthMode::Remote => {
                 if auth_needed && !self.upstreams.contains_key(&a.upstream) {
@@ -466,12 +485,11 @@ impl Config {
                 }
             }
             AuthMode::Local => match a.jwt_algorithm {
-                JwtAlgorithm::HS256 if a.jwt_secret.as_deref().unwrap_or("").is_empty() => {
-                    errors.push(FieldError::new(
+                JwtAlgorithm::HS256 if a.jwt_secret.as_deref().unwrap_or("").is_empty() => errors
+                    .push(FieldError::new(
                         "auth.jwt_secret",
                         "required for mode = \"local\" with HS256 (or set JWT_SECRET)",
-                    ))
-                }
+                    )),
                 JwtAlgorithm::RS256 if a.jwt_public_key_file.is_none() => errors.push(
                     FieldError::new("auth.jwt_public_key_file", "required for RS256"),
                 ),
@@ -479,7 +497,10 @@ impl Config {
             },
         }
         if a.verify_timeout.0.is_zero() {
-            errors.push(FieldError::new("auth.verify_timeout", "must be greater than 0"));
+            errors.push(FieldError::new(
+                "auth.verify_timeout",
+                "must be greater than 0",
+            ));
         }
     }
 
@@ -538,14 +559,23 @@ impl UpstreamConfig {
             }
             _ => errors.push(FieldError::new(
                 join(path, "url"),
-                format!("invalid upstream URL {:?} (expected http:// or https://host)", self.url),
+                format!(
+                    "invalid upstream URL {:?} (expected http:// or https://host)",
+                    self.url
+                ),
             )),
         }
         if self.timeout.0.is_zero() {
-            errors.push(FieldError::new(join(path, "timeout"), "must be greater than 0"));
+            errors.push(FieldError::new(
+                join(path, "timeout"),
+                "must be greater than 0",
+            ));
         }
         if self.connect_timeout.0.is_zero() {
-            errors.push(FieldError::new(join(path, "connect_timeout"), "must be greater than 0"));
+            errors.push(FieldError::new(
+                join(path, "connect_timeout"),
+                "must be greater than 0",
+            ));
         }
     }
 
@@ -578,7 +608,10 @@ impl RouteConfig {
             ));
         }
         if self.methods.is_empty() {
-            errors.push(FieldError::new(join(path, "methods"), "must list at least one method"));
+            errors.push(FieldError::new(
+                join(path, "methods"),
+                "must list at least one method",
+            ));
         }
         for (i, m) in self.methods.iter().enumerate() {
             if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
@@ -590,7 +623,10 @@ impl RouteConfig {
         }
         match self.kind {
             RouteKind::Proxy => match &self.upstream {
-                None => errors.push(FieldError::new(join(path, "upstream"), "required for a proxy route")),
+                None => errors.push(FieldError::new(
+                    join(path, "upstream"),
+                    "required for a proxy route",
+                )),
                 Some(u) if !cfg.upstreams.contains_key(u) => errors.push(FieldError::new(
                     join(path, "upstream"),
                     format!(
@@ -617,13 +653,19 @@ impl RouteConfig {
                 Err(e) => errors.push(FieldError::new(join(path, "upstream_path"), e)),
             }
         }
-        for (field, d) in [("timeout", self.timeout), ("attempt_timeout", self.attempt_timeout)] {
+        for (field, d) in [
+            ("timeout", self.timeout),
+            ("attempt_timeout", self.attempt_timeout),
+        ] {
             if d.is_some_and(|d| d.0.is_zero()) {
                 errors.push(FieldError::new(join(path, field), "must be greater than 0"));
             }
         }
         for (i, p) in self.openapi.params.iter().enumerate() {
-            if !matches!(p.schema_type.as_str(), "string" | "integer" | "number" | "boolean") {
+            if !matches!(
+                p.schema_type.as_str(),
+                "string" | "integer" | "number" | "boolean"
+            ) {
                 errors.push(FieldError::new(
                     format!("{path}.openapi.params[{i}].type"),
                     format!("unknown type {:?}", p.schema_type),
@@ -734,7 +776,9 @@ impl Default for AuthConfig {
 
 impl Default for ErrorsConfig {
     fn default() -> Self {
-        ErrorsConfig { timeout_status: 503 }
+        ErrorsConfig {
+            timeout_status: 503,
+        }
     }
 }
 

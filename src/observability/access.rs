@@ -50,8 +50,7 @@ fn client_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty()
         && b.len() <= 128
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
 }
 
@@ -62,7 +61,11 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
-pub async fn access_layer(State(settings): State<AccessSettings>, mut req: Request, next: Next) -> Response {
+pub async fn access_layer(
+    State(settings): State<AccessSettings>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
     let rid = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if client_request_id(v) => v.clone(),

@@ -26,7 +26,12 @@ async fn reachable(url: &str, timeout: Duration) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
     let host = parsed.host_str().ok_or("no host")?.to_string();
     let port = parsed.port_or_known_default().ok_or("no port")?;
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+    match tokio::time::timeout(
+        timeout,
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no connection within {}ms", timeout.as_millis())),
@@ -35,10 +40,12 @@ async fn reachable(url: &str, timeout: Duration) -> Result<(), String> {
 
 /// 200 only when every upstream accepts connections; otherwise 503 with per-upstream detail.
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let checks = app
-        .upstreams
-        .iter()
-        .map(|u| async move { (u.name.clone(), reachable(&u.base_url, Duration::from_secs(1)).await) });
+    let checks = app.upstreams.iter().map(|u| async move {
+        (
+            u.name.clone(),
+            reachable(&u.base_url, Duration::from_secs(1)).await,
+        )
+    });
     let results = futures_util::future::join_all(checks).await;
     let all_ok = results.iter().all(|(_, r)| r.is_ok());
     let upstreams: serde_json::Map<String, serde_json::Value> = results
@@ -51,8 +58,13 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
             (name.to_string(), v)
         })
         .collect();
-    let status = if all_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = json!({"status": if all_ok { "ready" } else { "not_ready" }, "upstreams": upstreams});
+    let status = if all_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body =
+        json!({"status": if all_ok { "ready" } else { "not_ready" }, "upstreams": upstreams});
     (status, Json(body)).into_response()
 }
 

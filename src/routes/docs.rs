@@ -88,7 +88,11 @@ pub fn openapi(cfg: &Config) -> Value {
                 "content": {"application/json": {"schema": {}}}
             })
         };
-        let ok_status = if route.path.ends_with("/register") { "201" } else { "200" };
+        let ok_status = if route.path.ends_with("/register") {
+            "201"
+        } else {
+            "200"
+        };
         responses.insert(ok_status.into(), ok);
         responses.insert("400".into(), error_response("Malformed request"));
         if route.auth || route.kind == RouteKind::UserMe {
@@ -215,8 +219,10 @@ fn asset(content_type: &'static str, body: &'static [u8]) -> Response {
     let mut resp = Response::new(Body::from(body));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=86400"));
+    resp.headers_mut().insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=86400"),
+    );
     resp
 }
 
@@ -259,6 +265,9 @@ mod tests {
             doc["paths"]["/api/user/me"]["get"]["security"][0]["bearerAuth"],
             json!([])
         );
-        assert_eq!(operation_id("GET", "/api/data/underlying/{product}"), "get_data_underlying_product");
+        assert_eq!(
+            operation_id("GET", "/api/data/underlying/{product}"),
+            "get_data_underlying_product"
+        );
     }
 }

@@ -134,7 +134,12 @@ async fn dispatch(
             Ok(json_response(StatusCode::OK, Bytes::from(body)))
         }
         RouteKind::Proxy => {
-            proxy::forward(app, route, &params, parts, body, identity.as_deref(), peer, rid).await
+            let ctx = proxy::RequestCtx {
+                peer,
+                request_id: rid,
+                identity: identity.as_deref(),
+            };
+            proxy::forward(app, route, &params, parts, body, &ctx).await
         }
     }
 }
@@ -148,8 +153,12 @@ fn builtin(
 ) -> Result<Option<Response>, GatewayError> {
     let path = table::unversioned(path);
     let (label, resp): (&'static str, fn(&AppState) -> Response) = match &*path {
-        "/health" => ("/health", |a| json_response(StatusCode::OK, a.health.clone())),
-        "/api/docs" => ("/api/docs", |a| json_response(StatusCode::OK, a.openapi.clone())),
+        "/health" => ("/health", |a| {
+            json_response(StatusCode::OK, a.health.clone())
+        }),
+        "/api/docs" => ("/api/docs", |a| {
+            json_response(StatusCode::OK, a.openapi.clone())
+        }),
         "/api/docs/ui" | "/api/docs/ui/" => ("/api/docs/ui", |_| docs::ui_page()),
         "/api/docs/ui/swagger-ui.css" => ("/api/docs/ui/*", |_| docs::ui_css()),
         "/api/docs/ui/swagger-ui-bundle.js" => ("/api/docs/ui/*", |_| docs::ui_js()),

@@ -83,7 +83,8 @@ pub fn upstream_headers(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    let peer_value = HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let peer_value =
+        HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
     if peer_trusted {
         // A trusted proxy's chain is kept and our peer appended (what nginx's
         // $proxy_add_x_forwarded_for does).
@@ -132,7 +133,9 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<By
                 }
                 source = err.source();
             }
-            Err(GatewayError::BadRequest("could not read the request body".into()))
+            Err(GatewayError::BadRequest(
+                "could not read the request body".into(),
+            ))
         }
     }
 }
@@ -144,6 +147,14 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
+/// Who is asking: what the stages before the proxy learned about the request.
+#[derive(Clone, Copy)]
+pub struct RequestCtx<'a> {
+    pub peer: IpAddr,
+    pub request_id: &'a HeaderValue,
+    pub identity: Option<&'a Identity>,
+}
+
 /// Forwards one request along `route` and converts the upstream's answer.
 pub async fn forward(
     app: &AppState,
@@ -151,17 +162,21 @@ pub async fn forward(
     params: &[&str],
     parts: Parts,
     body: Body,
-    identity: Option<&Identity>,
-    peer: IpAddr,
-    request_id: &HeaderValue,
+    ctx: &RequestCtx<'_>,
 ) -> Result<Response, GatewayError> {
+    let RequestCtx {
+        peer,
+        request_id,
+        identity,
+    } = *ctx;
     let Some(up) = route.upstream.and_then(|i| app.upstreams.get(i)) else {
         tracing::error!(route = %route.label, "proxy route without an upstream");
         return Err(GatewayError::Internal);
     };
     let body = read_body(&parts.headers, body, app.max_body).await?;
     let url = upstream_url(&up.base_url, route, params, parts.uri.query());
-    let url = reqwest::Url::parse(&url).map_err(|_| GatewayError::BadRequest("invalid request path".into()))?;
+    let url = reqwest::Url::parse(&url)
+        .map_err(|_| GatewayError::BadRequest("invalid request path".into()))?;
     let peer_trusted = app.trusted_proxies.iter().any(|n| n.contains(&peer));
     let mut headers = upstream_headers(parts.headers, peer, peer_trusted, request_id);
     if let Some(id) = identity {
@@ -197,9 +212,10 @@ pub async fn forward(
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
     let (mut resp_parts, resp_body) = upstream_resp.into_parts();
     strip_hop_by_hop(&mut resp_parts.headers);
-    resp_parts
-        .headers
-        .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(delivered.attempts));
+    resp_parts.headers.insert(
+        X_UPSTREAM_ATTEMPTS.clone(),
+        HeaderValue::from(delivered.attempts),
+    );
     let mut resp = Response::new(Body::new(resp_body));
     *resp.status_mut() = resp_parts.status;
     *resp.headers_mut() = resp_parts.headers;

@@ -169,7 +169,10 @@ mod tests {
     #[test]
     fn finds_routes_with_and_without_version() {
         let t = table();
-        for path in ["/api/data/underlying/NIFTY", "/api/v1/data/underlying/NIFTY"] {
+        for path in [
+            "/api/data/underlying/NIFTY",
+            "/api/v1/data/underlying/NIFTY",
+        ] {
             match t.find(&Method::GET, path) {
                 RouteMatch::Found { route, params } => {
                     assert_eq!(&*route.label, "/api/data/underlying/{product}");
@@ -178,10 +181,22 @@ mod tests {
                 _ => panic!("no match for {path}"),
             }
         }
-        assert!(matches!(t.find(&Method::HEAD, "/api/data/products"), RouteMatch::Found { .. }));
-        assert!(matches!(t.find(&Method::GET, "/api/data/nope"), RouteMatch::NotFound));
-        assert!(matches!(t.find(&Method::GET, "/api/v2/data/products"), RouteMatch::NotFound));
-        assert!(matches!(t.find(&Method::GET, "/a/b/c/d/e/f/g/h/i/j"), RouteMatch::NotFound));
+        assert!(matches!(
+            t.find(&Method::HEAD, "/api/data/products"),
+            RouteMatch::Found { .. }
+        ));
+        assert!(matches!(
+            t.find(&Method::GET, "/api/data/nope"),
+            RouteMatch::NotFound
+        ));
+        assert!(matches!(
+            t.find(&Method::GET, "/api/v2/data/products"),
+            RouteMatch::NotFound
+        ));
+        assert!(matches!(
+            t.find(&Method::GET, "/a/b/c/d/e/f/g/h/i/j"),
+            RouteMatch::NotFound
+        ));
         match t.find(&Method::GET, "/api/auth/login") {
             RouteMatch::MethodNotAllowed(r) => assert_eq!(r.allow, "POST"),
             _ => panic!("expected 405"),

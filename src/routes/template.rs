@@ -97,8 +97,8 @@ pub fn parse_template(text: &str) -> Result<Template, String> {
             return Err(format!("{text:?} has an empty segment"));
         }
         if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            let valid = !inner.is_empty()
-                && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !inner.is_empty() && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!("{text:?} has an invalid parameter name {seg:?}"));
             }
@@ -114,7 +114,9 @@ pub fn parse_template(text: &str) -> Result<Template, String> {
         } else if seg == "." || seg == ".." {
             return Err(format!("{text:?} has a dot segment"));
         } else if !seg.bytes().all(is_path_char) {
-            return Err(format!("{text:?} has a character that must be percent-encoded"));
+            return Err(format!(
+                "{text:?} has a character that must be percent-encoded"
+            ));
         } else {
             segments.push(Segment::Literal(seg.to_string()));
         }
@@ -134,11 +136,13 @@ pub struct BadParam(pub &'static str);
 /// Checks one raw parameter value; see the module docs for the rules.
 pub fn check_param(raw: &str) -> Result<(), BadParam> {
     if !raw.bytes().all(|b| is_path_char(b) || b == b'%') {
-        return Err(BadParam("path parameter has characters that must be percent-encoded"));
+        return Err(BadParam(
+            "path parameter has characters that must be percent-encoded",
+        ));
     }
     let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode_str(raw).into();
-    let decoded = std::str::from_utf8(&decoded)
-        .map_err(|_| BadParam("path parameter is not valid UTF-8"))?;
+    let decoded =
+        std::str::from_utf8(&decoded).map_err(|_| BadParam("path parameter is not valid UTF-8"))?;
     if decoded == "." || decoded == ".." {
         return Err(BadParam("path parameter is a dot segment"));
     }
@@ -166,7 +170,10 @@ mod tests {
     fn parses_and_matches() {
         let t = parse_template("/api/data/underlying/{product}").unwrap();
         assert_eq!(t.param_names(), vec!["product"]);
-        assert_eq!(t.matches(&segs("/api/data/underlying/NIFTY")), Some(vec!["NIFTY"]));
+        assert_eq!(
+            t.matches(&segs("/api/data/underlying/NIFTY")),
+            Some(vec!["NIFTY"])
+        );
         assert_eq!(t.matches(&segs("/api/data/underlying/")), None);
         assert_eq!(t.matches(&segs("/api/data/underlying/a/b")), None);
         assert_eq!(t.matches(&segs("/api/data/other/NIFTY")), None);
@@ -195,8 +202,8 @@ mod tests {
     #[test]
     fn params_that_try_to_escape_are_refused() {
         for bad in [
-            "..", ".", "%2e%2e", "%2E.", "a%2Fb", "%2f", "a%5Cb", "%252F", "%00", "a%0Db",
-            "a\\b", "%ff", "a b",
+            "..", ".", "%2e%2e", "%2E.", "a%2Fb", "%2f", "a%5Cb", "%252F", "%00", "a%0Db", "a\\b",
+            "%ff", "a b",
         ] {
             assert!(check_param(bad).is_err(), "{bad} accepted");
         }

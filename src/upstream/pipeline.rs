@@ -45,7 +45,11 @@ impl Pipeline {
         &self.name
     }
 
-    pub async fn send(&self, req: reqwest::Request, call: CallOptions) -> Result<Delivered, UpstreamError> {
+    pub async fn send(
+        &self,
+        req: reqwest::Request,
+        call: CallOptions,
+    ) -> Result<Delivered, UpstreamError> {
         let limit = call.attempt_timeout.min(call.deadline);
         match tokio::time::timeout(limit, self.client.execute(req)).await {
             Ok(Ok(response)) => Ok(Delivered {

@@ -1,0 +1,139 @@
+//! `demo`: the three simulated DeltaStream services and the gateway in one process, so the
+//! whole platform can be tried (and tested end to end) with one command and no containers.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::server::{start, Running};
+use crate::sim::{self, Service, SimOptions};
+
+/// Where the demo listens. Port 0 picks a free port (tests).
+#[derive(Clone, Debug)]
+pub struct DemoPorts {
+    pub gateway: u16,
+    pub admin: u16,
+    pub auth: u16,
+    pub storage: u16,
+    pub analytics: u16,
+}
+
+impl Default for DemoPorts {
+    fn default() -> Self {
+        DemoPorts {
+            gateway: 8000,
+            admin: 9000,
+            auth: Service::Auth.default_port(),
+            storage: Service::Storage.default_port(),
+            analytics: Service::Analytics.default_port(),
+        }
+    }
+}
+
+pub struct Demo {
+    pub gateway: Running,
+    /// Each service and the address it listens on.
+    pub services: Vec<(Service, SocketAddr)>,
+    stop_services: watch::Sender<bool>,
+    service_tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|e| format!("demo: cannot listen on {host}:{port} for {what}: {e}"))
+}
+
+/// Starts the services on loopback and the gateway in front of them. `cfg` is the gateway
+/// config (embedded default or `--config`); its upstream URLs are pointed at the services.
+pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Result<Demo, String> {
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    // One secret for the auth service and for the gateway's optional local verification.
+    let secret = cfg.auth.jwt_secret.clone().unwrap_or_else(|| {
+        let bytes: [u8; 32] = rand::random();
+        hex::encode(bytes)
+    });
+    cfg.auth.jwt_secret = Some(secret.clone());
+    let opts = SimOptions {
+        faults,
+        jwt_secret: Some(secret),
+        ..SimOptions::default()
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut services = Vec::new();
+    let mut service_tasks = Vec::new();
+    for (service, port) in [
+        (Service::Auth, ports.auth),
+        (Service::Storage, ports.storage),
+        (Service::Analytics, ports.analytics),
+    ] {
+        let listener = bind(loopback, port, service.name()).await?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        if let Some(u) = cfg.upstreams.get_mut(service.name()) {
+            u.url = format!("http://{addr}");
+        }
+        let mut rx = stop_rx.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        service_tasks.push(tokio::spawn(sim::serve(
+            service,
+            listener,
+            opts.clone(),
+            stop,
+        )));
+        services.push((service, addr));
+    }
+    cfg.validate()
+        .map_err(|e| format!("invalid configuration:\n{e}"))?;
+    let public = bind(cfg.server.host, ports.gateway, "the gateway").await?;
+    let admin = bind(cfg.admin.host, ports.admin, "the admin listener").await?;
+    let gateway = start(cfg, public, admin).await?;
+    Ok(Demo {
+        gateway,
+        services,
+        stop_services: stop_tx,
+        service_tasks,
+    })
+}
+
+impl Demo {
+    /// Stops the gateway first (draining it), then the services behind it.
+    pub async fn shutdown(self) {
+        self.gateway.shutdown().await;
+        let _ = self.stop_services.send(true);
+        for t in self.service_tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// What the demo prints on start: addresses and ready-to-paste commands.
+    pub fn banner(&self) -> String {
+        let port = self.gateway.addr.port();
+        let gw = format!("http://localhost:{port}");
+        let mut s = String::from("DeltaStream demo is running.\n\n");
+        s.push_str(&format!(
+            "  gateway     {gw}   (admin: http://{})\n",
+            self.gateway.admin_addr
+        ));
+        for (svc, addr) in &self.services {
+            s.push_str(&format!("  {:<11} http://{addr}\n", svc.name()));
+        }
+        s.push_str(&format!(
+            "\nTry:\n\
+  curl {gw}/health\n\
+  curl -X POST {gw}/api/auth/register -H 'content-type: application/json' \\\n\
+       -d '{{\"email\":\"ada@example.com\",\"password\":\"correct-horse\",\"name\":\"Ada\"}}'\n\
+  TOKEN=$(curl -s -X POST {gw}/api/auth/login -H 'content-type: application/json' \\\n\
+       -d '{{\"email\":\"ada@example.com\",\"password\":\"correct-horse\"}}' | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')\n\
+  curl {gw}/api/user/me -H \"Authorization: Bearer $TOKEN\"\n\
+  curl '{gw}/api/data/underlying/NIFTY?limit=5'\n\
+  curl {gw}/api/data/products\n\
+  curl {gw}/api/analytics/pcr/NIFTY\n\
+  open {gw}/api/docs/ui\n\nCtrl-C stops everything.\n"
+        ));
+        s
+    }
+}

@@ -1,0 +1,193 @@
+//! Configuration: the shipped example and fixtures parse, invalid ones fail with errors
+//! that name the field, env overrides win, and `check-config` exits 0 / 2.
+
+use std::path::Path;
+use std::process::Command;
+
+use deltastream_gateway::config::Config;
+
+fn errors_of(text: &str) -> Vec<String> {
+    match Config::from_toml(text).and_then(|c| c.validate().map(|_| c)) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0.iter().map(|f| f.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_shipped_example_config_parses_and_validates() {
+    let cfg = Config::from_file(Path::new("gateway.example.toml")).expect("example parses");
+    cfg.validate().expect("example validates");
+    assert_eq!(cfg.limits.max_body.0, 1 << 20);
+    assert!(cfg
+        .routes
+        .iter()
+        .any(|r| r.path == "/api/data/underlying/{product}"));
+    assert_eq!(
+        cfg.upstreams["storage"].unavailable_message(""),
+        "Storage service unavailable"
+    );
+}
+
+#[test]
+fn every_valid_fixture_parses_and_every_invalid_one_fails() {
+    for entry in std::fs::read_dir("tests/fixtures/config").unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let result = Config::from_file(&path).and_then(|c| c.validate().map(|_| c));
+        if name.starts_with("valid") {
+            result.unwrap_or_else(|e| panic!("{name} should be valid:\n{e}"));
+        } else {
+            assert!(result.is_err(), "{name} should be invalid");
+        }
+    }
+}
+
+#[test]
+fn embedded_default_is_the_deltastream_table() {
+    let cfg = Config::embedded();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.server.port, 8000);
+    assert_eq!(cfg.admin.port, 9000);
+    assert_eq!(cfg.admin.host.to_string(), "127.0.0.1");
+    assert_eq!(cfg.service_name, "api-gateway");
+    assert_eq!(cfg.upstreams["auth"].url, "http://auth:8001");
+    assert_eq!(cfg.upstreams["storage"].url, "http://storage:8003");
+    assert_eq!(cfg.upstreams["analytics"].url, "http://analytics:8004");
+    assert_eq!(cfg.upstreams["analytics"].timeout.0.as_secs(), 30);
+    assert_eq!(cfg.routes.len(), 8);
+}
+
+#[test]
+fn errors_name_the_field_path() {
+    let e = errors_of("[[routes]]\npath = \"/a\"\nupstream = \"storage\"\n[[routes]]\npath = \"/b\"\nupstream = \"storage\"\ntimeout = \"10\"\n");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("routes[1].timeout: invalid duration \"10\"")),
+        "{e:?}"
+    );
+
+    let e = errors_of("[limits]\nmax_bodyy = 1\n");
+    assert!(
+        e[0].starts_with("limits.max_bodyy: unknown field `max_bodyy`"),
+        "{e:?}"
+    );
+
+    let e = errors_of("[server]\nport = \"eighty\"\n");
+    assert!(e[0].starts_with("server.port"), "{e:?}");
+
+    let e = errors_of(
+        &std::fs::read_to_string("tests/fixtures/config/invalid_references.toml").unwrap(),
+    );
+    let joined = e.join("\n");
+    for want in [
+        "trusted_proxies[1]: invalid CIDR",
+        "upstreams.broken.url: invalid upstream URL",
+        "routes[8].upstream: no upstream named \"nonexistent\"",
+        "routes[8].upstream_path: uses {other}",
+        "routes[8].methods[0]: invalid HTTP method \"get\"",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+    }
+
+    let e = errors_of("[errors]\ntimeout_status = 502\n");
+    assert!(e[0].starts_with("errors.timeout_status"), "{e:?}");
+    let e = errors_of("[auth]\nmode = \"local\"\n");
+    assert!(e[0].starts_with("auth.jwt_secret"), "{e:?}");
+    let e = errors_of("[[routes]]\npath = \"/api/data/products\"\nupstream = \"storage\"\n[[routes]]\npath = \"/api/data/products\"\nupstream = \"storage\"\n");
+    assert!(
+        e.iter().any(|m| m.contains("duplicate route path")),
+        "{e:?}"
+    );
+    let e = errors_of("[[routes]]\npath = \"/x/{a\"\nupstream = \"storage\"\n");
+    assert!(e[0].starts_with("routes[8].path"), "{e:?}");
+}
+
+#[test]
+fn a_file_extends_or_replaces_the_default() {
+    let cfg = Config::from_file(Path::new("tests/fixtures/config/valid_minimal.toml")).unwrap();
+    assert_eq!(cfg.routes.len(), 9);
+    assert_eq!(cfg.upstreams.len(), 4);
+    let cfg = Config::from_file(Path::new("tests/fixtures/config/valid_standalone.toml")).unwrap();
+    assert_eq!(cfg.routes.len(), 1);
+    assert_eq!(cfg.upstreams.len(), 1);
+    // Replacing one default route by path keeps the others.
+    let cfg = Config::from_toml(
+        "[[routes]]\npath = \"/api/data/products\"\nupstream = \"storage\"\nauth = true\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.routes.len(), 8);
+    assert!(
+        cfg.routes
+            .iter()
+            .find(|r| r.path == "/api/data/products")
+            .unwrap()
+            .auth
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let mut cfg = Config::from_toml("[server]\nport = 1234\n").unwrap();
+    let env = |k: &str| match k {
+        "PORT" => Some("8080".to_string()),
+        "ADMIN_PORT" => Some("9090".to_string()),
+        "SERVICE_NAME" => Some("edge-eu".to_string()),
+        "STORAGE_SERVICE_URL" => Some("https://storage.deltastream.internal".to_string()),
+        _ => None,
+    };
+    cfg.apply_env(env).unwrap();
+    assert_eq!(cfg.server.port, 8080);
+    assert_eq!(cfg.admin.port, 9090);
+    assert_eq!(cfg.service_name, "edge-eu");
+    assert_eq!(
+        cfg.upstreams["storage"].url,
+        "https://storage.deltastream.internal"
+    );
+    cfg.validate().unwrap();
+
+    let mut cfg = Config::embedded();
+    let err = cfg
+        .apply_env(|k| (k == "PORT").then(|| "80x".to_string()))
+        .unwrap_err();
+    assert_eq!(err.0[0].to_string(), "PORT: invalid port \"80x\"");
+}
+
+#[test]
+fn check_config_exits_0_with_a_summary_or_2_with_the_errors() {
+    let bin = env!("CARGO_BIN_EXE_deltastream-gateway");
+    let ok = Command::new(bin)
+        .args(["check-config", "gateway.example.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        out.contains("OK") && out.contains("/api/data/underlying/{product}"),
+        "{out}"
+    );
+
+    let bad = Command::new(bin)
+        .args([
+            "check-config",
+            "tests/fixtures/config/invalid_duration.toml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("routes[1].timeout: invalid duration \"10\""),
+        "{err}"
+    );
+
+    let missing = Command::new(bin)
+        .args(["check-config", "no/such/file.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}
