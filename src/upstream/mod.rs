@@ -1,3 +1,5 @@
-//! Upstream calls: the pooled HTTP client and the resilience pipeline around it.
+//! Upstream calls: the pooled HTTP client, the resilience pipeline around it, and the
+//! response cache in front of it.
+pub mod cache;
 pub mod client;
 pub mod pipeline;
