@@ -56,6 +56,7 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         table,
         upstreams,
         verifier,
+        cache: crate::upstream::cache::ResponseCache::new(&cfg.cache),
         timeout_status: StatusCode::from_u16(cfg.errors.timeout_status)
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         max_body: cfg.limits.max_body.0,

@@ -151,7 +151,7 @@ async fn upstream_status_headers_and_body_pass_through_untouched() {
     assert_eq!(r.status(), 404);
     assert_eq!(r.text().await.unwrap(), r#"{"error":"Unknown product"}"#);
     let r = c
-        .get(format!("{}/api/data/products", gw.url()))
+        .get(format!("{}/api/data/underlying/BIN", gw.url()))
         .send()
         .await
         .unwrap();
@@ -165,7 +165,7 @@ async fn request_id_is_propagated_or_created() {
     let gw = spawn(cfg_for(&t)).await;
     let c = client();
     let r = c
-        .get(format!("{}/api/data/products", gw.url()))
+        .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
         .header("x-request-id", "client-chosen-123")
         .send()
         .await
@@ -177,7 +177,7 @@ async fn request_id_is_propagated_or_created() {
     );
     // An id with characters that could corrupt logs is replaced, not echoed.
     let r = c
-        .get(format!("{}/api/data/products", gw.url()))
+        .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
         .header("x-request-id", "bad id\"{}")
         .send()
         .await
@@ -584,15 +584,17 @@ async fn verified_identity_reaches_the_upstream_and_spoofs_never_do() {
     let t = trio().await;
     t.auth.set_steps([verify_ok("7", "seven@example.com")]);
     let mut cfg = cfg_for(&t);
-    cfg.routes
+    let chain = cfg
+        .routes
         .iter_mut()
-        .find(|r| r.path == "/api/data/products")
-        .unwrap()
-        .auth = true;
+        .find(|r| r.path == "/api/data/chain/{product}")
+        .unwrap();
+    chain.auth = true;
+    chain.cache = None;
     let gw = spawn(cfg).await;
     let c = client();
     let r = c
-        .get(format!("{}/api/data/products", gw.url()))
+        .get(format!("{}/api/data/chain/NIFTY", gw.url()))
         .bearer_auth("tok")
         .header("x-user-id", "1")
         .header("X-User-Email", "root@evil")

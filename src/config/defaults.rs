@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use super::{Dur, OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind, UpstreamConfig};
+use super::{
+    Dur, OpenApiDoc, ParamDoc, ParamLocation, RouteCachePolicy, RouteConfig, RouteKind,
+    UpstreamConfig,
+};
 
 pub fn upstreams() -> BTreeMap<String, UpstreamConfig> {
     [
@@ -67,6 +70,17 @@ fn auth_post(path: &str, upstream_path: &str, summary: &str, body: &str) -> Rout
     }
 }
 
+/// Default cache TTLs: a chain moves with every tick (2 s); the product list barely
+/// changes (60 s); analytics are expensive and a few seconds old is fine (5 s).
+fn default_cache_ttl(path: &str) -> Option<u64> {
+    match path {
+        "/api/data/chain/{product}" => Some(2),
+        "/api/data/products" => Some(60),
+        p if p.starts_with("/api/analytics/") => Some(5),
+        _ => None,
+    }
+}
+
 pub fn routes() -> Vec<RouteConfig> {
     let product_ticks = vec![
         query(
@@ -78,7 +92,7 @@ pub fn routes() -> Vec<RouteConfig> {
         query("end", "string", "ISO-8601 end time (inclusive)"),
     ];
     let expiry = || vec![query("expiry", "string", "Expiry date (YYYY-MM-DD)")];
-    vec![
+    let mut routes = vec![
         auth_post(
             "/api/auth/register",
             "/register",
@@ -140,5 +154,10 @@ pub fn routes() -> Vec<RouteConfig> {
             openapi: doc("User", "The authenticated user", Vec::new()),
             ..RouteConfig::default()
         },
-    ]
+    ];
+    for r in &mut routes {
+        r.cache = default_cache_ttl(&r.path)
+            .map(|secs| RouteCachePolicy::new(std::time::Duration::from_secs(secs)));
+    }
+    routes
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::upstream::cache::{CacheConfig, RouteCachePolicy};
 pub use types::{join, ByteSize, Dur, FieldError};
 
 /// The whole gateway configuration, after defaults and overrides.
@@ -34,6 +35,8 @@ pub struct Config {
     /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` are believed. Empty by default:
     /// trusting those headers from anyone lets a client choose its own rate-limit key.
     pub trusted_proxies: Vec<String>,
+    /// The shared response cache's size limits.
+    pub cache: CacheConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -213,6 +216,8 @@ pub struct RouteConfig {
     pub rate_limit: Vec<String>,
     /// Forward the client's query string.
     pub forward_query: bool,
+    /// Opt in to the shared response cache (GET/HEAD, unauthenticated requests only).
+    pub cache: Option<RouteCachePolicy>,
     pub openapi: OpenApiDoc,
 }
 
@@ -231,6 +236,7 @@ impl Default for RouteConfig {
             auth: false,
             rate_limit: Vec::new(),
             forward_query: true,
+            cache: None,
             openapi: OpenApiDoc::default(),
         }
     }
@@ -403,6 +409,7 @@ impl Config {
     }
 
     fn validate_sections(&self, errors: &mut Vec<FieldError>) {
+        self.cache.validate("cache", errors);
         if self.limits.max_body.0 == 0 {
             errors.push(FieldError::new("limits.max_body", "must be greater than 0"));
         }
@@ -661,6 +668,21 @@ impl RouteConfig {
                 errors.push(FieldError::new(join(path, field), "must be greater than 0"));
             }
         }
+        if let Some(policy) = &self.cache {
+            policy.validate(&join(path, "cache"), errors);
+            if !self.methods.iter().any(|m| m == "GET" || m == "HEAD") {
+                errors.push(FieldError::new(
+                    join(path, "cache"),
+                    "only GET/HEAD responses are cached, and this route serves neither",
+                ));
+            }
+            if self.auth {
+                errors.push(FieldError::new(
+                    join(path, "cache"),
+                    "responses to authenticated requests are never shared; remove cache or auth",
+                ));
+            }
+        }
         for (i, p) in self.openapi.params.iter().enumerate() {
             if !matches!(
                 p.schema_type.as_str(),
@@ -707,6 +729,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             errors: ErrorsConfig::default(),
             trusted_proxies: Vec::new(),
+            cache: CacheConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
         }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub table: RouteTable,
     pub upstreams: Vec<UpstreamRuntime>,
     pub verifier: TokenVerifier,
+    /// The shared response cache (routes opt in).
+    pub cache: crate::upstream::cache::ResponseCache,
     pub timeout_status: StatusCode,
     pub max_body: u64,
     pub trusted_proxies: Vec<ipnet::IpNet>,

@@ -12,10 +12,11 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method};
 
 use super::table::Route;
-use super::AppState;
+use super::{AppState, UpstreamRuntime};
 use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::observability::access::X_REQUEST_ID;
+use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
 use crate::upstream::pipeline::{CallOptions, UpstreamError};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
@@ -55,18 +56,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Builds the upstream URL: base + rewritten path + the client's raw query string.
-pub fn upstream_url(base: &str, route: &Route, params: &[&str], query: Option<&str>) -> String {
-    let mut url = String::with_capacity(base.len() + 64);
-    url.push_str(base);
+/// The upstream path, rewritten from the route's upstream template.
+pub fn upstream_path(route: &Route, params: &[&str]) -> String {
+    let mut path = String::with_capacity(64);
     if let Some(t) = &route.upstream_template {
-        t.render(&route.template, params, &mut url);
+        t.render(&route.template, params, &mut path);
     }
-    if route.forward_query {
-        if let Some(q) = query.filter(|q| !q.is_empty()) {
-            url.push('?');
-            url.push_str(q);
-        }
+    path
+}
+
+/// base + path + the client's raw query string (repeated keys and encoding untouched).
+pub fn upstream_url(base: &str, path: &str, query: Option<&str>) -> String {
+    let mut url = String::with_capacity(base.len() + path.len() + 1 + query.map_or(0, str::len));
+    url.push_str(base);
+    url.push_str(path);
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        url.push('?');
+        url.push_str(q);
     }
     url
 }
@@ -174,15 +180,32 @@ pub async fn forward(
         return Err(GatewayError::Internal);
     };
     let body = read_body(&parts.headers, body, app.max_body).await?;
-    let url = upstream_url(&up.base_url, route, params, parts.uri.query());
+    let path = upstream_path(route, params);
+    let query = if route.forward_query {
+        parts.uri.query()
+    } else {
+        None
+    };
+    let url = upstream_url(&up.base_url, &path, query);
     let url = reqwest::Url::parse(&url)
         .map_err(|_| GatewayError::BadRequest("invalid request path".into()))?;
     let peer_trusted = app.trusted_proxies.iter().any(|n| n.contains(&peer));
+    // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
+    let cache_policy = route
+        .cache
+        .as_ref()
+        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers));
+    let client_headers = cache_policy.map(|_| parts.headers.clone());
     let mut headers = upstream_headers(parts.headers, peer, peer_trusted, request_id);
     if let Some(id) = identity {
         id.insert_headers(&mut headers)?;
     }
-    let mut req = reqwest::Request::new(parts.method.clone(), url);
+    // A HEAD that may fill the cache is sent as GET, so the stored entry has a body for GETs.
+    let upstream_method = match (cache_policy, &parts.method) {
+        (Some(_), &Method::HEAD) => Method::GET,
+        (_, m) => m.clone(),
+    };
+    let mut req = reqwest::Request::new(upstream_method, url);
     *req.headers_mut() = headers;
     if !body.is_empty() || !matches!(parts.method, Method::GET | Method::HEAD) {
         *req.body_mut() = Some(reqwest::Body::from(body));
@@ -194,7 +217,45 @@ pub async fn forward(
         retry_non_idempotent: route.retry_non_idempotent,
         max_retries: route.retries,
     };
-    let delivered = up.pipeline.send(req, call).await.map_err(|e| match e {
+    if let (Some(policy), Some(client_headers)) = (cache_policy, client_headers) {
+        let key = ResponseCache::key(&up.name, &path, query)
+            .with_route(&route.label)
+            .for_method(&parts.method);
+        let hit = app
+            .cache
+            .get_or_fetch(key, &client_headers, policy, || {
+                fetch_buffered(up, req, call)
+            })
+            .await?;
+        let mut resp = Response::new(Body::from(hit.body));
+        *resp.status_mut() = hit.status;
+        *resp.headers_mut() = hit.headers;
+        cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
+        return Ok(resp);
+    }
+    let delivered = up
+        .pipeline
+        .send(req, call)
+        .await
+        .map_err(|e| upstream_error(up, e))?;
+    let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
+    let (mut resp_parts, resp_body) = upstream_resp.into_parts();
+    strip_hop_by_hop(&mut resp_parts.headers);
+    resp_parts.headers.insert(
+        X_UPSTREAM_ATTEMPTS.clone(),
+        HeaderValue::from(delivered.attempts),
+    );
+    if route.cache.is_some() {
+        cache::apply_headers(CacheOutcome::Bypass, None, &mut resp_parts.headers);
+    }
+    let mut resp = Response::new(Body::new(resp_body));
+    *resp.status_mut() = resp_parts.status;
+    *resp.headers_mut() = resp_parts.headers;
+    Ok(resp)
+}
+
+fn upstream_error(up: &UpstreamRuntime, e: UpstreamError) -> GatewayError {
+    match e {
         UpstreamError::Unavailable { .. } => GatewayError::UpstreamUnavailable {
             upstream: up.name.clone(),
             message: up.message.clone(),
@@ -208,16 +269,42 @@ pub async fn forward(
             message: up.message.clone(),
             retry_after,
         },
-    })?;
-    let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
-    let (mut resp_parts, resp_body) = upstream_resp.into_parts();
-    strip_hop_by_hop(&mut resp_parts.headers);
-    resp_parts.headers.insert(
-        X_UPSTREAM_ATTEMPTS.clone(),
-        HeaderValue::from(delivered.attempts),
-    );
-    let mut resp = Response::new(Body::new(resp_body));
-    *resp.status_mut() = resp_parts.status;
-    *resp.headers_mut() = resp_parts.headers;
-    Ok(resp)
+    }
+}
+
+/// One upstream call with the body read into memory, for the cache to store and share.
+/// Reading the body counts against the same deadline as the call.
+async fn fetch_buffered(
+    up: &UpstreamRuntime,
+    req: reqwest::Request,
+    call: CallOptions,
+) -> Result<Fetched, GatewayError> {
+    let started = tokio::time::Instant::now();
+    let delivered = up
+        .pipeline
+        .send(req, call)
+        .await
+        .map_err(|e| upstream_error(up, e))?;
+    let left = call.deadline.saturating_sub(started.elapsed());
+    let mut resp = delivered.response;
+    let status = resp.status();
+    let mut headers = std::mem::take(resp.headers_mut());
+    strip_hop_by_hop(&mut headers);
+    let attempts = delivered.attempts;
+    let body = match tokio::time::timeout(left, resp.bytes()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let detail = e.to_string();
+            return Err(upstream_error(
+                up,
+                UpstreamError::Unavailable { attempts, detail },
+            ));
+        }
+        Err(_) => return Err(upstream_error(up, UpstreamError::Timeout { attempts })),
+    };
+    Ok(Fetched {
+        status,
+        headers,
+        body,
+    })
 }

@@ -30,6 +30,8 @@ pub struct Route {
     pub retry_non_idempotent: bool,
     pub auth: bool,
     pub forward_query: bool,
+    /// Opt-in shared caching for this route.
+    pub cache: Option<crate::upstream::cache::RouteCachePolicy>,
     /// Rate-limit policy names (resolved to handles by the limiter).
     pub rate_limit: Vec<String>,
     pub config: RouteConfig,
@@ -107,6 +109,7 @@ impl RouteTable {
                     retry_non_idempotent: r.retry_non_idempotent,
                     auth: r.auth || r.kind == RouteKind::UserMe,
                     forward_query: r.forward_query,
+                    cache: r.cache,
                     rate_limit: r.rate_limit.clone(),
                     config: r.clone(),
                 })
