@@ -300,3 +300,258 @@ impl RetryPolicy for RetryWithin {
         decision.unwrap_or(RetryDecision::DoNotRetry)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::pipeline::CallOptions;
+    use crate::upstream::timeout::AttemptTimedOut;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_the_exponential_step_and_the_cap() {
+        let backoff = RetryConfig::default().backoff();
+        for n in 0..8u32 {
+            let step = ms(25 * (1 << n)).min(ms(250));
+            let samples: Vec<Duration> = (0..500).map(|_| backoff_delay(&backoff, n)).collect();
+            assert!(
+                samples.iter().all(|d| *d <= step),
+                "retry {n} over {step:?}"
+            );
+            // Full jitter: draws land across the whole [0, step] range.
+            assert!(samples.iter().any(|d| *d < step / 4), "retry {n}: none low");
+            assert!(
+                samples.iter().any(|d| *d > step * 3 / 4),
+                "retry {n}: none high"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_http_dates() {
+        let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+        let at: SystemTime = chrono::DateTime::parse_from_rfc2822(date).unwrap().into();
+        let now = at - Duration::from_secs(30);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(date, now), Some(Duration::from_secs(30)));
+        // A date already past means "now".
+        assert_eq!(
+            parse_retry_after(date, at + Duration::from_secs(5)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_only_within_the_cap_and_the_deadline() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, v.parse().unwrap());
+            h
+        };
+        let now = SystemTime::now();
+        let cap = Duration::from_secs(2);
+        let judge = |h: &HeaderMap, remaining| judge_retry_after(h, now, remaining, cap);
+        assert_eq!(judge(&HeaderMap::new(), ms(5000)), RetryAfter::Absent);
+        assert_eq!(judge(&with("garbage"), ms(5000)), RetryAfter::Absent);
+        // Fits in the deadline and under the cap.
+        assert_eq!(judge(&with("1"), ms(5000)), RetryAfter::Wait(ms(1000)));
+        // Does not fit the deadline.
+        assert_eq!(judge(&with("1"), ms(800)), RetryAfter::TooLong);
+        // Over the cap, even with time to spare.
+        assert_eq!(judge(&with("3"), ms(60_000)), RetryAfter::TooLong);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_allows_the_ratio_of_requests_plus_the_floor_over_the_window() {
+        let budget = RetryBudget::new(&RetryConfig::default());
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        // 20% of 100 requests + 3/s over 10s.
+        let granted = (0..200).take_while(|_| budget.try_withdraw()).count();
+        assert_eq!(granted, 20 + 30);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // The old requests and retries slid out: only the floor is left.
+        let granted = (0..200).take_while(|_| budget.try_withdraw()).count();
+        assert_eq!(granted, 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_without_floor_is_pure_ratio() {
+        let budget = RetryBudget::new(&RetryConfig {
+            budget_min_per_sec: 0,
+            ..RetryConfig::default()
+        });
+        assert!(!budget.try_withdraw());
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        assert!(budget.try_withdraw());
+        assert!(budget.try_withdraw());
+        assert!(!budget.try_withdraw());
+    }
+
+    fn call(idempotent: bool) -> CallOptions {
+        CallOptions {
+            deadline: ms(1000),
+            attempt_timeout: ms(1000),
+            idempotent,
+            retry_non_idempotent: false,
+            max_retries: None,
+        }
+    }
+
+    fn policy(config: &RetryConfig) -> RetryWithin {
+        RetryWithin {
+            backoff: config.backoff(),
+            budget: Arc::new(RetryBudget::new(config)),
+            upstream: Arc::from("t"),
+        }
+    }
+
+    fn wait_of(decision: RetryDecision) -> Option<Duration> {
+        match decision {
+            RetryDecision::Retry { execute_after } => Some(
+                execute_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default(),
+            ),
+            RetryDecision::DoNotRetry => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn policy_stops_at_max_retries_and_before_the_deadline() {
+        let config = RetryConfig::default();
+        let p = policy(&config);
+        let deadline = Instant::now() + ms(300);
+        CallState::new(deadline, &call(true), 2)
+            .scope(async {
+                let now = SystemTime::now();
+                assert!(wait_of(p.should_retry(now, 0)).is_some_and(|w| w <= ms(25)));
+                assert!(wait_of(p.should_retry(now, 1)).is_some());
+                assert_eq!(wait_of(p.should_retry(now, 2)), None);
+                // A Retry-After that still fits replaces the backoff...
+                CallState::with(|c| c.set_retry_after(ms(200)));
+                let wait = wait_of(p.should_retry(now, 0)).expect("retry");
+                assert!(wait > ms(190) && wait <= ms(200), "{wait:?}");
+                // ...but the next attempt must start before the deadline.
+                tokio::time::advance(ms(250)).await;
+                CallState::with(|c| c.set_retry_after(ms(60)));
+                assert_eq!(wait_of(p.should_retry(now, 0)), None);
+            })
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn policy_stops_when_the_budget_is_spent() {
+        let config = RetryConfig {
+            budget_min_per_sec: 0,
+            budget_ratio: 0.0,
+            ..RetryConfig::default()
+        };
+        let p = policy(&config);
+        CallState::new(Instant::now() + ms(1000), &call(true), 2)
+            .scope(async { assert_eq!(wait_of(p.should_retry(SystemTime::now(), 0)), None) })
+            .await;
+    }
+
+    fn answer(
+        status: u16,
+        retry_after: Option<&str>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let mut builder = http::Response::builder().status(status);
+        if let Some(v) = retry_after {
+            builder = builder.header(RETRY_AFTER, v);
+        }
+        Ok(reqwest::Response::from(builder.body("").unwrap()))
+    }
+
+    fn failed() -> reqwest_middleware::Result<reqwest::Response> {
+        Err(reqwest_middleware::Error::middleware(AttemptTimedOut {
+            after: ms(1),
+        }))
+    }
+
+    /// What the strategy says about `result` after an attempt that ended in `outcome`.
+    async fn judged(
+        idempotent: bool,
+        outcome: Outcome,
+        result: reqwest_middleware::Result<reqwest::Response>,
+    ) -> Option<&'static str> {
+        let strategy = RetryOn {
+            retry_after_cap: Duration::from_secs(2),
+        };
+        CallState::new(Instant::now() + ms(5000), &call(idempotent), 2)
+            .scope(async {
+                CallState::with(|c| c.record(outcome, &result));
+                // `Retryable` has no Debug, so name it for the assertions.
+                strategy.handle(&result).map(|r| match r {
+                    Retryable::Transient => "transient",
+                    Retryable::Fatal => "fatal",
+                })
+            })
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn strategy_retries_503_and_connection_failures_only_when_safe() {
+        let s503 = Outcome::Status(StatusCode::SERVICE_UNAVAILABLE);
+        let s500 = Outcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
+        let t = Some("transient");
+        let f = Some("fatal");
+        assert_eq!(judged(true, s503, answer(503, None)).await, t);
+        assert_eq!(judged(true, s503, answer(503, Some("1"))).await, t);
+        // Over the Retry-After cap: the 503 goes back at once.
+        assert_eq!(judged(true, s503, answer(503, Some("30"))).await, f);
+        assert_eq!(judged(true, s500, answer(500, None)).await, None);
+        // A POST answered 503 reached the upstream: not retried.
+        assert_eq!(judged(false, s503, answer(503, None)).await, None);
+        // A POST that never connected is safe to send again; after a reset it is not.
+        assert_eq!(judged(false, Outcome::ConnectError, failed()).await, t);
+        assert_eq!(judged(false, Outcome::Reset, failed()).await, f);
+        assert_eq!(judged(true, Outcome::Reset, failed()).await, t);
+        assert_eq!(judged(true, Outcome::Timeout, failed()).await, f);
+        let open = Outcome::CircuitOpen(Duration::from_secs(3));
+        assert_eq!(judged(true, open, failed()).await, f);
+    }
+
+    #[test]
+    fn config_defaults_unknown_fields_and_field_paths() {
+        let parsed: RetryConfig = toml::from_str("max_retries = 1").expect("parse");
+        assert_eq!(parsed.max_retries, 1);
+        assert_eq!(parsed.backoff_base, Dur::from_millis(25));
+        assert!(toml::from_str::<RetryConfig>("max_retry = 1").is_err());
+        assert!(toml::from_str::<RetryConfig>("backoff_base = 25").is_err());
+
+        let bad = RetryConfig {
+            max_retries: 50,
+            backoff_cap: Dur::from_millis(10),
+            budget_ratio: -0.1,
+            ..RetryConfig::default()
+        };
+        let mut errors = Vec::new();
+        bad.validate("upstreams.storage.retry", &mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams.storage.retry.max_retries",
+                "upstreams.storage.retry.backoff_cap",
+                "upstreams.storage.retry.budget_ratio",
+            ]
+        );
+        let mut errors = Vec::new();
+        RetryConfig::default().validate("r", &mut errors);
+        assert!(errors.is_empty());
+    }
+}
