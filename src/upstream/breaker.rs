@@ -34,7 +34,7 @@ use reqwest_middleware::{Middleware, Next};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pipeline::Outcome;
+use super::pipeline::{instant_after, Outcome};
 use super::window::SlidingWindow;
 use crate::config::{join, Dur, FieldError};
 
@@ -454,7 +454,7 @@ impl Breaker {
             self.config.open_max.0,
             inner.openings_in_a_row,
         );
-        let until = Instant::now() + open_for;
+        let until = instant_after(Instant::now(), open_for);
         self.transition(inner, Phase::Open { until });
         tracing::warn!(
             upstream = %self.upstream,

@@ -210,6 +210,13 @@ impl CallState {
     }
 }
 
+/// `now + d`, saturating (about a century ahead) instead of panicking on an absurd duration
+/// from config.
+pub(crate) fn instant_after(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
+}
+
 /// `outer: inner: innermost`, because reqwest's own message rarely names the cause.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
@@ -293,6 +300,10 @@ impl Pipeline {
         let upstream: Arc<str> = Arc::from(upstream);
         let breaker = Arc::new(Breaker::new(&upstream, breaker));
         let budget = Arc::new(RetryBudget::new(retry));
+        // Deadline: outermost, so nothing below (attempts, backoff sleeps) can outlive it. It is
+        // applied in `send`, which knows the route's deadline; every layer below reads it.
+        //
+        // The caller's pooled client is the end of the chain: connection reuse and TLS live there.
         let client = ClientBuilder::new(client)
             // Retry is outside the breaker so that each attempt asks the breaker again (an
             // outage stops retries at once) and a refusal is classified as not retryable. Its
@@ -338,8 +349,13 @@ impl Pipeline {
     }
 
     /// Sends `req` (its body must be buffered, so that retries can clone it) through the stack.
+    ///
+    /// Any upstream answer, 5xx included, is `Ok` (the client gets it untouched); `Err` means
+    /// there is no answer to give: [`UpstreamError::CircuitOpen`] without contacting the
+    /// upstream, [`UpstreamError::Timeout`] when an attempt or the deadline ran out,
+    /// [`UpstreamError::Unavailable`] when the connection failed on the last attempt.
     pub async fn send(&self, req: Request, call: CallOptions) -> Result<Delivered, UpstreamError> {
-        let deadline = Instant::now() + call.deadline;
+        let deadline = instant_after(Instant::now(), call.deadline);
         // Every call earns retry budget, whether or not it needs a retry.
         self.budget.deposit();
         let state = CallState::new(
@@ -397,5 +413,11 @@ mod tests {
         assert_eq!(s(503).label(), "status_5xx");
         assert_eq!(Outcome::Timeout.breaker_failure(), Some(true));
         assert_eq!(Outcome::CircuitOpen(Duration::ZERO).breaker_failure(), None);
+    }
+
+    #[test]
+    fn an_absurd_duration_saturates_instead_of_panicking() {
+        let now = Instant::now();
+        assert!(instant_after(now, Duration::MAX) > now + Duration::from_secs(3600));
     }
 }

@@ -2,17 +2,17 @@
 //! from multiplying an outage.
 //!
 //! The retry loop itself is `reqwest-retry`'s `RetryTransientMiddleware`; we plug in
-//! - [`RetryOn`], its `RetryableStrategy`: only 503 and connection failures are retryable, a
+//! - `RetryOn`, its `RetryableStrategy`: only 503 and connection failures are retryable, a
 //!   non-idempotent request only when it provably never reached the upstream, a circuit-open
 //!   rejection never; a 503 whose `Retry-After` is over the cap or past the deadline is returned
 //!   at once;
-//! - [`RetryWithin`], its `RetryPolicy`: the attempt limit, exponential backoff with full jitter
+//! - `RetryWithin`, its `RetryPolicy`: the attempt limit, exponential backoff with full jitter
 //!   (`retry-policies`' `ExponentialBackoff`, which reqwest-retry re-exports), `Retry-After`
 //!   in place of the backoff when the upstream sent one, the call's deadline, and the
 //!   [`RetryBudget`].
 //!
 //! Neither trait sees the request, so per-call facts (deadline, idempotency, the last outcome,
-//! the upstream's `Retry-After`) live in the task-local [`CallState`] scoped around the call.
+//! the upstream's `Retry-After`) live in the task-local `CallState` scoped around the call.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -24,7 +24,7 @@ use reqwest_retry::{Jitter, RetryDecision, RetryPolicy, Retryable, RetryableStra
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pipeline::{CallState, Outcome};
+use super::pipeline::{instant_after, CallState, Outcome};
 use super::window::SlidingWindow;
 use crate::config::{join, Dur, FieldError};
 
@@ -283,7 +283,7 @@ impl RetryPolicy for RetryWithin {
                 .take_retry_after()
                 .unwrap_or_else(|| backoff_delay(&self.backoff, n_past_retries));
             // The next attempt must start before the deadline; otherwise the last outcome stands.
-            if Instant::now() + wait >= call.deadline {
+            if instant_after(Instant::now(), wait) >= call.deadline {
                 return RetryDecision::DoNotRetry;
             }
             // Checked last so that only retries that will really happen spend the budget.
