@@ -35,7 +35,7 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
             name: Arc::from(name.as_str()),
             base_url: u.url.trim_end_matches('/').to_string(),
             message: Arc::from(u.unavailable_message(name)),
-            pipeline: Pipeline::new(name, client.clone()),
+            pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker),
             client,
         });
     }

@@ -16,6 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use crate::upstream::cache::{CacheConfig, RouteCachePolicy};
+pub use crate::upstream::{BreakerConfig, RetryConfig};
 pub use types::{join, ByteSize, Dur, FieldError};
 
 /// The whole gateway configuration, after defaults and overrides.
@@ -140,6 +141,10 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Dur,
     /// The `error` text clients see when it is down (default "<Name> service unavailable").
     pub unavailable_message: Option<String>,
+    /// Bounded retries on 503 and connection failures.
+    pub retry: RetryConfig,
+    /// The circuit breaker in front of this upstream.
+    pub breaker: BreakerConfig,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -814,6 +819,8 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 256,
             pool_idle_timeout: Dur::from_secs(60),
             unavailable_message: None,
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
         }
     }
 }

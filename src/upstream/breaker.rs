@@ -1,0 +1,771 @@
+//! The per-upstream circuit breaker and the middleware that puts it in the pipeline.
+//!
+//! # What failsafe does here, and what we wrote
+//!
+//! The trip decision uses failsafe's [`FailurePolicy`] trait: its `consecutive_failures` policy
+//! (a pure counter) and our [`FailureRate`] policy (failure share over a sliding window with a
+//! minimum volume). The state machine around them (closed / open / half-open) is ours, because
+//! failsafe's `StateMachine` cannot do what the gateway needs:
+//! - it reads `std::time::Instant` (its mock clock is a hidden thread-local), so a paused tokio
+//!   clock cannot drive the open time in tests;
+//! - half-open admits every caller, we must admit at most `half_open_probes` at a time;
+//! - it keeps the open deadline private, so it cannot report the time until the next probe
+//!   (the `Retry-After` of a circuit-open 503 and `/admin`);
+//! - its backoffs work in whole seconds and panic below one second.
+//!
+//! failsafe's `success_rate_over_time_window` is not used either: it is an exponential moving
+//! average on the std clock that only trips once a full window has passed since the last close,
+//! not "50% of at least 20 calls in the last 10s".
+//!
+//! The policies are handed a zero constant backoff; the open time is chosen by
+//! [`open_duration`]: `open_base * 2^(openings-1)` capped at `open_max`, minus up to 20% jitter
+//! so that replicas do not probe in lockstep, reset to `open_base` after a close.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use failsafe::backoff::{self, Constant};
+use failsafe::failure_policy::{consecutive_failures, ConsecutiveFailures};
+use failsafe::FailurePolicy;
+use http::Extensions;
+use rand::Rng;
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::pipeline::{instant_after, Outcome};
+use super::window::SlidingWindow;
+use crate::config::{join, Dur, FieldError};
+
+/// `upstreams.<name>.breaker`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// `false` lets every call through and records nothing.
+    pub enabled: bool,
+    /// Opens after this many failures in a row, however few calls there were.
+    pub consecutive_failures: u32,
+    /// Opens when at least this share of the calls in `window` failed...
+    pub failure_rate: f64,
+    /// ...over this sliding window...
+    pub window: Dur,
+    /// ...and the window holds at least this many calls (so 1 failure of 2 calls is no outage).
+    pub min_calls: u32,
+    /// Open time after the first opening.
+    pub open_base: Dur,
+    /// Longest open time, however often the probes fail.
+    pub open_max: Dur,
+    /// Calls let through at once while half-open; the rest fail fast.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: Dur::from_secs(10),
+            min_calls: 20,
+            open_base: Dur::from_secs(5),
+            open_max: Dur::from_secs(60),
+            half_open_probes: 1,
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let mut bad =
+            |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
+        if self.consecutive_failures == 0 {
+            bad("consecutive_failures", "must be at least 1".into());
+        }
+        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
+            bad(
+                "failure_rate",
+                format!(
+                    "must be above 0.0 and at most 1.0, got {}",
+                    self.failure_rate
+                ),
+            );
+        }
+        if self.window.0 < Duration::from_millis(100) {
+            bad(
+                "window",
+                format!("must be at least 100ms, got {}", self.window),
+            );
+        }
+        if self.min_calls == 0 {
+            bad("min_calls", "must be at least 1".into());
+        }
+        if self.open_base.0.is_zero() {
+            bad("open_base", "must be greater than zero".into());
+        }
+        if self.open_max < self.open_base {
+            bad(
+                "open_max",
+                format!("must be at least open_base ({})", self.open_base),
+            );
+        }
+        if self.half_open_probes == 0 {
+            bad("half_open_probes", "must be at least 1".into());
+        }
+    }
+}
+
+/// The state as reported in metrics (`gateway_circuit_breaker_state`) and `/admin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+    fn gauge_value(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::Open => 1.0,
+            BreakerState::HalfOpen => 2.0,
+        }
+    }
+}
+
+/// A call was refused without contacting the upstream because the circuit is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("circuit open; next probe in {retry_after:?}")]
+pub struct BreakerOpen {
+    /// Time until the breaker will let a probe through (the client's `Retry-After`).
+    pub retry_after: Duration,
+}
+
+/// What `/admin` shows for one upstream's breaker.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BreakerSnapshot {
+    pub upstream: String,
+    pub enabled: bool,
+    pub state: BreakerState,
+    pub consecutive_failures: u32,
+    pub window_calls: u64,
+    pub window_failures: u64,
+    /// How many times the breaker has opened since the process started.
+    pub opened_count: u64,
+    /// Seconds until a probe is let through; `None` unless open.
+    pub seconds_until_probe: Option<f64>,
+}
+
+/// failsafe `FailurePolicy`: trips when at least `rate` of the calls in the window failed and the
+/// window holds at least `min_calls`, on tokio's clock.
+#[derive(Debug)]
+pub struct FailureRate {
+    rate: f64,
+    min_calls: u64,
+    /// (calls, failures).
+    window: SlidingWindow,
+}
+
+impl FailureRate {
+    pub fn new(rate: f64, min_calls: u32, window: Duration) -> Self {
+        FailureRate {
+            rate,
+            min_calls: u64::from(min_calls),
+            window: SlidingWindow::new(window),
+        }
+    }
+
+    /// (calls, failures) in the window now.
+    pub fn counts(&self) -> (u64, u64) {
+        self.window.totals(Instant::now())
+    }
+}
+
+impl FailurePolicy for FailureRate {
+    fn record_success(&mut self) {
+        self.window.add(Instant::now(), 1, 0);
+    }
+
+    fn mark_dead_on_failure(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.window.add(now, 1, 1);
+        let (calls, failures) = self.window.totals(now);
+        (calls >= self.min_calls && failures as f64 >= self.rate * calls as f64)
+            .then_some(Duration::ZERO)
+    }
+
+    fn revived(&mut self) {
+        self.window.clear();
+    }
+}
+
+/// Open time for the `openings`-th opening in a row (1-based): exponential from `base`, capped
+/// at `max`, then reduced by a uniform 0-20% jitter.
+pub fn open_duration(base: Duration, max: Duration, openings: u32) -> Duration {
+    let doublings = openings.saturating_sub(1).min(32);
+    let planned = base
+        .checked_mul(1u32 << doublings.min(31))
+        .map_or(max, |d| d.min(max));
+    planned.mul_f64(1.0 - rand::rng().random_range(0.0..=0.2))
+}
+
+#[derive(Debug)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probes_in_flight: u32 },
+}
+
+impl Phase {
+    fn state(&self) -> BreakerState {
+        match self {
+            Phase::Closed => BreakerState::Closed,
+            Phase::Open { .. } => BreakerState::Open,
+            Phase::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    phase: Phase,
+    /// Bumped on every transition: an answer to a call admitted in an earlier phase is stale
+    /// and must not move the current one (e.g. a slow pre-open call closing a half-open breaker).
+    epoch: u64,
+    /// failsafe's policy for "N failures in a row".
+    consecutive: ConsecutiveFailures<Constant>,
+    /// failsafe keeps its count private; this copy is for the snapshot only.
+    consecutive_count: u32,
+    rate: FailureRate,
+    /// Openings since the last close; drives the growth of the open time.
+    openings_in_a_row: u32,
+    opened_total: u64,
+}
+
+/// One upstream's circuit breaker. Cheap to query; all state sits behind one short lock.
+#[derive(Debug)]
+pub struct Breaker {
+    upstream: Arc<str>,
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+}
+
+/// Permission for one call. Report its result with [`Permit::record`]; dropping it unrecorded
+/// (the call was cancelled) frees a half-open probe slot and counts as nothing.
+#[derive(Debug)]
+#[must_use]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    epoch: u64,
+    /// This call is a half-open probe holding one of the slots.
+    probe: bool,
+    /// A disabled breaker's permits record nothing.
+    counted: bool,
+}
+
+impl Permit<'_> {
+    pub fn record(mut self, failed: bool) {
+        if self.counted {
+            self.breaker.on_result(self.epoch, self.probe, failed);
+        }
+        self.counted = false;
+        self.probe = false;
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.release_probe(self.epoch);
+        }
+    }
+}
+
+impl Breaker {
+    pub fn new(upstream: &str, config: &BreakerConfig) -> Breaker {
+        let breaker = Breaker {
+            upstream: Arc::from(upstream),
+            config: config.clone(),
+            inner: Mutex::new(Inner {
+                phase: Phase::Closed,
+                epoch: 0,
+                consecutive: consecutive_failures(
+                    config.consecutive_failures,
+                    backoff::constant(Duration::ZERO),
+                ),
+                consecutive_count: 0,
+                rate: FailureRate::new(config.failure_rate, config.min_calls, config.window.0),
+                openings_in_a_row: 0,
+                opened_total: 0,
+            }),
+        };
+        breaker.report_state(BreakerState::Closed);
+        breaker
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks to make one call. Fast when refused: one lock, no allocation.
+    pub fn try_acquire(&self) -> Result<Permit<'_>, BreakerOpen> {
+        if !self.config.enabled {
+            return Ok(Permit {
+                breaker: self,
+                epoch: 0,
+                probe: false,
+                counted: false,
+            });
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.advance(&mut inner, now);
+        let epoch = inner.epoch;
+        match &mut inner.phase {
+            Phase::Closed => Ok(Permit {
+                breaker: self,
+                epoch,
+                probe: false,
+                counted: true,
+            }),
+            Phase::Open { until } => Err(BreakerOpen {
+                retry_after: until.saturating_duration_since(now),
+            }),
+            Phase::HalfOpen { probes_in_flight } => {
+                if *probes_in_flight < self.config.half_open_probes {
+                    *probes_in_flight += 1;
+                    Ok(Permit {
+                        breaker: self,
+                        epoch,
+                        probe: true,
+                        counted: true,
+                    })
+                } else {
+                    // The probe in flight decides; we cannot know when, so ask for a short wait.
+                    Err(BreakerOpen {
+                        retry_after: self.config.open_base.0.min(Duration::from_secs(1)),
+                    })
+                }
+            }
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        if !self.config.enabled {
+            return BreakerState::Closed;
+        }
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        inner.phase.state()
+    }
+
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if self.config.enabled {
+            self.advance(&mut inner, now);
+        }
+        let (window_calls, window_failures) = inner.rate.counts();
+        BreakerSnapshot {
+            upstream: self.upstream.to_string(),
+            enabled: self.config.enabled,
+            state: inner.phase.state(),
+            consecutive_failures: inner.consecutive_count,
+            window_calls,
+            window_failures,
+            opened_count: inner.opened_total,
+            seconds_until_probe: match inner.phase {
+                Phase::Open { until } => Some(until.saturating_duration_since(now).as_secs_f64()),
+                Phase::Closed | Phase::HalfOpen { .. } => None,
+            },
+        }
+    }
+
+    /// Closes the breaker and forgets its history (operator action from `/admin`).
+    pub fn reset(&self) {
+        let mut inner = self.lock();
+        self.close(&mut inner);
+    }
+
+    /// Open -> half-open once the open time has passed (time-driven, so done lazily on access).
+    fn advance(&self, inner: &mut Inner, now: Instant) {
+        if let Phase::Open { until } = inner.phase {
+            if now >= until {
+                self.transition(
+                    inner,
+                    Phase::HalfOpen {
+                        probes_in_flight: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_result(&self, epoch: u64, probe: bool, failed: bool) {
+        let mut inner = self.lock();
+        if inner.epoch != epoch {
+            return;
+        }
+        match (&inner.phase, probe, failed) {
+            (Phase::Closed, _, false) => {
+                inner.consecutive.record_success();
+                inner.rate.record_success();
+                inner.consecutive_count = 0;
+            }
+            (Phase::Closed, _, true) => {
+                inner.consecutive_count = inner.consecutive_count.saturating_add(1);
+                // Both policies must see the failure, so no short-circuit `||`.
+                let by_count = inner.consecutive.mark_dead_on_failure().is_some();
+                let by_rate = inner.rate.mark_dead_on_failure().is_some();
+                if by_count | by_rate {
+                    self.open(&mut inner);
+                }
+            }
+            (Phase::HalfOpen { .. }, true, false) => self.close(&mut inner),
+            (Phase::HalfOpen { .. }, true, true) => self.open(&mut inner),
+            // Only probes speak while half-open; nothing is admitted while open.
+            (Phase::HalfOpen { .. }, false, _) | (Phase::Open { .. }, _, _) => {}
+        }
+    }
+
+    fn release_probe(&self, epoch: u64) {
+        let mut inner = self.lock();
+        if inner.epoch != epoch {
+            return;
+        }
+        if let Phase::HalfOpen { probes_in_flight } = &mut inner.phase {
+            *probes_in_flight = probes_in_flight.saturating_sub(1);
+        }
+    }
+
+    fn open(&self, inner: &mut Inner) {
+        inner.openings_in_a_row = inner.openings_in_a_row.saturating_add(1);
+        inner.opened_total += 1;
+        let open_for = open_duration(
+            self.config.open_base.0,
+            self.config.open_max.0,
+            inner.openings_in_a_row,
+        );
+        let until = instant_after(Instant::now(), open_for);
+        self.transition(inner, Phase::Open { until });
+        tracing::warn!(
+            upstream = %self.upstream,
+            open_ms = open_for.as_millis() as u64,
+            consecutive_failures = inner.consecutive_count,
+            "circuit breaker opened"
+        );
+    }
+
+    fn close(&self, inner: &mut Inner) {
+        inner.consecutive.revived();
+        inner.rate.revived();
+        inner.consecutive_count = 0;
+        inner.openings_in_a_row = 0;
+        if !matches!(inner.phase, Phase::Closed) {
+            self.transition(inner, Phase::Closed);
+            tracing::info!(upstream = %self.upstream, "circuit breaker closed");
+        }
+    }
+
+    fn transition(&self, inner: &mut Inner, to: Phase) {
+        let state = to.state();
+        inner.phase = to;
+        inner.epoch += 1;
+        if state == BreakerState::HalfOpen {
+            tracing::info!(upstream = %self.upstream, "circuit breaker half-open: probing");
+        }
+        metrics::counter!("gateway_circuit_breaker_transitions_total",
+            "upstream" => self.upstream.clone(), "to" => state.as_str())
+        .increment(1);
+        self.report_state(state);
+    }
+
+    fn report_state(&self, state: BreakerState) {
+        metrics::gauge!("gateway_circuit_breaker_state", "upstream" => self.upstream.clone())
+            .set(state.gauge_value());
+    }
+}
+
+/// The breaker as a reqwest-middleware layer: refuses while open, records every answer.
+pub(crate) struct BreakerLayer {
+    pub(crate) breaker: Arc<Breaker>,
+}
+
+#[async_trait::async_trait]
+impl Middleware for BreakerLayer {
+    async fn handle(
+        &self,
+        req: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let permit = self
+            .breaker
+            .try_acquire()
+            .map_err(reqwest_middleware::Error::middleware)?;
+        let result = next.run(req, extensions).await;
+        match Outcome::of(&result).breaker_failure() {
+            Some(failed) => permit.record(failed),
+            // Our own bug, not the upstream's health: count nothing.
+            None => drop(permit),
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn fail(b: &Breaker) {
+        b.try_acquire().expect("admitted").record(true);
+    }
+    fn succeed(b: &Breaker) {
+        b.try_acquire().expect("admitted").record(false);
+    }
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+    /// Open time just chosen (the clock is paused, so none of it has elapsed yet).
+    fn open_for(b: &Breaker) -> Duration {
+        b.try_acquire().expect_err("open").retry_after
+    }
+    fn in_jitter_bounds(d: Duration, planned: f64) -> bool {
+        d >= secs(planned * 0.8) && d <= secs(planned)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_a_success_resets_the_count() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        for _ in 0..4 {
+            fail(&b);
+        }
+        succeed(&b);
+        for _ in 0..4 {
+            fail(&b);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().consecutive_failures, 4);
+        fail(&b);
+        assert_eq!(b.state(), BreakerState::Open);
+        let open = open_for(&b);
+        assert!(in_jitter_bounds(open, 5.0), "{open:?}");
+        let snap = b.snapshot();
+        assert_eq!(snap.opened_count, 1);
+        assert!(snap.seconds_until_probe.is_some_and(|s| s > 0.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_failure_rate_only_with_the_minimum_volume() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        // success, failure, ... never 5 in a row; 50% failures.
+        for _ in 0..9 {
+            succeed(&b);
+            fail(&b);
+        }
+        succeed(&b);
+        // 19 calls, 9 failures: under the 20-call minimum.
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b);
+        // 20 calls, 10 failures = 50%.
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_rate_forgets_calls_older_than_the_window() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        for _ in 0..9 {
+            succeed(&b);
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(b.snapshot().window_calls, 0);
+        succeed(&b);
+        fail(&b);
+        succeed(&b);
+        fail(&b);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(
+            (b.snapshot().window_calls, b.snapshot().window_failures),
+            (4, 2)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_time_grows_with_jitter_up_to_the_cap_and_resets_after_a_close() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        for _ in 0..5 {
+            fail(&b);
+        }
+        for planned in [5.0, 10.0, 20.0, 40.0, 60.0, 60.0] {
+            let open = open_for(&b);
+            assert!(in_jitter_bounds(open, planned), "{open:?} for {planned}");
+            tokio::time::advance(open).await;
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            // The failed probe re-opens it for longer.
+            fail(&b);
+            assert_eq!(b.state(), BreakerState::Open);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        succeed(&b);
+        assert_eq!(b.state(), BreakerState::Closed);
+        for _ in 0..5 {
+            fail(&b);
+        }
+        assert!(in_jitter_bounds(open_for(&b), 5.0));
+    }
+
+    #[test]
+    fn open_duration_jitter_stays_in_bounds_and_varies() {
+        let base = Duration::from_secs(5);
+        let max = Duration::from_secs(60);
+        let samples: Vec<Duration> = (0..1000).map(|_| open_duration(base, max, 1)).collect();
+        assert!(samples.iter().all(|d| in_jitter_bounds(*d, 5.0)));
+        let spread = *samples.iter().max().unwrap() - *samples.iter().min().unwrap();
+        assert!(spread > Duration::from_millis(500), "no jitter: {spread:?}");
+        // Far past the cap (and past any overflow) it stays at the cap.
+        assert!(in_jitter_bounds(open_duration(base, max, 40), 60.0));
+        assert!(in_jitter_bounds(open_duration(base, max, u32::MAX), 60.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_one_probe_at_a_time_under_concurrency() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(open_for(&b)).await;
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (b, admitted) = (b.clone(), admitted.clone());
+                tokio::spawn(async move {
+                    match b.try_acquire() {
+                        Ok(probe) => {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                            // A slow probe: everyone else arrives while it is in flight.
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            probe.record(false);
+                        }
+                        Err(open) => assert!(open.retry_after > Duration::ZERO),
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(admitted.load(Ordering::SeqCst), 1);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_frees_its_slot() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(open_for(&b)).await;
+        let probe = b.try_acquire().expect("probe");
+        assert!(b.try_acquire().is_err());
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        succeed(&b);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_from_before_the_opening_cannot_close_it() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        let slow = b.try_acquire().expect("closed");
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(open_for(&b)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        slow.record(false);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_closes_and_forgets() {
+        let b = Breaker::new("t", &BreakerConfig::default());
+        for _ in 0..5 {
+            fail(&b);
+        }
+        b.reset();
+        let snap = b.snapshot();
+        assert_eq!(snap.state, BreakerState::Closed);
+        assert_eq!((snap.consecutive_failures, snap.window_calls), (0, 0));
+        assert_eq!(snap.seconds_until_probe, None);
+        assert_eq!(snap.opened_count, 1);
+        for _ in 0..5 {
+            fail(&b);
+        }
+        assert!(in_jitter_bounds(open_for(&b), 5.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disabled_breaker_never_opens() {
+        let config = BreakerConfig {
+            enabled: false,
+            ..BreakerConfig::default()
+        };
+        let b = Breaker::new("t", &config);
+        for _ in 0..100 {
+            fail(&b);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(!b.snapshot().enabled);
+    }
+
+    #[test]
+    fn snapshot_serializes_for_admin() {
+        let b = Breaker::new("storage", &BreakerConfig::default());
+        let json = serde_json::to_value(b.snapshot()).expect("json");
+        assert_eq!(json["upstream"], "storage");
+        assert_eq!(json["state"], "closed");
+        assert_eq!(json["seconds_until_probe"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn config_defaults_unknown_fields_and_field_paths() {
+        let parsed: BreakerConfig = toml::from_str("open_base = \"200ms\"").expect("parse");
+        assert_eq!(parsed.open_base, Dur::from_millis(200));
+        assert_eq!(parsed.consecutive_failures, 5);
+        assert!(toml::from_str::<BreakerConfig>("open_bse = \"1s\"").is_err());
+
+        let bad = BreakerConfig {
+            consecutive_failures: 0,
+            failure_rate: 1.5,
+            open_max: Dur::from_secs(1),
+            half_open_probes: 0,
+            ..BreakerConfig::default()
+        };
+        let mut errors = Vec::new();
+        bad.validate("upstreams.storage.breaker", &mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams.storage.breaker.consecutive_failures",
+                "upstreams.storage.breaker.failure_rate",
+                "upstreams.storage.breaker.open_max",
+                "upstreams.storage.breaker.half_open_probes",
+            ]
+        );
+        let mut errors = Vec::new();
+        BreakerConfig::default().validate("b", &mut errors);
+        assert!(errors.is_empty());
+    }
+}

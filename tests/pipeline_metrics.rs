@@ -1,0 +1,57 @@
+//! The pipeline's metrics, read back from a Prometheus recorder. A test binary of its own
+//! because the recorder is process-global.
+
+mod support;
+
+use std::time::Duration;
+
+use deltastream_gateway::config::Dur;
+use deltastream_gateway::upstream::{BreakerConfig, CallOptions, Pipeline, RetryConfig};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use reqwest::{Method, Request};
+use support::{FakeUpstream, Step};
+
+#[tokio::test]
+async fn attempts_outcomes_and_breaker_state_are_exported() {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .expect("global recorder");
+    let up = FakeUpstream::builder()
+        .statuses([503])
+        .then(Step::status(500))
+        .start()
+        .await;
+    let retry = RetryConfig {
+        backoff_base: Dur::from_millis(1),
+        backoff_cap: Dur::from_millis(1),
+        ..RetryConfig::default()
+    };
+    let breaker = BreakerConfig {
+        consecutive_failures: 2,
+        open_base: Dur::from_secs(30),
+        ..BreakerConfig::default()
+    };
+    let p = Pipeline::new("metered", reqwest::Client::new(), &retry, &breaker);
+    let call = CallOptions {
+        deadline: Duration::from_secs(5),
+        attempt_timeout: Duration::from_secs(2),
+        idempotent: true,
+        retry_non_idempotent: false,
+        max_retries: None,
+    };
+    let req = || Request::new(Method::GET, up.url().parse().expect("url"));
+    // 503 then 500: two failures open the breaker; the next call is refused.
+    let _ = p.send(req(), call).await;
+    let _ = p.send(req(), call).await;
+
+    let text = handle.render();
+    for line in [
+        r#"gateway_upstream_attempts_total{upstream="metered",outcome="status_5xx"} 2"#,
+        r#"gateway_upstream_attempts_total{upstream="metered",outcome="circuit_open"} 1"#,
+        r#"gateway_circuit_breaker_state{upstream="metered"} 1"#,
+        r#"gateway_circuit_breaker_transitions_total{upstream="metered",to="open"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(text.contains("gateway_upstream_attempt_duration_seconds"));
+}
