@@ -1,2 +1,3 @@
 //! DeltaStream gateway.
 pub mod config;
+pub mod ratelimit;
