@@ -395,9 +395,11 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut cfg = RateLimitConfig::default();
-        cfg.redis_url = Some("http://localhost".into());
-        cfg.key_prefix = "a{b}".into();
+        let mut cfg = RateLimitConfig {
+            redis_url: Some("http://localhost".into()),
+            key_prefix: "a{b}".into(),
+            ..RateLimitConfig::default()
+        };
         cfg.policies.push(PolicyConfig {
             name: "default".into(),
             limit: 0,

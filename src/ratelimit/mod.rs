@@ -526,7 +526,7 @@ fn spawn_prober(inner: Weak<Inner>) {
                     // The connection recovers by itself after I/O errors; a fresh client
                     // every few failures covers states it does not recover from (e.g. a
                     // cluster whose every node was replaced).
-                    if failures % 3 == 0 {
+                    if failures.is_multiple_of(3) {
                         if let Ok(conn) = RedisConn::open(
                             &backend.target,
                             backend.connect_timeout,
