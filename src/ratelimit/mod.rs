@@ -493,7 +493,18 @@ impl RedisBackend {
 async fn probe(backend: &RedisBackend) -> Result<(), String> {
     let mut conn = read(&backend.conn).clone();
     let bound = backend.connect_timeout + backend.command_timeout;
-    match tokio::time::timeout(bound, backend.script.load_async(&mut conn)).await {
+    let attempt = async {
+        match backend.script.load_async(&mut conn).await {
+            // A connection that failed earlier reports that old failure once and starts
+            // reconnecting; the second attempt waits for that fresh connection, so a Redis
+            // that is back is adopted now rather than one (up to 10 s) backoff later.
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                backend.script.load_async(&mut conn).await
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout(bound, attempt).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {bound:?}")),

@@ -122,6 +122,27 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, like a
+    /// paused container or a black-holed network.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {sig} failed");
+        }
+    }
+
     /// Starts a killed server again on the same port, with empty data.
     pub fn restart(&mut self) {
         self.kill();
@@ -135,6 +156,8 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A stopped process ignores nothing but SIGKILL; resume anyway for a clean exit.
+        self.resume();
         self.kill();
     }
 }
