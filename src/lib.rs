@@ -9,6 +9,8 @@
 //! * [`routes`]: the route table built from [`config`] and the ONE generic proxy handler;
 //!   built-ins (`/health`, `/api/docs`) and the admin listener.
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens.
+//! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process
+//!   fallback when Redis is down.
 //! * [`upstream`]: the pooled client and the resilience pipeline around it.
 //! * [`sim`]: the simulated DeltaStream backends (auth, storage, analytics) for the demo,
 //!   the end-to-end tests and the chaos suite.
@@ -19,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod observability;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod sim;

@@ -3,3 +3,4 @@
 pub mod fake_upstream;
 pub mod gateway;
 pub use fake_upstream::{refused_addr, FakeUpstream, Recorded, Step};
+pub mod redis;
