@@ -35,8 +35,10 @@ pub enum GatewayError {
     RateLimited {
         headers: HeaderMap,
     },
-    /// Redis is down and `on_redis_error = "deny"`.
-    RateLimiterUnavailable,
+    /// Redis is down and `on_redis_error = "deny"`; `headers` carry Retry-After.
+    RateLimiterUnavailable {
+        headers: HeaderMap,
+    },
     MissingToken,
     InvalidToken,
     /// The auth service could not answer a verification: never a 401, or clients would
@@ -91,7 +93,7 @@ impl GatewayError {
                 "rate_limited",
                 Cow::Borrowed("Rate limit exceeded"),
             ),
-            E::RateLimiterUnavailable => (
+            E::RateLimiterUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "rate_limiter_unavailable",
                 Cow::Borrowed("Rate limiter unavailable"),
@@ -167,7 +169,8 @@ impl GatewayError {
             GatewayError::CircuitOpen { retry_after, .. } => {
                 headers.insert(RETRY_AFTER, retry_after_value(*retry_after));
             }
-            GatewayError::RateLimited { headers: extra } => {
+            GatewayError::RateLimited { headers: extra }
+            | GatewayError::RateLimiterUnavailable { headers: extra } => {
                 for (k, v) in extra {
                     headers.insert(k.clone(), v.clone());
                 }

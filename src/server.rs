@@ -45,7 +45,12 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         auth_upstream.map(|u| u.client.clone()),
         auth_upstream.map(|u| u.base_url.as_str()),
     )?;
-    let table = RouteTable::build(&cfg, |n| upstreams.iter().position(|u| &*u.name == n));
+    let limiter = crate::ratelimit::RateLimiter::new(&cfg.rate_limit).await;
+    let table = RouteTable::build(
+        &cfg,
+        |n| upstreams.iter().position(|u| &*u.name == n),
+        |p| limiter.policy(p),
+    );
     let openapi = serde_json::to_vec(&routes::docs::openapi(&cfg)).map_err(|e| e.to_string())?;
     // Field order as the original service wrote it (serde_json would sort the keys).
     let health = format!(
@@ -56,6 +61,7 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         table,
         upstreams,
         verifier,
+        limiter,
         cache: crate::upstream::cache::ResponseCache::new(&cfg.cache),
         timeout_status: StatusCode::from_u16(cfg.errors.timeout_status)
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),

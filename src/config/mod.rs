@@ -15,6 +15,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::ratelimit::RateLimitConfig;
 pub use crate::upstream::cache::{CacheConfig, RouteCachePolicy};
 pub use crate::upstream::{BreakerConfig, RetryConfig};
 pub use types::{join, ByteSize, Dur, FieldError};
@@ -38,6 +39,8 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
     /// The shared response cache's size limits.
     pub cache: CacheConfig,
+    /// Rate-limit policies and the Redis backend (`REDIS_URL`).
+    pub rate_limit: RateLimitConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -375,6 +378,10 @@ impl Config {
                 }
             }
         }
+        if let Some(url) = lookup("REDIS_URL") {
+            // An empty REDIS_URL means "no Redis": the in-process limiter.
+            self.rate_limit.redis_url = Some(url).filter(|u| !u.trim().is_empty());
+        }
         if let Some(secret) = lookup("JWT_SECRET").filter(|s| !s.is_empty()) {
             self.auth.jwt_secret = Some(secret);
         }
@@ -415,6 +422,7 @@ impl Config {
 
     fn validate_sections(&self, errors: &mut Vec<FieldError>) {
         self.cache.validate("cache", errors);
+        self.rate_limit.validate("rate_limit", errors);
         if self.limits.max_body.0 == 0 {
             errors.push(FieldError::new("limits.max_body", "must be greater than 0"));
         }
@@ -673,6 +681,22 @@ impl RouteConfig {
                 errors.push(FieldError::new(join(path, field), "must be greater than 0"));
             }
         }
+        for (i, name) in self.rate_limit.iter().enumerate() {
+            if !cfg.rate_limit.policies.iter().any(|p| p.name == *name) {
+                errors.push(FieldError::new(
+                    format!("{path}.rate_limit[{i}]"),
+                    format!(
+                        "no rate-limit policy named {name:?} (known: {})",
+                        cfg.rate_limit
+                            .policies
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         if let Some(policy) = &self.cache {
             policy.validate(&join(path, "cache"), errors);
             if !self.methods.iter().any(|m| m == "GET" || m == "HEAD") {
@@ -735,6 +759,7 @@ impl Default for Config {
             errors: ErrorsConfig::default(),
             trusted_proxies: Vec::new(),
             cache: CacheConfig::default(),
+            rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
         }

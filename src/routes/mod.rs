@@ -7,7 +7,7 @@ pub mod proxy;
 pub mod table;
 pub mod template;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -21,6 +21,7 @@ use crate::auth::{strip_identity_headers, TokenVerifier};
 use crate::config::{Config, RouteKind};
 use crate::error::GatewayError;
 use crate::observability::access::{ClientAddr, RequestId, RouteInfo};
+use crate::ratelimit::{client_ip, Subject};
 use crate::upstream::pipeline::Pipeline;
 use table::{RouteMatch, RouteTable};
 
@@ -42,6 +43,7 @@ pub struct AppState {
     pub table: RouteTable,
     pub upstreams: Vec<UpstreamRuntime>,
     pub verifier: TokenVerifier,
+    pub limiter: crate::ratelimit::RateLimiter,
     /// The shared response cache (routes opt in).
     pub cache: crate::upstream::cache::ResponseCache,
     pub timeout_status: StatusCode,
@@ -112,11 +114,12 @@ async fn dispatch(
     for p in &params {
         template::check_param(p).map_err(|e| GatewayError::BadRequest(e.0.into()))?;
     }
-    let peer = req
+    let peer_addr = req
         .extensions()
         .get::<ClientAddr>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        .map(|c| c.0)
+        .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+    let peer = peer_addr.ip();
     let (mut parts, body) = req.into_parts();
     // Identity headers are the gateway's to assert, on every route, authenticated or not.
     strip_identity_headers(&mut parts.headers);
@@ -125,16 +128,30 @@ async fn dispatch(
     } else {
         None
     };
-    match route.kind {
-        RouteKind::UserMe => {
-            let id = identity.ok_or(GatewayError::Internal)?;
-            let body = serde_json::to_vec(&serde_json::json!({
-                "user_id": id.user_id,
-                "email": id.email,
-            }))
-            .map_err(|_| GatewayError::Internal)?;
-            Ok(json_response(StatusCode::OK, Bytes::from(body)))
+    // Rate limiting after identity, so a policy can key on the verified user.
+    let limit = if route.policies.is_empty() {
+        None
+    } else {
+        let subject = Subject {
+            client_ip: client_ip(peer_addr, &parts.headers, &app.trusted_proxies),
+            user_id: identity.as_deref().map(|i| i.user_id.as_str()),
+            headers: &parts.headers,
+            route: &route.label,
+        };
+        let decision = app.limiter.check(&route.policies, &subject).await;
+        if decision.unavailable || !decision.allowed {
+            let mut headers = http::HeaderMap::new();
+            decision.apply_headers(&mut headers);
+            return Err(if decision.unavailable {
+                GatewayError::RateLimiterUnavailable { headers }
+            } else {
+                GatewayError::RateLimited { headers }
+            });
         }
+        Some(decision)
+    };
+    let result = match route.kind {
+        RouteKind::UserMe => user_me(identity.as_deref()),
         RouteKind::Proxy => {
             let ctx = proxy::RequestCtx {
                 peer,
@@ -143,7 +160,25 @@ async fn dispatch(
             };
             proxy::forward(app, route, &params, parts, body, &ctx).await
         }
+    };
+    // Every response on a limited route carries the RateLimit headers, errors included.
+    let mut resp =
+        result.unwrap_or_else(|e| e.to_response(rid.to_str().unwrap_or(""), app.timeout_status));
+    if let Some(decision) = limit {
+        decision.apply_headers(resp.headers_mut());
     }
+    Ok(resp)
+}
+
+/// `/api/user/me`: the verified identity, no upstream call.
+fn user_me(identity: Option<&crate::auth::Identity>) -> Result<Response, GatewayError> {
+    let id = identity.ok_or(GatewayError::Internal)?;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "user_id": id.user_id,
+        "email": id.email,
+    }))
+    .map_err(|_| GatewayError::Internal)?;
+    Ok(json_response(StatusCode::OK, Bytes::from(body)))
 }
 
 /// `/health` and the docs: answered by the gateway itself, on any version prefix.

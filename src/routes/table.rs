@@ -32,8 +32,8 @@ pub struct Route {
     pub forward_query: bool,
     /// Opt-in shared caching for this route.
     pub cache: Option<crate::upstream::cache::RouteCachePolicy>,
-    /// Rate-limit policy names (resolved to handles by the limiter).
-    pub rate_limit: Vec<String>,
+    /// Rate-limit policies, resolved to the limiter's handles at startup.
+    pub policies: Vec<crate::ratelimit::PolicyId>,
     pub config: RouteConfig,
 }
 
@@ -72,7 +72,11 @@ pub fn unversioned(path: &str) -> Cow<'_, str> {
 impl RouteTable {
     /// `upstream_index` maps an upstream name to its position in the gateway's list.
     /// The config has been validated, so templates parse and upstreams exist.
-    pub fn build(cfg: &Config, upstream_index: impl Fn(&str) -> Option<usize>) -> RouteTable {
+    pub fn build(
+        cfg: &Config,
+        upstream_index: impl Fn(&str) -> Option<usize>,
+        policy: impl Fn(&str) -> Option<crate::ratelimit::PolicyId>,
+    ) -> RouteTable {
         let mut routes: Vec<Route> = cfg
             .routes
             .iter()
@@ -110,7 +114,7 @@ impl RouteTable {
                     auth: r.auth || r.kind == RouteKind::UserMe,
                     forward_query: r.forward_query,
                     cache: r.cache,
-                    rate_limit: r.rate_limit.clone(),
+                    policies: r.rate_limit.iter().filter_map(|n| policy(n)).collect(),
                     config: r.clone(),
                 })
             })
@@ -166,7 +170,7 @@ mod tests {
     fn table() -> RouteTable {
         let cfg = Config::embedded();
         let names: Vec<String> = cfg.upstreams.keys().cloned().collect();
-        RouteTable::build(&cfg, |n| names.iter().position(|x| x == n))
+        RouteTable::build(&cfg, |n| names.iter().position(|x| x == n), |_| None)
     }
 
     #[test]
