@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, StatusCode};
@@ -18,6 +18,9 @@ pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/admin/breakers", get(breakers))
+        .route("/admin/breakers/{upstream}/reset", post(reset_breaker))
+        .route("/admin/cache", delete(purge_cache))
         .with_state(app)
 }
 
@@ -76,4 +79,61 @@ async fn metrics() -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+/// Each upstream's breaker: state, counts, seconds until the next probe.
+async fn breakers(State(app): State<Arc<AppState>>) -> Response {
+    let list: Vec<_> = app
+        .upstreams
+        .iter()
+        .map(|u| u.pipeline.breaker().snapshot())
+        .collect();
+    Json(json!({ "breakers": list })).into_response()
+}
+
+fn admin_error(status: StatusCode, reason: &str, message: String) -> Response {
+    (status, Json(json!({"error": message, "reason": reason}))).into_response()
+}
+
+/// Closes one upstream's breaker (an operator who knows the upstream is back).
+async fn reset_breaker(State(app): State<Arc<AppState>>, Path(upstream): Path<String>) -> Response {
+    match app.upstreams.iter().find(|u| *u.name == *upstream) {
+        Some(u) => {
+            u.pipeline.breaker().reset();
+            tracing::info!(upstream = %u.name, "circuit breaker reset by operator");
+            Json(u.pipeline.breaker().snapshot()).into_response()
+        }
+        None => admin_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no upstream named {upstream:?}"),
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PurgeQuery {
+    /// A route template, e.g. `/api/data/products`; all routes when absent.
+    route: Option<String>,
+}
+
+/// Purges the response cache, or one route's entries.
+async fn purge_cache(State(app): State<Arc<AppState>>, Query(q): Query<PurgeQuery>) -> Response {
+    match q.route {
+        Some(route) => {
+            if !app.table.routes().iter().any(|r| *r.label == *route) {
+                return admin_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no route {route:?}"),
+                );
+            }
+            app.cache.purge_route(&route).await;
+            Json(json!({"purged": route})).into_response()
+        }
+        None => {
+            app.cache.purge().await;
+            Json(json!({"purged": "all"})).into_response()
+        }
+    }
 }
