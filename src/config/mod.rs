@@ -534,6 +534,23 @@ impl Config {
         for (name, u) in &self.upstreams {
             s.push_str(&format!("  {name:<10} {} (timeout {})\n", u.url, u.timeout));
         }
+        s.push_str(&format!(
+            "rate limiting: {}; policies: {}\n",
+            match &self.rate_limit.redis_url {
+                Some(url) => format!("Redis at {}", redact_url(url)),
+                None => "in-process (no REDIS_URL)".to_string(),
+            },
+            self.rate_limit
+                .policies
+                .iter()
+                .map(|p| format!("{} {}/{} per {}", p.name, p.limit, p.window, p.key))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        s.push_str(&format!(
+            "cache: {} total, {} per entry; auth: {:?}\n",
+            self.cache.max_bytes, self.cache.max_entry_bytes, self.auth.mode
+        ));
         s.push_str(&format!("routes ({}):\n", self.routes.len()));
         for r in &self.routes {
             let target = match (r.kind, &r.upstream) {
@@ -547,6 +564,9 @@ impl Config {
             let mut extras = Vec::new();
             if r.auth {
                 extras.push("auth".to_string());
+            }
+            if let Some(c) = &r.cache {
+                extras.push(format!("cache {}", c.ttl));
             }
             if !r.rate_limit.is_empty() {
                 extras.push(format!("rate_limit={}", r.rate_limit.join("+")));
@@ -735,6 +755,17 @@ impl RouteConfig {
                     .map(|u| u.timeout)
             })
             .unwrap_or(Dur::from_secs(10))
+    }
+}
+
+/// A URL with any password replaced, for logs and summaries.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
