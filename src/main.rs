@@ -71,12 +71,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::CheckConfig { file } = &command {
-        return check_config(file);
+    // check-config talks to a person on stdout/stderr; everything else logs JSON.
+    if !matches!(command, Command::CheckConfig { .. }) {
+        deltastream_gateway::observability::init_logging();
     }
-    deltastream_gateway::observability::init_logging();
     match command {
-        Command::CheckConfig { .. } => unreachable!("handled above"),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Serve => {
             let cfg = match load(cli.config.as_deref()) {
                 Ok(c) => c,
