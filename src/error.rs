@@ -52,6 +52,9 @@ pub enum GatewayError {
         limit: u64,
     },
     BadRequest(Cow<'static, str>),
+    /// The client did not send its whole body within the route's deadline (slow-body
+    /// attacks would otherwise hold a connection and a handler forever).
+    RequestTimeout,
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
 }
@@ -132,6 +135,11 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 Cow::Borrowed(&**msg),
+            ),
+            E::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                Cow::Borrowed("Request body not received in time"),
             ),
             E::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,

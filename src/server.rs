@@ -2,7 +2,8 @@
 //!
 //! The public listener runs its own accept loop on hyper-util rather than `axum::serve`
 //! because three protections live at the connection level: a header-read timeout
-//! (slowloris), a cap on the request-head size (431), and a bound on concurrent connections.
+//! (slowloris), a cap on the request-head size (431), and a bound on concurrent connections
+//! with an idle timeout (see `conn`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +12,8 @@ use std::time::Duration;
 use axum::Router;
 use bytes::Bytes;
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tower::ServiceExt;
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
@@ -25,6 +24,8 @@ use crate::routes::table::RouteTable;
 use crate::routes::{self, AppState, UpstreamRuntime};
 use crate::upstream::client::build_client;
 use crate::upstream::pipeline::Pipeline;
+
+mod conn;
 
 /// Builds the shared state from a validated config.
 pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
@@ -187,23 +188,16 @@ async fn accept_loop(
     grace: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = ConnBuilder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0)
-        .max_buf_size(limits.max_header_bytes.0 as usize);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let settings = conn::ConnSettings {
+        header_read_timeout: limits.header_read_timeout.0,
+        max_header_bytes: limits.max_header_bytes.0 as usize,
+        idle_timeout: limits.idle_timeout.0,
+        close_grace: grace,
+    };
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Asks idle connections to close when a client is waiting for a slot.
+    let shed = Arc::new(Notify::new());
     loop {
-        // Wait for a free connection slot BEFORE accepting: at the cap, new clients queue
-        // in the kernel's backlog instead of costing us memory.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stopped(&mut shutdown) => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -216,6 +210,25 @@ async fn accept_loop(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        // At the cap, this one client waits (the rest queue in the kernel's backlog, costing
+        // us nothing) while connections idle for a while are asked to close.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let waited = loop {
+                    shed.notify_waiters();
+                    tokio::select! {
+                        p = slots.clone().acquire_owned() => break p.ok(),
+                        _ = tokio::time::sleep(conn::SHED_AFTER_IDLE / 4) => {}
+                        _ = stopped(&mut shutdown) => break None,
+                    }
+                };
+                match waited {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let svc =
@@ -223,21 +236,29 @@ async fn accept_loop(
                 req.extensions_mut().insert(ClientAddr(peer));
                 router.clone().oneshot(req.map(axum::body::Body::new))
             });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = conn::serve(
+            stream,
+            svc,
+            settings.clone(),
+            shutdown.clone(),
+            shed.clone(),
+        );
         tokio::spawn(async move {
-            let _ = conn.await;
+            conn.await;
             drop(permit);
         });
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; closing remaining connections");
-        }
+    // Every connection holds a slot until it is closed: having them all back means drained.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shutdown grace period over; closing remaining connections"
+        );
     }
 }
 

@@ -838,7 +838,9 @@ async fn local_jwt_mode_verifies_in_process() {
         b64(r#"{"alg":"none","typ":"JWT"}"#),
         b64(r#"{"sub":"admin","email":"a@b","exp":9999999999}"#)
     );
-    let huge = "a".repeat(100_000);
+    // Over the verifier's 8 KiB token cap but inside the 64 KiB head limit: 401. (A 100 KB
+    // one is refused earlier, with 431, by the connection's head-size limit.)
+    let huge = "a".repeat(20_000);
     for bad in [
         wrong_key.as_str(),
         alg_none.as_str(),
@@ -848,6 +850,13 @@ async fn local_jwt_mode_verifies_in_process() {
         let r = c.get(&me).bearer_auth(bad).send().await.unwrap();
         assert_eq!(r.status(), 401, "accepted {bad:.40}");
     }
+    let r = c
+        .get(&me)
+        .bearer_auth("a".repeat(100_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
     assert_eq!(
         t.auth.hits(),
         0,

@@ -54,13 +54,20 @@ pub fn openapi(cfg: &Config) -> Value {
             .segments
             .iter()
             .filter_map(|s| match s {
-                Segment::Param(i) => Some(json!({
-                    "name": names[*i],
-                    "in": "path",
-                    "required": true,
-                    "schema": {"type": "string"},
-                    "description": format!("The {}", names[*i]),
-                })),
+                Segment::Param(i) => {
+                    let mut p = json!({
+                        "name": names[*i],
+                        "in": "path",
+                        "required": true,
+                        "schema": {"type": "string"},
+                        "description": format!("The {}", names[*i]),
+                    });
+                    // A value that exists, so clients (and API fuzzers) can reach the 200s.
+                    if names[*i] == "product" {
+                        p["example"] = json!("NIFTY");
+                    }
+                    Some(p)
+                }
                 Segment::Literal(_) => None,
             })
             .collect();

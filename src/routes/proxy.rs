@@ -179,7 +179,13 @@ pub async fn forward(
         tracing::error!(route = %route.label, "proxy route without an upstream");
         return Err(GatewayError::Internal);
     };
-    let body = read_body(&parts.headers, body, app.max_body).await?;
+    // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
+    let body = tokio::time::timeout(
+        route.deadline,
+        read_body(&parts.headers, body, app.max_body),
+    )
+    .await
+    .map_err(|_| GatewayError::RequestTimeout)??;
     let path = upstream_path(route, params);
     let query = if route.forward_query {
         parts.uri.query()

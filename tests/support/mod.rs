@@ -3,4 +3,5 @@
 pub mod fake_upstream;
 pub mod gateway;
 pub use fake_upstream::{refused_addr, FakeUpstream, Recorded, Step};
+pub mod raw;
 pub mod redis;

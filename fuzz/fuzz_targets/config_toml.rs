@@ -1,0 +1,11 @@
+//! Any text given as a config file: parsing and validation return errors, never panic.
+#![no_main]
+use deltastream_gateway::config::Config;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    if let Ok(cfg) = Config::from_toml(text) {
+        let _ = cfg.validate();
+        let _ = cfg.summary();
+    }
+});

@@ -1,0 +1,254 @@
+//! One client connection, from the first byte to the close.
+//!
+//! Why not hyper-util's `auto` builder: it waits for the first bytes (to tell HTTP/1 from the
+//! HTTP/2 preface) with no deadline, so a client that connects and says nothing holds a
+//! connection slot forever; and it does not expose hyper's exact `max_header_size`, leaving
+//! only `max_buf_size`, which a single large read on a reused connection overshoots (a 100 KB
+//! header was accepted on keep-alive). Here the protocol is sniffed with `peek` under the
+//! header-read deadline, and each protocol gets the head-size limit it understands.
+//!
+//! Every connection is closed when idle (no bytes either way) for `idle_timeout`, and, while
+//! the accept loop is at `max_connections` with a client waiting, as soon as it has been idle
+//! for [`SHED_AFTER_IDLE`]: idle sockets must not lock out clients that have work to do.
+//! Closing is always graceful: an HTTP/1 request in flight still gets its response, HTTP/2
+//! gets GOAWAY and its open streams finish.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+/// At capacity, connections idle at least this long are closed to make room.
+pub const SHED_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The connection-level limits, from `[limits]`.
+#[derive(Clone, Debug)]
+pub struct ConnSettings {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+    /// Upper bound on a graceful close (in-flight responses) before the socket is dropped.
+    pub close_grace: Duration,
+}
+
+/// When the connection last moved a byte, in milliseconds since `epoch`.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The socket, noting every read and write in `activity`.
+    struct Tracked {
+        #[pin]
+        inner: TcpStream,
+        activity: Arc<Activity>,
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Reads (without consuming) enough of the first bytes to tell HTTP/2's preface from
+/// HTTP/1. `None`: the client closed, errored, or said too little before `deadline`.
+async fn sniff(stream: &TcpStream, deadline: Instant) -> Option<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // A partial preface: peek would return the same bytes at once, so wait a little.
+        // Bounded by the deadline like the peek.
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Resolves once the connection has been idle for `limit`.
+async fn idle_expired(activity: &Activity, limit: Duration) {
+    loop {
+        let left = limit.saturating_sub(activity.idle_for());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left).await;
+    }
+}
+
+/// Resolves when the accept loop asks for room and this connection has been idle long enough.
+async fn shed_requested(shed: &Notify, activity: &Activity) {
+    loop {
+        shed.notified().await;
+        if activity.idle_for() >= SHED_AFTER_IDLE {
+            return;
+        }
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve<S, B>(
+    stream: TcpStream,
+    service: S,
+    settings: ConnSettings,
+    mut shutdown: watch::Receiver<bool>,
+    shed: Arc<Notify>,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = Activity::new();
+    let deadline = Instant::now() + settings.header_read_timeout;
+    let protocol = tokio::select! {
+        p = sniff(&stream, deadline) => p,
+        _ = shed_requested(&shed, &activity) => None,
+        _ = stopped(&mut shutdown) => None,
+    };
+    let Some(protocol) = protocol else {
+        return;
+    };
+    let io = TokioIo::new(Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    match protocol {
+        Protocol::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .max_buf_size(settings.max_header_bytes)
+                .max_header_size(settings.max_header_bytes)
+                .serve_connection(io, service);
+            drive(conn, &activity, &settings, &mut shutdown, &shed).await;
+        }
+        Protocol::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+                .serve_connection(io, service);
+            drive(conn, &activity, &settings, &mut shutdown, &shed).await;
+        }
+    }
+}
+
+/// Runs the connection; asks it to close gracefully on shutdown, idleness or shedding, and
+/// drops it if the graceful close takes longer than `close_grace`.
+async fn drive<C: GracefulConnection>(
+    conn: C,
+    activity: &Activity,
+    settings: &ConnSettings,
+    shutdown: &mut watch::Receiver<bool>,
+    shed: &Notify,
+) {
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stopped(shutdown) => {}
+        _ = idle_expired(activity, settings.idle_timeout) => {}
+        _ = shed_requested(shed, activity) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(settings.close_grace, conn).await;
+}

@@ -1,0 +1,330 @@
+//! The real binary as a child process (`serve --config`), in front of in-process fake
+//! upstreams, with its JSON log captured from stdout:
+//! - secrets sent in every place a client puts them (Authorization, cookies, a password in a
+//!   JSON body, tokens in the query string, API-key headers) never appear in the log;
+//! - after rounds of hostile traffic the process's resident memory (`/proc/PID/status`
+//!   VmRSS) returns near its baseline instead of growing with each round.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::gateway::client;
+use support::raw::status_of;
+use support::{refused_addr, FakeUpstream, Step};
+use tokio::io::AsyncWriteExt;
+
+const SECRETS: [&str; 9] = [
+    "BEARER_SECRET_a1b2c3",
+    "BAD_BEARER_SECRET_d4e5",
+    "COOKIE_SECRET_f6g7",
+    "PASSWORD_SECRET_h8i9",
+    "QUERY_TOKEN_SECRET_j0k1",
+    "QUERY_KEY_SECRET_l2m3",
+    "API_KEY_SECRET_n4o5",
+    "PROXY_AUTH_SECRET_p6q7",
+    "REFRESH_SECRET_r8s9",
+];
+
+struct Gateway {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    fn start(auth: &str, storage: &str, analytics: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+[server]
+host = "127.0.0.1"
+port = 0
+shutdown_grace = "1s"
+[admin]
+host = "127.0.0.1"
+port = 0
+[limits]
+header_read_timeout = "500ms"
+[upstreams.auth]
+url = "{auth}"
+[upstreams.storage]
+url = "{storage}"
+[upstreams.analytics]
+url = "{analytics}"
+[upstreams.analytics.retry]
+max_retries = 0
+# Volume here is the test's, not an attacker's: keep the limiter out of the way.
+[[rate_limit.policies]]
+name = "default"
+limit = 1000000
+[[rate_limit.policies]]
+name = "auth"
+limit = 1000000
+"#
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "debug")
+            .env_remove("PORT")
+            .env_remove("ADMIN_PORT")
+            .env_remove("REDIS_URL")
+            .env_remove("AUTH_SERVICE_URL")
+            .env_remove("STORAGE_SERVICE_URL")
+            .env_remove("ANALYTICS_SERVICE_URL")
+            .env_remove("GATEWAY_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the gateway binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let found = log.lock().unwrap().iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["message"] == "gateway listening").then(|| v["addr"].as_str()?.parse().ok())?
+            });
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start: {:?}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Gateway {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+fn verify_ok() -> Step {
+    Step::body(
+        200,
+        "application/json",
+        r#"{"valid":true,"user_id":"u-1","email":"u@example.com"}"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_requests_never_reach_the_log() {
+    let auth = FakeUpstream::builder()
+        .steps([verify_ok(), Step::status(401)])
+        .then(Step::body(200, "application/json", r#"{"token":"t"}"#))
+        .start()
+        .await;
+    let storage = FakeUpstream::ok().await;
+    let down = refused_addr().await;
+    let gw = Gateway::start(&auth.url(), &storage.url(), &format!("http://{down}"));
+    let c = client();
+    let base = gw.url();
+    let s = SECRETS;
+    let r = c
+        .get(format!("{base}/api/user/me"))
+        .bearer_auth(s[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{base}/api/user/me"))
+        .bearer_auth(s[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(format!(
+            "{base}/api/data/underlying/NIFTY?token={}&api_key={}",
+            s[4], s[5]
+        ))
+        .header("cookie", format!("session={}; refresh={}", s[2], s[8]))
+        .header("x-api-key", s[6])
+        .header("proxy-authorization", format!("Basic {}", s[7]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let login = format!(r#"{{"email":"u@example.com","password":"{}"}}"#, s[3]);
+    for path in ["/api/auth/login", "/api/v1/auth/register"] {
+        let r = c
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", s[0]))
+            .body(login.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Error paths log more: an unreachable upstream, a 413, a malformed head.
+    let r = c
+        .get(format!("{base}/api/analytics/pcr/NIFTY?token={}", s[4]))
+        .header("authorization", format!("Bearer {}", s[0]))
+        .header("cookie", format!("session={}", s[2]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let big = format!(
+        r#"{{"password":"{}","pad":"{}"}}"#,
+        s[3],
+        "x".repeat(2 << 20)
+    );
+    let r = c
+        .post(format!("{base}/api/auth/login?token={}", s[4]))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let bad = format!(
+        "GET /api/data/products?token={} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nX-Bad: a\rb\r\n\r\n",
+        s[4], s[0]
+    );
+    assert_eq!(status_of(gw.addr, bad.as_bytes()).await, 400);
+    // The secrets did reach the upstream (the log test is meaningful) ...
+    let seen = storage.last_request().unwrap();
+    assert!(seen.path_and_query.contains(s[4]));
+    // ... and the access log saw these requests ...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gw.log_text();
+    let access_lines = log
+        .lines()
+        .filter(|l| l.contains(r#""target":"access""#))
+        .count();
+    assert!(access_lines >= 7, "too few access lines:\n{log}");
+    // ... but no secret is anywhere in it.
+    for secret in SECRETS {
+        assert!(
+            !log.contains(secret),
+            "{secret} leaked into the log:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_returns_to_baseline_after_hostile_rounds() {
+    let up = FakeUpstream::ok().await;
+    let hang = FakeUpstream::builder().then(Step::Hang).start().await;
+    let gw = Gateway::start(&up.url(), &up.url(), &hang.url());
+    let c = client();
+    let base = gw.url();
+    let normal = |c: reqwest::Client, base: String| async move {
+        for _ in 0..200 {
+            let r = c
+                .get(format!("{base}/api/data/underlying/NIFTY"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    normal(c.clone(), base.clone()).await;
+    let baseline = gw.rss_kib();
+    let mut after_round = Vec::new();
+    for _round in 0..4 {
+        // Oversized heads and bodies, malformed requests, slowloris heads, vanished
+        // clients on a hung upstream: all answered or cut off, none should stay resident.
+        let mut tasks = Vec::new();
+        for i in 0..40u32 {
+            let addr = gw.addr;
+            tasks.push(tokio::spawn(async move {
+                let huge = format!(
+                    "GET /api/data/products HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\n\r\n",
+                    "b".repeat(60_000 + i as usize * 100)
+                );
+                let _ = status_of(addr, huge.as_bytes()).await;
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = s
+                    .write_all(b"POST /api/auth/login HTTP/1.1\r\nHost: gw\r\nContent-Length: 900000\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&vec![b'p'; 900_000]).await;
+                let _ = support::raw::read_response(&mut s, Duration::from_secs(5)).await;
+                let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = slow.write_all(b"GET /api/data/products HTTP/1.1\r\nHo").await;
+                let mut gone = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = gone
+                    .write_all(b"GET /api/analytics/pcr/NIFTY HTTP/1.1\r\nHost: gw\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(gone);
+                let _ = status_of(addr, b"GET /api/data/underlying/%2e%2e HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await;
+                // Let the slowloris socket be cut off by the gateway before dropping it.
+                support::raw::closed_within(&mut slow, Duration::from_secs(3)).await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        normal(c.clone(), base.clone()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        after_round.push(gw.rss_kib());
+    }
+    // Generous bounds (allocator caches, thread stacks): within 64 MiB of the warm baseline,
+    // and no steady growth between the second and the last round.
+    let last = *after_round.last().unwrap();
+    assert!(
+        last < baseline + 64 * 1024,
+        "RSS grew from {baseline} KiB to {last} KiB ({after_round:?})"
+    );
+    assert!(
+        last < after_round[1] + 24 * 1024,
+        "RSS keeps growing per round: {after_round:?} (baseline {baseline} KiB)"
+    );
+    assert_eq!(
+        hang.open_connections(),
+        0,
+        "hung calls outlived their clients"
+    );
+    let r = c.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    eprintln!("RSS baseline {baseline} KiB, after rounds {after_round:?}");
+}
