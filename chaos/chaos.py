@@ -204,7 +204,8 @@ def metric_sum(text, name, labels=None):
     for line in text.splitlines():
         if not line.startswith(name):
             continue
-        m = re.match(r'^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)', line)
+        # Greedy label block: route labels contain braces ("{product}").
+        m = re.match(r'^([a-zA-Z_:][\w:]*)(\{.*\})?\s+(\S+)$', line)
         if not m or m.group(1) != name:
             continue
         lab = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
@@ -263,12 +264,13 @@ class Sampler:
 # ---------------------------------------------------------------- expectations
 
 def window_bounds(name, ev, end):
-    """Phase boundaries in seconds from load start. The fault window runs from the end of
-    the inject steps to the start of the remove steps; recovery from the end of the remove
-    steps to the end of the load."""
+    """Phase boundaries in seconds from load start. The fault window runs from the start of
+    the inject steps (a `docker kill` bites while the command is still returning) to the
+    start of the remove steps; recovery from the end of the remove steps to the end of the
+    load."""
     return {
         "steady": (0.0, ev["inject_start"]),
-        "fault": (ev["inject_end"], ev["remove_start"]),
+        "fault": (ev["inject_start"], ev["remove_start"]),
         "recovery": (ev["remove_end"], end),
         "all": (0.0, end),
     }[name]
@@ -343,7 +345,7 @@ def evaluate(exp, records, ev, end, ctx):
     """One expectation -> {id, desc, metric, value, op, target, n, pass}."""
     kind = exp["metric"]
     sel = exp.get("select", {})
-    chosen = select(records, sel, ev, end) if kind not in ("resource", "counter_per_request") or sel else []
+    chosen = select(records, sel, ev, end) if sel else []
     value, n, detail = None, len(chosen), None
     if kind == "share":
         if chosen:
@@ -372,6 +374,28 @@ def evaluate(exp, records, ev, end, ctx):
                 j += 1
             best = max(best, i - j + 1)
         value = best
+    elif kind == "max_per_fixed_window":
+        # Most matching requests (by send time) in one fixed window of `window_s`. phase
+        # "epoch": windows aligned to Unix time, as the Redis limiter's (Redis TIME / window);
+        # phase "any": the limiter's phase is unknown (the in-process fallback counts from
+        # its own start), so the best phase (in 50 ms steps) is taken.
+        w = float(exp["window_s"])
+        ts = [ctx["wall0"] + r["t"] for r in chosen if matches(r, exp.get("match", {}))]
+        phases = [0.0] if exp.get("phase", "epoch") == "epoch" else [k * 0.05 for k in range(int(w / 0.05))]
+        best = None
+        for ph in phases:
+            counts = {}
+            for t in ts:
+                k = math.floor((t - ph) / w)
+                counts[k] = counts.get(k, 0) + 1
+            worst = max(counts.values()) if counts else 0
+            best = worst if best is None else min(best, worst)
+        value = best
+    elif kind == "counter_delta":
+        a, b = ctx["scrapes"][exp.get("from_scrape", "start")], ctx["scrapes"][exp.get("to_scrape", "remove_start")]
+        value = sum(metric_sum(b[g], exp["counter"], exp.get("labels")) - metric_sum(a[g], exp["counter"], exp.get("labels"))
+                    for g in b if g in a)
+        n = 1
     elif kind == "counter_per_request":
         # Prometheus counter delta (summed over both replicas) over the fault window,
         # divided by the selected client requests.
@@ -380,9 +404,30 @@ def evaluate(exp, records, ev, end, ctx):
                     for g in b if g in a)
         value = round(delta / n, 4) if n else None
         detail = {"counter_delta": delta, "requests": n}
+    elif kind == "histogram_share_le":
+        # Gateway-side latency: share of the observations of a Prometheus histogram (summed
+        # over both replicas, between two scrapes) that fell in the bucket `le`, i.e. a
+        # value >= 0.99 says "p99 <= le" as measured by the gateway itself.
+        a, b = ctx["scrapes"][exp.get("from_scrape", "inject_end")], ctx["scrapes"][exp.get("to_scrape", "remove_start")]
+        lab = dict(exp.get("labels", {}))
+        d = lambda name, extra: sum(metric_sum(b[g], name, {**lab, **extra}) - metric_sum(a[g], name, {**lab, **extra})
+                                    for g in b if g in a)
+        total = d(exp["histogram"] + "_count", {})
+        within = d(exp["histogram"] + "_bucket", {"le": exp["le"]})
+        # Observations that are not what the criterion is about (e.g. half-open probe
+        # requests, which do go to the upstream): removed from the total AND, pessimistically,
+        # from the fast ones, so the share is a lower bound whatever their latency was.
+        excluded = 0.0
+        if "exclude_counter" in exp:
+            excluded = sum(metric_sum(b[g], exp["exclude_counter"], exp.get("exclude_labels")) -
+                           metric_sum(a[g], exp["exclude_counter"], exp.get("exclude_labels")) for g in b if g in a)
+        n = int(total - excluded)
+        value = round((within - excluded) / (total - excluded), 4) if total > excluded else None
+        detail = {"observations": total, "within_le": within, "excluded": excluded, "le_seconds": exp["le"]}
     elif kind == "gauge":
         text = ctx["scrapes"][exp.get("scrape", "end")]
         value = sum(metric_sum(text[g], exp["name"], exp.get("labels")) for g in as_list(exp.get("gateways", list(text))))
+        n = len(text)
     elif kind == "resource":
         samples = ctx["samples"].get(exp["service"], [])
         field = exp["field"]
@@ -477,6 +522,7 @@ async def run_experiment(spec, outdir):
             raise RuntimeError(f"steady state not reached: {problems}")
 
         t0 = time.monotonic() + 0.2
+        ctx["wall0"] = time.time() + 0.2
         ev = result["events"]
         sampler = Sampler(spec.get("sample_resources", []), t0)
 
