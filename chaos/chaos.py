@@ -214,9 +214,15 @@ def metric_sum(text, name, labels=None):
     return total
 
 
+_pids = {}
+
+
 def proc_sample(service):
-    """RSS (MiB) and open fds of the service's main process, read from /proc on the host."""
-    pid = inspect(service)["State"]["Pid"]
+    """RSS (MiB) and open fds of the service's main process, read from /proc on the host.
+    The pid is looked up once per container start (docker inspect is slow under load)."""
+    pid = _pids.get(service)
+    if not pid or not os.path.exists(f"/proc/{pid}/fd"):
+        pid = _pids[service] = inspect(service)["State"]["Pid"]
     if not pid:
         return None
     rss_kib = 0
@@ -554,7 +560,7 @@ async def run_experiment(spec, outdir):
         if sampler.services:
             # Keep sampling after the load has stopped and its connections are closed: the
             # "end" resource figures are taken from there.
-            await asyncio.sleep(1.6)
+            await asyncio.sleep(2.5)
         await sampler.stop()
         end = plan["duration_s"]
         await asyncio.to_thread(scrape_all, "end")
