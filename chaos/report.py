@@ -126,7 +126,7 @@ def summary_md(meta, results):
             lines += ["| criterion | measured | target | n | result |", "|---|---|---|---|---|"]
             for e in r["expectations"]:
                 res = "info" if e.get("informational") else ("PASS" if e["pass"] else "FAIL")
-                desc = escape(e["desc"] or e["id"]).replace("|", "\\|")
+                desc = escape(e["desc"] or e["id"], quote=False).replace("|", "\\|")
                 tgt = f"{e['op']} {_fmt(e['target'])}"
                 lines.append(f"| {desc} | {_fmt(e['value'])} | {tgt} | {e['n']} | {res} |")
         f = r.get("figures", {})
