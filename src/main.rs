@@ -66,17 +66,27 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// GET a URL and exit 0 on a 2xx answer, 1 otherwise: the container health check of
+    /// images that have no curl (FROM scratch).
+    Probe {
+        /// The URL, e.g. http://127.0.0.1:8000/health
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s")]
+        timeout: humantime::Duration,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     // check-config talks to a person on stdout/stderr; everything else logs JSON.
-    if !matches!(command, Command::CheckConfig { .. }) {
+    if !matches!(command, Command::CheckConfig { .. } | Command::Probe { .. }) {
         deltastream_gateway::observability::init_logging();
     }
     match command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Probe { url, timeout } => probe(&url, timeout.into()),
         Command::Serve => {
             let cfg = match load(cli.config.as_deref()) {
                 Ok(c) => c,
@@ -175,6 +185,35 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("{}: invalid configuration:\n{e}", file.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(timeout)
+                    .no_proxy()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+                Ok(resp.status())
+            })
+        });
+    match outcome {
+        Ok(status) if status.is_success() => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("{url}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
