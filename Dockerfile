@@ -1,7 +1,7 @@
 # The ordinary path, for machines WITH registry access: build the static binary in the
 # official Rust image, ship it in an empty image. The offline path (docker/prebuilt.Dockerfile)
 # produces the same layout from a binary built on the host; docker-compose.yml picks one
-# through GATEWAY_DOCKERFILE (see docker/README.md).
+# through GATEWAY_DOCKERFILE (see README.md, "Running with Docker").
 ARG RUST_IMAGE=rust:1-bookworm
 
 FROM ${RUST_IMAGE} AS build

@@ -1,6 +1,6 @@
 # Redis without a registry: the host's redis-server and redis-cli plus every library `ldd`
 # names and the loader, gathered by scripts/build-images into docker/build/redis/rootfs.
-# With registry access use REDIS_IMAGE=redis:7 instead (docker/README.md).
+# With registry access use REDIS_IMAGE=redis:7 instead (README.md, "Running with Docker").
 FROM scratch
 COPY docker/build/redis/rootfs/ /
 ENV PATH=/usr/local/bin:/usr/bin:/bin
