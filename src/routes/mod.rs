@@ -119,7 +119,8 @@ async fn dispatch(
         .get::<ClientAddr>()
         .map(|c| c.0)
         .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
-    let peer = peer_addr.ip();
+    // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 trusted proxies.
+    let peer = peer_addr.ip().to_canonical();
     let (mut parts, body) = req.into_parts();
     // Identity headers are the gateway's to assert, on every route, authenticated or not.
     strip_identity_headers(&mut parts.headers);
