@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
 use deltastream_gateway::config::Config;
 use deltastream_gateway::demo::{start_demo, DemoPorts};
 use deltastream_gateway::sim::{self, Service, SimOptions};
@@ -176,14 +177,16 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(fut) {
+    let code = match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "stopped with an error");
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    deltastream_gateway::observability::flush_logs();
+    code
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
