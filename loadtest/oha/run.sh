@@ -3,13 +3,13 @@
 # then a fixed-rate run (open model) for latency at a load the target can sustain.
 #
 #   loadtest/oha/run.sh                                    # http://127.0.0.1:8000/api/data/products
-#   URL=http://127.0.0.1:8000/api/data/underlying/NIFTY CONNS=64 SECONDS=15 RATE=2000 loadtest/oha/run.sh
+#   URL=http://127.0.0.1:8000/api/data/underlying/NIFTY CONNS=64 DURATION=15 RATE=2000 loadtest/oha/run.sh
 #
 # oha is installed with `cargo install oha` when missing. Only 127.0.0.1 targets are allowed.
 set -euo pipefail
 URL=${URL:-http://127.0.0.1:8000/api/data/products}
 CONNS=${CONNS:-64}
-SECONDS_=${SECONDS:-15}
+SECONDS_=${DURATION:-15}
 RATE=${RATE:-2000}
 CPU=${CPU:-}            # e.g. CPU=0 pins oha to core 0 (taskset)
 
