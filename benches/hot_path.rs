@@ -18,7 +18,11 @@ fn route_matching(c: &mut Criterion) {
     for (name, method, path) in [
         ("literal", Method::GET, "/api/data/products"),
         ("param", Method::GET, "/api/data/underlying/NIFTY"),
-        ("versioned_param", Method::GET, "/api/v1/analytics/pcr/BANKNIFTY"),
+        (
+            "versioned_param",
+            Method::GET,
+            "/api/v1/analytics/pcr/BANKNIFTY",
+        ),
         ("not_found", Method::GET, "/api/nothing/here"),
         ("wrong_method", Method::DELETE, "/api/data/products"),
     ] {

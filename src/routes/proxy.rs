@@ -104,7 +104,10 @@ pub fn parse_upstream_url(
     match base {
         Some(base) if plain_path => {
             let relative = upstream_url("", path, query);
-            reqwest::Url::options().base_url(Some(base)).parse(&relative).ok()
+            reqwest::Url::options()
+                .base_url(Some(base))
+                .parse(&relative)
+                .ok()
         }
         _ => reqwest::Url::parse(&upstream_url(base_url, path, query)).ok(),
     }
