@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
 use deltastream_gateway::config::Config;
 use deltastream_gateway::demo::{start_demo, DemoPorts};
 use deltastream_gateway::sim::{self, Service, SimOptions};
@@ -158,22 +159,44 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     })
 }
 
+/// The runtime: multi-threaded (one worker per core) unless `GATEWAY_WORKER_THREADS` says
+/// otherwise; `1` gives a current-thread runtime, which is what a gateway pinned to one core
+/// (sidecar, benchmark) wants: no work stealing, no cross-thread wake-ups.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("GATEWAY_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    }
+}
+
 fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(fut) {
+    let code = match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "stopped with an error");
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    deltastream_gateway::observability::flush_logs();
+    code
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {

@@ -35,6 +35,7 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         upstreams.push(UpstreamRuntime {
             name: Arc::from(name.as_str()),
             base_url: u.url.trim_end_matches('/').to_string(),
+            base: crate::routes::proxy::parse_base(&u.url),
             message: Arc::from(u.unavailable_message(name)),
             pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker),
             client,
@@ -150,6 +151,8 @@ pub async fn start(
     public: TcpListener,
     admin: TcpListener,
 ) -> Result<Running, String> {
+    // The recorder first: the request path keeps metric handles, which must be real ones.
+    crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
     let limits = cfg.limits.clone();
@@ -171,7 +174,6 @@ pub async fn start(
         accept_loop(public, router, limits, grace, rx).await;
         let _ = admin_task.await;
     });
-    crate::observability::metrics::handle();
     Ok(Running {
         addr,
         admin_addr,

@@ -12,7 +12,7 @@ use axum::response::Response;
 use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::metrics::{method_label, status_class};
+use super::metrics::{method_label, record_request, status_class};
 use crate::error::GatewayError;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -73,7 +73,8 @@ pub async fn access_layer(
     };
     req.extensions_mut().insert(RequestId(rid.clone()));
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // A `Uri` clone shares its bytes: the path for the log line costs no copy.
+    let uri = req.uri().clone();
     let remote = req.extensions().get::<ClientAddr>().map(|c| c.0);
 
     let mut resp = match AssertUnwindSafe(next.run(req)).catch_unwind().await {
@@ -95,18 +96,16 @@ pub async fn access_layer(
     let info = resp.extensions().get::<RouteInfo>();
     let route = info.and_then(|i| i.route.clone());
     let upstream = info.and_then(|i| i.upstream.clone());
-    let route_label: Arc<str> = route.clone().unwrap_or_else(|| Arc::from("unmatched"));
-    let labels = [
-        ("route", route_label.to_string()),
-        ("method", method_label(&method).to_string()),
-        ("status", status_class(status).to_string()),
-    ];
-    metrics::counter!("gateway_requests_total", &labels).increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    record_request(
+        route.as_deref().unwrap_or("unmatched"),
+        method_label(&method),
+        status_class(status),
+        elapsed.as_secs_f64(),
+    );
     tracing::info!(
         target: "access",
         method = %method,
-        path = %path,
+        path = uri.path(),
         route = route.as_deref().unwrap_or(""),
         status,
         latency_ms = elapsed.as_secs_f64() * 1000.0,

@@ -2,7 +2,14 @@
 pub mod access;
 pub mod metrics;
 
+use std::io::Write;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
 /// Installs the JSON log subscriber (`RUST_LOG`, default `info`). Safe to call twice.
+///
+/// Lines go to stdout through [`BufferedStdout`]: one `write(2)` per batch instead of one
+/// per line (the access log writes a line per request), made by a thread of its own.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -12,6 +19,111 @@ pub fn init_logging() {
         .with_current_span(false)
         .with_span_list(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(BufferedStdout)
         .try_init();
+}
+
+/// Writes what is buffered to stdout now (before exiting).
+pub fn flush_logs() {
+    let log = log_buffer();
+    let _writing = log.writing.lock().unwrap_or_else(|p| p.into_inner());
+    let batch = take(&log.pending);
+    write_out(&batch);
+}
+
+/// A batch is handed to the writer thread once it reaches this size...
+const FLUSH_BYTES: usize = 32 * 1024;
+/// ...or, when traffic is light, at most this long after its first line (as nginx's
+/// `access_log ... buffer= flush=`): a line is never held back longer than this.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// If stdout stalls (a slow disk, a full pipe) the buffer may grow to this; past it the
+/// logging thread writes itself, so logs slow requests down rather than eat memory.
+const MAX_PENDING: usize = 4 * 1024 * 1024;
+
+/// Lines not yet written, and the writer thread's wake-up call.
+struct LogBuffer {
+    pending: Mutex<Vec<u8>>,
+    /// Held while writing, so batches reach stdout in order.
+    writing: Mutex<()>,
+    wake: Condvar,
+}
+
+static LOG_BUFFER: OnceLock<LogBuffer> = OnceLock::new();
+
+fn log_buffer() -> &'static LogBuffer {
+    LOG_BUFFER.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(writer_thread)
+            .ok();
+        LogBuffer {
+            pending: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
+            writing: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    })
+}
+
+/// Writes batches off the request path: the runtime thread only appends to memory, so a
+/// slow `write(2)` (disk, pipe) never stalls the requests it is serving.
+fn writer_thread() {
+    let log = log_buffer();
+    loop {
+        {
+            let pending = log.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = log
+                .wake
+                .wait_timeout_while(pending, FLUSH_EVERY, |p| p.len() < FLUSH_BYTES);
+        }
+        flush_logs();
+    }
+}
+
+fn take(pending: &Mutex<Vec<u8>>) -> Vec<u8> {
+    // A panic while holding the lock leaves at worst a partial line: keep logging.
+    let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+    std::mem::replace(&mut *pending, Vec::with_capacity(FLUSH_BYTES))
+}
+
+fn write_out(batch: &[u8]) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(batch);
+    let _ = out.flush();
+}
+
+/// The log writer: each event's bytes are appended to a shared buffer that the writer
+/// thread empties to stdout when it is full, every [`FLUSH_EVERY`], and at [`flush_logs`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BufferedStdout;
+
+impl Write for BufferedStdout {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let log = log_buffer();
+        let len = {
+            let mut pending = log.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.extend_from_slice(bytes);
+            pending.len()
+        };
+        if len >= MAX_PENDING {
+            flush_logs();
+        } else if len >= FLUSH_BYTES {
+            log.wake.notify_one();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedStdout {
+    type Writer = BufferedStdout;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        BufferedStdout
+    }
 }

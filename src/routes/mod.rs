@@ -30,6 +30,9 @@ pub struct UpstreamRuntime {
     pub name: Arc<str>,
     /// Base URL without a trailing slash; the rewritten path is appended.
     pub base_url: String,
+    /// `base_url` parsed once, when it has no path prefix: the proxy then parses only each
+    /// request's path and query against it instead of the whole URL (host and IDNA included).
+    pub base: Option<reqwest::Url>,
     /// The `error` text clients see when it is down ("Storage service unavailable").
     pub message: Arc<str>,
     pub pipeline: Pipeline,
@@ -95,8 +98,10 @@ async fn dispatch(
     if let Some(resp) = builtin(app, &method, req.uri().path(), info)? {
         return Ok(resp);
     }
-    let path = req.uri().path().to_owned();
-    let (route, params) = match app.table.find(&method, &path) {
+    // A `Uri` clone shares its bytes: the path outlives `req` without a copy.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let (route, params) = match app.table.find(&method, path) {
         RouteMatch::Found { route, params } => (route, params),
         RouteMatch::MethodNotAllowed(route) => {
             info.route = Some(route.label.clone());

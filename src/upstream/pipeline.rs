@@ -97,6 +97,18 @@ impl Outcome {
         }
     }
 
+    /// Every value [`Outcome::label`] can return.
+    pub(crate) const LABELS: [&'static str; 8] = [
+        "status_5xx",
+        "status_4xx",
+        "ok",
+        "connect_error",
+        "reset",
+        "timeout",
+        "circuit_open",
+        "internal",
+    ];
+
     /// The `outcome` label of the attempt metrics.
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -235,6 +247,44 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// One tracing event and one count + duration sample per attempt.
 struct RecordAttempt {
     upstream: Arc<str>,
+    /// The attempt series of this upstream, one per outcome label, registered on first use
+    /// (after the recorder is installed) so an attempt does not rebuild and look up its key.
+    series: [std::sync::OnceLock<(metrics::Counter, metrics::Histogram)>; Outcome::LABELS.len()],
+}
+
+impl RecordAttempt {
+    fn new(upstream: Arc<str>) -> Self {
+        RecordAttempt {
+            upstream,
+            series: Default::default(),
+        }
+    }
+
+    fn record(&self, outcome: Outcome, seconds: f64) {
+        let label = outcome.label();
+        let register = || {
+            (
+                metrics::counter!("gateway_upstream_attempts_total",
+                    "upstream" => self.upstream.clone(), "outcome" => label),
+                metrics::histogram!("gateway_upstream_attempt_duration_seconds",
+                    "upstream" => self.upstream.clone(), "outcome" => label),
+            )
+        };
+        let slot = Outcome::LABELS.iter().position(|l| *l == label);
+        match slot {
+            // Before the recorder exists a handle would be a no-op forever: don't keep it.
+            Some(i) if crate::observability::metrics::installed() => {
+                let (count, duration) = self.series[i].get_or_init(register);
+                count.increment(1);
+                duration.record(seconds);
+            }
+            _ => {
+                let (count, duration) = register();
+                count.increment(1);
+                duration.record(seconds);
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -251,12 +301,7 @@ impl Middleware for RecordAttempt {
         let outcome = Outcome::of(&result);
         let attempt = CallState::with(|call| call.record(outcome, &result)).unwrap_or(1);
         let label = outcome.label();
-        metrics::counter!("gateway_upstream_attempts_total",
-            "upstream" => self.upstream.clone(), "outcome" => label)
-        .increment(1);
-        metrics::histogram!("gateway_upstream_attempt_duration_seconds",
-            "upstream" => self.upstream.clone(), "outcome" => label)
-        .record(elapsed.as_secs_f64());
+        self.record(outcome, elapsed.as_secs_f64());
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         match outcome.breaker_failure() {
             Some(true) => {
@@ -320,9 +365,7 @@ impl Pipeline {
             ))
             // Records every attempt, refusals included, so it sits above the breaker; it is
             // below retry so that each attempt, not each call, is one event.
-            .with(RecordAttempt {
-                upstream: upstream.clone(),
-            })
+            .with(RecordAttempt::new(upstream.clone()))
             // The breaker refuses fast while open, and is outside the timeout so that a timed-out
             // attempt is recorded as a failure.
             .with(BreakerLayer {

@@ -1,0 +1,107 @@
+//! Micro-benchmarks of the per-request decisions: route matching, the in-process rate-limit
+//! decision and cache-key construction. `cargo bench --bench hot_path`.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use deltastream_gateway::config::Config;
+use deltastream_gateway::ratelimit::{RateLimiter, Subject};
+use deltastream_gateway::routes::table::RouteTable;
+use deltastream_gateway::upstream::cache::ResponseCache;
+use http::{HeaderMap, Method};
+
+fn route_matching(c: &mut Criterion) {
+    let cfg = Config::embedded();
+    let names: Vec<String> = cfg.upstreams.keys().cloned().collect();
+    let table = RouteTable::build(&cfg, |n| names.iter().position(|x| x == n), |_| None);
+    let mut g = c.benchmark_group("route_find");
+    for (name, method, path) in [
+        ("literal", Method::GET, "/api/data/products"),
+        ("param", Method::GET, "/api/data/underlying/NIFTY"),
+        (
+            "versioned_param",
+            Method::GET,
+            "/api/v1/analytics/pcr/BANKNIFTY",
+        ),
+        ("not_found", Method::GET, "/api/nothing/here"),
+        ("wrong_method", Method::DELETE, "/api/data/products"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| std::hint::black_box(table.find(&method, std::hint::black_box(path))))
+        });
+    }
+    g.finish();
+}
+
+fn rate_limit_decisions(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The embedded policies without redis_url: the in-process sliding window.
+    let mut cfg = Config::embedded().rate_limit;
+    cfg.redis_url = None;
+    for p in &mut cfg.policies {
+        p.limit = 1_000_000_000; // never deny: measure the allowed path
+    }
+    let limiter = rt.block_on(RateLimiter::new(&cfg));
+    let policies = vec![limiter.policy("default").expect("default policy")];
+    let headers = HeaderMap::new();
+    let mut g = c.benchmark_group("ratelimit_check_local");
+    g.bench_function("one_client", |b| {
+        let subject = Subject {
+            client_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            user_id: None,
+            headers: &headers,
+            route: "/api/data/products",
+        };
+        b.iter(|| rt.block_on(limiter.check(&policies, &subject)))
+    });
+    g.bench_function("many_clients", |b| {
+        let mut n: u32 = 0;
+        b.iter(|| {
+            n = n.wrapping_add(1) % 10_000;
+            let subject = Subject {
+                client_ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+                user_id: None,
+                headers: &headers,
+                route: "/api/data/products",
+            };
+            rt.block_on(limiter.check(&policies, &subject))
+        })
+    });
+    g.finish();
+}
+
+fn cache_keys(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cache_key");
+    g.bench_function("no_query", |b| {
+        b.iter(|| {
+            ResponseCache::key("storage", std::hint::black_box("/products"), None)
+                .with_route("/api/data/products")
+                .for_method(&Method::GET)
+        })
+    });
+    g.bench_function("query_to_normalize", |b| {
+        b.iter(|| {
+            ResponseCache::key(
+                "storage",
+                "/option/chain/NIFTY",
+                std::hint::black_box(Some("expiry=2025-01-09&b=2&a=1")),
+            )
+            .with_route("/api/data/chain/{product}")
+            .for_method(&Method::GET)
+        })
+    });
+    g.bench_function("drop", |b| {
+        b.iter_batched(
+            || ResponseCache::key("storage", "/products", None),
+            drop,
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_matching, rate_limit_decisions, cache_keys);
+criterion_main!(benches);
