@@ -30,6 +30,8 @@ mod conn;
 /// Builds the shared state from a validated config.
 pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
+    // The auth upstream's pooled client also carries token verification calls.
+    let mut auth_client = None;
     for (name, u) in &cfg.upstreams {
         let client = build_client(u).map_err(|e| format!("upstreams.{name}: {e}"))?;
         upstreams.push(UpstreamRuntime {
@@ -38,13 +40,15 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
             base: crate::routes::proxy::parse_base(&u.url),
             message: Arc::from(u.unavailable_message(name)),
             pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker),
-            client,
         });
+        if *name == cfg.auth.upstream {
+            auth_client = Some(client);
+        }
     }
     let auth_upstream = upstreams.iter().find(|u| *u.name == *cfg.auth.upstream);
     let verifier = TokenVerifier::new(
         &cfg.auth,
-        auth_upstream.map(|u| u.client.clone()),
+        auth_client,
         auth_upstream.map(|u| u.base_url.as_str()),
     )?;
     let limiter = crate::ratelimit::RateLimiter::new(&cfg.rate_limit).await;

@@ -36,8 +36,6 @@ pub struct UpstreamRuntime {
     /// The `error` text clients see when it is down ("Storage service unavailable").
     pub message: Arc<str>,
     pub pipeline: Pipeline,
-    /// Kept for readiness probes and token verification.
-    pub client: reqwest::Client,
 }
 
 /// Everything a request needs, built once at startup and shared.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 
 use super::template::{parse_template, Template};
-use crate::config::{Config, RouteConfig, RouteKind};
+use crate::config::{Config, RouteKind};
 
 /// One public route with everything the request path needs, resolved.
 #[derive(Debug)]
@@ -34,7 +34,6 @@ pub struct Route {
     pub cache: Option<crate::upstream::cache::RouteCachePolicy>,
     /// Rate-limit policies, resolved to the limiter's handles at startup.
     pub policies: Vec<crate::ratelimit::PolicyId>,
-    pub config: RouteConfig,
 }
 
 impl Route {
@@ -115,7 +114,6 @@ impl RouteTable {
                     forward_query: r.forward_query,
                     cache: r.cache,
                     policies: r.rate_limit.iter().filter_map(|n| policy(n)).collect(),
-                    config: r.clone(),
                 })
             })
             .collect();
