@@ -26,6 +26,7 @@ use crate::upstream::client::build_client;
 use crate::upstream::pipeline::Pipeline;
 
 mod conn;
+pub mod memory;
 
 /// Builds the shared state from a validated config.
 pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
@@ -161,6 +162,7 @@ pub async fn start(
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
     let limits = cfg.limits.clone();
     let grace = cfg.server.shutdown_grace.0;
+    memory::start_trimmer(cfg.server.memory_trim_interval.0);
     let state = build_state(cfg).await?;
     let router = public_router(state.clone());
     let admin_router = routes::admin::router(state.clone());

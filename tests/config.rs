@@ -75,6 +75,13 @@ fn errors_name_the_field_path() {
     let e = errors_of("[server]\nport = \"eighty\"\n");
     assert!(e[0].starts_with("server.port"), "{e:?}");
 
+    let e = errors_of("[server]\nmemory_trim_interval = \"10ms\"\n");
+    assert_eq!(
+        e,
+        ["server.memory_trim_interval: must be 0s (off) or at least 100ms, got 10ms"],
+        "{e:?}"
+    );
+
     let e = errors_of(
         &std::fs::read_to_string("tests/fixtures/config/invalid_references.toml").unwrap(),
     );

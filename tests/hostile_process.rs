@@ -55,6 +55,7 @@ impl Gateway {
 host = "127.0.0.1"
 port = 0
 shutdown_grace = "1s"
+memory_trim_interval = "200ms"
 [admin]
 host = "127.0.0.1"
 port = 0
@@ -305,20 +306,20 @@ async fn memory_returns_to_baseline_after_hostile_rounds() {
             t.await.unwrap();
         }
         normal(c.clone(), base.clone()).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A few trim intervals (200 ms here, `server.memory_trim_interval`).
+        tokio::time::sleep(Duration::from_millis(800)).await;
         after_round.push(gw.rss_kib());
     }
-    // Generous bounds (allocator caches, thread stacks): within 64 MiB of the warm baseline,
-    // and no steady growth between the second and the last round.
-    let last = *after_round.last().unwrap();
-    assert!(
-        last < baseline + 64 * 1024,
-        "RSS grew from {baseline} KiB to {last} KiB ({after_round:?})"
-    );
-    assert!(
-        last < after_round[1] + 24 * 1024,
-        "RSS keeps growing per round: {after_round:?} (baseline {baseline} KiB)"
-    );
+    // Without the trimmer (glibc keeps freed heap in its arenas) every round ended about
+    // 20 MiB above the baseline; with it, within 3 MiB. 8 MiB leaves room for live state
+    // (pooled connections, metric series) and a busy machine, and still fails if freed
+    // memory stays resident or anything grows per round.
+    for (round, rss) in after_round.iter().enumerate() {
+        assert!(
+            *rss < baseline + 8 * 1024,
+            "round {round}: RSS {rss} KiB, baseline {baseline} KiB ({after_round:?})"
+        );
+    }
     assert_eq!(
         hang.open_connections(),
         0,

@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub port: u16,
     /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
     pub shutdown_grace: Dur,
+    /// How often freed heap is handed back to the kernel (glibc `malloc_trim`), so resident
+    /// memory falls back after a burst; `0s` turns it off (see `server::memory`).
+    pub memory_trim_interval: Dur,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -423,6 +426,16 @@ impl Config {
     fn validate_sections(&self, errors: &mut Vec<FieldError>) {
         self.cache.validate("cache", errors);
         self.rate_limit.validate("rate_limit", errors);
+        let trim = self.server.memory_trim_interval.0;
+        if !trim.is_zero() && trim < std::time::Duration::from_millis(100) {
+            errors.push(FieldError::new(
+                "server.memory_trim_interval",
+                format!(
+                    "must be 0s (off) or at least 100ms, got {}",
+                    self.server.memory_trim_interval
+                ),
+            ));
+        }
         if self.limits.max_body.0 == 0 {
             errors.push(FieldError::new("limits.max_body", "must be greater than 0"));
         }
@@ -803,6 +816,7 @@ impl Default for ServerConfig {
             host: IpAddr::from([0, 0, 0, 0]),
             port: 8000,
             shutdown_grace: Dur::from_secs(30),
+            memory_trim_interval: Dur::from_secs(5),
         }
     }
 }
