@@ -41,7 +41,8 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
             base_url: u.url.trim_end_matches('/').to_string(),
             base: crate::routes::proxy::parse_base(&u.url),
             message: Arc::from(u.unavailable_message(name)),
-            pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker),
+            pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker)
+                .with_max_connections(u.max_connections),
         });
         if *name == cfg.auth.upstream {
             auth_client = Some(client);

@@ -313,7 +313,11 @@ pub async fn forward(
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut resp_parts.headers);
     }
-    let mut resp = Response::new(Body::new(resp_body));
+    let body = SlotBody {
+        inner: resp_body,
+        slot: delivered.slot,
+    };
+    let mut resp = Response::new(Body::new(body));
     *resp.status_mut() = resp_parts.status;
     *resp.headers_mut() = resp_parts.headers;
     Ok(resp)
@@ -345,6 +349,43 @@ fn upstream_request(
         *req.body_mut() = Some(reqwest::Body::from(body));
     }
     Ok(req)
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's response body, holding its connection slot until the body has ended
+    /// (or the client went away): the connection is busy until then.
+    struct SlotBody {
+        #[pin]
+        inner: reqwest::Body,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    }
+}
+
+impl http_body::Body for SlotBody {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, reqwest::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None | Some(Err(_)))) {
+            // Ended: the connection is back in the pool (or gone), free the slot now rather
+            // than when hyper drops the body.
+            this.slot.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn upstream_error(up: &UpstreamRuntime, e: UpstreamError) -> GatewayError {
@@ -384,6 +425,7 @@ async fn fetch_buffered(
     let mut headers = std::mem::take(resp.headers_mut());
     strip_hop_by_hop(&mut headers);
     let attempts = delivered.attempts;
+    // The connection slot is held until the body is in (`delivered.slot` drops at the end).
     let body = match tokio::time::timeout(left, resp.bytes()).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
