@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use deltastream_gateway::config::Config;
+use deltastream_gateway::observability::access::AccessLine;
 use deltastream_gateway::ratelimit::{RateLimiter, Subject};
 use deltastream_gateway::routes::table::RouteTable;
 use deltastream_gateway::upstream::cache::ResponseCache;
@@ -93,6 +94,14 @@ fn cache_keys(c: &mut Criterion) {
             .for_method(&Method::GET)
         })
     });
+    let (route, upstream): (std::sync::Arc<str>, std::sync::Arc<str>) =
+        ("/api/data/products".into(), "storage".into());
+    g.bench_function("for_route", |b| {
+        b.iter(|| {
+            ResponseCache::key_for_route(&route, &upstream, std::hint::black_box("/products"), None)
+                .for_method(&Method::GET)
+        })
+    });
     g.bench_function("drop", |b| {
         b.iter_batched(
             || ResponseCache::key("storage", "/products", None),
@@ -103,5 +112,32 @@ fn cache_keys(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_matching, rate_limit_decisions, cache_keys);
+fn access_lines(c: &mut Criterion) {
+    let line = AccessLine {
+        method: "GET",
+        path: "/api/data/underlying/NIFTY",
+        route: "/api/data/underlying/{product}",
+        status: 200,
+        latency_ms: 0.412_345,
+        upstream: "storage",
+        remote: Some("127.0.0.1:52144".parse().unwrap()),
+        request_id: "4f3c2b1a09f8e7d6c5b4a3928170f6e5",
+    };
+    let mut out = Vec::with_capacity(512);
+    c.bench_function("access_line/render", |b| {
+        b.iter(|| {
+            out.clear();
+            std::hint::black_box(&line).render(std::time::SystemTime::now(), &mut out);
+            out.len()
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    route_matching,
+    rate_limit_decisions,
+    cache_keys,
+    access_lines
+);
 criterion_main!(benches);

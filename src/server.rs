@@ -5,21 +5,23 @@
 //! (slowloris), a cap on the request-head size (431), and a bound on concurrent connections
 //! with an idle timeout (see `conn`).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::Body;
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
-use tower::ServiceExt;
+use tower::{Layer, Service};
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 use crate::auth::TokenVerifier;
 use crate::config::{parse_cidr, Config};
-use crate::observability::access::{access_layer, AccessSettings, ClientAddr};
+use crate::observability::access::{access, AccessSettings, ClientAddr};
 use crate::routes::table::RouteTable;
 use crate::routes::{self, AppState, UpstreamRuntime};
 use crate::upstream::client::build_client;
@@ -40,7 +42,8 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
             base_url: u.url.trim_end_matches('/').to_string(),
             base: crate::routes::proxy::parse_base(&u.url),
             message: Arc::from(u.unavailable_message(name)),
-            pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker),
+            pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker)
+                .with_max_connections(u.max_connections),
         });
         if *name == cfg.auth.upstream {
             auth_client = Some(client);
@@ -116,19 +119,6 @@ fn cors_layer(cfg: &Config) -> CorsLayer {
         )
 }
 
-/// The public application: the generic handler inside CORS inside the access layer
-/// (outermost, so even CORS preflights and panics get a request id and a log line).
-pub fn public_router(app: Arc<AppState>) -> Router {
-    let settings = AccessSettings {
-        timeout_status: app.timeout_status,
-    };
-    Router::new()
-        .fallback(routes::handle)
-        .with_state(app.clone())
-        .layer(cors_layer(&app.config))
-        .layer(axum::middleware::from_fn_with_state(settings, access_layer))
-}
-
 /// A running gateway (public + admin listeners).
 pub struct Running {
     pub addr: SocketAddr,
@@ -164,7 +154,6 @@ pub async fn start(
     let grace = cfg.server.shutdown_grace.0;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
     let state = build_state(cfg).await?;
-    let router = public_router(state.clone());
     let admin_router = routes::admin::router(state.clone());
     let (tx, rx) = watch::channel(false);
 
@@ -176,8 +165,9 @@ pub async fn start(
             })
             .await;
     });
+    let app = state.clone();
     let task = tokio::spawn(async move {
-        accept_loop(public, router, limits, grace, rx).await;
+        accept_loop(public, app, limits, grace, rx).await;
         let _ = admin_task.await;
     });
     Ok(Running {
@@ -191,7 +181,7 @@ pub async fn start(
 
 async fn accept_loop(
     listener: TcpListener,
-    router: Router,
+    app: Arc<AppState>,
     limits: crate::config::LimitsConfig,
     grace: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -202,6 +192,30 @@ async fn accept_loop(
         idle_timeout: limits.idle_timeout.0,
         close_grace: grace,
     };
+    // The public application, outermost first: the access layer (request id, panic guard,
+    // metrics, the log line: outermost so even CORS preflights and panics get a request id
+    // and a log line) -> CORS -> the generic handler. Composed by hand, not with axum's
+    // `Router` + `from_fn`: with one fallback handler those only added a route lookup, a
+    // boxed service and boxed futures per request.
+    let access_settings = AccessSettings {
+        timeout_status: app.timeout_status,
+    };
+    let handler = {
+        let app = app.clone();
+        tower::service_fn(move |req: axum::extract::Request| {
+            let app = app.clone();
+            // Boxed: the handler's future is large (the whole upstream pipeline), and hyper
+            // keeps the service future of every connection, idle ones included, in place.
+            let handled = Box::pin(routes::handle(app, req));
+            async move { Ok::<_, Infallible>(handled.await) }
+        })
+    };
+    // `Cors::call` takes `&mut self` but keeps nothing between calls: one instance behind a
+    // lock held only for `call` (which returns at once) replaces a clone of the CORS rules,
+    // a few allocations, per request.
+    let public = Arc::new(std::sync::Mutex::new(
+        cors_layer(&app.config).layer(handler),
+    ));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Asks idle connections to close when a client is waiting for a slot.
     let shed = Arc::new(Notify::new());
@@ -238,11 +252,30 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
+        let public = public.clone();
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ClientAddr(peer));
-                router.clone().oneshot(req.map(axum::body::Body::new))
+                let public = public.clone();
+                async move {
+                    let resp = access(&access_settings, req.map(Body::new), |req| {
+                        let future = {
+                            let mut svc = public.lock().unwrap_or_else(PoisonError::into_inner);
+                            // Always ready (a `ServiceFn` inside); CORS checks its rules here.
+                            let mut cx = Context::from_waker(Waker::noop());
+                            let _ = svc.poll_ready(&mut cx);
+                            svc.call(req)
+                        };
+                        async move {
+                            match future.await {
+                                Ok(resp) => resp,
+                                Err(never) => match never {},
+                            }
+                        }
+                    })
+                    .await;
+                    Ok::<_, Infallible>(resp)
+                }
             });
         let conn = conn::serve(
             stream,

@@ -96,6 +96,13 @@ fn errors_name_the_field_path() {
         assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
     }
 
+    let e = errors_of("[upstreams.storage]\nmax_connections = 0\n");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.max_connections")),
+        "{e:?}"
+    );
+
     let e = errors_of("[errors]\ntimeout_status = 502\n");
     assert!(e[0].starts_with("errors.timeout_status"), "{e:?}");
     let e = errors_of("[auth]\nmode = \"local\"\n");

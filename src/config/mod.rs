@@ -145,6 +145,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Dur,
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout: Dur,
+    /// Calls in flight (so connections) to this upstream at most; more wait for a free one
+    /// within their deadline. A bulkhead, and the bound on what upstream connections cost.
+    pub max_connections: usize,
     /// The `error` text clients see when it is down (default "<Name> service unavailable").
     pub unavailable_message: Option<String>,
     /// Bounded retries on 503 and connection failures.
@@ -630,6 +633,12 @@ impl UpstreamConfig {
                 "must be greater than 0",
             ));
         }
+        if self.max_connections == 0 {
+            errors.push(FieldError::new(
+                join(path, "max_connections"),
+                "must be greater than 0",
+            ));
+        }
     }
 
     /// The message clients see when this upstream is down.
@@ -888,6 +897,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Dur::from_secs(2),
             pool_max_idle_per_host: 256,
             pool_idle_timeout: Dur::from_secs(60),
+            max_connections: 256,
             unavailable_message: None,
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),

@@ -39,7 +39,7 @@ pub struct RouteInfo {
 }
 
 /// Settings the middleware needs, shared by every request.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 pub struct AccessSettings {
     pub timeout_status: StatusCode,
 }
@@ -61,11 +61,22 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
+/// The layer as axum middleware (`axum::middleware::from_fn_with_state(settings, access_layer)`).
+/// The gateway's own server calls [`access`] directly, without axum's boxed `Next`.
 pub async fn access_layer(
     State(settings): State<AccessSettings>,
-    mut req: Request,
+    req: Request,
     next: Next,
 ) -> Response {
+    access(&settings, req, |req| next.run(req)).await
+}
+
+/// Request id, panic guard, metrics and the access line around `inner` (the rest of the stack).
+pub async fn access<F, Fut>(settings: &AccessSettings, mut req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let start = Instant::now();
     let rid = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if client_request_id(v) => v.clone(),
@@ -77,7 +88,11 @@ pub async fn access_layer(
     let uri = req.uri().clone();
     let remote = req.extensions().get::<ClientAddr>().map(|c| c.0);
 
-    let mut resp = match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+    // `inner` is called inside the guard too: whatever it runs before its first await is covered.
+    let mut resp = match AssertUnwindSafe(async move { inner(req).await })
+        .catch_unwind()
+        .await
+    {
         Ok(resp) => resp,
         Err(panic) => {
             let what = panic
@@ -102,16 +117,164 @@ pub async fn access_layer(
         status_class(status),
         elapsed.as_secs_f64(),
     );
-    tracing::info!(
-        target: "access",
-        method = %method,
-        path = uri.path(),
-        route = route.as_deref().unwrap_or(""),
-        status,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        upstream = upstream.as_deref().unwrap_or(""),
-        remote = %remote.map(|r| r.to_string()).unwrap_or_default(),
-        request_id = rid.to_str().unwrap_or(""),
-    );
+    if tracing::enabled!(target: "access", tracing::Level::INFO) {
+        let line = AccessLine {
+            method: method.as_str(),
+            path: uri.path(),
+            route: route.as_deref().unwrap_or(""),
+            status,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            upstream: upstream.as_deref().unwrap_or(""),
+            remote,
+            request_id: rid.to_str().unwrap_or(""),
+        };
+        line.write(std::time::SystemTime::now());
+    }
     resp
+}
+
+/// One access-log line. Written by hand rather than through `tracing::info!` and the JSON
+/// formatter (which formatted each field through `fmt::Write` and re-checked UTF-8 per
+/// chunk: ~10% of a cache hit's user CPU), in exactly the formatter's shape:
+/// `{"timestamp":..,"level":"INFO",<fields>,"target":"access"}`. Whether it is written still
+/// follows `RUST_LOG` (`tracing::enabled!`), and it goes to the same buffered stdout.
+pub struct AccessLine<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    pub latency_ms: f64,
+    pub upstream: &'a str,
+    pub remote: Option<SocketAddr>,
+    pub request_id: &'a str,
+}
+
+thread_local! {
+    /// The line being built, reused: no allocation per request.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
+
+impl AccessLine<'_> {
+    /// Appends the JSON line (with its newline) to `out`.
+    pub fn render(&self, now: std::time::SystemTime, out: &mut Vec<u8>) {
+        use std::io::Write;
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        write_rfc3339_micros(now, out);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":");
+        json_str(self.method, out);
+        out.extend_from_slice(b",\"path\":");
+        json_str(self.path, out);
+        out.extend_from_slice(b",\"route\":");
+        json_str(self.route, out);
+        let _ = write!(out, ",\"status\":{},\"latency_ms\":", self.status);
+        // serde_json's float format, as the tracing formatter wrote it.
+        if serde_json::to_writer(&mut *out, &self.latency_ms).is_err() {
+            out.extend_from_slice(b"null");
+        }
+        out.extend_from_slice(b",\"upstream\":");
+        json_str(self.upstream, out);
+        out.extend_from_slice(b",\"remote\":\"");
+        if let Some(remote) = self.remote {
+            // An address has no character that needs escaping.
+            let _ = write!(out, "{remote}");
+        }
+        out.extend_from_slice(b"\",\"request_id\":");
+        json_str(self.request_id, out);
+        out.extend_from_slice(b",\"target\":\"access\"}\n");
+    }
+
+    fn write(&self, now: std::time::SystemTime) {
+        use std::io::Write;
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            self.render(now, &mut line);
+            let _ = super::BufferedStdout.write_all(&line);
+        });
+    }
+}
+
+fn json_str(s: &str, out: &mut Vec<u8>) {
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// `2026-11-26T13:46:40.266239Z`, the tracing formatter's UTC timestamp with microseconds.
+fn write_rfc3339_micros(now: std::time::SystemTime, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_micros()
+    );
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn the_access_line_has_the_json_formatters_shape() {
+        let line = AccessLine {
+            method: "GET",
+            path: "/api/data/\"x\\",
+            route: "/api/data/{product}",
+            status: 200,
+            latency_ms: 0.25,
+            upstream: "storage",
+            remote: Some("127.0.0.1:5000".parse().unwrap()),
+            request_id: "abc",
+        };
+        let mut out = Vec::new();
+        line.render(
+            UNIX_EPOCH + Duration::from_micros(1_795_095_200_266_239),
+            &mut out,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"timestamp":"2026-11-19T13:33:20.266239Z","level":"INFO","method":"GET","#,
+                r#""path":"/api/data/\"x\\","route":"/api/data/{product}","status":200,"#,
+                r#""latency_ms":0.25,"upstream":"storage","remote":"127.0.0.1:5000","#,
+                r#""request_id":"abc","target":"access"}"#,
+                "\n"
+            )
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["path"], "/api/data/\"x\\");
+    }
+
+    #[test]
+    fn civil_dates_match_known_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_783), (2026, 11, 26));
+    }
 }

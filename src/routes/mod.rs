@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::Response;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -70,7 +70,7 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
 }
 
 /// The single entry point for every public request.
-pub async fn handle(State(app): State<Arc<AppState>>, req: Request) -> Response {
+pub async fn handle(app: Arc<AppState>, req: Request) -> Response {
     let rid = req
         .extensions()
         .get::<RequestId>()

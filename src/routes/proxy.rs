@@ -125,8 +125,7 @@ pub fn upstream_headers(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    let peer_value =
-        HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let peer_value = ip_header_value(peer);
     if peer_trusted {
         // A trusted proxy's chain is kept and our peer appended (what nginx's
         // $proxy_add_x_forwarded_for does).
@@ -153,6 +152,20 @@ pub fn upstream_headers(
     headers
 }
 
+/// The address as a header value, formatted on the stack (no intermediate `String`).
+fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    match write!(cursor, "{ip}") {
+        Ok(()) => {
+            let len = cursor.position() as usize;
+            HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+        }
+        Err(_) => HeaderValue::from_static("unknown"),
+    }
+}
+
 /// Reads the request body into memory, up to `limit` bytes (413 beyond). Small bodies are
 /// the norm here, and a buffered body is what lets a request be retried.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, GatewayError> {
@@ -164,6 +177,10 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<By
         if len > limit {
             return Err(GatewayError::PayloadTooLarge { limit });
         }
+    }
+    // Most requests (GETs) have no body at all: skip the collecting machinery.
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(Bytes::new());
     }
     match axum::body::to_bytes(body, limit as usize).await {
         Ok(b) => Ok(b),
@@ -206,11 +223,6 @@ pub async fn forward(
     body: Body,
     ctx: &RequestCtx<'_>,
 ) -> Result<Response, GatewayError> {
-    let RequestCtx {
-        peer,
-        request_id,
-        identity,
-    } = *ctx;
     let Some(up) = route.upstream.and_then(|i| app.upstreams.get(i)) else {
         tracing::error!(route = %route.label, "proxy route without an upstream");
         return Err(GatewayError::Internal);
@@ -222,35 +234,13 @@ pub async fn forward(
     )
     .await
     .map_err(|_| GatewayError::RequestTimeout)??;
+    let peer_trusted = app.trusted_proxies.iter().any(|n| n.contains(&ctx.peer));
     let path = upstream_path(route, params);
     let query = if route.forward_query {
         parts.uri.query()
     } else {
         None
     };
-    let url = parse_upstream_url(up.base.as_ref(), &up.base_url, &path, query)
-        .ok_or_else(|| GatewayError::BadRequest("invalid request path".into()))?;
-    let peer_trusted = app.trusted_proxies.iter().any(|n| n.contains(&peer));
-    // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
-    let cache_policy = route
-        .cache
-        .as_ref()
-        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers));
-    let client_headers = cache_policy.map(|_| parts.headers.clone());
-    let mut headers = upstream_headers(parts.headers, peer, peer_trusted, request_id);
-    if let Some(id) = identity {
-        id.insert_headers(&mut headers)?;
-    }
-    // A HEAD that may fill the cache is sent as GET, so the stored entry has a body for GETs.
-    let upstream_method = match (cache_policy, &parts.method) {
-        (Some(_), &Method::HEAD) => Method::GET,
-        (_, m) => m.clone(),
-    };
-    let mut req = reqwest::Request::new(upstream_method, url);
-    *req.headers_mut() = headers;
-    if !body.is_empty() || !matches!(parts.method, Method::GET | Method::HEAD) {
-        *req.body_mut() = Some(reqwest::Body::from(body));
-    }
     let call = CallOptions {
         deadline: route.deadline,
         attempt_timeout: route.attempt_timeout,
@@ -258,15 +248,38 @@ pub async fn forward(
         retry_non_idempotent: route.retry_non_idempotent,
         max_retries: route.retries,
     };
-    if let (Some(policy), Some(client_headers)) = (cache_policy, client_headers) {
-        let key = ResponseCache::key(&up.name, &path, query)
-            .with_route(&route.label)
+    // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
+    let cache_policy = route
+        .cache
+        .as_ref()
+        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers));
+    if let Some(policy) = cache_policy {
+        let key = ResponseCache::key_for_route(&route.label, &up.name, &path, query)
             .for_method(&parts.method);
+        // The upstream request is built only on a miss: a hit costs no URL parse and no
+        // header copy. A HEAD that may fill the cache is sent as GET, so the stored entry
+        // has a body for GETs.
+        let fetch = || async {
+            let upstream_method = match parts.method {
+                Method::HEAD => Method::GET,
+                ref m => m.clone(),
+            };
+            let req = upstream_request(
+                up,
+                upstream_method,
+                &parts.method,
+                &path,
+                query,
+                parts.headers.clone(),
+                body,
+                ctx,
+                peer_trusted,
+            )?;
+            fetch_buffered(up, req, call).await
+        };
         let hit = app
             .cache
-            .get_or_fetch(key, &client_headers, policy, || {
-                fetch_buffered(up, req, call)
-            })
+            .get_or_fetch(key, &parts.headers, policy, fetch)
             .await?;
         let mut resp = Response::new(Body::from(hit.body));
         *resp.status_mut() = hit.status;
@@ -274,6 +287,17 @@ pub async fn forward(
         cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
         return Ok(resp);
     }
+    let req = upstream_request(
+        up,
+        parts.method.clone(),
+        &parts.method,
+        &path,
+        query,
+        parts.headers,
+        body,
+        ctx,
+        peer_trusted,
+    )?;
     let delivered = up
         .pipeline
         .send(req, call)
@@ -289,10 +313,79 @@ pub async fn forward(
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut resp_parts.headers);
     }
-    let mut resp = Response::new(Body::new(resp_body));
+    let body = SlotBody {
+        inner: resp_body,
+        slot: delivered.slot,
+    };
+    let mut resp = Response::new(Body::new(body));
     *resp.status_mut() = resp_parts.status;
     *resp.headers_mut() = resp_parts.headers;
     Ok(resp)
+}
+
+/// The request for the upstream: its URL (base + rewritten path + the client's query), the
+/// client's headers made fit to forward, the identity headers, and the buffered body.
+#[allow(clippy::too_many_arguments)]
+fn upstream_request(
+    up: &UpstreamRuntime,
+    method: Method,
+    client_method: &Method,
+    path: &str,
+    query: Option<&str>,
+    client_headers: HeaderMap,
+    body: Bytes,
+    ctx: &RequestCtx<'_>,
+    peer_trusted: bool,
+) -> Result<reqwest::Request, GatewayError> {
+    let url = parse_upstream_url(up.base.as_ref(), &up.base_url, path, query)
+        .ok_or_else(|| GatewayError::BadRequest("invalid request path".into()))?;
+    let mut headers = upstream_headers(client_headers, ctx.peer, peer_trusted, ctx.request_id);
+    if let Some(id) = ctx.identity {
+        id.insert_headers(&mut headers)?;
+    }
+    let mut req = reqwest::Request::new(method, url);
+    *req.headers_mut() = headers;
+    if !body.is_empty() || !matches!(*client_method, Method::GET | Method::HEAD) {
+        *req.body_mut() = Some(reqwest::Body::from(body));
+    }
+    Ok(req)
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's response body, holding its connection slot until the body has ended
+    /// (or the client went away): the connection is busy until then.
+    struct SlotBody {
+        #[pin]
+        inner: reqwest::Body,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    }
+}
+
+impl http_body::Body for SlotBody {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, reqwest::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None | Some(Err(_)))) {
+            // Ended: the connection is back in the pool (or gone), free the slot now rather
+            // than when hyper drops the body.
+            this.slot.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn upstream_error(up: &UpstreamRuntime, e: UpstreamError) -> GatewayError {
@@ -332,6 +425,7 @@ async fn fetch_buffered(
     let mut headers = std::mem::take(resp.headers_mut());
     strip_hop_by_hop(&mut headers);
     let attempts = delivered.attempts;
+    // The connection slot is held until the body is in (`delivered.slot` drops at the end).
     let body = match tokio::time::timeout(left, resp.bytes()).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {

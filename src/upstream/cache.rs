@@ -288,6 +288,17 @@ impl ResponseCache {
         CacheKey::new(upstream, path, query)
     }
 
+    /// The same key as `key(upstream, path, query).with_route(route)`, built without copying
+    /// the route and upstream names (the request path's form).
+    pub fn key_for_route(
+        route: &Arc<str>,
+        upstream: &Arc<str>,
+        path: &str,
+        query: Option<&str>,
+    ) -> CacheKey {
+        CacheKey::for_route(route, upstream, path, query)
+    }
+
     /// Answers from the cache, or runs `fetch` and stores its response when cacheable.
     ///
     /// - Fresh entry for the request's variant: HIT, `fetch` is not called.
@@ -658,14 +669,55 @@ fn body_is_complete(fetched: &Fetched) -> bool {
     }
 }
 
+/// One route's outcome counters for one upstream, indexed by [`outcome_slot`].
+type OutcomeCounters = [Option<metrics::Counter>; 4];
+
+/// Per route label: the counters of each upstream it was cached from (one, in practice).
+type RouteCounters = std::collections::HashMap<Arc<str>, Vec<(Arc<str>, OutcomeCounters)>>;
+
+thread_local! {
+    /// Registered counter handles per route (then upstream), so a cache answer costs one
+    /// atomic add instead of building labels and searching the registry (as in
+    /// `observability::metrics`). Per thread: no lock; every handle points at the same series.
+    static OUTCOME_COUNTERS: std::cell::RefCell<RouteCounters> =
+        std::cell::RefCell::default();
+}
+
+fn outcome_slot(outcome: CacheOutcome) -> (usize, &'static str) {
+    match outcome {
+        CacheOutcome::Hit => (0, "gateway_cache_hits_total"),
+        CacheOutcome::Miss => (1, "gateway_cache_misses_total"),
+        CacheOutcome::Stale => (2, "gateway_cache_stale_total"),
+        CacheOutcome::Bypass => (3, "gateway_cache_bypass_total"),
+    }
+}
+
 fn record(resource: &Resource, outcome: CacheOutcome) {
-    let name = match outcome {
-        CacheOutcome::Hit => "gateway_cache_hits_total",
-        CacheOutcome::Miss => "gateway_cache_misses_total",
-        CacheOutcome::Stale => "gateway_cache_stale_total",
-        CacheOutcome::Bypass => "gateway_cache_bypass_total",
-    };
+    let (slot, name) = outcome_slot(outcome);
     // Route template and upstream name only: raw paths would explode the series count.
-    counter!(name, "upstream" => resource.upstream.clone(), "route" => resource.route.clone())
-        .increment(1);
+    let register = || counter!(name, "upstream" => resource.upstream.clone(), "route" => resource.route.clone());
+    // Before the recorder is installed a handle would be a no-op forever: don't keep it.
+    if !crate::observability::metrics::installed() {
+        register().increment(1);
+        return;
+    }
+    OUTCOME_COUNTERS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !cache.contains_key(&resource.route) {
+            cache.insert(resource.route.clone(), Vec::new());
+        }
+        let Some(upstreams) = cache.get_mut(&resource.route) else {
+            return;
+        };
+        let i = match upstreams.iter().position(|(u, _)| *u == resource.upstream) {
+            Some(i) => i,
+            None => {
+                upstreams.push((resource.upstream.clone(), Default::default()));
+                upstreams.len() - 1
+            }
+        };
+        upstreams[i].1[slot]
+            .get_or_insert_with(register)
+            .increment(1);
+    });
 }

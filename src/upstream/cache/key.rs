@@ -50,6 +50,26 @@ impl CacheKey {
         }
     }
 
+    /// The key of a request on `route` (its template: see [`CacheKey::with_route`]) to
+    /// `upstream` at `path?query`, sharing the route's and upstream's names instead of
+    /// copying them: what the request path uses, one allocation fewer per name.
+    pub(super) fn for_route(
+        route: &Arc<str>,
+        upstream: &Arc<str>,
+        path: &str,
+        query: Option<&str>,
+    ) -> CacheKey {
+        CacheKey {
+            resource: Arc::new(Resource {
+                route: route.clone(),
+                upstream: upstream.clone(),
+                path: path.into(),
+                query: normalize_query(query),
+            }),
+            head: false,
+        }
+    }
+
     /// Tags the key with the route id (template, e.g. `/api/analytics/*`), which is what
     /// `purge_route` and the metrics labels use.
     pub fn with_route(self, route: &str) -> CacheKey {
