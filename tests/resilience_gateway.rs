@@ -175,6 +175,51 @@ async fn a_failing_upstream_opens_the_breaker_and_then_costs_nothing() {
 }
 
 #[tokio::test]
+async fn a_503_brownout_saved_by_retries_leaves_the_breaker_closed() {
+    // Two of three attempts fail: per attempt that is a 67% failure rate over 63 attempts,
+    // but every client call succeeds, and the breaker counts calls.
+    let script = std::iter::repeat([503, 503, 200]).take(21).flatten();
+    let storage = FakeUpstream::builder().statuses(script).start().await;
+    let mut cfg = cfg_with_storage(&storage);
+    // Two retries per call is over the default budget (20% + 3/s); this test is about the breaker.
+    for upstream in cfg.upstreams.values_mut() {
+        upstream.retry.budget_ratio = 1.0;
+    }
+    let gw = spawn(cfg).await;
+    let c = client();
+    for _ in 0..21 {
+        let r = c
+            .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-upstream-attempts"], "3");
+    }
+    let admin = format!("http://{}", gw.admin_addr);
+    let view: Value = c
+        .get(format!("{admin}/admin/breakers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let storage_view = view["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["upstream"] == "storage")
+        .unwrap()
+        .clone();
+    assert_eq!(storage_view["state"], "closed");
+    assert_eq!(storage_view["opened_count"], 0);
+    assert_eq!(storage_view["window_calls"], 21);
+    assert_eq!(storage_view["window_failures"], 0);
+    assert_eq!(storage_view["consecutive_failures"], 0);
+}
+
+#[tokio::test]
 async fn concurrent_misses_for_one_key_make_one_upstream_call() {
     let storage = FakeUpstream::builder()
         .then(

@@ -34,7 +34,7 @@ use reqwest_middleware::{Middleware, Next};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pipeline::{instant_after, Outcome};
+use super::pipeline::{instant_after, CallState, Outcome};
 use super::window::SlidingWindow;
 use crate::config::{join, Dur, FieldError};
 
@@ -258,12 +258,15 @@ pub struct Breaker {
     inner: Mutex<Inner>,
 }
 
-/// Permission for one call. Report its result with [`Permit::record`]; dropping it unrecorded
-/// (the call was cancelled) frees a half-open probe slot and counts as nothing.
+/// Permission for one client call, held across its attempts (see [`Breaker::admit_attempt`]).
+/// Report the call's final result with [`Permit::record`]; dropping it unrecorded (the call was
+/// cancelled, or failed for a reason of our own) frees a half-open probe slot and counts as
+/// nothing.
 #[derive(Debug)]
 #[must_use]
-pub struct Permit<'a> {
-    breaker: &'a Breaker,
+pub struct Permit {
+    /// Owned, so that the permit can live in the call's task-local state across attempts.
+    breaker: Arc<Breaker>,
     epoch: u64,
     /// This call is a half-open probe holding one of the slots.
     probe: bool,
@@ -271,7 +274,9 @@ pub struct Permit<'a> {
     counted: bool,
 }
 
-impl Permit<'_> {
+impl Permit {
+    /// Records the call's outcome: `failed` = its final attempt failed in a way the breaker
+    /// counts (connection error, timeout, reset, 5xx).
     pub fn record(mut self, failed: bool) {
         if self.counted {
             self.breaker.on_result(self.epoch, self.probe, failed);
@@ -281,7 +286,7 @@ impl Permit<'_> {
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         if self.probe {
             self.breaker.release_probe(self.epoch);
@@ -316,10 +321,10 @@ impl Breaker {
     }
 
     /// Asks to make one call. Fast when refused: one lock, no allocation.
-    pub fn try_acquire(&self) -> Result<Permit<'_>, BreakerOpen> {
+    pub fn try_acquire(self: &Arc<Self>) -> Result<Permit, BreakerOpen> {
         if !self.config.enabled {
             return Ok(Permit {
-                breaker: self,
+                breaker: self.clone(),
                 epoch: 0,
                 probe: false,
                 counted: false,
@@ -331,7 +336,7 @@ impl Breaker {
         let epoch = inner.epoch;
         match &mut inner.phase {
             Phase::Closed => Ok(Permit {
-                breaker: self,
+                breaker: self.clone(),
                 epoch,
                 probe: false,
                 counted: true,
@@ -343,7 +348,7 @@ impl Breaker {
                 if *probes_in_flight < self.config.half_open_probes {
                     *probes_in_flight += 1;
                     Ok(Permit {
-                        breaker: self,
+                        breaker: self.clone(),
                         epoch,
                         probe: true,
                         counted: true,
@@ -356,6 +361,29 @@ impl Breaker {
                 }
             }
         }
+    }
+
+    /// Admits one attempt of a call. `held` is the permit the call got on an earlier attempt:
+    /// while the breaker is still in the phase that issued it (closed, or half-open with this
+    /// call as a probe), the call's retries go through on it; after any transition the call
+    /// must ask again like a new one, so an opening stops every retry in flight at once.
+    pub fn admit_attempt(self: &Arc<Self>, held: &mut Option<Permit>) -> Result<(), BreakerOpen> {
+        if let Some(permit) = held {
+            if !self.config.enabled || self.is_current(permit.epoch) {
+                return Ok(());
+            }
+        }
+        // A stale permit counts for nothing; dropping it first frees nothing it still holds.
+        *held = None;
+        *held = Some(self.try_acquire()?);
+        Ok(())
+    }
+
+    /// No transition since `epoch` (an open time that just ran out is a transition).
+    fn is_current(&self, epoch: u64) -> bool {
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        inner.epoch == epoch
     }
 
     pub fn state(&self) -> BreakerState {
@@ -494,7 +522,17 @@ impl Breaker {
     }
 }
 
-/// The breaker as a reqwest-middleware layer: refuses while open, records every answer.
+/// The breaker as a reqwest-middleware layer: asks the breaker before every attempt (fast
+/// refusal while open) and leaves the recording to the end of the call.
+///
+/// Inside a pipeline call the permit is kept in the call's state, and [`Pipeline::send`]
+/// records ONE outcome per client call once the retry layer is done: a call that a retry
+/// saved is not an upstream failure as far as the breaker is concerned. Counting attempts
+/// instead would turn a partial brownout into a full outage: with a share `p` of attempts
+/// failing, `N` failures in a row come every ~1/p^N attempts, while `N` failed calls in a row
+/// need `N * (max_retries + 1)` failed attempts.
+///
+/// [`Pipeline::send`]: super::pipeline::Pipeline::send
 pub(crate) struct BreakerLayer {
     pub(crate) breaker: Arc<Breaker>,
 }
@@ -507,17 +545,28 @@ impl Middleware for BreakerLayer {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
-        let permit = self
-            .breaker
-            .try_acquire()
-            .map_err(reqwest_middleware::Error::middleware)?;
-        let result = next.run(req, extensions).await;
-        match Outcome::of(&result).breaker_failure() {
-            Some(failed) => permit.record(failed),
-            // Our own bug, not the upstream's health: count nothing.
-            None => drop(permit),
+        let admitted = CallState::with(|call| call.admit_attempt(&self.breaker));
+        match admitted {
+            Some(admitted) => {
+                admitted.map_err(reqwest_middleware::Error::middleware)?;
+                next.run(req, extensions).await
+            }
+            // Outside a pipeline call (never in the gateway) there is no call to record at the
+            // end of: this attempt is the call.
+            None => {
+                let permit = self
+                    .breaker
+                    .try_acquire()
+                    .map_err(reqwest_middleware::Error::middleware)?;
+                let result = next.run(req, extensions).await;
+                match Outcome::of(&result).breaker_failure() {
+                    Some(failed) => permit.record(failed),
+                    // Our own bug, not the upstream's health: count nothing.
+                    None => drop(permit),
+                }
+                result
+            }
         }
-        result
     }
 }
 
@@ -527,17 +576,17 @@ mod tests {
 
     use super::*;
 
-    fn fail(b: &Breaker) {
+    fn fail(b: &Arc<Breaker>) {
         b.try_acquire().expect("admitted").record(true);
     }
-    fn succeed(b: &Breaker) {
+    fn succeed(b: &Arc<Breaker>) {
         b.try_acquire().expect("admitted").record(false);
     }
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)
     }
     /// Open time just chosen (the clock is paused, so none of it has elapsed yet).
-    fn open_for(b: &Breaker) -> Duration {
+    fn open_for(b: &Arc<Breaker>) -> Duration {
         b.try_acquire().expect_err("open").retry_after
     }
     fn in_jitter_bounds(d: Duration, planned: f64) -> bool {
@@ -546,7 +595,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_a_success_resets_the_count() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..4 {
             fail(&b);
         }
@@ -567,7 +616,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_on_failure_rate_only_with_the_minimum_volume() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         // success, failure, ... never 5 in a row; 50% failures.
         for _ in 0..9 {
             succeed(&b);
@@ -583,7 +632,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failure_rate_forgets_calls_older_than_the_window() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..9 {
             succeed(&b);
             fail(&b);
@@ -603,7 +652,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn open_time_grows_with_jitter_up_to_the_cap_and_resets_after_a_close() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..5 {
             fail(&b);
         }
@@ -671,7 +720,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_probe_frees_its_slot() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..5 {
             fail(&b);
         }
@@ -686,7 +735,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_from_before_the_opening_cannot_close_it() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         let slow = b.try_acquire().expect("closed");
         for _ in 0..5 {
             fail(&b);
@@ -697,9 +746,142 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
+    /// One client call as the pipeline makes it: `attempts[i]` says whether attempt `i` fails;
+    /// the call stops at its first success (the retry layer) and the breaker records the final
+    /// attempt once. `None` when the breaker refused an attempt (nothing is recorded then).
+    fn call(b: &Arc<Breaker>, attempts: &[bool]) -> Option<bool> {
+        let mut held = None;
+        let mut last = None;
+        for &failed in attempts {
+            b.admit_attempt(&mut held).ok()?;
+            last = Some(failed);
+            if !failed {
+                break;
+            }
+        }
+        if let (Some(permit), Some(failed)) = (held, last) {
+            permit.record(failed);
+        }
+        last
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_saved_by_a_retry_is_one_success() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for _ in 0..100 {
+            assert_eq!(call(&b, &[true, true, false]), Some(false));
+        }
+        let snap = b.snapshot();
+        assert_eq!(snap.state, BreakerState::Closed);
+        // 100 calls (not 300 attempts), none failed.
+        assert_eq!((snap.window_calls, snap.window_failures), (100, 0));
+        assert_eq!(snap.consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thirty_percent_failed_attempts_behind_retries_do_not_trip_it() {
+        use rand::{rngs::StdRng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        let per_call = Arc::new(Breaker::new("calls", &BreakerConfig::default()));
+        // The same attempts, each counted as if it were a call: what the breaker did before.
+        let per_attempt = Arc::new(Breaker::new("attempts", &BreakerConfig::default()));
+        for max_retries in [2usize, 3] {
+            for _ in 0..5_000 {
+                let attempts: Vec<bool> = (0..=max_retries).map(|_| rng.random_bool(0.3)).collect();
+                call(&per_call, &attempts);
+                for &failed in &attempts {
+                    if let Ok(p) = per_attempt.try_acquire() {
+                        p.record(failed);
+                    }
+                    if !failed {
+                        break;
+                    }
+                }
+                // Let any open time run out, so the per-attempt breaker keeps being tested.
+                tokio::time::advance(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(per_call.snapshot().opened_count, 0);
+        assert_eq!(per_call.state(), BreakerState::Closed);
+        // A run of 5 failed attempts comes about every 1 / 0.3^5 = 412 attempts.
+        assert!(per_attempt.snapshot().opened_count > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hard_down_upstream_trips_it_after_n_failed_calls() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for n in 1..=4 {
+            assert_eq!(call(&b, &[true, true, true]), Some(true));
+            assert_eq!(b.state(), BreakerState::Closed);
+            assert_eq!(b.snapshot().consecutive_failures, n);
+        }
+        assert_eq!(call(&b, &[true, true, true]), Some(true));
+        assert_eq!(b.state(), BreakerState::Open);
+        // Refused at the first attempt: no upstream call at all.
+        assert_eq!(call(&b, &[false]), None);
+        assert!(in_jitter_bounds(open_for(&b), 5.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_opening_stops_the_retries_of_calls_in_flight() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        let mut held = None;
+        b.admit_attempt(&mut held).expect("closed");
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        // The call's retry asks again and is refused; its old permit is gone.
+        assert!(b.admit_attempt(&mut held).is_err());
+        assert!(held.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_probe_keeps_its_slot_for_its_retries_and_decides_once() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        tokio::time::advance(open_for(&b)).await;
+        // A failed probe call (all its attempts failed) re-opens.
+        let mut probe = None;
+        b.admit_attempt(&mut probe).expect("probe");
+        assert!(b.admit_attempt(&mut None).is_err(), "one probe at a time");
+        b.admit_attempt(&mut probe).expect("the probe's own retry");
+        probe.take().expect("held").record(true);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot().opened_count, 2);
+
+        // A probe call that a retry saved closes it.
+        tokio::time::advance(open_for(&b)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(call(&b, &[true, false]), Some(false));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_failure_rate_window_counts_calls() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        // Alternate a call that succeeds and one whose three attempts all fail: 50% of calls.
+        for _ in 0..9 {
+            call(&b, &[false]);
+            call(&b, &[true, true, true]);
+        }
+        call(&b, &[false]);
+        let snap = b.snapshot();
+        assert_eq!((snap.window_calls, snap.window_failures), (19, 9));
+        assert_eq!(
+            snap.state,
+            BreakerState::Closed,
+            "19 calls: under min_calls"
+        );
+        call(&b, &[true, true, true]);
+        assert_eq!(b.state(), BreakerState::Open, "20 calls, 10 failed");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn reset_closes_and_forgets() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..5 {
             fail(&b);
         }
@@ -721,7 +903,7 @@ mod tests {
             enabled: false,
             ..BreakerConfig::default()
         };
-        let b = Breaker::new("t", &config);
+        let b = Arc::new(Breaker::new("t", &config));
         for _ in 0..100 {
             fail(&b);
         }
@@ -731,7 +913,7 @@ mod tests {
 
     #[test]
     fn snapshot_serializes_for_admin() {
-        let b = Breaker::new("storage", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("storage", &BreakerConfig::default()));
         let json = serde_json::to_value(b.snapshot()).expect("json");
         assert_eq!(json["upstream"], "storage");
         assert_eq!(json["state"], "closed");

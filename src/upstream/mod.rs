@@ -7,7 +7,8 @@
 //! deadline -> retry (reqwest-retry + our strategy/policy: 503 + connect errors, budget,
 //!             backoff with full jitter, Retry-After)
 //!          -> attempt record (one tracing event + metrics per attempt)
-//!          -> circuit breaker (fast `CircuitOpen` while open)
+//!          -> circuit breaker (fast `CircuitOpen` while open; admits per attempt, records
+//!             one outcome per client call when the retries are done)
 //!          -> per-attempt timeout
 //!          -> the pooled reqwest client (built by the caller)
 //! ```

@@ -11,7 +11,7 @@ use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
 use reqwest_retry::RetryTransientMiddleware;
 use tokio::time::Instant;
 
-use super::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerOpen};
+use super::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerOpen, Permit};
 use super::retry::{RetryBudget, RetryConfig, RetryOn, RetryWithin};
 use super::timeout::{AttemptTimedOut, AttemptTimeout};
 
@@ -158,6 +158,9 @@ pub(crate) struct CallState {
     last_error: RefCell<Option<String>>,
     /// A `Retry-After` the strategy accepted, for the policy to wait instead of backing off.
     retry_after: Cell<Option<Duration>>,
+    /// The breaker's permit for this call, taken on its first admitted attempt and recorded
+    /// once, when the call ends (the breaker counts calls, not attempts).
+    permit: RefCell<Option<Permit>>,
 }
 
 impl CallState {
@@ -173,6 +176,21 @@ impl CallState {
             last_outcome: Cell::new(None),
             last_error: RefCell::new(None),
             retry_after: Cell::new(None),
+            permit: RefCell::new(None),
+        }
+    }
+
+    /// Asks `breaker` to admit the next attempt of this call (see [`Breaker::admit_attempt`]).
+    pub(crate) fn admit_attempt(&self, breaker: &Arc<Breaker>) -> Result<(), BreakerOpen> {
+        breaker.admit_attempt(&mut self.permit.borrow_mut())
+    }
+
+    /// Records the call's final outcome with the breaker: `failed` as for
+    /// [`Outcome::breaker_failure`]; `None` records nothing (and frees a probe slot).
+    fn finish(&self, failed: Option<bool>) {
+        let permit = self.permit.borrow_mut().take();
+        if let (Some(permit), Some(failed)) = (permit, failed) {
+            permit.record(failed);
         }
     }
 
@@ -366,8 +384,9 @@ impl Pipeline {
             // Records every attempt, refusals included, so it sits above the breaker; it is
             // below retry so that each attempt, not each call, is one event.
             .with(RecordAttempt::new(upstream.clone()))
-            // The breaker refuses fast while open, and is outside the timeout so that a timed-out
-            // attempt is recorded as a failure.
+            // The breaker refuses fast while open, per attempt; it records one outcome per
+            // CALL, in `send` once retry is done (a call a retry saved is no failure). It is
+            // outside the timeout so that a call whose last attempt timed out is a failure.
             .with(BreakerLayer {
                 breaker: breaker.clone(),
             })
@@ -412,6 +431,12 @@ impl Pipeline {
                 // timeout is clamped to it too, so this rarely fires; it is the backstop.
                 let result = tokio::time::timeout_at(deadline, self.client.execute(req)).await;
                 CALL.with(|state| {
+                    // One breaker record per call, for its final attempt (a timeout if the
+                    // deadline cut the call).
+                    state.finish(match &result {
+                        Ok(_) => state.last_outcome().and_then(Outcome::breaker_failure),
+                        Err(_elapsed) => Outcome::Timeout.breaker_failure(),
+                    });
                     let attempts = state.attempts.get();
                     match result {
                         Ok(Ok(response)) => Ok(Delivered { response, attempts }),
