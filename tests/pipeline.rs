@@ -281,7 +281,7 @@ async fn the_breaker_opens_on_resets_and_then_makes_no_upstream_call() {
 async fn a_503_brownout_behind_retries_does_not_open_the_breaker() {
     // Two of every three attempts fail, more than the breaker's 50% failure rate and its
     // minimum volume of 20 if attempts were counted; every call is saved by a retry.
-    let script = std::iter::repeat([503, 503, 200]).take(25).flatten();
+    let script = std::iter::repeat_n([503, 503, 200], 25).flatten();
     let up = FakeUpstream::builder().statuses(script).start().await;
     // Two retries per call is over the default budget (20% + 3/s); this test is about the breaker.
     let retry = RetryConfig {

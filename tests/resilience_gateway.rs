@@ -178,7 +178,7 @@ async fn a_failing_upstream_opens_the_breaker_and_then_costs_nothing() {
 async fn a_503_brownout_saved_by_retries_leaves_the_breaker_closed() {
     // Two of three attempts fail: per attempt that is a 67% failure rate over 63 attempts,
     // but every client call succeeds, and the breaker counts calls.
-    let script = std::iter::repeat([503, 503, 200]).take(21).flatten();
+    let script = std::iter::repeat_n([503, 503, 200], 21).flatten();
     let storage = FakeUpstream::builder().statuses(script).start().await;
     let mut cfg = cfg_with_storage(&storage);
     // Two retries per call is over the default budget (20% + 3/s); this test is about the breaker.
