@@ -323,7 +323,9 @@ impl Middleware for RecordAttempt {
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         match outcome.breaker_failure() {
             Some(true) => {
-                tracing::info!(upstream = %self.upstream, attempt, outcome = label, latency_ms, "upstream attempt")
+                // The cause (refused, DNS, connect timeout...) tells a restart from an outage.
+                let error = result.as_ref().err().map(|e| error_chain(e));
+                tracing::info!(upstream = %self.upstream, attempt, outcome = label, latency_ms, error, "upstream attempt")
             }
             Some(false) | None => {
                 tracing::debug!(upstream = %self.upstream, attempt, outcome = label, latency_ms, "upstream attempt")
