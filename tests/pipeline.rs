@@ -443,6 +443,38 @@ async fn recovery_closes_the_breaker_after_a_failed_probe_reopens_it() {
 }
 
 #[tokio::test]
+async fn the_health_probe_reopens_the_route_long_before_the_open_time() {
+    let up = FakeUpstream::builder().statuses([500; 5]).start().await;
+    let breaker = BreakerConfig {
+        probe_path: Some("/health".into()),
+        probe_interval: Dur::from_millis(50),
+        ..long_breaker()
+    };
+    let client = reqwest::Client::new();
+    let p = Pipeline::new("test", client.clone(), &quick_retry(), &breaker);
+    p.probe_health_at(&client, &up.url());
+    for _ in 0..5 {
+        let _ = p.send(get(&up.url()), opts(true)).await;
+    }
+    assert_eq!(p.breaker().state(), BreakerState::Open);
+    // Open for 24-30 s, but the upstream answers its health check: half-open within an interval
+    // or two (generous margin for a busy machine).
+    let started = Instant::now();
+    while p.breaker().state() == BreakerState::Open {
+        assert!(started.elapsed() < ms(2000), "still open");
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert_eq!(p.breaker().state(), BreakerState::HalfOpen);
+    assert!(up.requests().iter().any(|r| r.path_and_query == "/health"));
+    let delivered = p
+        .send(get(&up.url()), opts(true))
+        .await
+        .expect("probe call");
+    assert_eq!(delivered.response.status(), 200);
+    assert_eq!(p.breaker().state(), BreakerState::Closed);
+}
+
+#[tokio::test]
 async fn the_deadline_holds_when_every_attempt_hangs() {
     let up = FakeUpstream::builder().then(Step::Hang).start().await;
     let p = pipeline(&quick_retry(), &BreakerConfig::default());

@@ -220,6 +220,39 @@ async fn a_503_brownout_saved_by_retries_leaves_the_breaker_closed() {
 }
 
 #[tokio::test]
+async fn with_a_health_probe_the_route_reopens_as_soon_as_the_upstream_is_back() {
+    let storage = FakeUpstream::builder().statuses([500; 5]).start().await;
+    let mut cfg = cfg_with_storage(&storage);
+    let breaker = &mut cfg.upstreams.get_mut("storage").expect("storage").breaker;
+    breaker.open_base = Dur::from_secs(30);
+    breaker.open_max = Dur::from_secs(30);
+    breaker.probe_path = Some("/health".into());
+    breaker.probe_interval = Dur::from_millis(50);
+    let gw = spawn(cfg).await;
+    let c = client();
+    let url = format!("{}/api/data/underlying/NIFTY", gw.url());
+    for _ in 0..5 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 500);
+    }
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 503, "open");
+    // Back within an interval or two of the upstream's return, not after 24-30 s.
+    let started = Instant::now();
+    loop {
+        let r = c.get(&url).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "still refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(storage
+        .requests()
+        .iter()
+        .any(|r| r.path_and_query == "/health"));
+}
+
+#[tokio::test]
 async fn concurrent_misses_for_one_key_make_one_upstream_call() {
     let storage = FakeUpstream::builder()
         .then(

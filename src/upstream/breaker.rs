@@ -58,6 +58,12 @@ pub struct BreakerConfig {
     pub open_max: Dur,
     /// Calls let through at once while half-open; the rest fail fast.
     pub half_open_probes: u32,
+    /// While open, GET this path (on the upstream's base URL) every `probe_interval`; a 2xx
+    /// answer moves the breaker to half-open at once, so a route reopens within one interval
+    /// of the upstream's return instead of after the whole open time. `None`: no probing.
+    pub probe_path: Option<String>,
+    /// How often the health probe runs while open; also its timeout.
+    pub probe_interval: Dur,
 }
 
 impl Default for BreakerConfig {
@@ -71,6 +77,8 @@ impl Default for BreakerConfig {
             open_base: Dur::from_secs(5),
             open_max: Dur::from_secs(60),
             half_open_probes: 1,
+            probe_path: None,
+            probe_interval: Dur::from_secs(1),
         }
     }
 }
@@ -111,6 +119,20 @@ impl BreakerConfig {
         }
         if self.half_open_probes == 0 {
             bad("half_open_probes", "must be at least 1".into());
+        }
+        if let Some(probe_path) = &self.probe_path {
+            if !probe_path.starts_with('/') || probe_path.contains(['?', '#']) {
+                bad(
+                    "probe_path",
+                    format!("must be a path starting with '/' (no query), got {probe_path:?}"),
+                );
+            }
+        }
+        if self.probe_interval.0 < Duration::from_millis(50) {
+            bad(
+                "probe_interval",
+                format!("must be at least 50ms, got {}", self.probe_interval),
+            );
         }
     }
 }
@@ -162,6 +184,24 @@ pub struct BreakerSnapshot {
     pub opened_count: u64,
     /// Seconds until a probe is let through; `None` unless open.
     pub seconds_until_probe: Option<f64>,
+}
+
+/// Asks the upstream whether it is back: `true` for a healthy answer. Boxed so that tests can
+/// stand in for the network (see [`Breaker::set_health_probe`]).
+pub type HealthCheck =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, bool> + Send + Sync>;
+
+/// The production [`HealthCheck`]: `GET url` on the upstream's pooled client, healthy on a 2xx
+/// within `timeout`.
+pub fn http_health_check(
+    client: reqwest::Client,
+    url: reqwest::Url,
+    timeout: Duration,
+) -> HealthCheck {
+    Arc::new(move || {
+        let request = client.get(url.clone()).timeout(timeout).send();
+        Box::pin(async move { matches!(request.await, Ok(r) if r.status().is_success()) })
+    })
 }
 
 /// failsafe `FailurePolicy`: trips when at least `rate` of the calls in the window failed and the
@@ -251,11 +291,13 @@ struct Inner {
 }
 
 /// One upstream's circuit breaker. Cheap to query; all state sits behind one short lock.
-#[derive(Debug)]
 pub struct Breaker {
     upstream: Arc<str>,
     config: BreakerConfig,
     inner: Mutex<Inner>,
+    /// The active health probe run while open, when `probe_path` is set and the pipeline
+    /// supplied the upstream's URL.
+    health: std::sync::OnceLock<HealthCheck>,
 }
 
 /// Permission for one client call, held across its attempts (see [`Breaker::admit_attempt`]).
@@ -274,12 +316,25 @@ pub struct Permit {
     counted: bool,
 }
 
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("upstream", &self.upstream)
+            .field("config", &self.config)
+            .field("inner", &self.inner)
+            .field("health_probe", &self.health.get().is_some())
+            .finish()
+    }
+}
+
 impl Permit {
     /// Records the call's outcome: `failed` = its final attempt failed in a way the breaker
     /// counts (connection error, timeout, reset, 5xx).
     pub fn record(mut self, failed: bool) {
         if self.counted {
-            self.breaker.on_result(self.epoch, self.probe, failed);
+            if let Some(opened) = self.breaker.on_result(self.epoch, self.probe, failed) {
+                Breaker::start_health_probe(&self.breaker, opened);
+            }
         }
         self.counted = false;
         self.probe = false;
@@ -311,9 +366,14 @@ impl Breaker {
                 openings_in_a_row: 0,
                 opened_total: 0,
             }),
+            health: std::sync::OnceLock::new(),
         };
         breaker.report_state(BreakerState::Closed);
         breaker
+    }
+
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -437,10 +497,11 @@ impl Breaker {
         }
     }
 
-    fn on_result(&self, epoch: u64, probe: bool, failed: bool) {
+    /// Applies one call's result; returns the epoch of the opening it caused, if it opened.
+    fn on_result(&self, epoch: u64, probe: bool, failed: bool) -> Option<u64> {
         let mut inner = self.lock();
         if inner.epoch != epoch {
-            return;
+            return None;
         }
         match (&inner.phase, probe, failed) {
             (Phase::Closed, _, false) => {
@@ -455,12 +516,81 @@ impl Breaker {
                 let by_rate = inner.rate.mark_dead_on_failure().is_some();
                 if by_count | by_rate {
                     self.open(&mut inner);
+                    return Some(inner.epoch);
                 }
             }
             (Phase::HalfOpen { .. }, true, false) => self.close(&mut inner),
-            (Phase::HalfOpen { .. }, true, true) => self.open(&mut inner),
+            (Phase::HalfOpen { .. }, true, true) => {
+                self.open(&mut inner);
+                return Some(inner.epoch);
+            }
             // Only probes speak while half-open; nothing is admitted while open.
             (Phase::HalfOpen { .. }, false, _) | (Phase::Open { .. }, _, _) => {}
+        }
+        None
+    }
+
+    /// Installs the active health probe (used only when `probe_path` is configured; the
+    /// pipeline supplies it because only it knows the upstream's URL and client).
+    pub fn set_health_probe(&self, check: HealthCheck) {
+        if self.config.enabled && self.config.probe_path.is_some() {
+            let _ = self.health.set(check);
+        }
+    }
+
+    /// Spawns the probe loop for the opening `epoch`: every `probe_interval` while the breaker
+    /// is still in that opening, ask the upstream; the first healthy answer moves it to
+    /// half-open, so the next real call (a probe with its usual limits) can close it. One loop
+    /// per opening; it ends with the opening, whatever ended it (open time over, reset).
+    fn start_health_probe(breaker: &Arc<Breaker>, epoch: u64) {
+        let Some(check) = breaker.health.get().cloned() else {
+            return;
+        };
+        // Outside a runtime (never in the gateway) there is nothing to run the loop on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let breaker = breaker.clone();
+        let interval = breaker.config.probe_interval.0;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if !breaker.is_open_in(epoch) {
+                    return;
+                }
+                let healthy = tokio::time::timeout(interval, check())
+                    .await
+                    .unwrap_or(false);
+                metrics::counter!("gateway_circuit_breaker_health_probes_total",
+                    "upstream" => breaker.upstream.clone(),
+                    "result" => if healthy { "healthy" } else { "unhealthy" })
+                .increment(1);
+                if healthy {
+                    breaker.health_probe_passed(epoch);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Still open, in the opening `epoch`.
+    fn is_open_in(&self, epoch: u64) -> bool {
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        inner.epoch == epoch && matches!(inner.phase, Phase::Open { .. })
+    }
+
+    fn health_probe_passed(&self, epoch: u64) {
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        if inner.epoch == epoch && matches!(inner.phase, Phase::Open { .. }) {
+            tracing::info!(upstream = %self.upstream, "health probe passed before the open time ran out");
+            self.transition(
+                &mut inner,
+                Phase::HalfOpen {
+                    probes_in_flight: 0,
+                },
+            );
         }
     }
 
@@ -879,6 +1009,110 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Open, "20 calls, 10 failed");
     }
 
+    /// A breaker with a health probe every 100 ms (open time 5 s) whose answer the test sets;
+    /// the counter says how often it was asked.
+    fn probed() -> (
+        Arc<Breaker>,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<AtomicUsize>,
+    ) {
+        use std::sync::atomic::AtomicBool;
+        let config = BreakerConfig {
+            probe_path: Some("/health".into()),
+            probe_interval: Dur::from_millis(100),
+            ..BreakerConfig::default()
+        };
+        let b = Arc::new(Breaker::new("t", &config));
+        let healthy = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (h, a) = (healthy.clone(), asked.clone());
+        b.set_health_probe(Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            let answer = h.load(Ordering::SeqCst);
+            Box::pin(async move { answer })
+        }));
+        (b, healthy, asked)
+    }
+
+    /// Lets spawned probe loops run up to `d` of (paused) time.
+    async fn run_for(d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_open_the_health_probe_goes_half_open_within_one_interval_of_recovery() {
+        let (b, healthy, asked) = probed();
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        run_for(Duration::from_millis(350)).await;
+        // Asked every 100 ms, the upstream is still down: open, 4 s or more to go.
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        assert_eq!(b.state(), BreakerState::Open);
+        healthy.store(true, Ordering::SeqCst);
+        run_for(Duration::from_millis(100)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(asked.load(Ordering::SeqCst), 4);
+        // Half-open as usual: one real call probes, the others fail fast, and the probe's
+        // success closes the breaker.
+        let mut probe = None;
+        b.admit_attempt(&mut probe).expect("the probe call");
+        assert!(b.try_acquire().is_err());
+        probe.take().expect("probe").record(false);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // The loop ended with its opening: no more questions while closed.
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_call_after_a_healthy_answer_reopens_and_probing_resumes() {
+        let (b, healthy, asked) = probed();
+        healthy.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        run_for(Duration::from_millis(150)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // The health endpoint says yes but the API still fails: re-open, probe again.
+        assert_eq!(call(&b, &[true, true]), Some(true));
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot().opened_count, 2);
+        let before = asked.load(Ordering::SeqCst);
+        run_for(Duration::from_millis(150)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), before + 1);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probing_stops_when_the_opening_ends_and_is_off_without_probe_path() {
+        let (b, _healthy, asked) = probed();
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        run_for(Duration::from_millis(250)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        b.reset();
+        run_for(Duration::from_secs(2)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "probed after the reset");
+
+        // Without probe_path the breaker ignores a health check and waits out its open time.
+        let plain = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let a = asked.clone();
+        plain.set_health_probe(Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { true })
+        }));
+        for _ in 0..5 {
+            call(&plain, &[true]);
+        }
+        run_for(Duration::from_secs(3)).await;
+        assert_eq!(plain.state(), BreakerState::Open);
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn reset_closes_and_forgets() {
         let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
@@ -932,6 +1166,8 @@ mod tests {
             failure_rate: 1.5,
             open_max: Dur::from_secs(1),
             half_open_probes: 0,
+            probe_path: Some("health".into()),
+            probe_interval: Dur::from_millis(10),
             ..BreakerConfig::default()
         };
         let mut errors = Vec::new();
@@ -944,6 +1180,8 @@ mod tests {
                 "upstreams.storage.breaker.failure_rate",
                 "upstreams.storage.breaker.open_max",
                 "upstreams.storage.breaker.half_open_probes",
+                "upstreams.storage.breaker.probe_path",
+                "upstreams.storage.breaker.probe_interval",
             ]
         );
         let mut errors = Vec::new();

@@ -33,7 +33,10 @@ pub mod retry;
 pub mod timeout;
 mod window;
 
-pub use breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerState};
+pub use breaker::{
+    http_health_check, Breaker, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerState,
+    HealthCheck,
+};
 pub use pipeline::{CallOptions, Delivered, Pipeline, UpstreamError};
 pub use retry::{RetryBudget, RetryConfig};
 pub use timeout::AttemptTimedOut;

@@ -412,6 +412,28 @@ impl Pipeline {
         &self.breaker
     }
 
+    /// Gives the breaker its active health probe, `GET {base_url}{breaker.probe_path}` on
+    /// `client` while open; a no-op unless the upstream's breaker sets `probe_path`.
+    pub fn probe_health_at(&self, client: &reqwest::Client, base_url: &str) {
+        let Some(path) = self.breaker.config().probe_path.as_deref() else {
+            return;
+        };
+        let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        match reqwest::Url::parse(&url) {
+            Ok(url) => self
+                .breaker
+                .set_health_probe(super::breaker::http_health_check(
+                    client.clone(),
+                    url,
+                    self.breaker.config().probe_interval.0,
+                )),
+            // Config validation checked both parts; say so loudly rather than probe nothing.
+            Err(e) => {
+                tracing::error!(upstream = %self.upstream, %url, error = %e, "health probe URL invalid; not probing")
+            }
+        }
+    }
+
     /// Sends `req` (its body must be buffered, so that retries can clone it) through the stack.
     ///
     /// Any upstream answer, 5xx included, is `Ok` (the client gets it untouched); `Err` means
