@@ -262,6 +262,18 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Why an attempt failed, for the log: the error's causes without reqwest's outer message,
+/// which names the URL, query string included (where clients put tokens).
+fn failure_cause(e: &reqwest_middleware::Error) -> Option<String> {
+    match e {
+        reqwest_middleware::Error::Reqwest(e) => {
+            use std::error::Error;
+            e.source().map(error_chain)
+        }
+        reqwest_middleware::Error::Middleware(e) => Some(error_chain(e.as_ref())),
+    }
+}
+
 /// One tracing event and one count + duration sample per attempt.
 struct RecordAttempt {
     upstream: Arc<str>,
@@ -324,7 +336,7 @@ impl Middleware for RecordAttempt {
         match outcome.breaker_failure() {
             Some(true) => {
                 // The cause (refused, DNS, connect timeout...) tells a restart from an outage.
-                let error = result.as_ref().err().map(|e| error_chain(e));
+                let error = result.as_ref().err().and_then(failure_cause);
                 tracing::info!(upstream = %self.upstream, attempt, outcome = label, latency_ms, error, "upstream attempt")
             }
             Some(false) | None => {
