@@ -36,8 +36,8 @@ class Pool:
         self.port = port
         self.idle = []
 
-    async def get(self):
-        if self.idle:
+    async def get(self, fresh=False):
+        if self.idle and not fresh:
             return self.idle.pop(), True
         r, w = await asyncio.open_connection(HOST, self.port)
         return Conn(r, w), False
@@ -96,7 +96,9 @@ async def http_request(pool, method, path, headers=None, body=None):
     raw = (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
            + "\r\n").encode() + payload
     for attempt in (0, 1):
-        conn, reused = await pool.get()
+        # The retry must not take another idle connection: after a burst the pool holds many,
+        # and the server may have closed the older ones too (keep-alive idle limit).
+        conn, reused = await pool.get(fresh=attempt > 0)
         try:
             conn.writer.write(raw)
             await conn.writer.drain()

@@ -37,13 +37,15 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
     let mut auth_client = None;
     for (name, u) in &cfg.upstreams {
         let client = build_client(u).map_err(|e| format!("upstreams.{name}: {e}"))?;
+        let pipeline = Pipeline::new(name, client.clone(), &u.retry, &u.breaker)
+            .with_max_connections(u.max_connections);
+        pipeline.probe_health_at(&client, &u.url);
         upstreams.push(UpstreamRuntime {
             name: Arc::from(name.as_str()),
             base_url: u.url.trim_end_matches('/').to_string(),
             base: crate::routes::proxy::parse_base(&u.url),
             message: Arc::from(u.unavailable_message(name)),
-            pipeline: Pipeline::new(name, client.clone(), &u.retry, &u.breaker)
-                .with_max_connections(u.max_connections),
+            pipeline,
         });
         if *name == cfg.auth.upstream {
             auth_client = Some(client);

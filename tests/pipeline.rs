@@ -244,8 +244,10 @@ async fn open_the_breaker_with(failure: Step) {
         assert!(calls <= 5, "breaker still closed after {calls} calls");
         let _ = p.send(get(&up.url()), opts(true)).await;
     }
+    // The breaker counts calls: it opens on the 5th failed call, whatever each retried.
+    assert_eq!(calls, 5);
     assert!(
-        up.hits() <= 5,
+        up.hits() <= 5 * 3,
         "{} failed attempts before opening",
         up.hits()
     );
@@ -273,6 +275,56 @@ async fn the_breaker_opens_on_500s_and_then_makes_no_upstream_call() {
 #[tokio::test]
 async fn the_breaker_opens_on_resets_and_then_makes_no_upstream_call() {
     open_the_breaker_with(Step::Reset).await;
+}
+
+#[tokio::test]
+async fn a_503_brownout_behind_retries_does_not_open_the_breaker() {
+    // Two of every three attempts fail, more than the breaker's 50% failure rate and its
+    // minimum volume of 20 if attempts were counted; every call is saved by a retry.
+    let script = std::iter::repeat_n([503, 503, 200], 25).flatten();
+    let up = FakeUpstream::builder().statuses(script).start().await;
+    // Two retries per call is over the default budget (20% + 3/s); this test is about the breaker.
+    let retry = RetryConfig {
+        budget_ratio: 1.0,
+        ..quick_retry()
+    };
+    let p = pipeline(&retry, &long_breaker());
+    for _ in 0..25 {
+        let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
+        assert_eq!(
+            (delivered.response.status().as_u16(), delivered.attempts),
+            (200, 3)
+        );
+    }
+    assert_eq!(up.hits(), 75);
+    let snapshot = p.breaker().snapshot();
+    assert_eq!(snapshot.state, BreakerState::Closed);
+    assert_eq!(snapshot.opened_count, 0);
+    assert_eq!((snapshot.window_calls, snapshot.window_failures), (25, 0));
+}
+
+#[tokio::test]
+async fn a_hard_down_upstream_opens_the_breaker_after_five_failed_calls() {
+    let addr = refused_addr().await;
+    let url = format!("http://{addr}");
+    let p = pipeline(&quick_retry(), &long_breaker());
+    for n in 1..=5 {
+        match p.send(get(&url), opts(true)).await {
+            Err(UpstreamError::Unavailable { attempts: 3, .. }) => {}
+            other => panic!("call {n}: expected Unavailable after 3 attempts, got {other:?}"),
+        }
+        let expected = if n < 5 {
+            BreakerState::Closed
+        } else {
+            BreakerState::Open
+        };
+        assert_eq!(p.breaker().state(), expected, "after {n} failed calls");
+    }
+    assert_eq!(p.breaker().snapshot().consecutive_failures, 5);
+    match p.send(get(&url), opts(true)).await {
+        Err(UpstreamError::CircuitOpen { retry_after }) => assert!(retry_after > Duration::ZERO),
+        other => panic!("expected CircuitOpen, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -388,6 +440,38 @@ async fn recovery_closes_the_breaker_after_a_failed_probe_reopens_it() {
         p.send(get(&up.url()), opts(true)).await.expect("delivered");
     }
     assert_eq!(up.hits(), hits + 3);
+}
+
+#[tokio::test]
+async fn the_health_probe_reopens_the_route_long_before_the_open_time() {
+    let up = FakeUpstream::builder().statuses([500; 5]).start().await;
+    let breaker = BreakerConfig {
+        probe_path: Some("/health".into()),
+        probe_interval: Dur::from_millis(50),
+        ..long_breaker()
+    };
+    let client = reqwest::Client::new();
+    let p = Pipeline::new("test", client.clone(), &quick_retry(), &breaker);
+    p.probe_health_at(&client, &up.url());
+    for _ in 0..5 {
+        let _ = p.send(get(&up.url()), opts(true)).await;
+    }
+    assert_eq!(p.breaker().state(), BreakerState::Open);
+    // Open for 24-30 s, but the upstream answers its health check: half-open within an interval
+    // or two (generous margin for a busy machine).
+    let started = Instant::now();
+    while p.breaker().state() == BreakerState::Open {
+        assert!(started.elapsed() < ms(2000), "still open");
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert_eq!(p.breaker().state(), BreakerState::HalfOpen);
+    assert!(up.requests().iter().any(|r| r.path_and_query == "/health"));
+    let delivered = p
+        .send(get(&up.url()), opts(true))
+        .await
+        .expect("probe call");
+    assert_eq!(delivered.response.status(), 200);
+    assert_eq!(p.breaker().state(), BreakerState::Closed);
 }
 
 #[tokio::test]

@@ -40,13 +40,16 @@ async fn attempts_outcomes_and_breaker_state_are_exported() {
         max_retries: None,
     };
     let req = || Request::new(Method::GET, up.url().parse().expect("url"));
-    // 503 then 500: two failures open the breaker; the next call is refused.
+    // Call 1: 503, retried, 500 (one failed call, two 5xx attempts). Call 2: 500, the second
+    // failed call opens the breaker. Call 3 is refused.
+    let _ = p.send(req(), call).await;
+    assert_eq!(p.breaker().snapshot().consecutive_failures, 1);
     let _ = p.send(req(), call).await;
     let _ = p.send(req(), call).await;
 
     let text = handle.render();
     for line in [
-        r#"gateway_upstream_attempts_total{upstream="metered",outcome="status_5xx"} 2"#,
+        r#"gateway_upstream_attempts_total{upstream="metered",outcome="status_5xx"} 3"#,
         r#"gateway_upstream_attempts_total{upstream="metered",outcome="circuit_open"} 1"#,
         r#"gateway_circuit_breaker_state{upstream="metered"} 1"#,
         r#"gateway_circuit_breaker_transitions_total{upstream="metered",to="open"} 1"#,

@@ -175,6 +175,84 @@ async fn a_failing_upstream_opens_the_breaker_and_then_costs_nothing() {
 }
 
 #[tokio::test]
+async fn a_503_brownout_saved_by_retries_leaves_the_breaker_closed() {
+    // Two of three attempts fail: per attempt that is a 67% failure rate over 63 attempts,
+    // but every client call succeeds, and the breaker counts calls.
+    let script = std::iter::repeat_n([503, 503, 200], 21).flatten();
+    let storage = FakeUpstream::builder().statuses(script).start().await;
+    let mut cfg = cfg_with_storage(&storage);
+    // Two retries per call is over the default budget (20% + 3/s); this test is about the breaker.
+    for upstream in cfg.upstreams.values_mut() {
+        upstream.retry.budget_ratio = 1.0;
+    }
+    let gw = spawn(cfg).await;
+    let c = client();
+    for _ in 0..21 {
+        let r = c
+            .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-upstream-attempts"], "3");
+    }
+    let admin = format!("http://{}", gw.admin_addr);
+    let view: Value = c
+        .get(format!("{admin}/admin/breakers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let storage_view = view["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["upstream"] == "storage")
+        .unwrap()
+        .clone();
+    assert_eq!(storage_view["state"], "closed");
+    assert_eq!(storage_view["opened_count"], 0);
+    assert_eq!(storage_view["window_calls"], 21);
+    assert_eq!(storage_view["window_failures"], 0);
+    assert_eq!(storage_view["consecutive_failures"], 0);
+}
+
+#[tokio::test]
+async fn with_a_health_probe_the_route_reopens_as_soon_as_the_upstream_is_back() {
+    let storage = FakeUpstream::builder().statuses([500; 5]).start().await;
+    let mut cfg = cfg_with_storage(&storage);
+    let breaker = &mut cfg.upstreams.get_mut("storage").expect("storage").breaker;
+    breaker.open_base = Dur::from_secs(30);
+    breaker.open_max = Dur::from_secs(30);
+    breaker.probe_path = Some("/health".into());
+    breaker.probe_interval = Dur::from_millis(50);
+    let gw = spawn(cfg).await;
+    let c = client();
+    let url = format!("{}/api/data/underlying/NIFTY", gw.url());
+    for _ in 0..5 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 500);
+    }
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 503, "open");
+    // Back within an interval or two of the upstream's return, not after 24-30 s.
+    let started = Instant::now();
+    loop {
+        let r = c.get(&url).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "still refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(storage
+        .requests()
+        .iter()
+        .any(|r| r.path_and_query == "/health"));
+}
+
+#[tokio::test]
 async fn concurrent_misses_for_one_key_make_one_upstream_call() {
     let storage = FakeUpstream::builder()
         .then(

@@ -34,7 +34,7 @@ use reqwest_middleware::{Middleware, Next};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pipeline::{instant_after, Outcome};
+use super::pipeline::{instant_after, CallState, Outcome};
 use super::window::SlidingWindow;
 use crate::config::{join, Dur, FieldError};
 
@@ -58,6 +58,12 @@ pub struct BreakerConfig {
     pub open_max: Dur,
     /// Calls let through at once while half-open; the rest fail fast.
     pub half_open_probes: u32,
+    /// While open, GET this path (on the upstream's base URL) every `probe_interval`; a 2xx
+    /// answer moves the breaker to half-open at once, so a route reopens within one interval
+    /// of the upstream's return instead of after the whole open time. `None`: no probing.
+    pub probe_path: Option<String>,
+    /// How often the health probe runs while open; also its timeout.
+    pub probe_interval: Dur,
 }
 
 impl Default for BreakerConfig {
@@ -71,6 +77,8 @@ impl Default for BreakerConfig {
             open_base: Dur::from_secs(5),
             open_max: Dur::from_secs(60),
             half_open_probes: 1,
+            probe_path: None,
+            probe_interval: Dur::from_secs(1),
         }
     }
 }
@@ -111,6 +119,20 @@ impl BreakerConfig {
         }
         if self.half_open_probes == 0 {
             bad("half_open_probes", "must be at least 1".into());
+        }
+        if let Some(probe_path) = &self.probe_path {
+            if !probe_path.starts_with('/') || probe_path.contains(['?', '#']) {
+                bad(
+                    "probe_path",
+                    format!("must be a path starting with '/' (no query), got {probe_path:?}"),
+                );
+            }
+        }
+        if self.probe_interval.0 < Duration::from_millis(50) {
+            bad(
+                "probe_interval",
+                format!("must be at least 50ms, got {}", self.probe_interval),
+            );
         }
     }
 }
@@ -162,6 +184,24 @@ pub struct BreakerSnapshot {
     pub opened_count: u64,
     /// Seconds until a probe is let through; `None` unless open.
     pub seconds_until_probe: Option<f64>,
+}
+
+/// Asks the upstream whether it is back: `true` for a healthy answer. Boxed so that tests can
+/// stand in for the network (see [`Breaker::set_health_probe`]).
+pub type HealthCheck =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, bool> + Send + Sync>;
+
+/// The production [`HealthCheck`]: `GET url` on the upstream's pooled client, healthy on a 2xx
+/// within `timeout`.
+pub fn http_health_check(
+    client: reqwest::Client,
+    url: reqwest::Url,
+    timeout: Duration,
+) -> HealthCheck {
+    Arc::new(move || {
+        let request = client.get(url.clone()).timeout(timeout).send();
+        Box::pin(async move { matches!(request.await, Ok(r) if r.status().is_success()) })
+    })
 }
 
 /// failsafe `FailurePolicy`: trips when at least `rate` of the calls in the window failed and the
@@ -251,19 +291,24 @@ struct Inner {
 }
 
 /// One upstream's circuit breaker. Cheap to query; all state sits behind one short lock.
-#[derive(Debug)]
 pub struct Breaker {
     upstream: Arc<str>,
     config: BreakerConfig,
     inner: Mutex<Inner>,
+    /// The active health probe run while open, when `probe_path` is set and the pipeline
+    /// supplied the upstream's URL.
+    health: std::sync::OnceLock<HealthCheck>,
 }
 
-/// Permission for one call. Report its result with [`Permit::record`]; dropping it unrecorded
-/// (the call was cancelled) frees a half-open probe slot and counts as nothing.
+/// Permission for one client call, held across its attempts (see [`Breaker::admit_attempt`]).
+/// Report the call's final result with [`Permit::record`]; dropping it unrecorded (the call was
+/// cancelled, or failed for a reason of our own) frees a half-open probe slot and counts as
+/// nothing.
 #[derive(Debug)]
 #[must_use]
-pub struct Permit<'a> {
-    breaker: &'a Breaker,
+pub struct Permit {
+    /// Owned, so that the permit can live in the call's task-local state across attempts.
+    breaker: Arc<Breaker>,
     epoch: u64,
     /// This call is a half-open probe holding one of the slots.
     probe: bool,
@@ -271,17 +316,32 @@ pub struct Permit<'a> {
     counted: bool,
 }
 
-impl Permit<'_> {
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("upstream", &self.upstream)
+            .field("config", &self.config)
+            .field("inner", &self.inner)
+            .field("health_probe", &self.health.get().is_some())
+            .finish()
+    }
+}
+
+impl Permit {
+    /// Records the call's outcome: `failed` = its final attempt failed in a way the breaker
+    /// counts (connection error, timeout, reset, 5xx).
     pub fn record(mut self, failed: bool) {
         if self.counted {
-            self.breaker.on_result(self.epoch, self.probe, failed);
+            if let Some(opened) = self.breaker.on_result(self.epoch, self.probe, failed) {
+                Breaker::start_health_probe(&self.breaker, opened);
+            }
         }
         self.counted = false;
         self.probe = false;
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         if self.probe {
             self.breaker.release_probe(self.epoch);
@@ -306,9 +366,14 @@ impl Breaker {
                 openings_in_a_row: 0,
                 opened_total: 0,
             }),
+            health: std::sync::OnceLock::new(),
         };
         breaker.report_state(BreakerState::Closed);
         breaker
+    }
+
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -316,10 +381,10 @@ impl Breaker {
     }
 
     /// Asks to make one call. Fast when refused: one lock, no allocation.
-    pub fn try_acquire(&self) -> Result<Permit<'_>, BreakerOpen> {
+    pub fn try_acquire(self: &Arc<Self>) -> Result<Permit, BreakerOpen> {
         if !self.config.enabled {
             return Ok(Permit {
-                breaker: self,
+                breaker: self.clone(),
                 epoch: 0,
                 probe: false,
                 counted: false,
@@ -331,7 +396,7 @@ impl Breaker {
         let epoch = inner.epoch;
         match &mut inner.phase {
             Phase::Closed => Ok(Permit {
-                breaker: self,
+                breaker: self.clone(),
                 epoch,
                 probe: false,
                 counted: true,
@@ -343,7 +408,7 @@ impl Breaker {
                 if *probes_in_flight < self.config.half_open_probes {
                     *probes_in_flight += 1;
                     Ok(Permit {
-                        breaker: self,
+                        breaker: self.clone(),
                         epoch,
                         probe: true,
                         counted: true,
@@ -356,6 +421,29 @@ impl Breaker {
                 }
             }
         }
+    }
+
+    /// Admits one attempt of a call. `held` is the permit the call got on an earlier attempt:
+    /// while the breaker is still in the phase that issued it (closed, or half-open with this
+    /// call as a probe), the call's retries go through on it; after any transition the call
+    /// must ask again like a new one, so an opening stops every retry in flight at once.
+    pub fn admit_attempt(self: &Arc<Self>, held: &mut Option<Permit>) -> Result<(), BreakerOpen> {
+        if let Some(permit) = held {
+            if !self.config.enabled || self.is_current(permit.epoch) {
+                return Ok(());
+            }
+        }
+        // A stale permit counts for nothing; dropping it first frees nothing it still holds.
+        *held = None;
+        *held = Some(self.try_acquire()?);
+        Ok(())
+    }
+
+    /// No transition since `epoch` (an open time that just ran out is a transition).
+    fn is_current(&self, epoch: u64) -> bool {
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        inner.epoch == epoch
     }
 
     pub fn state(&self) -> BreakerState {
@@ -409,10 +497,11 @@ impl Breaker {
         }
     }
 
-    fn on_result(&self, epoch: u64, probe: bool, failed: bool) {
+    /// Applies one call's result; returns the epoch of the opening it caused, if it opened.
+    fn on_result(&self, epoch: u64, probe: bool, failed: bool) -> Option<u64> {
         let mut inner = self.lock();
         if inner.epoch != epoch {
-            return;
+            return None;
         }
         match (&inner.phase, probe, failed) {
             (Phase::Closed, _, false) => {
@@ -427,12 +516,81 @@ impl Breaker {
                 let by_rate = inner.rate.mark_dead_on_failure().is_some();
                 if by_count | by_rate {
                     self.open(&mut inner);
+                    return Some(inner.epoch);
                 }
             }
             (Phase::HalfOpen { .. }, true, false) => self.close(&mut inner),
-            (Phase::HalfOpen { .. }, true, true) => self.open(&mut inner),
+            (Phase::HalfOpen { .. }, true, true) => {
+                self.open(&mut inner);
+                return Some(inner.epoch);
+            }
             // Only probes speak while half-open; nothing is admitted while open.
             (Phase::HalfOpen { .. }, false, _) | (Phase::Open { .. }, _, _) => {}
+        }
+        None
+    }
+
+    /// Installs the active health probe (used only when `probe_path` is configured; the
+    /// pipeline supplies it because only it knows the upstream's URL and client).
+    pub fn set_health_probe(&self, check: HealthCheck) {
+        if self.config.enabled && self.config.probe_path.is_some() {
+            let _ = self.health.set(check);
+        }
+    }
+
+    /// Spawns the probe loop for the opening `epoch`: every `probe_interval` while the breaker
+    /// is still in that opening, ask the upstream; the first healthy answer moves it to
+    /// half-open, so the next real call (a probe with its usual limits) can close it. One loop
+    /// per opening; it ends with the opening, whatever ended it (open time over, reset).
+    fn start_health_probe(breaker: &Arc<Breaker>, epoch: u64) {
+        let Some(check) = breaker.health.get().cloned() else {
+            return;
+        };
+        // Outside a runtime (never in the gateway) there is nothing to run the loop on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let breaker = breaker.clone();
+        let interval = breaker.config.probe_interval.0;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if !breaker.is_open_in(epoch) {
+                    return;
+                }
+                let healthy = tokio::time::timeout(interval, check())
+                    .await
+                    .unwrap_or(false);
+                metrics::counter!("gateway_circuit_breaker_health_probes_total",
+                    "upstream" => breaker.upstream.clone(),
+                    "result" => if healthy { "healthy" } else { "unhealthy" })
+                .increment(1);
+                if healthy {
+                    breaker.health_probe_passed(epoch);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Still open, in the opening `epoch`.
+    fn is_open_in(&self, epoch: u64) -> bool {
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        inner.epoch == epoch && matches!(inner.phase, Phase::Open { .. })
+    }
+
+    fn health_probe_passed(&self, epoch: u64) {
+        let mut inner = self.lock();
+        self.advance(&mut inner, Instant::now());
+        if inner.epoch == epoch && matches!(inner.phase, Phase::Open { .. }) {
+            tracing::info!(upstream = %self.upstream, "health probe passed before the open time ran out");
+            self.transition(
+                &mut inner,
+                Phase::HalfOpen {
+                    probes_in_flight: 0,
+                },
+            );
         }
     }
 
@@ -494,7 +652,17 @@ impl Breaker {
     }
 }
 
-/// The breaker as a reqwest-middleware layer: refuses while open, records every answer.
+/// The breaker as a reqwest-middleware layer: asks the breaker before every attempt (fast
+/// refusal while open) and leaves the recording to the end of the call.
+///
+/// Inside a pipeline call the permit is kept in the call's state, and [`Pipeline::send`]
+/// records ONE outcome per client call once the retry layer is done: a call that a retry
+/// saved is not an upstream failure as far as the breaker is concerned. Counting attempts
+/// instead would turn a partial brownout into a full outage: with a share `p` of attempts
+/// failing, `N` failures in a row come every ~1/p^N attempts, while `N` failed calls in a row
+/// need `N * (max_retries + 1)` failed attempts.
+///
+/// [`Pipeline::send`]: super::pipeline::Pipeline::send
 pub(crate) struct BreakerLayer {
     pub(crate) breaker: Arc<Breaker>,
 }
@@ -507,17 +675,28 @@ impl Middleware for BreakerLayer {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
-        let permit = self
-            .breaker
-            .try_acquire()
-            .map_err(reqwest_middleware::Error::middleware)?;
-        let result = next.run(req, extensions).await;
-        match Outcome::of(&result).breaker_failure() {
-            Some(failed) => permit.record(failed),
-            // Our own bug, not the upstream's health: count nothing.
-            None => drop(permit),
+        let admitted = CallState::with(|call| call.admit_attempt(&self.breaker));
+        match admitted {
+            Some(admitted) => {
+                admitted.map_err(reqwest_middleware::Error::middleware)?;
+                next.run(req, extensions).await
+            }
+            // Outside a pipeline call (never in the gateway) there is no call to record at the
+            // end of: this attempt is the call.
+            None => {
+                let permit = self
+                    .breaker
+                    .try_acquire()
+                    .map_err(reqwest_middleware::Error::middleware)?;
+                let result = next.run(req, extensions).await;
+                match Outcome::of(&result).breaker_failure() {
+                    Some(failed) => permit.record(failed),
+                    // Our own bug, not the upstream's health: count nothing.
+                    None => drop(permit),
+                }
+                result
+            }
         }
-        result
     }
 }
 
@@ -527,17 +706,17 @@ mod tests {
 
     use super::*;
 
-    fn fail(b: &Breaker) {
+    fn fail(b: &Arc<Breaker>) {
         b.try_acquire().expect("admitted").record(true);
     }
-    fn succeed(b: &Breaker) {
+    fn succeed(b: &Arc<Breaker>) {
         b.try_acquire().expect("admitted").record(false);
     }
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)
     }
     /// Open time just chosen (the clock is paused, so none of it has elapsed yet).
-    fn open_for(b: &Breaker) -> Duration {
+    fn open_for(b: &Arc<Breaker>) -> Duration {
         b.try_acquire().expect_err("open").retry_after
     }
     fn in_jitter_bounds(d: Duration, planned: f64) -> bool {
@@ -546,7 +725,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_a_success_resets_the_count() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..4 {
             fail(&b);
         }
@@ -567,7 +746,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_on_failure_rate_only_with_the_minimum_volume() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         // success, failure, ... never 5 in a row; 50% failures.
         for _ in 0..9 {
             succeed(&b);
@@ -583,7 +762,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failure_rate_forgets_calls_older_than_the_window() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..9 {
             succeed(&b);
             fail(&b);
@@ -603,7 +782,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn open_time_grows_with_jitter_up_to_the_cap_and_resets_after_a_close() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..5 {
             fail(&b);
         }
@@ -671,7 +850,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_probe_frees_its_slot() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..5 {
             fail(&b);
         }
@@ -686,7 +865,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_from_before_the_opening_cannot_close_it() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         let slow = b.try_acquire().expect("closed");
         for _ in 0..5 {
             fail(&b);
@@ -697,9 +876,246 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
+    /// One client call as the pipeline makes it: `attempts[i]` says whether attempt `i` fails;
+    /// the call stops at its first success (the retry layer) and the breaker records the final
+    /// attempt once. `None` when the breaker refused an attempt (nothing is recorded then).
+    fn call(b: &Arc<Breaker>, attempts: &[bool]) -> Option<bool> {
+        let mut held = None;
+        let mut last = None;
+        for &failed in attempts {
+            b.admit_attempt(&mut held).ok()?;
+            last = Some(failed);
+            if !failed {
+                break;
+            }
+        }
+        if let (Some(permit), Some(failed)) = (held, last) {
+            permit.record(failed);
+        }
+        last
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_saved_by_a_retry_is_one_success() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for _ in 0..100 {
+            assert_eq!(call(&b, &[true, true, false]), Some(false));
+        }
+        let snap = b.snapshot();
+        assert_eq!(snap.state, BreakerState::Closed);
+        // 100 calls (not 300 attempts), none failed.
+        assert_eq!((snap.window_calls, snap.window_failures), (100, 0));
+        assert_eq!(snap.consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thirty_percent_failed_attempts_behind_retries_do_not_trip_it() {
+        use rand::{rngs::StdRng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        let per_call = Arc::new(Breaker::new("calls", &BreakerConfig::default()));
+        // The same attempts, each counted as if it were a call: what the breaker did before.
+        let per_attempt = Arc::new(Breaker::new("attempts", &BreakerConfig::default()));
+        for max_retries in [2usize, 3] {
+            for _ in 0..5_000 {
+                let attempts: Vec<bool> = (0..=max_retries).map(|_| rng.random_bool(0.3)).collect();
+                call(&per_call, &attempts);
+                for &failed in &attempts {
+                    if let Ok(p) = per_attempt.try_acquire() {
+                        p.record(failed);
+                    }
+                    if !failed {
+                        break;
+                    }
+                }
+                // Let any open time run out, so the per-attempt breaker keeps being tested.
+                tokio::time::advance(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(per_call.snapshot().opened_count, 0);
+        assert_eq!(per_call.state(), BreakerState::Closed);
+        // A run of 5 failed attempts comes about every 1 / 0.3^5 = 412 attempts.
+        assert!(per_attempt.snapshot().opened_count > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hard_down_upstream_trips_it_after_n_failed_calls() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for n in 1..=4 {
+            assert_eq!(call(&b, &[true, true, true]), Some(true));
+            assert_eq!(b.state(), BreakerState::Closed);
+            assert_eq!(b.snapshot().consecutive_failures, n);
+        }
+        assert_eq!(call(&b, &[true, true, true]), Some(true));
+        assert_eq!(b.state(), BreakerState::Open);
+        // Refused at the first attempt: no upstream call at all.
+        assert_eq!(call(&b, &[false]), None);
+        assert!(in_jitter_bounds(open_for(&b), 5.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_opening_stops_the_retries_of_calls_in_flight() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        let mut held = None;
+        b.admit_attempt(&mut held).expect("closed");
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        // The call's retry asks again and is refused; its old permit is gone.
+        assert!(b.admit_attempt(&mut held).is_err());
+        assert!(held.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_probe_keeps_its_slot_for_its_retries_and_decides_once() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        tokio::time::advance(open_for(&b)).await;
+        // A failed probe call (all its attempts failed) re-opens.
+        let mut probe = None;
+        b.admit_attempt(&mut probe).expect("probe");
+        assert!(b.admit_attempt(&mut None).is_err(), "one probe at a time");
+        b.admit_attempt(&mut probe).expect("the probe's own retry");
+        probe.take().expect("held").record(true);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot().opened_count, 2);
+
+        // A probe call that a retry saved closes it.
+        tokio::time::advance(open_for(&b)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(call(&b, &[true, false]), Some(false));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_failure_rate_window_counts_calls() {
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        // Alternate a call that succeeds and one whose three attempts all fail: 50% of calls.
+        for _ in 0..9 {
+            call(&b, &[false]);
+            call(&b, &[true, true, true]);
+        }
+        call(&b, &[false]);
+        let snap = b.snapshot();
+        assert_eq!((snap.window_calls, snap.window_failures), (19, 9));
+        assert_eq!(
+            snap.state,
+            BreakerState::Closed,
+            "19 calls: under min_calls"
+        );
+        call(&b, &[true, true, true]);
+        assert_eq!(b.state(), BreakerState::Open, "20 calls, 10 failed");
+    }
+
+    /// A breaker with a health probe every 100 ms (open time 5 s) whose answer the test sets;
+    /// the counter says how often it was asked.
+    fn probed() -> (
+        Arc<Breaker>,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<AtomicUsize>,
+    ) {
+        use std::sync::atomic::AtomicBool;
+        let config = BreakerConfig {
+            probe_path: Some("/health".into()),
+            probe_interval: Dur::from_millis(100),
+            ..BreakerConfig::default()
+        };
+        let b = Arc::new(Breaker::new("t", &config));
+        let healthy = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (h, a) = (healthy.clone(), asked.clone());
+        b.set_health_probe(Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            let answer = h.load(Ordering::SeqCst);
+            Box::pin(async move { answer })
+        }));
+        (b, healthy, asked)
+    }
+
+    /// Lets spawned probe loops run up to `d` of (paused) time.
+    async fn run_for(d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_open_the_health_probe_goes_half_open_within_one_interval_of_recovery() {
+        let (b, healthy, asked) = probed();
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        run_for(Duration::from_millis(350)).await;
+        // Asked every 100 ms, the upstream is still down: open, 4 s or more to go.
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        assert_eq!(b.state(), BreakerState::Open);
+        healthy.store(true, Ordering::SeqCst);
+        run_for(Duration::from_millis(100)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(asked.load(Ordering::SeqCst), 4);
+        // Half-open as usual: one real call probes, the others fail fast, and the probe's
+        // success closes the breaker.
+        let mut probe = None;
+        b.admit_attempt(&mut probe).expect("the probe call");
+        assert!(b.try_acquire().is_err());
+        probe.take().expect("probe").record(false);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // The loop ended with its opening: no more questions while closed.
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_call_after_a_healthy_answer_reopens_and_probing_resumes() {
+        let (b, healthy, asked) = probed();
+        healthy.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        run_for(Duration::from_millis(150)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // The health endpoint says yes but the API still fails: re-open, probe again.
+        assert_eq!(call(&b, &[true, true]), Some(true));
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot().opened_count, 2);
+        let before = asked.load(Ordering::SeqCst);
+        run_for(Duration::from_millis(150)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), before + 1);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probing_stops_when_the_opening_ends_and_is_off_without_probe_path() {
+        let (b, _healthy, asked) = probed();
+        for _ in 0..5 {
+            call(&b, &[true]);
+        }
+        run_for(Duration::from_millis(250)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        b.reset();
+        run_for(Duration::from_secs(2)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "probed after the reset");
+
+        // Without probe_path the breaker ignores a health check and waits out its open time.
+        let plain = Arc::new(Breaker::new("t", &BreakerConfig::default()));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let a = asked.clone();
+        plain.set_health_probe(Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { true })
+        }));
+        for _ in 0..5 {
+            call(&plain, &[true]);
+        }
+        run_for(Duration::from_secs(3)).await;
+        assert_eq!(plain.state(), BreakerState::Open);
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn reset_closes_and_forgets() {
-        let b = Breaker::new("t", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("t", &BreakerConfig::default()));
         for _ in 0..5 {
             fail(&b);
         }
@@ -721,7 +1137,7 @@ mod tests {
             enabled: false,
             ..BreakerConfig::default()
         };
-        let b = Breaker::new("t", &config);
+        let b = Arc::new(Breaker::new("t", &config));
         for _ in 0..100 {
             fail(&b);
         }
@@ -731,7 +1147,7 @@ mod tests {
 
     #[test]
     fn snapshot_serializes_for_admin() {
-        let b = Breaker::new("storage", &BreakerConfig::default());
+        let b = Arc::new(Breaker::new("storage", &BreakerConfig::default()));
         let json = serde_json::to_value(b.snapshot()).expect("json");
         assert_eq!(json["upstream"], "storage");
         assert_eq!(json["state"], "closed");
@@ -750,6 +1166,8 @@ mod tests {
             failure_rate: 1.5,
             open_max: Dur::from_secs(1),
             half_open_probes: 0,
+            probe_path: Some("health".into()),
+            probe_interval: Dur::from_millis(10),
             ..BreakerConfig::default()
         };
         let mut errors = Vec::new();
@@ -762,6 +1180,8 @@ mod tests {
                 "upstreams.storage.breaker.failure_rate",
                 "upstreams.storage.breaker.open_max",
                 "upstreams.storage.breaker.half_open_probes",
+                "upstreams.storage.breaker.probe_path",
+                "upstreams.storage.breaker.probe_interval",
             ]
         );
         let mut errors = Vec::new();

@@ -7,7 +7,8 @@
 //! deadline -> retry (reqwest-retry + our strategy/policy: 503 + connect errors, budget,
 //!             backoff with full jitter, Retry-After)
 //!          -> attempt record (one tracing event + metrics per attempt)
-//!          -> circuit breaker (fast `CircuitOpen` while open)
+//!          -> circuit breaker (fast `CircuitOpen` while open; admits per attempt, records
+//!             one outcome per client call when the retries are done)
 //!          -> per-attempt timeout
 //!          -> the pooled reqwest client (built by the caller)
 //! ```
@@ -32,7 +33,10 @@ pub mod retry;
 pub mod timeout;
 mod window;
 
-pub use breaker::{Breaker, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerState};
+pub use breaker::{
+    http_health_check, Breaker, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerState,
+    HealthCheck,
+};
 pub use pipeline::{CallOptions, Delivered, Pipeline, UpstreamError};
 pub use retry::{RetryBudget, RetryConfig};
 pub use timeout::AttemptTimedOut;

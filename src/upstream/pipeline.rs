@@ -12,7 +12,7 @@ use reqwest_retry::RetryTransientMiddleware;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerOpen};
+use super::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerOpen, Permit};
 use super::retry::{RetryBudget, RetryConfig, RetryOn, RetryWithin};
 use super::timeout::{AttemptTimedOut, AttemptTimeout};
 
@@ -162,6 +162,9 @@ pub(crate) struct CallState {
     last_error: RefCell<Option<String>>,
     /// A `Retry-After` the strategy accepted, for the policy to wait instead of backing off.
     retry_after: Cell<Option<Duration>>,
+    /// The breaker's permit for this call, taken on its first admitted attempt and recorded
+    /// once, when the call ends (the breaker counts calls, not attempts).
+    permit: RefCell<Option<Permit>>,
 }
 
 impl CallState {
@@ -177,6 +180,21 @@ impl CallState {
             last_outcome: Cell::new(None),
             last_error: RefCell::new(None),
             retry_after: Cell::new(None),
+            permit: RefCell::new(None),
+        }
+    }
+
+    /// Asks `breaker` to admit the next attempt of this call (see [`Breaker::admit_attempt`]).
+    pub(crate) fn admit_attempt(&self, breaker: &Arc<Breaker>) -> Result<(), BreakerOpen> {
+        breaker.admit_attempt(&mut self.permit.borrow_mut())
+    }
+
+    /// Records the call's final outcome with the breaker: `failed` as for
+    /// [`Outcome::breaker_failure`]; `None` records nothing (and frees a probe slot).
+    fn finish(&self, failed: Option<bool>) {
+        let permit = self.permit.borrow_mut().take();
+        if let (Some(permit), Some(failed)) = (permit, failed) {
+            permit.record(failed);
         }
     }
 
@@ -248,6 +266,18 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Why an attempt failed, for the log: the error's causes without reqwest's outer message,
+/// which names the URL, query string included (where clients put tokens).
+fn failure_cause(e: &reqwest_middleware::Error) -> Option<String> {
+    match e {
+        reqwest_middleware::Error::Reqwest(e) => {
+            use std::error::Error;
+            e.source().map(error_chain)
+        }
+        reqwest_middleware::Error::Middleware(e) => Some(error_chain(e.as_ref())),
+    }
+}
+
 /// One tracing event and one count + duration sample per attempt.
 struct RecordAttempt {
     upstream: Arc<str>,
@@ -309,7 +339,9 @@ impl Middleware for RecordAttempt {
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         match outcome.breaker_failure() {
             Some(true) => {
-                tracing::info!(upstream = %self.upstream, attempt, outcome = label, latency_ms, "upstream attempt")
+                // The cause (refused, DNS, connect timeout...) tells a restart from an outage.
+                let error = result.as_ref().err().and_then(failure_cause);
+                tracing::info!(upstream = %self.upstream, attempt, outcome = label, latency_ms, error, "upstream attempt")
             }
             Some(false) | None => {
                 tracing::debug!(upstream = %self.upstream, attempt, outcome = label, latency_ms, "upstream attempt")
@@ -373,8 +405,9 @@ impl Pipeline {
             // Records every attempt, refusals included, so it sits above the breaker; it is
             // below retry so that each attempt, not each call, is one event.
             .with(RecordAttempt::new(upstream.clone()))
-            // The breaker refuses fast while open, and is outside the timeout so that a timed-out
-            // attempt is recorded as a failure.
+            // The breaker refuses fast while open, per attempt; it records one outcome per
+            // CALL, in `send` once retry is done (a call a retry saved is no failure). It is
+            // outside the timeout so that a call whose last attempt timed out is a failure.
             .with(BreakerLayer {
                 breaker: breaker.clone(),
             })
@@ -408,6 +441,28 @@ impl Pipeline {
         &self.breaker
     }
 
+    /// Gives the breaker its active health probe, `GET {base_url}{breaker.probe_path}` on
+    /// `client` while open; a no-op unless the upstream's breaker sets `probe_path`.
+    pub fn probe_health_at(&self, client: &reqwest::Client, base_url: &str) {
+        let Some(path) = self.breaker.config().probe_path.as_deref() else {
+            return;
+        };
+        let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        match reqwest::Url::parse(&url) {
+            Ok(url) => self
+                .breaker
+                .set_health_probe(super::breaker::http_health_check(
+                    client.clone(),
+                    url,
+                    self.breaker.config().probe_interval.0,
+                )),
+            // Config validation checked both parts; say so loudly rather than probe nothing.
+            Err(e) => {
+                tracing::error!(upstream = %self.upstream, %url, error = %e, "health probe URL invalid; not probing")
+            }
+        }
+    }
+
     /// Sends `req` (its body must be buffered, so that retries can clone it) through the stack.
     ///
     /// Any upstream answer, 5xx included, is `Ok` (the client gets it untouched); `Err` means
@@ -437,6 +492,12 @@ impl Pipeline {
                 })
                 .await;
                 CALL.with(|state| {
+                    // One breaker record per call, for its final attempt (a timeout if the
+                    // deadline cut the call).
+                    state.finish(match &result {
+                        Ok(_) => state.last_outcome().and_then(Outcome::breaker_failure),
+                        Err(_elapsed) => Outcome::Timeout.breaker_failure(),
+                    });
                     let attempts = state.attempts.get();
                     match result {
                         Ok((Ok(response), slot)) => Ok(Delivered {
