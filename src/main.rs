@@ -202,8 +202,17 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(Some(file)) {
         Ok(cfg) => {
-            println!("{}: OK\n{}", file.display(), cfg.summary());
-            ExitCode::SUCCESS
+            // A reader that stops early (`check-config FILE | head`) is not an error of ours;
+            // println! would panic on the broken pipe.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{}: OK\n{}", file.display(), cfg.summary()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("cannot write the summary: {e}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
         }
         Err(e) => {
             eprintln!("{}: invalid configuration:\n{e}", file.display());

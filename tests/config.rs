@@ -205,3 +205,19 @@ fn check_config_exits_0_with_a_summary_or_2_with_the_errors() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
 }
+
+#[test]
+fn check_config_into_a_closed_pipe_exits_0_without_a_panic() {
+    // `check-config FILE | head -1`: the reader is gone before the summary is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .args(["check-config", "gateway.example.toml"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
