@@ -144,6 +144,28 @@ async def run_step(step, ctx):
     if "sleep_s" in step:
         await asyncio.sleep(step["sleep_s"])
         return f"sleep {step['sleep_s']}"
+    if "wait_metric" in step:
+        # Polls the gateways' /metrics until `wait_metric{labels}` equals `value` on every
+        # gateway named, then waits `settle_s` and (optionally) takes a scrape named `scrape`
+        # that expectations can start from ("once the breaker is open" windows).
+        name, labels, want = step["wait_metric"], step.get("labels"), float(step["value"])
+        gws = step.get("gateways", list(ADMIN_PORTS))
+        began = time.monotonic()
+        deadline = began + step.get("timeout_s", 10)
+        while True:
+            texts = await asyncio.to_thread(lambda: {g: scrape(ADMIN_PORTS[g]) for g in gws})
+            if all(metric_sum(t, name, labels) == want for t in texts.values()):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}{labels} never reached {want} on {gws}")
+            await asyncio.sleep(0.05)
+        waited = time.monotonic() - began
+        await asyncio.sleep(step.get("settle_s", 0))
+        if "scrape" in step:
+            ctx["scrapes"][step["scrape"]] = await asyncio.to_thread(
+                lambda: {g: scrape(p) for g, p in ADMIN_PORTS.items() if _alive(g)})
+        return (f"{name}{json.dumps(labels or {})} == {step['value']} on {','.join(gws)} "
+                f"after {waited:.2f} s, then settled {step.get('settle_s', 0)} s")
     raise ValueError(f"unknown step {step}")
 
 
