@@ -12,6 +12,12 @@
 //! for [`SHED_AFTER_IDLE`]: idle sockets must not lock out clients that have work to do.
 //! Closing is always graceful: an HTTP/1 request in flight still gets its response, HTTP/2
 //! gets GOAWAY and its open streams finish.
+//!
+//! An HTTP/1 keep-alive connection that waits for its next request is closed after
+//! `header_read_timeout`, before `idle_timeout`: hyper starts the header-read timer as soon as
+//! a response is written (hyperium/hyper#3828) and has no separate keep-alive timeout. Raising
+//! hyper's timer to `idle_timeout` would give a slowloris head that long, so the shorter bound
+//! is kept.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
