@@ -22,6 +22,25 @@ fn cfg_with_storage(storage: &FakeUpstream) -> Config {
     cfg
 }
 
+/// One upstream's entry of `GET /admin/breakers`.
+async fn breaker_view(c: &reqwest::Client, admin: &str, upstream: &str) -> Value {
+    let view: Value = c
+        .get(format!("{admin}/admin/breakers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    view["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["upstream"] == upstream)
+        .unwrap_or_else(|| panic!("no breaker for {upstream}: {view}"))
+        .clone()
+}
+
 fn route_mut<'a>(
     cfg: &'a mut Config,
     path: &str,
@@ -127,21 +146,7 @@ async fn a_failing_upstream_opens_the_breaker_and_then_costs_nothing() {
 
     // The admin view shows it, and an operator reset closes it.
     let admin = format!("http://{}", gw.admin_addr);
-    let view: Value = c
-        .get(format!("{admin}/admin/breakers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let storage_view = view["breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["upstream"] == "storage")
-        .unwrap()
-        .clone();
+    let storage_view = breaker_view(&c, &admin, "storage").await;
     assert_eq!(storage_view["state"], "open");
     assert!(storage_view["seconds_until_probe"].as_f64().unwrap() > 0.0);
     let metrics = c
@@ -197,21 +202,7 @@ async fn a_503_brownout_saved_by_retries_leaves_the_breaker_closed() {
         assert_eq!(r.headers()["x-upstream-attempts"], "3");
     }
     let admin = format!("http://{}", gw.admin_addr);
-    let view: Value = c
-        .get(format!("{admin}/admin/breakers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let storage_view = view["breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["upstream"] == "storage")
-        .unwrap()
-        .clone();
+    let storage_view = breaker_view(&c, &admin, "storage").await;
     assert_eq!(storage_view["state"], "closed");
     assert_eq!(storage_view["opened_count"], 0);
     assert_eq!(storage_view["window_calls"], 21);

@@ -22,6 +22,19 @@ fn opts(deadline: Duration) -> CallOptions {
     }
 }
 
+/// A default pipeline with at most `slots` calls in flight.
+fn bounded(name: &str, slots: usize) -> std::sync::Arc<Pipeline> {
+    std::sync::Arc::new(
+        Pipeline::new(
+            name,
+            reqwest::Client::new(),
+            &RetryConfig::default(),
+            &BreakerConfig::default(),
+        )
+        .with_max_connections(slots),
+    )
+}
+
 fn get(base: &str) -> Request {
     Request::new(Method::GET, format!("{base}/x").parse().expect("url"))
 }
@@ -32,15 +45,7 @@ async fn calls_beyond_the_bound_wait_for_a_slot_instead_of_opening_connections()
         .then(Step::status(200).delayed(Duration::from_millis(50)))
         .start()
         .await;
-    let p = std::sync::Arc::new(
-        Pipeline::new(
-            "slots",
-            reqwest::Client::new(),
-            &RetryConfig::default(),
-            &BreakerConfig::default(),
-        )
-        .with_max_connections(2),
-    );
+    let p = bounded("slots", 2);
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let (p, url) = (p.clone(), up.url());
@@ -72,15 +77,7 @@ async fn waiting_for_a_slot_counts_against_the_deadline_not_the_breaker() {
         .then(Step::status(200).delayed(Duration::from_millis(400)))
         .start()
         .await;
-    let p = std::sync::Arc::new(
-        Pipeline::new(
-            "one-slot",
-            reqwest::Client::new(),
-            &RetryConfig::default(),
-            &BreakerConfig::default(),
-        )
-        .with_max_connections(1),
-    );
+    let p = bounded("one-slot", 1);
     let holder = {
         let (p, url) = (p.clone(), up.url());
         tokio::spawn(async move { p.send(get(&url), opts(Duration::from_secs(5))).await })
