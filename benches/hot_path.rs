@@ -120,6 +120,7 @@ fn access_lines(c: &mut Criterion) {
         status: 200,
         latency_ms: 0.412_345,
         upstream: "storage",
+        reason: "",
         remote: Some("127.0.0.1:52144".parse().unwrap()),
         request_id: "4f3c2b1a09f8e7d6c5b4a3928170f6e5",
     };

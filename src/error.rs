@@ -59,6 +59,11 @@ pub enum GatewayError {
     Internal,
 }
 
+/// The `reason` of a gateway-made error response, kept on the response for the access log
+/// (which never reads bodies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorReason(pub &'static str);
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
@@ -171,6 +176,7 @@ impl GatewayError {
         let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
         let mut resp = Response::new(Body::from(json));
         *resp.status_mut() = status;
+        resp.extensions_mut().insert(ErrorReason(reason));
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {

@@ -329,3 +329,42 @@ async fn memory_returns_to_baseline_after_hostile_rounds() {
     assert_eq!(r.status(), 200);
     eprintln!("RSS baseline {baseline} KiB, after rounds {after_round:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_reason_of_gateway_made_errors() {
+    let up = FakeUpstream::ok().await;
+    let dead = refused_addr().await;
+    let gw = Gateway::start(&up.url(), &format!("http://{dead}"), &up.url());
+    let c = client();
+    let r = c
+        .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = c
+        .get(format!("{}/api/analytics/pcr/NIFTY", gw.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let access: Vec<serde_json::Value> = gw
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect();
+    let reason_of = |route: &str| {
+        access
+            .iter()
+            .find(|v| v["route"] == route)
+            .unwrap_or_else(|| panic!("no access line for {route}: {access:?}"))["reason"]
+            .clone()
+    };
+    assert_eq!(
+        reason_of("/api/data/underlying/{product}"),
+        "upstream_unavailable"
+    );
+    assert_eq!(reason_of("/api/analytics/pcr/{product}"), "");
+}

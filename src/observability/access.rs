@@ -111,6 +111,10 @@ where
     let info = resp.extensions().get::<RouteInfo>();
     let route = info.and_then(|i| i.route.clone());
     let upstream = info.and_then(|i| i.upstream.clone());
+    let reason = resp
+        .extensions()
+        .get::<crate::error::ErrorReason>()
+        .map_or("", |r| r.0);
     record_request(
         route.as_deref().unwrap_or("unmatched"),
         method_label(&method),
@@ -125,6 +129,7 @@ where
             status,
             latency_ms: elapsed.as_secs_f64() * 1000.0,
             upstream: upstream.as_deref().unwrap_or(""),
+            reason,
             remote,
             request_id: rid.to_str().unwrap_or(""),
         };
@@ -145,6 +150,9 @@ pub struct AccessLine<'a> {
     pub status: u16,
     pub latency_ms: f64,
     pub upstream: &'a str,
+    /// The error contract's `reason` when the gateway made the response itself
+    /// (`circuit_open`, `upstream_unavailable`, `rate_limited`, ...); empty otherwise.
+    pub reason: &'a str,
     pub remote: Option<SocketAddr>,
     pub request_id: &'a str,
 }
@@ -173,6 +181,8 @@ impl AccessLine<'_> {
         }
         out.extend_from_slice(b",\"upstream\":");
         json_str(self.upstream, out);
+        out.extend_from_slice(b",\"reason\":");
+        json_str(self.reason, out);
         out.extend_from_slice(b",\"remote\":\"");
         if let Some(remote) = self.remote {
             // An address has no character that needs escaping.
@@ -248,6 +258,7 @@ mod tests {
             status: 200,
             latency_ms: 0.25,
             upstream: "storage",
+            reason: "circuit_open",
             remote: Some("127.0.0.1:5000".parse().unwrap()),
             request_id: "abc",
         };
@@ -262,7 +273,8 @@ mod tests {
             concat!(
                 r#"{"timestamp":"2026-11-19T13:33:20.266239Z","level":"INFO","method":"GET","#,
                 r#""path":"/api/data/\"x\\","route":"/api/data/{product}","status":200,"#,
-                r#""latency_ms":0.25,"upstream":"storage","remote":"127.0.0.1:5000","#,
+                r#""latency_ms":0.25,"upstream":"storage","reason":"circuit_open","#,
+                r#""remote":"127.0.0.1:5000","#,
                 r#""request_id":"abc","target":"access"}"#,
                 "\n"
             )
