@@ -162,6 +162,7 @@ async def run_step(step, ctx):
         waited = time.monotonic() - began
         await asyncio.sleep(step.get("settle_s", 0))
         if "scrape" in step:
+            ctx.setdefault("marks", {})[step["scrape"]] = time.time()
             ctx["scrapes"][step["scrape"]] = await asyncio.to_thread(
                 lambda: {g: scrape(p) for g, p in ADMIN_PORTS.items() if _alive(g)})
         return (f"{name}{json.dumps(labels or {})} == {step['value']} on {','.join(gws)} "
@@ -369,6 +370,20 @@ def compare(value, op, target):
     raise ValueError(f"unknown op {op}")
 
 
+def access_lines(service):
+    """The gateway's JSON access lines so far (`docker logs`; the gateway logs to stdout)."""
+    out = sh("docker", "logs", container(service), timeout=30)
+    lines = []
+    for line in out.splitlines():
+        if '"target":"access"' not in line:
+            continue
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
 def evaluate(exp, records, ev, end, ctx):
     """One expectation -> {id, desc, metric, value, op, target, n, pass}."""
     kind = exp["metric"]
@@ -386,6 +401,25 @@ def evaluate(exp, records, ev, end, ctx):
         if lats:
             value = {"max_ms": max(lats) if lats else None, "min_ms": min(lats) if lats else None}.get(
                 kind) if kind in ("max_ms", "min_ms") else percentile(lats, float(kind[1:-3]))
+    elif re.fullmatch(r"access_log_p\d+(\.\d+)?_ms", kind):
+        # Gateway-measured latency, request by request, from the gateways' own access lines
+        # written between two marks (wall clock: `from_mark`, `to_mark`), filtered on their
+        # fields (`access_match`, e.g. route and the error `reason`).
+        lo = ctx["marks"][exp["from_mark"]]
+        hi = ctx["marks"][exp.get("to_mark", "remove_start")]
+        want = exp.get("access_match", {})
+        lats = []
+        for g in as_list(exp.get("gateways", list(ADMIN_PORTS))):
+            for line in access_lines(g):
+                ts = dt.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+                if lo <= ts <= hi and all(line.get(k) in as_list(v) for k, v in want.items()):
+                    lats.append(line["latency_ms"])
+        n = len(lats)
+        value = percentile(lats, float(kind[len("access_log_p"):-3]))
+        if value is not None:
+            value = round(value, 3)
+        detail = {"lines": n, "max_ms": round(max(lats), 3) if lats else None,
+                  "over_5ms": sum(1 for x in lats if x > 5.0)}
     elif kind == "seconds_to_first":
         # Seconds from an event to the completion of the first request matching `match`.
         t_ev = ev[exp.get("from", "remove_end")]
@@ -567,6 +601,7 @@ async def run_experiment(spec, outdir):
             ev["inject_end"] = round(time.monotonic() - t0, 3)
             await asyncio.to_thread(scrape_all, "inject_end")
             await asyncio.sleep(max(0, t0 + ph["steady_s"] + ph["fault_s"] - time.monotonic()))
+            ctx.setdefault("marks", {})["remove_start"] = time.time()
             await asyncio.to_thread(scrape_all, "remove_start")
             ev["remove_start"] = round(time.monotonic() - t0, 3)
             for st in spec["fault"]["remove"]:
