@@ -162,9 +162,7 @@ async def run_step(step, ctx):
         waited = time.monotonic() - began
         await asyncio.sleep(step.get("settle_s", 0))
         if "scrape" in step:
-            ctx.setdefault("marks", {})[step["scrape"]] = time.time()
-            ctx["scrapes"][step["scrape"]] = await asyncio.to_thread(
-                lambda: {g: scrape(p) for g, p in ADMIN_PORTS.items() if _alive(g)})
+            await asyncio.to_thread(scrape_all, ctx, step["scrape"])
         return (f"{name}{json.dumps(labels or {})} == {step['value']} on {','.join(gws)} "
                 f"after {waited:.2f} s, then settled {step.get('settle_s', 0)} s")
     raise ValueError(f"unknown step {step}")
@@ -219,6 +217,13 @@ def scrape(port):
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
         return r.read().decode()
+
+
+def scrape_all(ctx, label):
+    """/metrics of every running gateway, kept as ctx["scrapes"][label], and the wall-clock
+    moment as ctx["marks"][label] (the bound of access-log windows)."""
+    ctx.setdefault("marks", {})[label] = time.time()
+    ctx["scrapes"][label] = {g: scrape(p) for g, p in ADMIN_PORTS.items() if _alive(g)}
 
 
 def metric_sum(text, name, labels=None):
@@ -588,9 +593,6 @@ async def run_experiment(spec, outdir):
         ev = result["events"]
         sampler = Sampler(spec.get("sample_resources", []), t0)
 
-        def scrape_all(label):
-            ctx["scrapes"][label] = {g: scrape(p) for g, p in ADMIN_PORTS.items() if _alive(g)}
-
         async def fault_script():
             nonlocal injected
             await asyncio.sleep(max(0, t0 + ph["steady_s"] - time.monotonic()))
@@ -599,17 +601,16 @@ async def run_experiment(spec, outdir):
             for st in spec["fault"]["inject"]:
                 result["steps"].append({"t": round(time.monotonic() - t0, 3), "step": await run_step(st, ctx)})
             ev["inject_end"] = round(time.monotonic() - t0, 3)
-            await asyncio.to_thread(scrape_all, "inject_end")
+            await asyncio.to_thread(scrape_all, ctx, "inject_end")
             await asyncio.sleep(max(0, t0 + ph["steady_s"] + ph["fault_s"] - time.monotonic()))
-            ctx.setdefault("marks", {})["remove_start"] = time.time()
-            await asyncio.to_thread(scrape_all, "remove_start")
+            await asyncio.to_thread(scrape_all, ctx, "remove_start")
             ev["remove_start"] = round(time.monotonic() - t0, 3)
             for st in spec["fault"]["remove"]:
                 result["steps"].append({"t": round(time.monotonic() - t0, 3), "step": await run_step(st, ctx)})
             injected = False
             ev["remove_end"] = round(time.monotonic() - t0, 3)
 
-        await asyncio.to_thread(scrape_all, "start")
+        await asyncio.to_thread(scrape_all, ctx, "start")
         sampler.start()
         fault_task = asyncio.create_task(fault_script())
         records = await loadgen.run_load(plan, PORTS, t0)
@@ -620,7 +621,7 @@ async def run_experiment(spec, outdir):
             await asyncio.sleep(2.5)
         await sampler.stop()
         end = plan["duration_s"]
-        await asyncio.to_thread(scrape_all, "end")
+        await asyncio.to_thread(scrape_all, ctx, "end")
         ctx["samples"] = sampler.samples
         result["load"] = {"rate": plan["rate"], "duration_s": end, "requests": len(records)}
         for exp in spec["expectations"]:

@@ -101,27 +101,37 @@ pub fn record_request(route: &str, method: &'static str, status: &'static str, s
         return record_uncached(route, method, status, seconds);
     }
     REQUEST_SERIES.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if !cache.contains_key(route) {
-            cache.insert(std::sync::Arc::from(route), Box::default());
-        }
-        let Some(slots) = cache.get_mut(route) else {
-            return;
-        };
-        let series = slots[m][s].get_or_insert_with(|| {
-            let labels = [
-                ("route", route.to_string()),
-                ("method", method.to_string()),
-                ("status", status.to_string()),
-            ];
-            RequestSeries {
-                requests: metrics::counter!("gateway_requests_total", &labels),
-                duration: metrics::histogram!("gateway_request_duration_seconds", &labels),
-            }
-        });
-        series.requests.increment(1);
-        series.duration.record(seconds);
+        with_route_slot(cache, route, |slots: &mut RouteSeries| {
+            let series = slots[m][s].get_or_insert_with(|| {
+                let labels = [
+                    ("route", route.to_string()),
+                    ("method", method.to_string()),
+                    ("status", status.to_string()),
+                ];
+                RequestSeries {
+                    requests: metrics::counter!("gateway_requests_total", &labels),
+                    duration: metrics::histogram!("gateway_request_duration_seconds", &labels),
+                }
+            });
+            series.requests.increment(1);
+            series.duration.record(seconds);
+        })
     });
+}
+
+/// Runs `f` on `route`'s entry of a per-thread cache of metric handles, made with `Default`
+/// the first time this thread sees the route: with the handles kept, recording is atomic adds
+/// instead of building labels and searching the registry per request.
+pub fn with_route_slot<T: Default, R>(
+    cache: &std::cell::RefCell<std::collections::HashMap<std::sync::Arc<str>, T>>,
+    route: &str,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut cache = cache.borrow_mut();
+    if let Some(slot) = cache.get_mut(route) {
+        return f(slot);
+    }
+    f(cache.entry(std::sync::Arc::from(route)).or_default())
 }
 
 fn record_uncached(route: &str, method: &'static str, status: &'static str, seconds: f64) {

@@ -31,6 +31,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::observability::metrics::{installed, with_route_slot};
 use bytes::Bytes;
 use http::header::{AGE, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -677,8 +678,8 @@ type RouteCounters = std::collections::HashMap<Arc<str>, Vec<(Arc<str>, OutcomeC
 
 thread_local! {
     /// Registered counter handles per route (then upstream), so a cache answer costs one
-    /// atomic add instead of building labels and searching the registry (as in
-    /// `observability::metrics`). Per thread: no lock; every handle points at the same series.
+    /// atomic add instead of building labels and searching the registry (the mechanism of
+    /// `observability::metrics::record_request`). Per thread: no lock; every handle points at the same series.
     static OUTCOME_COUNTERS: std::cell::RefCell<RouteCounters> =
         std::cell::RefCell::default();
 }
@@ -697,27 +698,22 @@ fn record(resource: &Resource, outcome: CacheOutcome) {
     // Route template and upstream name only: raw paths would explode the series count.
     let register = || counter!(name, "upstream" => resource.upstream.clone(), "route" => resource.route.clone());
     // Before the recorder is installed a handle would be a no-op forever: don't keep it.
-    if !crate::observability::metrics::installed() {
+    if !installed() {
         register().increment(1);
         return;
     }
     OUTCOME_COUNTERS.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if !cache.contains_key(&resource.route) {
-            cache.insert(resource.route.clone(), Vec::new());
-        }
-        let Some(upstreams) = cache.get_mut(&resource.route) else {
-            return;
-        };
-        let i = match upstreams.iter().position(|(u, _)| *u == resource.upstream) {
-            Some(i) => i,
-            None => {
-                upstreams.push((resource.upstream.clone(), Default::default()));
-                upstreams.len() - 1
-            }
-        };
-        upstreams[i].1[slot]
-            .get_or_insert_with(register)
-            .increment(1);
+        with_route_slot(cache, &resource.route, |upstreams: &mut Vec<_>| {
+            let i = match upstreams.iter().position(|(u, _)| *u == resource.upstream) {
+                Some(i) => i,
+                None => {
+                    upstreams.push((resource.upstream.clone(), OutcomeCounters::default()));
+                    upstreams.len() - 1
+                }
+            };
+            upstreams[i].1[slot]
+                .get_or_insert_with(register)
+                .increment(1);
+        })
     });
 }
