@@ -7,8 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
-use std::task::{Context, Waker};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,8 +15,6 @@ use bytes::Bytes;
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
-use tower::{Layer, Service};
-use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 use crate::auth::TokenVerifier;
 use crate::config::{parse_cidr, Config};
@@ -28,6 +25,7 @@ use crate::upstream::client::build_client;
 use crate::upstream::pipeline::Pipeline;
 
 mod conn;
+mod cors;
 pub mod memory;
 
 /// Builds the shared state from a validated config.
@@ -87,38 +85,6 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         health: Bytes::from(health),
         config: cfg,
     }))
-}
-
-fn cors_layer(cfg: &Config) -> CorsLayer {
-    let c = &cfg.cors;
-    let origin = if c.allowed_origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(c.allowed_origins.iter().filter_map(|o| o.parse().ok()))
-    };
-    let headers = if c.allowed_headers.iter().any(|h| h == "*") {
-        AllowHeaders::mirror_request()
-    } else {
-        AllowHeaders::list(c.allowed_headers.iter().filter_map(|h| h.parse().ok()))
-    };
-    let methods = AllowMethods::list(c.allowed_methods.iter().filter_map(|m| m.parse().ok()));
-    CorsLayer::new()
-        .allow_origin(origin)
-        .allow_headers(headers)
-        .allow_methods(methods)
-        .allow_credentials(c.allow_credentials)
-        .max_age(c.max_age.0)
-        .expose_headers(
-            [
-                "x-request-id",
-                "retry-after",
-                "ratelimit",
-                "ratelimit-policy",
-                "x-cache",
-                "x-upstream-attempts",
-            ]
-            .map(http::HeaderName::from_static),
-        )
 }
 
 /// A running gateway (public + admin listeners).
@@ -196,28 +162,13 @@ async fn accept_loop(
     };
     // The public application, outermost first: the access layer (request id, panic guard,
     // metrics, the log line: outermost so even CORS preflights and panics get a request id
-    // and a log line) -> CORS -> the generic handler. Composed by hand, not with axum's
-    // `Router` + `from_fn`: with one fallback handler those only added a route lookup, a
-    // boxed service and boxed futures per request.
+    // and a log line) -> CORS (`cors`: header values computed once) -> the generic handler.
+    // Composed by hand, not with axum's `Router` + `from_fn`: with one fallback handler those
+    // only added a route lookup, a boxed service and boxed futures per request.
     let access_settings = AccessSettings {
         timeout_status: app.timeout_status,
     };
-    let handler = {
-        let app = app.clone();
-        tower::service_fn(move |req: axum::extract::Request| {
-            let app = app.clone();
-            // Boxed: the handler's future is large (the whole upstream pipeline), and hyper
-            // keeps the service future of every connection, idle ones included, in place.
-            let handled = Box::pin(routes::handle(app, req));
-            async move { Ok::<_, Infallible>(handled.await) }
-        })
-    };
-    // `Cors::call` takes `&mut self` but keeps nothing between calls: one instance behind a
-    // lock held only for `call` (which returns at once) replaces a clone of the CORS rules,
-    // a few allocations, per request.
-    let public = Arc::new(std::sync::Mutex::new(
-        cors_layer(&app.config).layer(handler),
-    ));
+    let cors = Arc::new(cors::Cors::new(&app.config.cors));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Asks idle connections to close when a client is waiting for a slot.
     let shed = Arc::new(Notify::new());
@@ -254,26 +205,26 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let public = public.clone();
+        let app = app.clone();
+        let cors = cors.clone();
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ClientAddr(peer));
-                let public = public.clone();
+                let app = app.clone();
+                let cors = cors.clone();
                 async move {
-                    let resp = access(&access_settings, req.map(Body::new), |req| {
-                        let future = {
-                            let mut svc = public.lock().unwrap_or_else(PoisonError::into_inner);
-                            // Always ready (a `ServiceFn` inside); CORS checks its rules here.
-                            let mut cx = Context::from_waker(Waker::noop());
-                            let _ = svc.poll_ready(&mut cx);
-                            svc.call(req)
-                        };
-                        async move {
-                            match future.await {
-                                Ok(resp) => resp,
-                                Err(never) => match never {},
-                            }
+                    let resp = access(&access_settings, req.map(Body::new), |req| async move {
+                        // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
+                        if req.method() == http::Method::OPTIONS {
+                            return cors.preflight(req.headers());
                         }
+                        let origin = cors.allowed_origin(req.headers());
+                        // Boxed: the handler's future is large (the whole upstream pipeline),
+                        // and hyper keeps the service future of every connection, idle ones
+                        // included, in place.
+                        let mut resp = Box::pin(routes::handle(app, req)).await;
+                        cors.apply(origin, resp.headers_mut());
+                        resp
                     })
                     .await;
                     Ok::<_, Infallible>(resp)
