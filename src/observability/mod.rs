@@ -3,6 +3,7 @@ pub mod access;
 pub mod metrics;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -46,6 +47,10 @@ struct LogBuffer {
     /// Held while writing, so batches reach stdout in order.
     writing: Mutex<()>,
     wake: Condvar,
+    /// Set once a full batch has asked the writer to wake, cleared when it takes the batch:
+    /// the lines appended until the writer runs (it may share the core) do not each make a
+    /// `futex` call.
+    woken: AtomicBool,
 }
 
 static LOG_BUFFER: OnceLock<LogBuffer> = OnceLock::new();
@@ -60,6 +65,7 @@ fn log_buffer() -> &'static LogBuffer {
             pending: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
             writing: Mutex::new(()),
             wake: Condvar::new(),
+            woken: AtomicBool::new(false),
         }
     })
 }
@@ -82,6 +88,7 @@ fn writer_thread() {
 fn take(pending: &Mutex<Vec<u8>>) -> Vec<u8> {
     // A panic while holding the lock leaves at worst a partial line: keep logging.
     let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+    log_buffer().woken.store(false, Ordering::Relaxed);
     std::mem::replace(&mut *pending, Vec::with_capacity(FLUSH_BYTES))
 }
 
@@ -102,14 +109,19 @@ pub struct BufferedStdout;
 impl Write for BufferedStdout {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let log = log_buffer();
-        let len = {
+        let (len, first_full) = {
             let mut pending = log.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.extend_from_slice(bytes);
-            pending.len()
+            let len = pending.len();
+            // Under the lock `take` clears the flag in: one wake-up per batch.
+            (
+                len,
+                len >= FLUSH_BYTES && !log.woken.swap(true, Ordering::Relaxed),
+            )
         };
         if len >= MAX_PENDING {
             flush_logs();
-        } else if len >= FLUSH_BYTES {
+        } else if first_full {
             log.wake.notify_one();
         }
         Ok(bytes.len())
