@@ -9,9 +9,11 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY assets ./assets
-# Cargo.toml declares the benches, and cargo refuses a manifest whose declared targets are
-# missing, even to build only the binary (tests/dockerfile.rs keeps this list complete).
+# Cargo.toml declares the benches and the benchmark's floor proxy (an example), and cargo
+# refuses a manifest whose declared targets are missing, even to build only the binary
+# (tests/dockerfile.rs keeps this list complete).
 COPY benches ./benches
+COPY loadtest/floor ./loadtest/floor
 # Static glibc build: the result runs in FROM scratch (no loader, no libc in the image).
 ENV RUSTFLAGS="-C target-feature=+crt-static"
 RUN cargo build --release --locked --target x86_64-unknown-linux-gnu \
