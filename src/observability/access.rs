@@ -174,7 +174,9 @@ impl AccessLine<'_> {
         json_str(self.path, out);
         out.extend_from_slice(b",\"route\":");
         json_str(self.route, out);
-        let _ = write!(out, ",\"status\":{},\"latency_ms\":", self.status);
+        out.extend_from_slice(b",\"status\":");
+        push_uint(u64::from(self.status), 1, out);
+        out.extend_from_slice(b",\"latency_ms\":");
         // serde_json's float format, as the tracing formatter wrote it.
         if serde_json::to_writer(&mut *out, &self.latency_ms).is_err() {
             out.extend_from_slice(b"null");
@@ -184,9 +186,22 @@ impl AccessLine<'_> {
         out.extend_from_slice(b",\"reason\":");
         json_str(self.reason, out);
         out.extend_from_slice(b",\"remote\":\"");
-        if let Some(remote) = self.remote {
+        match self.remote {
             // An address has no character that needs escaping.
-            let _ = write!(out, "{remote}");
+            Some(SocketAddr::V4(v4)) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    push_uint(u64::from(octet), 1, out);
+                }
+                out.push(b':');
+                push_uint(u64::from(v4.port()), 1, out);
+            }
+            Some(remote) => {
+                let _ = write!(out, "{remote}");
+            }
+            None => {}
         }
         out.extend_from_slice(b"\",\"request_id\":");
         json_str(self.request_id, out);
@@ -204,29 +219,53 @@ impl AccessLine<'_> {
     }
 }
 
+/// `s` as a JSON string, escaped exactly as serde_json does; most values (methods, paths,
+/// route templates, ids) need no escaping and are copied as they are.
 fn json_str(s: &str, out: &mut Vec<u8>) {
-    if serde_json::to_writer(&mut *out, s).is_err() {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, s).is_err() {
         out.extend_from_slice(b"\"\"");
     }
 }
 
+/// `n` in decimal, left-padded with zeros to at least `width` digits (the line is written
+/// per request: `write!` and its formatting machinery showed in instruction counts).
+fn push_uint(mut n: u64, width: usize, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    while n > 0 || digits.len() - i < width.max(1) {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// `2026-11-26T13:46:40.266239Z`, the tracing formatter's UTC timestamp with microseconds.
 fn write_rfc3339_micros(now: std::time::SystemTime, out: &mut Vec<u8>) {
-    use std::io::Write;
     let since = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    push_uint(u64::try_from(year).unwrap_or(0), 4, out);
+    for (sep, value, width) in [
+        (b'-', u64::from(month), 2),
+        (b'-', u64::from(day), 2),
+        (b'T', rem / 3600, 2),
+        (b':', rem % 3600 / 60, 2),
+        (b':', rem % 60, 2),
+        (b'.', u64::from(since.subsec_micros()), 6),
+    ] {
+        out.push(sep);
+        push_uint(value, width, out);
+    }
+    out.push(b'Z');
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
@@ -281,6 +320,51 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["path"], "/api/data/\"x\\");
+    }
+
+    #[test]
+    fn numbers_and_strings_are_written_as_the_formatter_would() {
+        let mut out = Vec::new();
+        push_uint(0, 1, &mut out);
+        out.push(b' ');
+        push_uint(7, 2, &mut out);
+        out.push(b' ');
+        push_uint(65_535, 1, &mut out);
+        out.push(b' ');
+        push_uint(42, 6, &mut out);
+        assert_eq!(out, b"0 07 65535 000042");
+        for s in [
+            "/plain/path",
+            "tab\there",
+            "quote\"",
+            "back\\slash",
+            "caf\u{e9}",
+            "\u{7f}",
+        ] {
+            let mut ours = Vec::new();
+            json_str(s, &mut ours);
+            assert_eq!(ours, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+        let v6 = AccessLine {
+            method: "GET",
+            path: "/",
+            route: "",
+            status: 503,
+            latency_ms: 1.0,
+            upstream: "",
+            reason: "",
+            remote: Some("[::1]:8080".parse().unwrap()),
+            request_id: "",
+        };
+        let mut out = Vec::new();
+        v6.render(UNIX_EPOCH, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""status":503,"#), "{text}");
+        assert!(text.contains(r#""remote":"[::1]:8080""#), "{text}");
+        assert!(
+            text.starts_with(r#"{"timestamp":"1970-01-01T00:00:00.000000Z""#),
+            "{text}"
+        );
     }
 
     #[test]
