@@ -3,7 +3,7 @@
 //!
 //! A request's path through the house, one module per stage:
 //!
-//! * [`server`]: listeners, connection limits, header-read timeout, graceful drain.
+//! * [`server`]: listeners, connection limits, header-read timeout, CORS, graceful drain.
 //! * [`observability`]: the outermost layer: request id, panic -> 500, JSON access log,
 //!   Prometheus metrics.
 //! * [`routes`]: the route table built from [`config`] and the ONE generic proxy handler;
