@@ -38,16 +38,9 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
+    /// A key with no route yet (see [`CacheKey::with_route`]).
     pub(super) fn new(upstream: &str, path: &str, query: Option<&str>) -> CacheKey {
-        CacheKey {
-            resource: Arc::new(Resource {
-                route: Arc::from(""),
-                upstream: Arc::from(upstream),
-                path: path.into(),
-                query: normalize_query(query),
-            }),
-            head: false,
-        }
+        CacheKey::for_route(&Arc::from(""), &Arc::from(upstream), path, query)
     }
 
     /// The key of a request on `route` (its template: see [`CacheKey::with_route`]) to
