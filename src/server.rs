@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::auth::TokenVerifier;
 use crate::config::{parse_cidr, Config};
-use crate::observability::access::{access, AccessSettings, ClientAddr};
+use crate::observability::access::{access, AccessSettings, RouteInfo};
 use crate::routes::table::RouteTable;
 use crate::routes::{self, AppState, UpstreamRuntime};
 use crate::upstream::client::build_client;
@@ -207,29 +207,30 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let cors = cors.clone();
-        let svc =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
-                let app = app.clone();
-                let cors = cors.clone();
-                async move {
-                    let resp = access(&access_settings, req.map(Body::new), |req| async move {
-                        // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
-                        if req.method() == http::Method::OPTIONS {
-                            return cors.preflight(req.headers());
-                        }
-                        let origin = cors.allowed_origin(req.headers());
-                        // Boxed: the handler's future is large (the whole upstream pipeline),
-                        // and hyper keeps the service future of every connection, idle ones
-                        // included, in place.
-                        let mut resp = Box::pin(routes::handle(app, req)).await;
-                        cors.apply(origin, resp.headers_mut());
-                        resp
-                    })
-                    .await;
-                    Ok::<_, Infallible>(resp)
-                }
-            });
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let app = app.clone();
+            let cors = cors.clone();
+            async move {
+                let req = req.map(Body::new);
+                let resp = access(&access_settings, Some(peer), req, |req, rid| async move {
+                    // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
+                    if req.method() == http::Method::OPTIONS {
+                        return (cors.preflight(req.headers()), RouteInfo::default());
+                    }
+                    let origin = cors.allowed_origin(req.headers());
+                    // Not boxed: hyper keeps each connection's in-flight future in one box
+                    // of its own, reused request after request. The handler's future is
+                    // ~4.5 KB since the big parts (the upstream call, token verification)
+                    // are boxed where they are awaited; boxing it whole here cost every
+                    // request, cache hits included, an 11.8 KB allocation and copy.
+                    let (mut resp, info) = routes::handle(app, req, rid, peer).await;
+                    cors.apply(origin, resp.headers_mut());
+                    (resp, info)
+                })
+                .await;
+                Ok::<_, Infallible>(resp)
+            }
+        });
         let conn = conn::serve(
             stream,
             svc,

@@ -7,7 +7,7 @@ pub mod proxy;
 pub mod table;
 pub mod template;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -20,7 +20,7 @@ use http::{HeaderValue, Method, StatusCode};
 use crate::auth::{strip_identity_headers, TokenVerifier};
 use crate::config::{Config, RouteKind};
 use crate::error::GatewayError;
-use crate::observability::access::{ClientAddr, RequestId, RouteInfo};
+use crate::observability::access::RouteInfo;
 use crate::ratelimit::{client_ip, Subject};
 use crate::upstream::pipeline::Pipeline;
 use table::{RouteMatch, RouteTable};
@@ -69,27 +69,28 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     resp
 }
 
-/// The single entry point for every public request.
-pub async fn handle(app: Arc<AppState>, req: Request) -> Response {
-    let rid = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or(HeaderValue::from_static(""));
+/// The single entry point for every public request: `rid` is its request id, `peer_addr` the
+/// TCP peer. Returns the response and, for the access log, the route and upstream it took.
+pub async fn handle(
+    app: Arc<AppState>,
+    req: Request,
+    rid: HeaderValue,
+    peer_addr: SocketAddr,
+) -> (Response, RouteInfo) {
     let mut info = RouteInfo::default();
-    let result = dispatch(&app, req, &rid, &mut info).await;
-    let mut resp = match result {
+    let result = dispatch(&app, req, &rid, peer_addr, &mut info).await;
+    let resp = match result {
         Ok(r) => r,
         Err(e) => e.to_response(rid.to_str().unwrap_or(""), app.timeout_status),
     };
-    resp.extensions_mut().insert(info);
-    resp
+    (resp, info)
 }
 
 async fn dispatch(
     app: &AppState,
     req: Request,
     rid: &HeaderValue,
+    peer_addr: SocketAddr,
     info: &mut RouteInfo,
 ) -> Result<Response, GatewayError> {
     let method = req.method().clone();
@@ -117,18 +118,13 @@ async fn dispatch(
     for p in &params {
         template::check_param(p).map_err(|e| GatewayError::BadRequest(e.0.into()))?;
     }
-    let peer_addr = req
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|c| c.0)
-        .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
     // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 trusted proxies.
     let peer = peer_addr.ip().to_canonical();
     let (mut parts, body) = req.into_parts();
     // Identity headers are the gateway's to assert, on every route, authenticated or not.
     strip_identity_headers(&mut parts.headers);
     let identity = if route.auth {
-        Some(app.verifier.verify_headers(&parts.headers).await?)
+        Some(Box::pin(app.verifier.verify_headers(&parts.headers)).await?)
     } else {
         None
     };

@@ -298,9 +298,9 @@ pub async fn forward(
         ctx,
         peer_trusted,
     )?;
-    let delivered = up
-        .pipeline
-        .send(req, call)
+    // Boxed: the call's future (~3 KB: reqwest, its middleware, retry and breaker) would
+    // otherwise be part of every request's handler future, cache hits included.
+    let delivered = Box::pin(up.pipeline.send(req, call))
         .await
         .map_err(|e| upstream_error(up, e))?;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
@@ -414,9 +414,9 @@ async fn fetch_buffered(
     call: CallOptions,
 ) -> Result<Fetched, GatewayError> {
     let started = tokio::time::Instant::now();
-    let delivered = up
-        .pipeline
-        .send(req, call)
+    // Boxed: the call's future (~3 KB: reqwest, its middleware, retry and breaker) would
+    // otherwise be part of every request's handler future, cache hits included.
+    let delivered = Box::pin(up.pipeline.send(req, call))
         .await
         .map_err(|e| upstream_error(up, e))?;
     let left = call.deadline.saturating_sub(started.elapsed());
