@@ -367,4 +367,14 @@ async fn the_access_log_names_the_reason_of_gateway_made_errors() {
         "upstream_unavailable"
     );
     assert_eq!(reason_of("/api/analytics/pcr/{product}"), "");
+    // The route's upstream and the TCP peer reach the line too (passed to the access layer,
+    // not carried in extension maps).
+    let line = access
+        .iter()
+        .find(|v| v["route"] == "/api/analytics/pcr/{product}")
+        .unwrap();
+    assert_eq!(line["upstream"], "analytics");
+    assert_eq!(line["status"], 200);
+    let remote = line["remote"].as_str().unwrap_or_default();
+    assert!(remote.starts_with("127.0.0.1:"), "remote {remote:?}");
 }
