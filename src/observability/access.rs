@@ -124,8 +124,6 @@ where
             (resp, RouteInfo::default())
         }
     };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid.clone());
-
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     let RouteInfo { route, upstream } = info;
@@ -153,6 +151,7 @@ where
         };
         line.write(std::time::SystemTime::now());
     }
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
     resp
 }
 

@@ -124,7 +124,7 @@ async fn dispatch(
     // Identity headers are the gateway's to assert, on every route, authenticated or not.
     strip_identity_headers(&mut parts.headers);
     let identity = if route.auth {
-        // Boxed like the upstream call (proxy.rs): verification may call the auth service,
+        // Boxed like the upstream call (proxy::call_upstream): verification may call the auth service,
         // a large future that every other request's handler future would otherwise carry.
         Some(Box::pin(app.verifier.verify_headers(&parts.headers)).await?)
     } else {

@@ -17,7 +17,7 @@ use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::observability::access::X_REQUEST_ID;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
-use crate::upstream::pipeline::{CallOptions, UpstreamError};
+use crate::upstream::pipeline::{CallOptions, Delivered, UpstreamError};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -298,11 +298,7 @@ pub async fn forward(
         ctx,
         peer_trusted,
     )?;
-    // Boxed: the call's future (~3 KB: reqwest, its middleware, retry and breaker) would
-    // otherwise be part of every request's handler future, cache hits included.
-    let delivered = Box::pin(up.pipeline.send(req, call))
-        .await
-        .map_err(|e| upstream_error(up, e))?;
+    let delivered = call_upstream(up, req, call).await?;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
     let (mut resp_parts, resp_body) = upstream_resp.into_parts();
     strip_hop_by_hop(&mut resp_parts.headers);
@@ -388,6 +384,19 @@ impl http_body::Body for SlotBody {
     }
 }
 
+/// One call through the upstream's pipeline, its failure as the gateway's error. Boxed: the
+/// call's future (~3 KB: reqwest, its middleware, retry and breaker) would otherwise be part of
+/// every request's handler future, cache hits included.
+async fn call_upstream(
+    up: &UpstreamRuntime,
+    req: reqwest::Request,
+    call: CallOptions,
+) -> Result<Delivered, GatewayError> {
+    Box::pin(up.pipeline.send(req, call))
+        .await
+        .map_err(|e| upstream_error(up, e))
+}
+
 fn upstream_error(up: &UpstreamRuntime, e: UpstreamError) -> GatewayError {
     match e {
         UpstreamError::Unavailable { .. } => GatewayError::UpstreamUnavailable {
@@ -414,11 +423,7 @@ async fn fetch_buffered(
     call: CallOptions,
 ) -> Result<Fetched, GatewayError> {
     let started = tokio::time::Instant::now();
-    // Boxed: the call's future (~3 KB: reqwest, its middleware, retry and breaker) would
-    // otherwise be part of every request's handler future, cache hits included.
-    let delivered = Box::pin(up.pipeline.send(req, call))
-        .await
-        .map_err(|e| upstream_error(up, e))?;
+    let delivered = call_upstream(up, req, call).await?;
     let left = call.deadline.saturating_sub(started.elapsed());
     let mut resp = delivered.response;
     let status = resp.status();
