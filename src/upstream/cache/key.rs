@@ -1,6 +1,12 @@
-//! What identifies a cached response: the resource (route, upstream, path, normalised query)
-//! and, when the stored response carries `Vary`, the variant (the request's values of the
-//! headers it names).
+//! What identifies a cached response: the resource (route, upstream, path, query) and, when
+//! the stored response carries `Vary`, the variant (the request's values of the headers it
+//! names).
+//!
+//! The path and query are exactly the bytes the gateway forwards (the rendered upstream path
+//! and the client's raw query), never a normalised form: two requests that send different
+//! targets to the upstream can never share an entry. A normalised key (parameters sorted,
+//! empty ones and a leading extra `?` dropped) once let a crafted query store its answer under
+//! another query's key, so later clients of that query got it as a HIT.
 
 use std::sync::Arc;
 
@@ -16,8 +22,7 @@ pub(super) struct Resource {
     /// Upstream name, used as a metrics label as well, hence shared rather than copied.
     pub(super) upstream: Arc<str>,
     pub(super) path: Box<str>,
-    /// Query with parameters sorted by name ("" when absent) so `a=1&b=2` and `b=2&a=1`
-    /// share an entry.
+    /// The raw query as forwarded ("" when absent or empty: both forward no `?`).
     pub(super) query: Box<str>,
 }
 
@@ -57,7 +62,7 @@ impl CacheKey {
                 route: route.clone(),
                 upstream: upstream.clone(),
                 path: path.into(),
-                query: normalize_query(query),
+                query: query.unwrap_or("").into(),
             }),
             head: false,
         }
@@ -92,26 +97,10 @@ impl CacheKey {
         &self.resource.path
     }
 
-    /// The normalised query ("" when there is none).
+    /// The query as forwarded ("" when there is none).
     pub fn query(&self) -> &str {
         &self.resource.query
     }
-}
-
-/// Sorts parameters by name with a stable sort: repeated names keep their relative order,
-/// because `a=1&a=2` and `a=2&a=1` may mean different lists to the upstream.
-fn normalize_query(query: Option<&str>) -> Box<str> {
-    let Some(query) = query else {
-        return "".into();
-    };
-    let query = query.strip_prefix('?').unwrap_or(query);
-    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-    params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
-    params.join("&").into_boxed_str()
-}
-
-fn param_name(param: &str) -> &str {
-    param.split_once('=').map_or(param, |(name, _)| name)
 }
 
 /// The header names a response varies on, as its `Vary` header lists them.
@@ -197,29 +186,23 @@ mod tests {
     }
 
     #[test]
-    fn query_parameters_are_sorted_by_name() {
-        assert_eq!(
-            key("storage", "/p", Some("a=1&b=2")),
-            key("storage", "/p", Some("b=2&a=1"))
-        );
-        assert_eq!(key("storage", "/p", Some("b=2&a=1")).query(), "a=1&b=2");
-    }
-
-    #[test]
-    fn repeated_parameters_keep_their_order() {
-        let k = key("storage", "/p", Some("x=9&a=2&b=0&a=1"));
-        assert_eq!(k.query(), "a=2&a=1&b=0&x=9");
-        assert_ne!(
-            key("storage", "/p", Some("a=1&a=2")),
-            key("storage", "/p", Some("a=2&a=1"))
-        );
-    }
-
-    #[test]
-    fn empty_query_equals_none() {
+    fn the_query_is_keyed_byte_for_byte_as_forwarded() {
+        // Each of these forwards a different request target, so none may share an entry.
+        let distinct = [
+            "a=1&b=2", "b=2&a=1", "?a=1", "a=1&&", "a=1&", "&a=1", "a=2&a=1", "a=1&a=2", "a=%31",
+        ];
+        for (i, q1) in distinct.iter().enumerate() {
+            for q2 in &distinct[i + 1..] {
+                assert_ne!(
+                    key("s", "/p", Some(q1)),
+                    key("s", "/p", Some(q2)),
+                    "{q1} vs {q2}"
+                );
+            }
+        }
+        // An empty query forwards no `?` at all, exactly like no query.
         assert_eq!(key("s", "/p", Some("")), key("s", "/p", None));
-        assert_eq!(key("s", "/p", Some("?")), key("s", "/p", None));
-        assert_eq!(key("s", "/p", Some("?a=1&&")), key("s", "/p", Some("a=1")));
+        assert_eq!(key("s", "/p", Some("b=2&a=1")).query(), "b=2&a=1");
     }
 
     #[test]
