@@ -55,7 +55,13 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         auth_client,
         auth_upstream.map(|u| u.base_url.as_str()),
     )?;
-    let limiter = crate::ratelimit::RateLimiter::new(&cfg.rate_limit).await;
+    let failure_policy = Some(cfg.auth.failure_policy.as_str()).filter(|p| !p.is_empty());
+    let limiter =
+        crate::ratelimit::RateLimiter::new(&cfg.rate_limit.with_builtins(failure_policy)).await;
+    let auth_guard = crate::auth::guard::FailureGuard::new(
+        failure_policy.and_then(|p| limiter.policy(p)),
+        crate::ratelimit::config::MAX_WINDOW,
+    );
     let table = RouteTable::build(
         &cfg,
         |n| upstreams.iter().position(|u| &*u.name == n),
@@ -71,6 +77,7 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         table,
         upstreams,
         verifier,
+        auth_guard,
         limiter,
         cache: crate::upstream::cache::ResponseCache::new(&cfg.cache),
         timeout_status: StatusCode::from_u16(cfg.errors.timeout_status)
@@ -81,6 +88,7 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
             .iter()
             .filter_map(|c| parse_cidr(c))
             .collect(),
+        header_policy: crate::routes::headers::HeaderPolicy::new(&cfg.headers.strip_from_untrusted),
         openapi: Bytes::from(openapi),
         health: Bytes::from(health),
         config: cfg,
@@ -158,6 +166,7 @@ async fn accept_loop(
         header_read_timeout: limits.header_read_timeout.0,
         max_header_bytes: limits.max_header_bytes.0 as usize,
         idle_timeout: limits.idle_timeout.0,
+        send_timeout: limits.send_timeout.0,
         close_grace: grace,
     };
     // The public application, outermost first: the access layer (request id, panic guard,

@@ -16,6 +16,8 @@ use moka::future::Cache;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+pub mod guard;
+
 use crate::config::{AuthConfig, AuthMode, JwtAlgorithm};
 use crate::error::GatewayError;
 
@@ -67,14 +69,22 @@ enum Backend {
 pub struct TokenVerifier {
     backend: Backend,
     cache: Cache<[u8; 32], Cached>,
+    /// Hashes of tokens the verifier just rejected: a token replayed N times costs one verify
+    /// call, not N (verification amplification). `None` when `negative_cache_ttl` is 0.
+    rejected: Option<moka::sync::Cache<[u8; 32], ()>>,
     max_ttl: Duration,
 }
 
-/// Removes every client-supplied `X-User-*` header: only the gateway may assert identity.
+/// Most rejected tokens remembered at once (about 100 bytes each); a flood of distinct bad
+/// tokens evicts older ones rather than growing memory.
+const REJECTED_CAPACITY: u64 = 100_000;
+
+/// Removes every client-supplied `X-User-*` header, in any `-`/`_` spelling (see
+/// `routes::headers`): only the gateway may assert identity.
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-user-"))
+        .filter(|k| crate::routes::headers::is_identity_header(k.as_str()))
         .cloned()
         .collect();
     for k in spoofed {
@@ -191,6 +201,12 @@ impl TokenVerifier {
                 .max_capacity(100_000)
                 .expire_after(PerEntryTtl)
                 .build(),
+            rejected: (!cfg.negative_cache_ttl.0.is_zero()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(REJECTED_CAPACITY)
+                    .time_to_live(cfg.negative_cache_ttl.0)
+                    .build()
+            }),
             max_ttl: cfg.cache_ttl.0,
         })
     }
@@ -201,11 +217,20 @@ impl TokenVerifier {
         self.verify(token).await
     }
 
+    /// The identity of a token verified recently, without verifying anything.
+    pub async fn cached(&self, token: &str) -> Option<Arc<Identity>> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.cache.get(&key).await.map(|c| c.identity)
+    }
+
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, GatewayError> {
         if token.len() > MAX_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(GatewayError::InvalidToken);
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if self.rejected.as_ref().is_some_and(|r| r.contains_key(&key)) {
+            return Err(GatewayError::InvalidToken);
+        }
         // Concurrent misses for one token share ONE verification (moka coalesces them).
         let cached = self
             .cache
@@ -220,8 +245,17 @@ impl TokenVerifier {
                 Ok::<_, GatewayError>(Cached { identity, ttl })
             })
             .await
-            .map_err(|e: Arc<GatewayError>| (*e).clone())?;
-        Ok(cached.identity)
+            .map_err(|e: Arc<GatewayError>| (*e).clone());
+        match cached {
+            Ok(cached) => Ok(cached.identity),
+            Err(GatewayError::InvalidToken) => {
+                if let Some(rejected) = &self.rejected {
+                    rejected.insert(key, ());
+                }
+                Err(GatewayError::InvalidToken)
+            }
+            Err(other) => Err(other),
+        }
     }
 
     async fn verify_uncached(&self, token: &str) -> Result<Identity, GatewayError> {
@@ -332,6 +366,8 @@ mod tests {
         h.insert("x-user-id", HeaderValue::from_static("1"));
         h.insert("x-user-email", HeaderValue::from_static("a@b"));
         h.insert("x-user-role", HeaderValue::from_static("admin"));
+        h.insert("x_user_id", HeaderValue::from_static("2"));
+        h.insert("x-user_email", HeaderValue::from_static("c@d"));
         h.insert("x-other", HeaderValue::from_static("keep"));
         strip_identity_headers(&mut h);
         assert_eq!(h.len(), 1);

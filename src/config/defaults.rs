@@ -151,6 +151,8 @@ pub fn routes() -> Vec<RouteConfig> {
             path: "/api/user/me".into(),
             kind: RouteKind::UserMe,
             auth: true,
+            // Each new token here may cost a verify call: limited like the data routes.
+            rate_limit: vec!["default".into()],
             openapi: doc("User", "The authenticated user", Vec::new()),
             ..RouteConfig::default()
         },

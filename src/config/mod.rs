@@ -37,6 +37,8 @@ pub struct Config {
     /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` are believed. Empty by default:
     /// trusting those headers from anyone lets a client choose its own rate-limit key.
     pub trusted_proxies: Vec<String>,
+    /// Which client headers cross to the upstreams.
+    pub headers: HeadersConfig,
     /// The shared response cache's size limits.
     pub cache: CacheConfig,
     /// Rate-limit policies and the Redis backend (`REDIS_URL`).
@@ -94,6 +96,29 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Keep-alive connections idle longer than this are closed.
     pub idle_timeout: Dur,
+    /// A response write that makes no progress (the client stopped reading) for this long
+    /// closes the connection, freeing the upstream connection it held.
+    pub send_timeout: Dur,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    /// Removed from requests of peers outside `trusted_proxies`, in any `-`/`_` spelling:
+    /// client-address and routing claims that upstreams tend to believe. Replaces the
+    /// default list (README, Security).
+    pub strip_from_untrusted: Vec<String>,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        HeadersConfig {
+            strip_from_untrusted: crate::routes::headers::DEFAULT_STRIP_FROM_UNTRUSTED
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -121,6 +146,13 @@ pub struct AuthConfig {
     pub verify_timeout: Dur,
     /// Upper bound on how long a verification result is reused; never past the token's `exp`.
     pub cache_ttl: Dur,
+    /// How long a token the verifier rejected is answered 401 without asking again, so one
+    /// bad token sent N times is one verify call, not N. `0s` turns it off.
+    pub negative_cache_ttl: Dur,
+    /// Rate-limit policy that counts failed verifications per client (`auth_failures`, a
+    /// built-in 20 per minute per IP unless `rate_limit.policies` defines one of that name);
+    /// over it, that client's unverified tokens get 429 without a verify call. `""`: off.
+    pub failure_policy: String,
     pub jwt_algorithm: JwtAlgorithm,
     /// HS256 secret for local mode (`JWT_SECRET` overrides).
     pub jwt_secret: Option<String>,
@@ -454,6 +486,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.limits.send_timeout.0.is_zero() {
+            errors.push(FieldError::new(
+                "limits.send_timeout",
+                "must be greater than 0",
+            ));
+        }
         if self.limits.header_read_timeout.0.is_zero() {
             errors.push(FieldError::new(
                 "limits.header_read_timeout",
@@ -471,6 +509,14 @@ impl Config {
                 errors.push(FieldError::new(
                     format!("trusted_proxies[{i}]"),
                     format!("invalid CIDR or IP address {cidr:?}"),
+                ));
+            }
+        }
+        for (i, name) in self.headers.strip_from_untrusted.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                errors.push(FieldError::new(
+                    format!("headers.strip_from_untrusted[{i}]"),
+                    format!("invalid header name {name:?}"),
                 ));
             }
         }
@@ -531,6 +577,20 @@ impl Config {
                 ),
                 _ => {}
             },
+        }
+        let failure_policy = a.failure_policy.as_str();
+        if !failure_policy.is_empty()
+            && !self
+                .rate_limit
+                .policies
+                .iter()
+                .any(|p| p.name == failure_policy)
+            && crate::ratelimit::config::builtin_policy(failure_policy).is_none()
+        {
+            errors.push(FieldError::new(
+                "auth.failure_policy",
+                format!("no rate-limit policy named {failure_policy:?} (\"\" turns it off)"),
+            ));
         }
         if a.verify_timeout.0.is_zero() {
             errors.push(FieldError::new(
@@ -811,6 +871,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             errors: ErrorsConfig::default(),
             trusted_proxies: Vec::new(),
+            headers: HeadersConfig::default(),
             cache: CacheConfig::default(),
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
@@ -862,6 +923,7 @@ impl Default for LimitsConfig {
             max_header_bytes: ByteSize(64 << 10),
             max_connections: 10_000,
             idle_timeout: Dur::from_secs(60),
+            send_timeout: Dur::from_secs(30),
         }
     }
 }
@@ -874,6 +936,8 @@ impl Default for AuthConfig {
             verify_path: "/verify".into(),
             verify_timeout: Dur::from_secs(5),
             cache_ttl: Dur::from_secs(30),
+            negative_cache_ttl: Dur::from_secs(5),
+            failure_policy: "auth_failures".into(),
             jwt_algorithm: JwtAlgorithm::HS256,
             jwt_secret: None,
             jwt_public_key_file: None,

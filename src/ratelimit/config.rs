@@ -81,6 +81,34 @@ pub fn default_policies() -> Vec<PolicyConfig> {
     ]
 }
 
+/// Policies the gateway uses on its own account, present even when a config's
+/// `rate_limit.policies` does not list them; a policy of the same name overrides the built-in.
+/// `auth_failures`: failed token verifications per client IP (`auth.failure_policy`).
+pub fn builtin_policy(name: &str) -> Option<PolicyConfig> {
+    match name {
+        "auth_failures" => Some(PolicyConfig {
+            name: name.to_string(),
+            limit: 20,
+            window: Dur::from_secs(60),
+            key: KeySource::Ip,
+        }),
+        _ => None,
+    }
+}
+
+impl RateLimitConfig {
+    /// The configured policies plus the built-in `wanted` ones they do not override.
+    pub fn with_builtins<'a>(&self, wanted: impl IntoIterator<Item = &'a str>) -> RateLimitConfig {
+        let mut cfg = self.clone();
+        for name in wanted {
+            if !cfg.policies.iter().any(|p| p.name == name) {
+                cfg.policies.extend(builtin_policy(name));
+            }
+        }
+        cfg
+    }
+}
+
 /// The behaviour while Redis is unreachable (down, slow past `command_timeout`, or in backoff).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]

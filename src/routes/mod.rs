@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod docs;
+pub mod headers;
 pub mod proxy;
 pub mod table;
 pub mod template;
@@ -44,12 +45,16 @@ pub struct AppState {
     pub table: RouteTable,
     pub upstreams: Vec<UpstreamRuntime>,
     pub verifier: TokenVerifier,
+    /// Counts failed verifications per client and refuses clients over the policy.
+    pub auth_guard: crate::auth::guard::FailureGuard,
     pub limiter: crate::ratelimit::RateLimiter,
     /// The shared response cache (routes opt in).
     pub cache: crate::upstream::cache::ResponseCache,
     pub timeout_status: StatusCode,
     pub max_body: u64,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client headers never forwarded from untrusted peers (`[headers]`).
+    pub header_policy: headers::HeaderPolicy,
     /// The OpenAPI document, rendered once from the route table.
     pub openapi: Bytes,
     pub health: Bytes,
@@ -121,12 +126,14 @@ async fn dispatch(
     // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 trusted proxies.
     let peer = peer_addr.ip().to_canonical();
     let (mut parts, body) = req.into_parts();
+    headers::check_request_head(parts.version, &parts.headers)?;
     // Identity headers are the gateway's to assert, on every route, authenticated or not.
     strip_identity_headers(&mut parts.headers);
+    let client = client_ip(peer_addr, &parts.headers, &app.trusted_proxies);
     let identity = if route.auth {
         // Boxed like the upstream call (proxy::call_upstream): verification may call the auth service,
         // a large future that every other request's handler future would otherwise carry.
-        Some(Box::pin(app.verifier.verify_headers(&parts.headers)).await?)
+        Some(Box::pin(verify_token(app, &parts.headers, client, &route.label)).await?)
     } else {
         None
     };
@@ -135,7 +142,7 @@ async fn dispatch(
         None
     } else {
         let subject = Subject {
-            client_ip: client_ip(peer_addr, &parts.headers, &app.trusted_proxies),
+            client_ip: client,
             user_id: identity.as_deref().map(|i| i.user_id.as_str()),
             headers: &parts.headers,
             route: &route.label,
@@ -159,6 +166,7 @@ async fn dispatch(
                 peer,
                 request_id: rid,
                 identity: identity.as_deref(),
+                header_policy: &app.header_policy,
             };
             proxy::forward(app, route, &params, parts, body, &ctx).await
         }
@@ -170,6 +178,31 @@ async fn dispatch(
         decision.apply_headers(resp.headers_mut());
     }
     Ok(resp)
+}
+
+/// The request's bearer token, verified: a recently verified token at once; otherwise, unless
+/// this client is blocked for failed verifications, by the verifier, counting a rejection
+/// against the client (`auth.failure_policy`).
+async fn verify_token(
+    app: &AppState,
+    headers: &http::HeaderMap,
+    client: std::net::IpAddr,
+    route: &str,
+) -> Result<Arc<crate::auth::Identity>, GatewayError> {
+    let token = crate::auth::bearer_token(headers)?;
+    if let Some(identity) = app.verifier.cached(token).await {
+        return Ok(identity);
+    }
+    app.auth_guard.check(client)?;
+    match app.verifier.verify(token).await {
+        Err(GatewayError::InvalidToken) => {
+            app.auth_guard
+                .failed(&app.limiter, client, headers, route)
+                .await?;
+            Err(GatewayError::InvalidToken)
+        }
+        other => other,
+    }
 }
 
 /// `/api/user/me`: the verified identity, no upstream call.

@@ -11,50 +11,15 @@ use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method};
 
+pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::table::Route;
 use super::{AppState, UpstreamRuntime};
 use crate::auth::Identity;
 use crate::error::GatewayError;
-use crate::observability::access::X_REQUEST_ID;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
 use crate::upstream::pipeline::{CallOptions, Delivered, UpstreamError};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Hop-by-hop headers (RFC 9110 7.6.1) plus those named in `Connection`: they describe one
-/// connection, not the message, so they must not cross the proxy in either direction.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(n);
-    }
-}
 
 /// The upstream path, rewritten from the route's upstream template.
 pub fn upstream_path(route: &Route, params: &[&str]) -> String {
@@ -113,59 +78,6 @@ pub fn parse_upstream_url(
     }
 }
 
-/// Request headers for the upstream: the client's minus hop-by-hop, `Host` (set from the
-/// upstream URL by the client) and `Content-Length` (set from the body), with forwarding
-/// headers that cannot be spoofed by an untrusted peer.
-pub fn upstream_headers(
-    mut headers: HeaderMap,
-    peer: IpAddr,
-    peer_trusted: bool,
-    request_id: &HeaderValue,
-) -> HeaderMap {
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    let peer_value = ip_header_value(peer);
-    if peer_trusted {
-        // A trusted proxy's chain is kept and our peer appended (what nginx's
-        // $proxy_add_x_forwarded_for does).
-        let chain = headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-            .map(|prev| format!("{prev}, {peer}"));
-        match chain.and_then(|c| HeaderValue::from_str(&c).ok()) {
-            Some(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
-            None => headers.insert(X_FORWARDED_FOR.clone(), peer_value),
-        };
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        }
-    } else {
-        // From anyone else these headers are claims we cannot check: replace them.
-        headers.remove(&FORWARDED);
-        headers.remove(&X_REAL_IP);
-        headers.remove(&X_FORWARDED_HOST);
-        headers.insert(X_FORWARDED_FOR.clone(), peer_value);
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    }
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    headers
-}
-
-/// The address as a header value, formatted on the stack (no intermediate `String`).
-fn ip_header_value(ip: IpAddr) -> HeaderValue {
-    use std::io::Write;
-    let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    match write!(cursor, "{ip}") {
-        Ok(()) => {
-            let len = cursor.position() as usize;
-            HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
-        }
-        Err(_) => HeaderValue::from_static("unknown"),
-    }
-}
-
 /// Reads the request body into memory, up to `limit` bytes (413 beyond). Small bodies are
 /// the norm here, and a buffered body is what lets a request be retried.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, GatewayError> {
@@ -212,6 +124,8 @@ pub struct RequestCtx<'a> {
     pub peer: IpAddr,
     pub request_id: &'a HeaderValue,
     pub identity: Option<&'a Identity>,
+    /// Which client headers may cross to the upstream (`[headers]`).
+    pub header_policy: &'a super::headers::HeaderPolicy,
 }
 
 /// Forwards one request along `route` and converts the upstream's answer.
@@ -275,13 +189,17 @@ pub async fn forward(
                 ctx,
                 peer_trusted,
             )?;
-            fetch_buffered(up, req, call).await
+            fetch_buffered(up, req, call, app.cache.max_entry_bytes()).await
         };
         let hit = app
             .cache
             .get_or_fetch(key, &parts.headers, policy, fetch)
             .await?;
-        let mut resp = Response::new(Body::from(hit.body));
+        let body = match hit.streamed {
+            Some(streamed) => Body::new(streamed),
+            None => Body::from(hit.body),
+        };
+        let mut resp = Response::new(body);
         *resp.status_mut() = hit.status;
         *resp.headers_mut() = hit.headers;
         cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
@@ -335,7 +253,13 @@ fn upstream_request(
 ) -> Result<reqwest::Request, GatewayError> {
     let url = parse_upstream_url(up.base.as_ref(), &up.base_url, path, query)
         .ok_or_else(|| GatewayError::BadRequest("invalid request path".into()))?;
-    let mut headers = upstream_headers(client_headers, ctx.peer, peer_trusted, ctx.request_id);
+    let mut headers = upstream_headers(
+        client_headers,
+        ctx.peer,
+        peer_trusted,
+        ctx.request_id,
+        ctx.header_policy,
+    );
     if let Some(id) = ctx.identity {
         id.insert_headers(&mut headers)?;
     }
@@ -416,35 +340,118 @@ fn upstream_error(up: &UpstreamRuntime, e: UpstreamError) -> GatewayError {
 }
 
 /// One upstream call with the body read into memory, for the cache to store and share.
-/// Reading the body counts against the same deadline as the call.
+/// Reading the body counts against the same deadline as the call. Never buffers more than
+/// `max_entry` bytes (what the cache may store): a larger body, declared or found while
+/// reading, is handed on as a stream with what was read so far in front, so several large
+/// answers in parallel cost buffers, not their size.
 async fn fetch_buffered(
     up: &UpstreamRuntime,
     req: reqwest::Request,
     call: CallOptions,
+    max_entry: u64,
 ) -> Result<Fetched, GatewayError> {
     let started = tokio::time::Instant::now();
     let delivered = call_upstream(up, req, call).await?;
     let left = call.deadline.saturating_sub(started.elapsed());
-    let mut resp = delivered.response;
-    let status = resp.status();
-    let mut headers = std::mem::take(resp.headers_mut());
-    strip_hop_by_hop(&mut headers);
     let attempts = delivered.attempts;
-    // The connection slot is held until the body is in (`delivered.slot` drops at the end).
-    let body = match tokio::time::timeout(left, resp.bytes()).await {
-        Ok(Ok(b)) => b,
+    let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
+    let (mut parts, body) = upstream_resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // The connection slot goes with the body, read here or streamed to the client.
+    let mut body = SlotBody {
+        inner: body,
+        slot: delivered.slot,
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let streamed = |front: Vec<Bytes>, body: SlotBody| Fetched {
+        status: parts.status,
+        headers: parts.headers.clone(),
+        body: Bytes::new(),
+        streamed: Some(http_body_util::BodyExt::boxed(
+            http_body_util::BodyExt::map_err(Prefixed { front, inner: body }, |e| {
+                Box::new(e) as Box<dyn std::error::Error + Send + Sync>
+            }),
+        )),
+    };
+    if declared.is_some_and(|n| n > max_entry) {
+        return Ok(streamed(Vec::new(), body));
+    }
+    let read = async {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len: u64 = 0;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            // Trailers are not stored; only data counts.
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            len += data.len() as u64;
+            chunks.push(data);
+            if len > max_entry {
+                return Ok::<_, reqwest::Error>(Err(chunks));
+            }
+        }
+        Ok(Ok(concat(chunks)))
+    };
+    match tokio::time::timeout(left, read).await {
+        Ok(Ok(Ok(whole))) => Ok(Fetched::buffered(parts.status, parts.headers, whole)),
+        Ok(Ok(Err(front))) => Ok(streamed(front, body)),
         Ok(Err(e)) => {
             let detail = e.to_string();
-            return Err(upstream_error(
+            Err(upstream_error(
                 up,
                 UpstreamError::Unavailable { attempts, detail },
-            ));
+            ))
         }
-        Err(_) => return Err(upstream_error(up, UpstreamError::Timeout { attempts })),
-    };
-    Ok(Fetched {
-        status,
-        headers,
-        body,
-    })
+        Err(_) => Err(upstream_error(up, UpstreamError::Timeout { attempts })),
+    }
+}
+
+/// The chunks as one `Bytes`, copying only when there is more than one.
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body whose first chunks were already read (while deciding whether it fits the
+    /// cache): those, then the rest as it arrives.
+    struct Prefixed {
+        front: Vec<Bytes>,
+        #[pin]
+        inner: SlotBody,
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, reqwest::Error>>> {
+        let this = self.project();
+        if !this.front.is_empty() {
+            let first = this.front.remove(0);
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.front.is_empty() && self.inner.is_end_stream()
+    }
 }

@@ -43,14 +43,25 @@ pub struct ConnSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
+    /// A write to the client that makes no progress for this long closes the connection: a
+    /// client that stops reading must not hold the response, its upstream connection and
+    /// its bulkhead slot for ever (nginx's `send_timeout`).
+    pub send_timeout: Duration,
     /// Upper bound on a graceful close (in-flight responses) before the socket is dropped.
     pub close_grace: Duration,
 }
 
-/// When the connection last moved a byte, in milliseconds since `epoch`.
+/// `Activity::write_blocked_ms` when no write is waiting for the client.
+const NOT_BLOCKED: u64 = u64::MAX;
+
+/// When the connection last moved a byte, and since when a write has been waiting for the
+/// client to read, in milliseconds since `epoch`.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
+    /// Set when a write finds the socket full, cleared when a write gets through: how long
+    /// the client has left us unable to send ([`ConnSettings::send_timeout`]).
+    write_blocked_ms: AtomicU64,
 }
 
 impl Activity {
@@ -58,11 +69,37 @@ impl Activity {
         Arc::new(Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            write_blocked_ms: AtomicU64::new(NOT_BLOCKED),
         })
     }
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
     fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// Notes how a write went: progress clears the stall, a full socket starts it (once).
+    fn wrote(&self, result: &Poll<std::io::Result<usize>>) {
+        match result {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.touch();
+                self.write_blocked_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+            }
+            Poll::Pending => {
+                let _ = self.write_blocked_ms.compare_exchange(
+                    NOT_BLOCKED,
+                    self.now_ms(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            Poll::Ready(_) => {}
+        }
+    }
+    /// How long a write has been waiting for the client, if one is.
+    fn write_blocked_for(&self) -> Option<Duration> {
+        let since = self.write_blocked_ms.load(Ordering::Relaxed);
+        (since != NOT_BLOCKED).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
     fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
@@ -103,9 +140,7 @@ impl AsyncWrite for Tracked {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
     fn poll_write_vectored(
@@ -115,9 +150,7 @@ impl AsyncWrite for Tracked {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
     fn is_write_vectored(&self) -> bool {
@@ -171,6 +204,17 @@ async fn idle_expired(activity: &Activity, limit: Duration) {
             return;
         }
         tokio::time::sleep(left).await;
+    }
+}
+
+/// Resolves once a write has waited `limit` for the client to read.
+async fn write_stalled(activity: &Activity, limit: Duration) {
+    loop {
+        let waited = activity.write_blocked_for().unwrap_or_default();
+        if waited >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - waited).await;
     }
 }
 
@@ -254,7 +298,21 @@ async fn drive<C: GracefulConnection>(
         _ = stopped(shutdown) => {}
         _ = idle_expired(activity, settings.idle_timeout) => {}
         _ = shed_requested(shed, activity) => {}
+        _ = write_stalled(activity, settings.send_timeout) => return stalled(settings),
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(settings.close_grace, conn).await;
+    tokio::select! {
+        _ = tokio::time::timeout(settings.close_grace, conn) => {}
+        _ = write_stalled(activity, settings.send_timeout) => stalled(settings),
+    }
+}
+
+/// The client stopped reading: the connection is dropped (not closed gracefully: the
+/// response it is stuck on would never finish), which frees what the response held.
+fn stalled(settings: &ConnSettings) {
+    metrics::counter!("gateway_connections_closed_total", "reason" => "send_timeout").increment(1);
+    tracing::info!(
+        send_timeout_ms = settings.send_timeout.as_millis() as u64,
+        "client stopped reading; connection closed"
+    );
 }

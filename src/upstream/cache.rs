@@ -68,21 +68,46 @@ fn headers_with_room(stored: &HeaderMap) -> HeaderMap {
     headers
 }
 
-/// A buffered upstream response, as the fetch closure returns it.
-#[derive(Clone, Debug)]
+/// A body streamed through without being stored; `Sync` (unlike axum's `Body`) so that a
+/// `&Fetched` may be held across the cache's awaits.
+pub type StreamedBody =
+    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync + 'static>>;
+
+/// An upstream response as the fetch closure returns it: buffered, or (too large to be
+/// stored) streaming.
+#[derive(Debug)]
 pub struct Fetched {
     pub status: StatusCode,
     pub headers: HeaderMap,
+    /// The whole body, when it fits in `max_entry_bytes` (see [`ResponseCache::max_entry_bytes`]).
     pub body: Bytes,
+    /// The body, when it was larger than an entry may be: `body` is then empty and this is
+    /// passed to the client as it arrives, never stored nor shared, so large answers cost a
+    /// buffer's worth of memory instead of their size.
+    pub streamed: Option<StreamedBody>,
+}
+
+impl Fetched {
+    /// A fully buffered response.
+    pub fn buffered(status: StatusCode, headers: HeaderMap, body: Bytes) -> Fetched {
+        Fetched {
+            status,
+            headers,
+            body,
+            streamed: None,
+        }
+    }
 }
 
 /// What the handler sends back: from the cache or from the fetch, with how it was obtained.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CacheHit {
     pub status: StatusCode,
     pub headers: HeaderMap,
     /// Empty for a HEAD request even when answered from a GET entry.
     pub body: Bytes,
+    /// A body too large to store, streaming from the upstream (see [`Fetched::streamed`]).
+    pub streamed: Option<StreamedBody>,
     pub outcome: CacheOutcome,
     /// Time since the gateway stored the response; `None` when it was fetched for this request.
     pub age: Option<Duration>,
@@ -161,6 +186,7 @@ impl StoredResponse {
             } else {
                 self.body.clone()
             },
+            streamed: None,
             outcome,
             age: Some(now.saturating_duration_since(self.stored_at)),
         }
@@ -254,6 +280,7 @@ impl SharedResponse {
             } else {
                 self.body.clone()
             },
+            streamed: None,
             outcome: self.outcome,
             age: self.stored_at.map(|t| now.saturating_duration_since(t)),
         }
@@ -268,7 +295,8 @@ type SharedResult<E> = Result<Arc<SharedResponse>, E>;
 pub struct ResponseCache {
     entries: moka::future::Cache<StoreKey, Slot>,
     flights: Arc<Flights>,
-    /// Larger bodies are passed through but not stored.
+    /// Larger bodies are passed through but not stored (nor buffered: see
+    /// [`Fetched::streamed`]).
     max_entry_bytes: u64,
 }
 
@@ -295,6 +323,11 @@ impl ResponseCache {
             flights: Arc::default(),
             max_entry_bytes: cfg.max_entry_bytes.0,
         }
+    }
+
+    /// The largest body stored; a fetch must stream anything larger instead of buffering it.
+    pub fn max_entry_bytes(&self) -> u64 {
+        self.max_entry_bytes
     }
 
     /// Key for a request to `upstream` at `path?query`. Add the route id with
@@ -460,6 +493,23 @@ impl ResponseCache {
                 }
             }
         };
+        if fetched.streamed.is_some() {
+            // Too large to store or share: waiters fetch (and stream) on their own.
+            let shared = SharedResponse {
+                status: fetched.status,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                outcome: CacheOutcome::Miss,
+                stored_at: None,
+                shareable: false,
+                vary: Arc::from([]),
+                leader_variant: Variant::Primary,
+            };
+            return (
+                Ok(fetched_answer(fetched, CacheOutcome::Miss, key.head)),
+                Ok(Arc::new(shared)),
+            );
+        }
         let complete = body_is_complete(&fetched);
         let stored_at = if complete {
             self.store(&key.resource, req_headers, policy, &fetched)
@@ -667,6 +717,7 @@ fn fetched_answer(fetched: Fetched, outcome: CacheOutcome, head: bool) -> CacheH
         status: fetched.status,
         headers: fetched.headers,
         body: if head { Bytes::new() } else { fetched.body },
+        streamed: if head { None } else { fetched.streamed },
         outcome,
         age: None,
     }

@@ -21,11 +21,11 @@ fn fetched(status: u16, body: &'static str, headers: &[(&'static str, &'static s
     for (name, value) in headers {
         map.append(*name, HeaderValue::from_static(value));
     }
-    Fetched {
-        status: StatusCode::from_u16(status).expect("valid status"),
-        headers: map,
-        body: Bytes::from_static(body.as_bytes()),
-    }
+    Fetched::buffered(
+        StatusCode::from_u16(status).expect("valid status"),
+        map,
+        Bytes::from_static(body.as_bytes()),
+    )
 }
 
 fn ok(body: &'static str) -> Result<Fetched, Unavailable> {
@@ -489,11 +489,7 @@ async fn total_size_stays_within_max_bytes() {
     for i in 0..500 {
         let path = format!("/option/chain/P{i}");
         let key = ResponseCache::key("storage", &path, None);
-        let reply = Fetched {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: body.clone(),
-        };
+        let reply = Fetched::buffered(StatusCode::OK, HeaderMap::new(), body.clone());
         cache
             .get_or_fetch(key, &HeaderMap::new(), &policy(60), || async {
                 Ok::<_, Unavailable>(reply)
@@ -693,4 +689,30 @@ async fn a_waiter_wanting_another_variant_fetches_its_own() {
     assert_eq!(english.body, "hello");
     assert_eq!(french.body, "bonjour");
     assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_answer_is_passed_through_never_stored_nor_shared() {
+    use http_body_util::BodyExt;
+    let cache = ResponseCache::new(&CacheConfig::default());
+    let upstream = Upstream::default();
+    let streamed = || {
+        let body = http_body_util::Full::new(Bytes::from_static(b"large"))
+            .map_err(|never| match never {})
+            .boxed();
+        let mut fetched = fetched(200, "", &[("cache-control", "max-age=60")]);
+        fetched.streamed = Some(body);
+        Ok::<_, Unavailable>(fetched)
+    };
+    for _ in 0..2 {
+        let hit = get(&cache, &upstream, &policy(60), streamed())
+            .await
+            .expect("answer");
+        assert_eq!(hit.outcome, CacheOutcome::Miss);
+        let body = hit.streamed.expect("streamed through");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "large");
+    }
+    assert_eq!(upstream.calls(), 2, "a streamed answer was stored");
+    cache.run_pending_tasks().await;
+    assert_eq!(cache.stats().entries, 0);
 }

@@ -1,0 +1,384 @@
+//! Which request headers cross the gateway, and in what spelling.
+//!
+//! Upstreams built on CGI, WSGI or PHP conventions read a header name with `-` and `_` as the
+//! same name (`X-User-Id`, `X-User_Id` and `X_User_Id` all become `HTTP_X_USER_ID`). So every
+//! header the gateway asserts, replaces or strips is matched in that folded spelling
+//! ([`cgi_name`]): a client cannot slip `X_User_Id` or `X_Forwarded_For` past a strip that only
+//! knows `x-user-id`. Framing headers spelled with `_` (`Transfer_Encoding`, `Content_Length`)
+//! are refused outright (400): no honest client sends them, and an upstream that folds them
+//! would frame the body differently from the gateway.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Version};
+
+use crate::error::GatewayError;
+use crate::observability::access::X_REQUEST_ID;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that claim something about the client or the request's routing which only a
+/// proxy in front of us could know: from a peer that is not a trusted proxy they are lies an
+/// upstream might believe (client address, original URL, method override), so they are
+/// removed. `X-Forwarded-For` and `X-Forwarded-Proto` are not listed: the gateway replaces them.
+pub const DEFAULT_STRIP_FROM_UNTRUSTED: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Names whose `_` spelling would let a client override how the gateway framed the body.
+const FRAMING: &[&str] = &["transfer-encoding", "content-length", "host"];
+
+/// Names the gateway itself sets on the upstream request: a folded twin from the client must
+/// not arrive beside them.
+const GATEWAY_SET: &[&str] = &["x-forwarded-for", "x-forwarded-proto", "x-request-id"];
+
+/// The header name as CGI-style upstreams see it: lowercase (HeaderName already is) with
+/// `_` read as `-`. Borrowed unless the name has an `_`.
+pub fn cgi_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('_') {
+        std::borrow::Cow::Owned(name.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// `X-User-*` in any spelling: only the gateway may assert identity.
+pub fn is_identity_header(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() > 7
+        && b[0] == b'x'
+        && matches!(b[1], b'-' | b'_')
+        && &b[2..6] == b"user"
+        && matches!(b[6], b'-' | b'_')
+}
+
+/// The configured strip list, folded once (`[headers] strip_from_untrusted`).
+#[derive(Clone, Debug)]
+pub struct HeaderPolicy {
+    strip_from_untrusted: HashSet<String, foldhash::fast::FixedState>,
+}
+
+impl HeaderPolicy {
+    pub fn new(strip_from_untrusted: &[String]) -> HeaderPolicy {
+        HeaderPolicy {
+            strip_from_untrusted: strip_from_untrusted
+                .iter()
+                .map(|n| cgi_name(&n.to_ascii_lowercase()).into_owned())
+                .collect(),
+        }
+    }
+
+    fn untrusted_claim(&self, folded: &str) -> bool {
+        self.strip_from_untrusted.contains(folded)
+    }
+}
+
+impl Default for HeaderPolicy {
+    fn default() -> Self {
+        let names: Vec<String> = DEFAULT_STRIP_FROM_UNTRUSTED
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        HeaderPolicy::new(&names)
+    }
+}
+
+/// Request-head rules the HTTP parser leaves to us, checked before routing (400 each):
+/// - RFC 9112 section 3.2: an HTTP/1.1 request without `Host`, or any request with two;
+/// - two `Authorization` headers (which one would the upstream believe?);
+/// - a `Transfer-Encoding` other than exactly `chunked` (hyper decodes `gzip, chunked` as
+///   chunked; an upstream that honours the other coding would read another body);
+/// - a framing header spelled with `_` (see the module docs).
+pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let bad = |why: &'static str| Err(GatewayError::BadRequest(why.into()));
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return bad("more than one Host header"),
+        (None, None) if version == Version::HTTP_11 => return bad("missing Host header"),
+        _ => {}
+    }
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return bad("more than one Authorization header");
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let chunked = first
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !chunked || codings.next().is_some() {
+            return bad("unsupported Transfer-Encoding (only \"chunked\" is accepted)");
+        }
+    }
+    for name in headers.keys() {
+        let name = name.as_str();
+        if name.contains('_') && FRAMING.contains(&&*cgi_name(name)) {
+            return bad("framing header spelled with '_'");
+        }
+    }
+    Ok(())
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) plus those named in `Connection`: they describe one
+/// connection, not the message, so they must not cross the proxy in either direction.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// Request headers for the upstream: the client's minus hop-by-hop, `Host` (set from the
+/// upstream URL by the client) and `Content-Length` (set from the body), minus `_` twins of
+/// anything the gateway sets or strips and, from untrusted peers, minus the claims in
+/// `policy`; with forwarding headers that cannot be spoofed by an untrusted peer.
+pub fn upstream_headers(
+    mut headers: HeaderMap,
+    peer: IpAddr,
+    peer_trusted: bool,
+    request_id: &HeaderValue,
+    policy: &HeaderPolicy,
+) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    // One pass over the names; nothing is allocated unless something must go.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let raw = name.as_str();
+        let folded = cgi_name(raw);
+        let twin = raw.contains('_');
+        let remove = is_identity_header(raw)
+            || (twin
+                && (GATEWAY_SET.contains(&&*folded)
+                    || FRAMING.contains(&&*folded)
+                    || policy.untrusted_claim(&folded)))
+            || (!peer_trusted && policy.untrusted_claim(&folded));
+        if remove {
+            doomed.push(name.clone());
+        }
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+    let peer_value = ip_header_value(peer);
+    if peer_trusted {
+        // A trusted proxy's chain is kept and our peer appended (what nginx's
+        // $proxy_add_x_forwarded_for does).
+        let chain = headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .map(|prev| format!("{prev}, {peer}"));
+        match chain.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            Some(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
+            None => headers.insert(X_FORWARDED_FOR.clone(), peer_value),
+        };
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+    } else {
+        // From anyone else these headers are claims we cannot check: replace them.
+        headers.insert(X_FORWARDED_FOR.clone(), peer_value);
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    headers
+}
+
+/// The address as a header value, formatted on the stack (no intermediate `String`).
+fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    match write!(cursor, "{ip}") {
+        Ok(()) => {
+            let len = cursor.position() as usize;
+            HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+        }
+        Err(_) => HeaderValue::from_static("unknown"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn identity_headers_are_recognised_in_every_spelling() {
+        for n in [
+            "x-user-id",
+            "x-user_id",
+            "x_user_id",
+            "x_user-email",
+            "x-user-role",
+        ] {
+            assert!(is_identity_header(n), "{n}");
+        }
+        for n in ["x-user", "x-users-id", "x-username", "y-user-id", "x-user-"] {
+            assert!(!is_identity_header(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn folded_twins_and_untrusted_claims_are_stripped() {
+        let h = map(&[
+            ("x_user_id", "1"),
+            ("x-user_email", "a@b"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-original-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x_request_id", "forged"),
+            ("x-keep", "yes"),
+            ("x_custom", "kept: not a name we control"),
+        ]);
+        let rid = HeaderValue::from_static("rid");
+        let out = upstream_headers(
+            h.clone(),
+            "1.2.3.4".parse().unwrap(),
+            false,
+            &rid,
+            &HeaderPolicy::default(),
+        );
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        for gone in [
+            "x_user_id",
+            "x-user_email",
+            "x_forwarded_for",
+            "x_real_ip",
+            "true-client-ip",
+            "x-original-url",
+            "x-http-method-override",
+            "x_request_id",
+        ] {
+            assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
+        }
+        assert_eq!(out["x-forwarded-for"], "1.2.3.4");
+        assert_eq!(out["x-request-id"], "rid");
+        assert_eq!(out["x-keep"], "yes");
+        assert!(out.contains_key("x_custom"));
+        // A trusted proxy may state the client's address, in the canonical spelling only.
+        let out = upstream_headers(
+            h,
+            "1.2.3.4".parse().unwrap(),
+            true,
+            &rid,
+            &HeaderPolicy::default(),
+        );
+        assert!(out.contains_key("true-client-ip"));
+        assert!(!out.contains_key("x_real_ip"));
+        assert!(!out.contains_key("x_user_id"));
+    }
+
+    #[test]
+    fn the_strip_list_is_configurable_and_folded() {
+        let policy = HeaderPolicy::new(&["X_Tenant".to_string()]);
+        let rid = HeaderValue::from_static("rid");
+        let h = map(&[("x-tenant", "a"), ("x_tenant", "b"), ("x-real-ip", "kept")]);
+        let out = upstream_headers(h, "1.2.3.4".parse().unwrap(), false, &rid, &policy);
+        assert!(!out.contains_key("x-tenant") && !out.contains_key("x_tenant"));
+        assert!(out.contains_key("x-real-ip"));
+    }
+
+    #[test]
+    fn request_head_rules() {
+        let ok = map(&[("host", "gw"), ("authorization", "Bearer a")]);
+        assert!(check_request_head(Version::HTTP_11, &ok).is_ok());
+        let refused = [
+            (Version::HTTP_11, map(&[])),
+            (Version::HTTP_11, map(&[("host", "a"), ("host", "b")])),
+            (Version::HTTP_10, map(&[("host", "a"), ("host", "b")])),
+            (
+                Version::HTTP_11,
+                map(&[
+                    ("host", "a"),
+                    ("authorization", "x"),
+                    ("authorization", "y"),
+                ]),
+            ),
+            (
+                Version::HTTP_11,
+                map(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]),
+            ),
+            (
+                Version::HTTP_11,
+                map(&[("host", "a"), ("transfer-encoding", "identity")]),
+            ),
+            (
+                Version::HTTP_11,
+                map(&[("host", "a"), ("transfer_encoding", "chunked")]),
+            ),
+            (
+                Version::HTTP_11,
+                map(&[("host", "a"), ("content_length", "5")]),
+            ),
+        ];
+        for (version, headers) in refused {
+            assert!(
+                check_request_head(version, &headers).is_err(),
+                "{version:?} {headers:?}"
+            );
+        }
+        // HTTP/1.0 and HTTP/2 (authority in the URI) need no Host header.
+        assert!(check_request_head(Version::HTTP_10, &map(&[])).is_ok());
+        assert!(check_request_head(Version::HTTP_2, &map(&[])).is_ok());
+        let chunked = map(&[("host", "a"), ("transfer-encoding", "Chunked")]);
+        assert!(check_request_head(Version::HTTP_11, &chunked).is_ok());
+    }
+}
