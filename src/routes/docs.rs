@@ -105,7 +105,9 @@ pub fn openapi(cfg: &Config) -> Value {
         if route.auth || route.kind == RouteKind::UserMe {
             responses.insert("401".into(), error_response("Missing or invalid token"));
         }
-        if !route.rate_limit.is_empty() {
+        let counts_failures =
+            (route.auth || route.kind == RouteKind::UserMe) && !cfg.auth.failure_policy.is_empty();
+        if !route.rate_limit.is_empty() || counts_failures {
             responses.insert("429".into(), error_response("Rate limit exceeded"));
         }
         responses.insert(
