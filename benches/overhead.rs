@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deltastream_gateway::config::Dur;
-use deltastream_gateway::ratelimit::{
-    KeySource, PolicyConfig, RateLimitConfig, RateLimiter, Subject,
-};
-use deltastream_gateway::upstream::{BreakerConfig, CallOptions, Pipeline, RetryConfig};
+use deltastream_gateway::config::UpstreamConfig;
+use deltastream_gateway::config::{KeySource, PolicyConfig, RateLimitConfig};
+use deltastream_gateway::ratelimit::{RateLimiter, Subject};
+use deltastream_gateway::upstream::{CallOptions, Pipeline};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -177,7 +177,11 @@ fn main() {
         let addr = start_backend().await;
         let url = format!("http://{addr}/underlying/NIFTY");
         let client = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
-        let pipeline = Pipeline::new("bench", client.clone(), &RetryConfig::default(), &BreakerConfig::default());
+        let cfg = UpstreamConfig {
+            url: format!("http://{addr}"),
+            ..UpstreamConfig::default()
+        };
+        let pipeline = Pipeline::new("bench", &cfg).expect("valid upstream");
         let parsed = reqwest::Url::parse(&url).unwrap();
         // Warm-up: connections pooled, code paths hot.
         let mut sink = Vec::new();

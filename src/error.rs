@@ -1,14 +1,15 @@
 //! Every error the gateway itself produces, and the ONE place that turns each into a response.
 //!
-//! The match in [`GatewayError::status_reason_message`] has no `_ =>` arm on purpose: a new
-//! error variant does not compile until someone decides its status, reason and message.
+//! The match in [`GatewayError::render`] has no `_ =>` arm on purpose: a new error variant
+//! does not compile until someone decides its status, reason, message, upstream and headers.
+//! [`ErrorReply`] (the error plus the request id its body names) is the one `IntoResponse`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Serialize;
@@ -24,6 +25,9 @@ pub enum GatewayError {
     UpstreamTimeout {
         upstream: Arc<str>,
         message: Arc<str>,
+        /// 503 (the original service's answer) or 504, as `errors.timeout_status` says;
+        /// decided where the error is made, so rendering needs no settings.
+        status: StatusCode,
     },
     /// The upstream's breaker is open: no call was made.
     CircuitOpen {
@@ -73,132 +77,201 @@ struct ErrorBody<'a> {
     upstream: Option<&'a str>,
 }
 
+/// The headers an error response carries besides `Content-Type`.
+enum ExtraHeaders<'a> {
+    None,
+    RetryAfter(Duration),
+    /// RateLimit / RateLimit-Policy / Retry-After, as the limiter computed them.
+    Copied(&'a HeaderMap),
+    Allow(&'a HeaderValue),
+    WwwAuthenticate,
+}
+
+/// Everything an error response is made of.
+struct Rendered<'a> {
+    status: StatusCode,
+    reason: &'static str,
+    message: Cow<'a, str>,
+    upstream: Option<&'a str>,
+    headers: ExtraHeaders<'a>,
+}
+
 impl GatewayError {
-    /// Status, machine reason and human message, decided in one exhaustive match.
-    fn status_reason_message(
-        &self,
-        timeout_status: StatusCode,
-    ) -> (StatusCode, &'static str, Cow<'_, str>) {
+    /// Status, machine reason, human message, upstream and headers, decided in one
+    /// exhaustive match.
+    fn render(&self) -> Rendered<'_> {
+        use ExtraHeaders as H;
         use GatewayError as E;
-        match self {
-            E::UpstreamUnavailable { message, .. } => (
+        let (status, reason, message, upstream, headers) = match self {
+            E::UpstreamUnavailable { upstream, message } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_unavailable",
                 Cow::Borrowed(&**message),
+                Some(&**upstream),
+                H::None,
             ),
-            E::UpstreamTimeout { message, .. } => (
-                timeout_status,
+            E::UpstreamTimeout {
+                upstream,
+                message,
+                status,
+            } => (
+                *status,
                 "upstream_timeout",
                 Cow::Borrowed(&**message),
+                Some(&**upstream),
+                H::None,
             ),
-            E::CircuitOpen { message, .. } => (
+            E::CircuitOpen {
+                upstream,
+                message,
+                retry_after,
+            } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "circuit_open",
                 Cow::Borrowed(&**message),
+                Some(&**upstream),
+                H::RetryAfter(*retry_after),
             ),
-            E::RateLimited { .. } => (
+            E::RateLimited { headers } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 Cow::Borrowed("Rate limit exceeded"),
+                None,
+                H::Copied(headers),
             ),
-            E::RateLimiterUnavailable { .. } => (
+            E::RateLimiterUnavailable { headers } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "rate_limiter_unavailable",
                 Cow::Borrowed("Rate limiter unavailable"),
+                None,
+                H::Copied(headers),
             ),
             E::MissingToken => (
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
                 Cow::Borrowed("Missing Authorization header"),
+                None,
+                H::WwwAuthenticate,
             ),
             E::InvalidToken => (
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
                 Cow::Borrowed("Invalid token"),
+                None,
+                H::WwwAuthenticate,
             ),
             E::AuthUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "auth_unavailable",
                 Cow::Borrowed("Auth service unavailable"),
+                None,
+                H::None,
             ),
             E::NotFound => (
                 StatusCode::NOT_FOUND,
                 "not_found",
                 Cow::Borrowed("Not found"),
+                None,
+                H::None,
             ),
-            E::MethodNotAllowed { .. } => (
+            E::MethodNotAllowed { allow } => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 Cow::Borrowed("Method not allowed"),
+                None,
+                H::Allow(allow),
             ),
             E::PayloadTooLarge { limit } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 Cow::Owned(format!("Request body larger than {limit} bytes")),
+                None,
+                H::None,
             ),
             E::BadRequest(msg) => (
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 Cow::Borrowed(&**msg),
+                None,
+                H::None,
             ),
             E::RequestTimeout => (
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 Cow::Borrowed("Request body not received in time"),
+                None,
+                H::None,
             ),
             E::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 Cow::Borrowed("Internal server error"),
+                None,
+                H::None,
             ),
+        };
+        Rendered {
+            status,
+            reason,
+            message,
+            upstream,
+            headers,
         }
     }
 
+    /// The upstream the error is about, if any.
     pub fn upstream(&self) -> Option<&str> {
-        match self {
-            GatewayError::UpstreamUnavailable { upstream, .. }
-            | GatewayError::UpstreamTimeout { upstream, .. }
-            | GatewayError::CircuitOpen { upstream, .. } => Some(upstream),
-            _ => None,
-        }
+        self.render().upstream
     }
 
+    /// The status the error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.render().status
+    }
+}
+
+/// An error as the client receives it: `GatewayError` plus the request id its body names.
+pub struct ErrorReply<'a> {
+    pub error: &'a GatewayError,
+    pub request_id: &'a str,
+}
+
+impl IntoResponse for ErrorReply<'_> {
     /// The JSON error response (`{"error","reason","request_id"[,"upstream"]}`) with the
     /// headers the condition calls for.
-    pub fn to_response(&self, request_id: &str, timeout_status: StatusCode) -> Response {
-        let (status, reason, message) = self.status_reason_message(timeout_status);
+    fn into_response(self) -> Response {
+        let r = self.error.render();
         let body = ErrorBody {
-            error: &message,
-            reason,
-            request_id,
-            upstream: self.upstream(),
+            error: &r.message,
+            reason: r.reason,
+            request_id: self.request_id,
+            upstream: r.upstream,
         };
         let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
         let mut resp = Response::new(Body::from(json));
-        *resp.status_mut() = status;
-        resp.extensions_mut().insert(ErrorReason(reason));
+        *resp.status_mut() = r.status;
+        resp.extensions_mut().insert(ErrorReason(r.reason));
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        match self {
-            GatewayError::CircuitOpen { retry_after, .. } => {
-                headers.insert(RETRY_AFTER, retry_after_value(*retry_after));
+        match r.headers {
+            ExtraHeaders::None => {}
+            ExtraHeaders::RetryAfter(wait) => {
+                headers.insert(RETRY_AFTER, retry_after_value(wait));
             }
-            GatewayError::RateLimited { headers: extra }
-            | GatewayError::RateLimiterUnavailable { headers: extra } => {
+            ExtraHeaders::Copied(extra) => {
                 for (k, v) in extra {
                     headers.insert(k.clone(), v.clone());
                 }
             }
-            GatewayError::MethodNotAllowed { allow } => {
+            ExtraHeaders::Allow(allow) => {
                 headers.insert(ALLOW, allow.clone());
             }
-            GatewayError::MissingToken | GatewayError::InvalidToken => {
+            ExtraHeaders::WwwAuthenticate => {
                 headers.insert(
                     http::header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer"),
                 );
             }
-            _ => {}
         }
         resp
     }
@@ -212,8 +285,8 @@ pub fn retry_after_value(d: Duration) -> HeaderValue {
 
 impl std::fmt::Display for GatewayError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (status, reason, message) = self.status_reason_message(StatusCode::SERVICE_UNAVAILABLE);
-        write!(f, "{status} {reason}: {message}")
+        let r = self.render();
+        write!(f, "{} {}: {}", r.status, r.reason, r.message)
     }
 }
 

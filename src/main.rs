@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use deltastream_gateway::config::Config;
+use deltastream_gateway::config::{redact_url, Config, ConfigErrors, RouteKind};
 use deltastream_gateway::demo::{start_demo, DemoPorts};
 use deltastream_gateway::sim::{self, Service, SimOptions};
 
@@ -152,11 +152,79 @@ fn main() -> ExitCode {
     }
 }
 
+/// The effective configuration (file or embedded default, then the environment), checked.
+fn load_checked(file: Option<&std::path::Path>) -> Result<Config, ConfigErrors> {
+    let cfg = Config::load(file)?;
+    deltastream_gateway::server::check(&cfg)?;
+    Ok(cfg)
+}
+
 fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(file).map_err(|e| {
+    load_checked(file).map_err(|e| {
         eprintln!("invalid configuration:\n{e}");
         ExitCode::from(2)
     })
+}
+
+/// A few lines describing the effective configuration, for `check-config` and startup.
+fn summary(cfg: &Config) -> String {
+    let mut s = format!(
+        "service {:?}: public {}:{}, admin {}:{}\n",
+        cfg.service_name, cfg.server.host, cfg.server.port, cfg.admin.host, cfg.admin.port
+    );
+    s.push_str(&format!("upstreams ({}):\n", cfg.upstreams.len()));
+    for (name, u) in &cfg.upstreams {
+        s.push_str(&format!("  {name:<10} {} (timeout {})\n", u.url, u.timeout));
+    }
+    s.push_str(&format!(
+        "rate limiting: {}; policies: {}\n",
+        match &cfg.rate_limit.redis_url {
+            Some(url) => format!("Redis at {}", redact_url(url)),
+            None => "in-process (no REDIS_URL)".to_string(),
+        },
+        cfg.rate_limit
+            .policies
+            .iter()
+            .map(|p| format!("{} {}/{} per {}", p.name, p.limit, p.window, p.key))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    s.push_str(&format!(
+        "cache: {} total, {} per entry; auth: {:?}\n",
+        cfg.cache.max_bytes, cfg.cache.max_entry_bytes, cfg.auth.mode
+    ));
+    s.push_str(&format!("routes ({}):\n", cfg.routes.len()));
+    for r in &cfg.routes {
+        let target = match (r.kind, &r.upstream) {
+            (RouteKind::UserMe, _) => "token verification only".to_string(),
+            (RouteKind::Proxy, Some(u)) => format!(
+                "{u} {}",
+                r.upstream_path.as_deref().unwrap_or(r.path.as_str())
+            ),
+            (RouteKind::Proxy, None) => "?".into(),
+        };
+        let mut extras = Vec::new();
+        if r.auth {
+            extras.push("auth".to_string());
+        }
+        if let Some(c) = &r.cache {
+            extras.push(format!("cache {}", c.ttl));
+        }
+        if !r.rate_limit.is_empty() {
+            extras.push(format!("rate_limit={}", r.rate_limit.join("+")));
+        }
+        s.push_str(&format!(
+            "  {:<8} {:<45} -> {target}{}\n",
+            r.methods.join(","),
+            r.path,
+            if extras.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", extras.join(", "))
+            }
+        ));
+    }
+    s
 }
 
 /// The runtime: multi-threaded (one worker per core) unless `GATEWAY_WORKER_THREADS` says
@@ -200,13 +268,13 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(Some(file)) {
+    match load_checked(Some(file)) {
         Ok(cfg) => {
             // A reader that stops early (`check-config FILE | head`) is not an error of ours;
             // println! would panic on the broken pipe.
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            match writeln!(out, "{}: OK\n{}", file.display(), cfg.summary()) {
+            match writeln!(out, "{}: OK\n{}", file.display(), summary(&cfg)) {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
                     eprintln!("cannot write the summary: {e}");
                     ExitCode::FAILURE

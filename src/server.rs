@@ -17,56 +17,64 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::auth::TokenVerifier;
-use crate::config::{parse_cidr, Config};
-use crate::observability::access::{access, AccessSettings, RouteInfo};
+use crate::config::{parse_cidr, Config, ConfigErrors};
+use crate::observability::access::{access, RouteInfo};
 use crate::routes::table::RouteTable;
 use crate::routes::{self, AppState, UpstreamRuntime};
-use crate::upstream::client::build_client;
-use crate::upstream::pipeline::Pipeline;
+use crate::upstream::Pipeline;
 
 mod conn;
 mod cors;
 pub mod memory;
 
+/// Everything `serve` refuses a configuration for, all at once and without binding or
+/// connecting anything: the config's own validation and the route templates.
+pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
+    let mut errors = cfg.validate().err().map(|e| e.0).unwrap_or_default();
+    if let Err(mut e) = RouteTable::check(cfg) {
+        errors.append(&mut e.0);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Builds the shared state from a validated config.
 pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
+    let timeout_status =
+        StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
-    // The auth upstream's pooled client also carries token verification calls.
-    let mut auth_client = None;
     for (name, u) in &cfg.upstreams {
-        let client = build_client(u).map_err(|e| format!("upstreams.{name}: {e}"))?;
-        let pipeline = Pipeline::new(name, client.clone(), &u.retry, &u.breaker)
-            .with_max_connections(u.max_connections);
-        pipeline.probe_health_at(&client, &u.url);
         upstreams.push(UpstreamRuntime {
             name: Arc::from(name.as_str()),
             base_url: u.url.trim_end_matches('/').to_string(),
             base: crate::routes::proxy::parse_base(&u.url),
             message: Arc::from(u.unavailable_message(name)),
-            pipeline,
+            timeout_status,
+            pipeline: Arc::new(Pipeline::new(name, u)?),
         });
-        if *name == cfg.auth.upstream {
-            auth_client = Some(client);
-        }
     }
-    let auth_upstream = upstreams.iter().find(|u| *u.name == *cfg.auth.upstream);
-    let verifier = TokenVerifier::new(
-        &cfg.auth,
-        auth_client,
-        auth_upstream.map(|u| u.base_url.as_str()),
-    )?;
+    // Token verification is a call to the auth upstream like any other: its pipeline.
+    let auth_upstream = upstreams
+        .iter()
+        .find(|u| *u.name == *cfg.auth.upstream)
+        .map(|u| (u.pipeline.clone(), u.base_url.as_str()));
+    let verifier = TokenVerifier::new(&cfg.auth, auth_upstream)?;
     let failure_policy = Some(cfg.auth.failure_policy.as_str()).filter(|p| !p.is_empty());
     let limiter =
         crate::ratelimit::RateLimiter::new(&cfg.rate_limit.with_builtins(failure_policy)).await;
     let auth_guard = crate::auth::guard::FailureGuard::new(
         failure_policy.and_then(|p| limiter.policy(p)),
-        crate::ratelimit::config::MAX_WINDOW,
+        crate::config::ratelimit::MAX_WINDOW,
     );
     let table = RouteTable::build(
         &cfg,
         |n| upstreams.iter().position(|u| &*u.name == n),
         |p| limiter.policy(p),
-    );
+    )
+    .map_err(|e| format!("invalid configuration:\n{e}"))?;
     let openapi = serde_json::to_vec(&routes::docs::openapi(&cfg)).map_err(|e| e.to_string())?;
     // Field order as the original service wrote it (serde_json would sort the keys).
     let health = format!(
@@ -80,8 +88,6 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         auth_guard,
         limiter,
         cache: crate::upstream::cache::ResponseCache::new(&cfg.cache),
-        timeout_status: StatusCode::from_u16(cfg.errors.timeout_status)
-            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         max_body: cfg.limits.max_body.0,
         trusted_proxies: cfg
             .trusted_proxies
@@ -174,9 +180,6 @@ async fn accept_loop(
     // and a log line) -> CORS (`cors`: header values computed once) -> the generic handler.
     // Composed by hand, not with axum's `Router` + `from_fn`: with one fallback handler those
     // only added a route lookup, a boxed service and boxed futures per request.
-    let access_settings = AccessSettings {
-        timeout_status: app.timeout_status,
-    };
     let cors = Arc::new(cors::Cors::new(&app.config.cors));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Asks idle connections to close when a client is waiting for a slot.
@@ -221,7 +224,7 @@ async fn accept_loop(
             let cors = cors.clone();
             async move {
                 let req = req.map(Body::new);
-                let resp = access(&access_settings, Some(peer), req, |req, rid| async move {
+                let resp = access(Some(peer), req, |req, rid| async move {
                     // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
                     if req.method() == http::Method::OPTIONS {
                         return (cors.preflight(req.headers()), RouteInfo::default());

@@ -5,9 +5,11 @@ use std::path::Path;
 use std::process::Command;
 
 use deltastream_gateway::config::Config;
+use deltastream_gateway::server::check;
 
+/// Everything `serve` would refuse in `text`: validation and the route templates.
 fn errors_of(text: &str) -> Vec<String> {
-    match Config::from_toml(text).and_then(|c| c.validate().map(|_| c)) {
+    match Config::from_toml(text).and_then(|c| check(&c).map(|_| c)) {
         Ok(_) => panic!("expected errors for:\n{text}"),
         Err(e) => e.0.iter().map(|f| f.to_string()).collect(),
     }
@@ -16,7 +18,7 @@ fn errors_of(text: &str) -> Vec<String> {
 #[test]
 fn the_shipped_example_config_parses_and_validates() {
     let cfg = Config::from_file(Path::new("gateway.example.toml")).expect("example parses");
-    cfg.validate().expect("example validates");
+    check(&cfg).expect("example validates");
     assert_eq!(cfg.limits.max_body.0, 1 << 20);
     assert!(cfg
         .routes
@@ -33,7 +35,7 @@ fn every_valid_fixture_parses_and_every_invalid_one_fails() {
     for entry in std::fs::read_dir("tests/fixtures/config").unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let result = Config::from_file(&path).and_then(|c| c.validate().map(|_| c));
+        let result = Config::from_file(&path).and_then(|c| check(&c).map(|_| c));
         if name.starts_with("valid") {
             result.unwrap_or_else(|e| panic!("{name} should be valid:\n{e}"));
         } else {
@@ -95,6 +97,17 @@ fn errors_name_the_field_path() {
     ] {
         assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
     }
+
+    // A template that does not parse is an error naming its field, never a route left out.
+    let e = errors_of("[[routes]]\npath = \"/api/x/{id\"\nupstream = \"storage\"\n");
+    assert!(e.iter().any(|m| m.starts_with("routes[8].path:")), "{e:?}");
+    let e = errors_of(
+        "[[routes]]\npath = \"/api/x/{id}\"\nupstream = \"storage\"\nupstream_path = \"/x/{id\"\n",
+    );
+    assert!(
+        e.iter().any(|m| m.starts_with("routes[8].upstream_path:")),
+        "{e:?}"
+    );
 
     let e = errors_of("[upstreams.storage]\nmax_connections = 0\n");
     assert!(

@@ -8,8 +8,8 @@ use std::process::Command;
 use axum::body::Body;
 use axum::Router;
 use deltastream_gateway::config::Config;
-use deltastream_gateway::observability::access::{access_layer, AccessSettings};
-use http::{Request, StatusCode};
+use deltastream_gateway::observability::access::access_layer;
+use http::Request;
 use tower::ServiceExt;
 
 #[test]
@@ -48,12 +48,7 @@ async fn a_panicking_handler_becomes_a_json_500_and_serving_continues() {
             }),
         )
         .route("/fine", axum::routing::get(|| async { "fine" }))
-        .layer(axum::middleware::from_fn_with_state(
-            AccessSettings {
-                timeout_status: StatusCode::SERVICE_UNAVAILABLE,
-            },
-            access_layer,
-        ));
+        .layer(axum::middleware::from_fn(access_layer));
     let resp = app
         .clone()
         .oneshot(Request::get("/boom").body(Body::empty()).unwrap())

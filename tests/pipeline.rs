@@ -9,10 +9,8 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deltastream_gateway::config::Dur;
-use deltastream_gateway::upstream::{
-    BreakerConfig, BreakerState, CallOptions, Pipeline, RetryConfig, UpstreamError,
-};
+use deltastream_gateway::config::{BreakerConfig, Dur, RetryConfig, UpstreamConfig};
+use deltastream_gateway::upstream::{BreakerState, CallOptions, Pipeline, UpstreamError};
 use reqwest::{Method, Request};
 use support::{refused_addr, FakeUpstream, Step};
 
@@ -53,8 +51,15 @@ fn short_breaker() -> BreakerConfig {
     }
 }
 
-fn pipeline(retry: &RetryConfig, breaker: &BreakerConfig) -> Pipeline {
-    Pipeline::new("test", reqwest::Client::new(), retry, breaker)
+/// The pipeline of an upstream at `url` with these retry and breaker settings.
+fn pipeline(url: &str, retry: &RetryConfig, breaker: &BreakerConfig) -> Pipeline {
+    let cfg = UpstreamConfig {
+        url: url.to_string(),
+        retry: retry.clone(),
+        breaker: breaker.clone(),
+        ..UpstreamConfig::default()
+    };
+    Pipeline::new("test", &cfg).expect("valid upstream")
 }
 
 fn request(method: Method, base: &str) -> Request {
@@ -86,7 +91,7 @@ fn opts(idempotent: bool) -> CallOptions {
 #[tokio::test]
 async fn retries_503_until_the_upstream_answers() {
     let up = FakeUpstream::builder().statuses([503, 503]).start().await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
     assert_eq!(delivered.response.status(), 200);
     assert_eq!(delivered.attempts, 3);
@@ -104,7 +109,7 @@ async fn a_route_can_lower_the_retry_count() {
         .then(Step::status(503))
         .start()
         .await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let call = CallOptions {
         max_retries: Some(0),
         ..opts(true)
@@ -123,7 +128,7 @@ async fn a_post_answered_503_reaches_the_upstream_once() {
         .then(Step::status(503))
         .start()
         .await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let delivered = p
         .send(post(&up.url()), opts(false))
         .await
@@ -136,7 +141,7 @@ async fn a_post_answered_503_reaches_the_upstream_once() {
 #[tokio::test]
 async fn a_post_opted_in_is_retried_like_a_get() {
     let up = FakeUpstream::builder().statuses([503]).start().await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let call = CallOptions {
         retry_non_idempotent: true,
         ..opts(false)
@@ -151,7 +156,11 @@ async fn a_post_opted_in_is_retried_like_a_get() {
 #[tokio::test]
 async fn a_post_to_a_refused_port_is_retried_because_it_never_arrived() {
     let addr = refused_addr().await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(
+        &format!("http://{addr}"),
+        &quick_retry(),
+        &BreakerConfig::default(),
+    );
     match p.send(post(&format!("http://{addr}")), opts(false)).await {
         Err(UpstreamError::Unavailable { attempts, detail }) => {
             assert_eq!(attempts, 3);
@@ -164,7 +173,7 @@ async fn a_post_to_a_refused_port_is_retried_because_it_never_arrived() {
 #[tokio::test]
 async fn a_reset_is_retried_for_a_get_but_not_for_a_post() {
     let up = FakeUpstream::builder().steps([Step::Reset]).start().await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
     assert_eq!(
         (delivered.response.status().as_u16(), delivered.attempts),
@@ -186,7 +195,7 @@ async fn retry_after_is_honoured_when_short_and_returned_at_once_when_long() {
         .steps([Step::status(503).with_header("retry-after", "0")])
         .start()
         .await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
     assert_eq!(
         (delivered.response.status().as_u16(), delivered.attempts),
@@ -217,7 +226,7 @@ async fn the_budget_keeps_an_outage_from_multiplying_the_load() {
         .await;
     let retry = quick_retry();
     // The breaker would stop the calls first; this test is about the budget alone.
-    let p = pipeline(&retry, &no_breaker());
+    let p = pipeline(&up.url(), &retry, &no_breaker());
     let requests = 100;
     for _ in 0..requests {
         let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
@@ -237,7 +246,7 @@ async fn the_budget_keeps_an_outage_from_multiplying_the_load() {
 
 async fn open_the_breaker_with(failure: Step) {
     let up = FakeUpstream::builder().then(failure).start().await;
-    let p = pipeline(&quick_retry(), &long_breaker());
+    let p = pipeline(&up.url(), &quick_retry(), &long_breaker());
     let mut calls = 0;
     while p.breaker().state() != BreakerState::Open {
         calls += 1;
@@ -288,7 +297,7 @@ async fn a_503_brownout_behind_retries_does_not_open_the_breaker() {
         budget_ratio: 1.0,
         ..quick_retry()
     };
-    let p = pipeline(&retry, &long_breaker());
+    let p = pipeline(&up.url(), &retry, &long_breaker());
     for _ in 0..25 {
         let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
         assert_eq!(
@@ -307,7 +316,7 @@ async fn a_503_brownout_behind_retries_does_not_open_the_breaker() {
 async fn a_hard_down_upstream_opens_the_breaker_after_five_failed_calls() {
     let addr = refused_addr().await;
     let url = format!("http://{addr}");
-    let p = pipeline(&quick_retry(), &long_breaker());
+    let p = pipeline(&format!("http://{addr}"), &quick_retry(), &long_breaker());
     for n in 1..=5 {
         match p.send(get(&url), opts(true)).await {
             Err(UpstreamError::Unavailable { attempts: 3, .. }) => {}
@@ -330,7 +339,7 @@ async fn a_hard_down_upstream_opens_the_breaker_after_five_failed_calls() {
 #[tokio::test]
 async fn a_timed_out_attempt_counts_as_a_breaker_failure() {
     let up = FakeUpstream::builder().then(Step::Hang).start().await;
-    let p = pipeline(&quick_retry(), &long_breaker());
+    let p = pipeline(&up.url(), &quick_retry(), &long_breaker());
     let call = CallOptions {
         attempt_timeout: ms(30),
         ..opts(true)
@@ -351,7 +360,7 @@ async fn client_errors_do_not_open_the_breaker() {
         .then(Step::status(404))
         .start()
         .await;
-    let p = pipeline(&quick_retry(), &long_breaker());
+    let p = pipeline(&up.url(), &quick_retry(), &long_breaker());
     for _ in 0..30 {
         let delivered = p.send(get(&up.url()), opts(true)).await.expect("delivered");
         assert_eq!(
@@ -370,7 +379,7 @@ async fn half_open_sends_exactly_one_probe_for_fifty_concurrent_calls() {
         .then(Step::status(200).delayed(ms(300)))
         .start()
         .await;
-    let p = Arc::new(pipeline(&quick_retry(), &short_breaker()));
+    let p = Arc::new(pipeline(&up.url(), &quick_retry(), &short_breaker()));
     for _ in 0..5 {
         let _ = p.send(get(&up.url()), opts(true)).await;
     }
@@ -408,7 +417,7 @@ async fn recovery_closes_the_breaker_after_a_failed_probe_reopens_it() {
         .statuses([500; 6]) // 5 to open, 1 failed probe
         .start()
         .await;
-    let p = pipeline(&quick_retry(), &short_breaker());
+    let p = pipeline(&up.url(), &quick_retry(), &short_breaker());
     for _ in 0..5 {
         let _ = p.send(get(&up.url()), opts(true)).await;
     }
@@ -450,9 +459,7 @@ async fn the_health_probe_reopens_the_route_long_before_the_open_time() {
         probe_interval: Dur::from_millis(50),
         ..long_breaker()
     };
-    let client = reqwest::Client::new();
-    let p = Pipeline::new("test", client.clone(), &quick_retry(), &breaker);
-    p.probe_health_at(&client, &up.url());
+    let p = pipeline(&up.url(), &quick_retry(), &breaker);
     for _ in 0..5 {
         let _ = p.send(get(&up.url()), opts(true)).await;
     }
@@ -477,7 +484,7 @@ async fn the_health_probe_reopens_the_route_long_before_the_open_time() {
 #[tokio::test]
 async fn the_deadline_holds_when_every_attempt_hangs() {
     let up = FakeUpstream::builder().then(Step::Hang).start().await;
-    let p = pipeline(&quick_retry(), &BreakerConfig::default());
+    let p = pipeline(&up.url(), &quick_retry(), &BreakerConfig::default());
     let deadline = ms(300);
     let call = CallOptions {
         deadline,
@@ -509,7 +516,7 @@ async fn retries_and_backoff_never_run_past_the_deadline() {
         backoff_cap: Dur::from_millis(100),
         ..RetryConfig::default()
     };
-    let p = pipeline(&retry, &no_breaker());
+    let p = pipeline(&up.url(), &retry, &no_breaker());
     let deadline = ms(300);
     let call = CallOptions {
         deadline,

@@ -6,7 +6,8 @@ mod support;
 use std::time::Duration;
 
 use deltastream_gateway::config::Dur;
-use deltastream_gateway::upstream::{BreakerConfig, CallOptions, Pipeline, RetryConfig};
+use deltastream_gateway::config::{BreakerConfig, RetryConfig, UpstreamConfig};
+use deltastream_gateway::upstream::{CallOptions, Pipeline};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use reqwest::{Method, Request};
 use support::{FakeUpstream, Step};
@@ -31,7 +32,13 @@ async fn attempts_outcomes_and_breaker_state_are_exported() {
         open_base: Dur::from_secs(30),
         ..BreakerConfig::default()
     };
-    let p = Pipeline::new("metered", reqwest::Client::new(), &retry, &breaker);
+    let cfg = UpstreamConfig {
+        url: up.url(),
+        retry,
+        breaker,
+        ..UpstreamConfig::default()
+    };
+    let p = Pipeline::new("metered", &cfg).expect("valid upstream");
     let call = CallOptions {
         deadline: Duration::from_secs(5),
         attempt_timeout: Duration::from_secs(2),

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use deltastream_gateway::config::{Config, Dur};
-use deltastream_gateway::ratelimit::{KeySource, PolicyConfig};
+use deltastream_gateway::config::{KeySource, PolicyConfig};
 use serde_json::Value;
 use support::gateway::{client, config_with_upstreams, spawn};
 use support::redis::RedisServer;

@@ -13,9 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use deltastream_gateway::config::Dur;
+use deltastream_gateway::config::{KeySource, OnRedisError, PolicyConfig, RateLimitConfig};
 use deltastream_gateway::ratelimit::{
-    client_ip, BackendState, Decision, DecisionSource, KeySource, OnRedisError, PolicyConfig,
-    PolicyId, RateLimitConfig, RateLimiter, Subject,
+    client_ip, BackendState, Decision, DecisionSource, PolicyId, RateLimiter, Subject,
 };
 use http::{HeaderMap, HeaderValue};
 use support::redis::{RedisCluster, RedisServer};

@@ -6,9 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use deltastream_gateway::upstream::{
-    BreakerConfig, BreakerState, CallOptions, Pipeline, RetryConfig, UpstreamError,
-};
+use deltastream_gateway::config::UpstreamConfig;
+use deltastream_gateway::upstream::{BreakerState, CallOptions, Pipeline, UpstreamError};
 use reqwest::{Method, Request};
 use support::{FakeUpstream, Step};
 
@@ -22,17 +21,14 @@ fn opts(deadline: Duration) -> CallOptions {
     }
 }
 
-/// A default pipeline with at most `slots` calls in flight.
-fn bounded(name: &str, slots: usize) -> std::sync::Arc<Pipeline> {
-    std::sync::Arc::new(
-        Pipeline::new(
-            name,
-            reqwest::Client::new(),
-            &RetryConfig::default(),
-            &BreakerConfig::default(),
-        )
-        .with_max_connections(slots),
-    )
+/// A default pipeline to `url` with at most `slots` calls in flight.
+fn bounded(name: &str, url: &str, slots: usize) -> std::sync::Arc<Pipeline> {
+    let cfg = UpstreamConfig {
+        url: url.to_string(),
+        max_connections: slots,
+        ..UpstreamConfig::default()
+    };
+    std::sync::Arc::new(Pipeline::new(name, &cfg).expect("valid upstream"))
 }
 
 fn get(base: &str) -> Request {
@@ -45,7 +41,7 @@ async fn calls_beyond_the_bound_wait_for_a_slot_instead_of_opening_connections()
         .then(Step::status(200).delayed(Duration::from_millis(50)))
         .start()
         .await;
-    let p = bounded("slots", 2);
+    let p = bounded("slots", &up.url(), 2);
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let (p, url) = (p.clone(), up.url());
@@ -77,7 +73,7 @@ async fn waiting_for_a_slot_counts_against_the_deadline_not_the_breaker() {
         .then(Step::status(200).delayed(Duration::from_millis(400)))
         .start()
         .await;
-    let p = bounded("one-slot", 1);
+    let p = bounded("one-slot", &up.url(), 1);
     let holder = {
         let (p, url) = (p.clone(), up.url());
         tokio::spawn(async move { p.send(get(&url), opts(Duration::from_secs(5))).await })

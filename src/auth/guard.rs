@@ -81,7 +81,7 @@ impl FailureGuard {
         let wait = Duration::from_secs(decision.retry_after_secs().unwrap_or(1));
         self.blocked.insert(
             client,
-            crate::upstream::pipeline::instant_after(Instant::now(), wait),
+            crate::upstream::call::instant_after(Instant::now(), wait),
         );
         metrics::counter!("gateway_auth_failures_blocked_total").increment(1);
         tracing::info!(client = %client, wait_secs = wait.as_secs(), "too many failed token verifications; client blocked");

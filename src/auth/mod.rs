@@ -20,6 +20,7 @@ pub mod guard;
 
 use crate::config::{AuthConfig, AuthMode, JwtAlgorithm};
 use crate::error::GatewayError;
+use crate::upstream::{CallOptions, Pipeline};
 
 pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 pub static X_USER_EMAIL: HeaderName = HeaderName::from_static("x-user-email");
@@ -56,14 +57,19 @@ impl moka::Expiry<[u8; 32], Cached> for PerEntryTtl {
 
 enum Backend {
     Remote {
-        client: reqwest::Client,
-        url: String,
+        /// The auth upstream's pipeline: verify calls get its deadline, breaker, bulkhead and
+        /// attempt metrics like every other call to it.
+        pipeline: Arc<Pipeline>,
+        url: reqwest::Url,
         timeout: Duration,
     },
     Local {
         key: Box<DecodingKey>,
         validation: Box<Validation>,
     },
+    /// Remote mode without an auth upstream: only possible when no route needs a token
+    /// (validation requires the upstream otherwise), so nothing is ever verified.
+    Unconfigured,
 }
 
 pub struct TokenVerifier {
@@ -79,12 +85,23 @@ pub struct TokenVerifier {
 /// tokens evicts older ones rather than growing memory.
 const REJECTED_CAPACITY: u64 = 100_000;
 
+/// `X-User-*` in any spelling: only the gateway may assert identity. CGI/WSGI/PHP
+/// upstreams read `_` in a header name as `-`, so `X_User_Id` is `X-User-Id` to them.
+pub fn is_identity_header(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() > 7
+        && b[0] == b'x'
+        && matches!(b[1], b'-' | b'_')
+        && &b[2..6] == b"user"
+        && matches!(b[6], b'-' | b'_')
+}
+
 /// Removes every client-supplied `X-User-*` header, in any `-`/`_` spelling (see
 /// `routes::headers`): only the gateway may assert identity.
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| crate::routes::headers::is_identity_header(k.as_str()))
+        .filter(|k| is_identity_header(k.as_str()))
         .cloned()
         .collect();
     for k in spoofed {
@@ -148,23 +165,24 @@ fn seconds_until_exp(token: &str) -> Option<i64> {
 }
 
 impl TokenVerifier {
-    /// `client` and `base_url` are the auth upstream's (remote mode).
+    /// `auth` is the auth upstream's pipeline and base URL (remote mode; a config without
+    /// routes that need a token may have none).
     pub fn new(
         cfg: &AuthConfig,
-        client: Option<reqwest::Client>,
-        base_url: Option<&str>,
+        auth: Option<(Arc<Pipeline>, &str)>,
     ) -> Result<TokenVerifier, String> {
-        let backend = match cfg.mode {
-            AuthMode::Remote => Backend::Remote {
-                client: client.unwrap_or_default(),
-                url: format!(
-                    "{}{}",
-                    base_url.unwrap_or("http://auth:8001").trim_end_matches('/'),
-                    cfg.verify_path
-                ),
-                timeout: cfg.verify_timeout.0,
-            },
-            AuthMode::Local => {
+        let backend = match (cfg.mode, auth) {
+            (AuthMode::Remote, Some((pipeline, base_url))) => {
+                let url = format!("{}{}", base_url.trim_end_matches('/'), cfg.verify_path);
+                Backend::Remote {
+                    pipeline,
+                    url: reqwest::Url::parse(&url)
+                        .map_err(|e| format!("auth.verify_path: {url}: {e}"))?,
+                    timeout: cfg.verify_timeout.0,
+                }
+            }
+            (AuthMode::Remote, None) => Backend::Unconfigured,
+            (AuthMode::Local, _) => {
                 let (key, alg) = match cfg.jwt_algorithm {
                     JwtAlgorithm::HS256 => (
                         DecodingKey::from_secret(
@@ -269,55 +287,79 @@ impl TokenVerifier {
                     email: data.claims.email,
                 })
             }
+            Backend::Unconfigured => {
+                tracing::error!("token verification without an auth upstream");
+                Err(GatewayError::AuthUnavailable)
+            }
             Backend::Remote {
-                client,
+                pipeline,
                 url,
                 timeout,
-            } => {
-                let body = serde_json::json!({ "token": token });
-                let sent = client.post(url).json(&body).timeout(*timeout).send();
-                let resp = match tokio::time::timeout(*timeout, sent).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "token verification: auth service unreachable");
-                        return Err(GatewayError::AuthUnavailable);
-                    }
-                    Err(_) => {
-                        tracing::warn!("token verification: auth service timed out");
-                        return Err(GatewayError::AuthUnavailable);
-                    }
-                };
-                let status = resp.status().as_u16();
-                match status {
-                    200 => {}
-                    400 | 401 | 403 | 422 => return Err(GatewayError::InvalidToken),
-                    _ => {
-                        tracing::warn!(
-                            status,
-                            "token verification: unexpected auth service status"
-                        );
-                        return Err(GatewayError::AuthUnavailable);
-                    }
-                }
-                let bytes = match tokio::time::timeout(*timeout, resp.bytes()).await {
-                    Ok(Ok(b)) => b,
-                    _ => return Err(GatewayError::AuthUnavailable),
-                };
-                let v: VerifyResponse = serde_json::from_slice(&bytes).map_err(|_| {
-                    tracing::warn!("token verification: auth service answered malformed JSON");
-                    GatewayError::AuthUnavailable
-                })?;
-                if v.valid == Some(false) {
-                    return Err(GatewayError::InvalidToken);
-                }
-                let user_id = id_string(&v.user_id).ok_or(GatewayError::InvalidToken)?;
-                Ok(Identity {
-                    user_id,
-                    email: v.email,
-                })
-            }
+            } => verify_remote(pipeline, url, *timeout, token).await,
         }
     }
+}
+
+/// `POST {auth}/verify {"token"}` through the auth upstream's pipeline: bounded by the verify
+/// timeout, refused fast while the auth breaker is open, never replayed once it reached the
+/// auth service (a POST), counted by the breaker and the attempt metrics. Any failure to get
+/// an answer is `AuthUnavailable` (503), never a 401.
+async fn verify_remote(
+    pipeline: &Pipeline,
+    url: &reqwest::Url,
+    timeout: Duration,
+    token: &str,
+) -> Result<Identity, GatewayError> {
+    let started = tokio::time::Instant::now();
+    let body = serde_json::to_vec(&serde_json::json!({ "token": token }))
+        .map_err(|_| GatewayError::Internal)?;
+    let mut req = reqwest::Request::new(http::Method::POST, url.clone());
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    *req.body_mut() = Some(reqwest::Body::from(body));
+    let options = CallOptions {
+        deadline: timeout,
+        attempt_timeout: timeout,
+        idempotent: false,
+        retry_non_idempotent: false,
+        max_retries: None,
+    };
+    let delivered = match pipeline.send(req, options).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "token verification: auth service unavailable");
+            return Err(GatewayError::AuthUnavailable);
+        }
+    };
+    let resp = delivered.response;
+    let status = resp.status().as_u16();
+    match status {
+        200 => {}
+        400 | 401 | 403 | 422 => return Err(GatewayError::InvalidToken),
+        _ => {
+            tracing::warn!(status, "token verification: unexpected auth service status");
+            return Err(GatewayError::AuthUnavailable);
+        }
+    }
+    let left = timeout.saturating_sub(started.elapsed());
+    let bytes = match tokio::time::timeout(left, resp.bytes()).await {
+        Ok(Ok(b)) => b,
+        _ => return Err(GatewayError::AuthUnavailable),
+    };
+    let v: VerifyResponse = serde_json::from_slice(&bytes).map_err(|_| {
+        tracing::warn!("token verification: auth service answered malformed JSON");
+        GatewayError::AuthUnavailable
+    })?;
+    if v.valid == Some(false) {
+        return Err(GatewayError::InvalidToken);
+    }
+    let user_id = id_string(&v.user_id).ok_or(GatewayError::InvalidToken)?;
+    Ok(Identity {
+        user_id,
+        email: v.email,
+    })
 }
 
 impl Identity {
@@ -372,6 +414,22 @@ mod tests {
         strip_identity_headers(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-other"));
+    }
+
+    #[test]
+    fn identity_headers_are_recognised_in_every_spelling() {
+        for n in [
+            "x-user-id",
+            "x-user_id",
+            "x_user_id",
+            "x_user-email",
+            "x-user-role",
+        ] {
+            assert!(is_identity_header(n), "{n}");
+        }
+        for n in ["x-user", "x-users-id", "x-username", "y-user-id", "x-user-"] {
+            assert!(!is_identity_header(n), "{n}");
+        }
     }
 
     #[test]

@@ -6,8 +6,14 @@
 //! With `inherit_defaults = true` (the default) a file *extends* the embedded table: an
 //! upstream or route with the same name / path replaces the default one, others are added.
 
+pub mod auth;
+pub mod cache;
 pub mod defaults;
+pub mod ratelimit;
+pub mod routes;
+pub mod server;
 pub mod types;
+pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,10 +21,18 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::ratelimit::RateLimitConfig;
-pub use crate::upstream::cache::{CacheConfig, RouteCachePolicy};
-pub use crate::upstream::{BreakerConfig, RetryConfig};
+pub use auth::{AuthConfig, AuthMode, JwtAlgorithm};
+pub use cache::{CacheConfig, RouteCachePolicy};
+pub use ratelimit::{
+    builtin_policy, default_policies, KeySource, OnRedisError, PolicyConfig, RateLimitConfig,
+};
+pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind};
+pub use server::{
+    AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, LimitsConfig, ServerConfig,
+    DEFAULT_STRIP_FROM_UNTRUSTED,
+};
 pub use types::{join, ByteSize, Dur, FieldError};
+pub use upstream::{BreakerConfig, RetryConfig, UpstreamConfig};
 
 /// The whole gateway configuration, after defaults and overrides.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -45,247 +59,6 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    pub host: IpAddr,
-    /// `PORT`.
-    pub port: u16,
-    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
-    pub shutdown_grace: Dur,
-    /// How often freed heap is handed back to the kernel (glibc `malloc_trim`), so resident
-    /// memory falls back after a burst; `0s` turns it off (see `server::memory`).
-    pub memory_trim_interval: Dur,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Loopback by default: `/metrics` and `/admin/*` are operator-only.
-    pub host: IpAddr,
-    /// `ADMIN_PORT`; 0 picks a free port (tests).
-    pub port: u16,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CorsConfig {
-    /// `["*"]` (the original service's permissive default) or exact origins.
-    pub allowed_origins: Vec<String>,
-    pub allowed_methods: Vec<String>,
-    /// `["*"]` mirrors whatever the browser asks for.
-    pub allowed_headers: Vec<String>,
-    /// Only allowed with explicit origins (browsers refuse credentials with `*`).
-    pub allow_credentials: bool,
-    pub max_age: Dur,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Larger request bodies get 413 and never reach an upstream.
-    pub max_body: ByteSize,
-    /// A client that has not sent its whole header section by then is disconnected
-    /// (slowloris).
-    pub header_read_timeout: Dur,
-    /// Largest request head (request line + headers) accepted; larger gets 431.
-    pub max_header_bytes: ByteSize,
-    /// Concurrent client connections; further ones wait in the accept queue.
-    pub max_connections: usize,
-    /// Keep-alive connections idle longer than this are closed.
-    pub idle_timeout: Dur,
-    /// A response write that makes no progress (the client stopped reading) for this long
-    /// closes the connection, freeing the upstream connection it held.
-    pub send_timeout: Dur,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HeadersConfig {
-    /// Removed from requests of peers outside `trusted_proxies`, in any `-`/`_` spelling:
-    /// client-address and routing claims that upstreams tend to believe. Replaces the
-    /// default list (README, Security).
-    pub strip_from_untrusted: Vec<String>,
-}
-
-impl Default for HeadersConfig {
-    fn default() -> Self {
-        HeadersConfig {
-            strip_from_untrusted: crate::routes::headers::DEFAULT_STRIP_FROM_UNTRUSTED
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum AuthMode {
-    /// `POST {auth}/verify` (the original behaviour).
-    Remote,
-    /// Verify JWTs in-process: no auth round trip, but revocation is not seen until expiry.
-    Local,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-pub enum JwtAlgorithm {
-    HS256,
-    RS256,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    pub mode: AuthMode,
-    /// The upstream that answers `POST /verify`.
-    pub upstream: String,
-    pub verify_path: String,
-    pub verify_timeout: Dur,
-    /// Upper bound on how long a verification result is reused; never past the token's `exp`.
-    pub cache_ttl: Dur,
-    /// How long a token the verifier rejected is answered 401 without asking again, so one
-    /// bad token sent N times is one verify call, not N. `0s` turns it off.
-    pub negative_cache_ttl: Dur,
-    /// Rate-limit policy that counts failed verifications per client (`auth_failures`, a
-    /// built-in 20 per minute per IP unless `rate_limit.policies` defines one of that name);
-    /// over it, that client's unverified tokens get 429 without a verify call. `""`: off.
-    pub failure_policy: String,
-    pub jwt_algorithm: JwtAlgorithm,
-    /// HS256 secret for local mode (`JWT_SECRET` overrides).
-    pub jwt_secret: Option<String>,
-    /// RS256 public key (PEM file path) for local mode.
-    pub jwt_public_key_file: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ErrorsConfig {
-    /// Status for an upstream that is too slow: 503 (the original service) or 504.
-    pub timeout_status: u16,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamConfig {
-    /// Base URL; `http://` or `https://` (rustls), optionally with a path prefix.
-    pub url: String,
-    /// Default route timeout for routes to this upstream.
-    pub timeout: Dur,
-    pub connect_timeout: Dur,
-    pub pool_max_idle_per_host: usize,
-    pub pool_idle_timeout: Dur,
-    /// Calls in flight (so connections) to this upstream at most; more wait for a free one
-    /// within their deadline. A bulkhead, and the bound on what upstream connections cost.
-    pub max_connections: usize,
-    /// The `error` text clients see when it is down (default "<Name> service unavailable").
-    pub unavailable_message: Option<String>,
-    /// Bounded retries on 503 and connection failures.
-    pub retry: RetryConfig,
-    /// The circuit breaker in front of this upstream.
-    pub breaker: BreakerConfig,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RouteKind {
-    /// Forward to the upstream (the generic proxy handler).
-    #[default]
-    Proxy,
-    /// Answer `{"user_id","email"}` from the verified token; no upstream call.
-    UserMe,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamLocation {
-    Path,
-    Query,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParamDoc {
-    pub name: String,
-    #[serde(rename = "in")]
-    pub location: ParamLocation,
-    #[serde(default)]
-    pub required: bool,
-    /// JSON-schema type: string, integer, number or boolean.
-    #[serde(default = "default_param_type", rename = "type")]
-    pub schema_type: String,
-    #[serde(default)]
-    pub description: String,
-}
-
-fn default_param_type() -> String {
-    "string".into()
-}
-
-/// What the OpenAPI document says about a route.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OpenApiDoc {
-    pub summary: String,
-    pub description: String,
-    pub tags: Vec<String>,
-    /// Query parameters (path parameters are documented from the template).
-    pub params: Vec<ParamDoc>,
-    /// Name of a documented JSON request body (`register`, `login`), if any.
-    pub request_body: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouteConfig {
-    /// Public path template, e.g. `/api/data/underlying/{product}`; also served under `/api/v1`.
-    pub path: String,
-    /// GET also answers HEAD.
-    pub methods: Vec<String>,
-    pub kind: RouteKind,
-    pub upstream: Option<String>,
-    /// Upstream path template using the same `{params}`; defaults to `path`.
-    pub upstream_path: Option<String>,
-    /// Overall deadline including retries; defaults to the upstream's timeout.
-    pub timeout: Option<Dur>,
-    /// Per-attempt timeout; defaults to the route timeout.
-    pub attempt_timeout: Option<Dur>,
-    /// Overrides the upstream's retry count.
-    pub retries: Option<u32>,
-    /// POST & co. are retried only when the request never reached the upstream, unless set.
-    pub retry_non_idempotent: bool,
-    /// Require a verified bearer token.
-    pub auth: bool,
-    /// Rate-limit policy names applied to this route.
-    pub rate_limit: Vec<String>,
-    /// Forward the client's query string.
-    pub forward_query: bool,
-    /// Opt in to the shared response cache (GET/HEAD, unauthenticated requests only).
-    pub cache: Option<RouteCachePolicy>,
-    pub openapi: OpenApiDoc,
-}
-
-impl Default for RouteConfig {
-    fn default() -> Self {
-        RouteConfig {
-            path: String::new(),
-            methods: vec!["GET".into()],
-            kind: RouteKind::Proxy,
-            upstream: None,
-            upstream_path: None,
-            timeout: None,
-            attempt_timeout: None,
-            retries: None,
-            retry_non_idempotent: false,
-            auth: false,
-            rate_limit: Vec::new(),
-            forward_query: true,
-            cache: None,
-            openapi: OpenApiDoc::default(),
-        }
-    }
 }
 
 /// Everything wrong with a configuration, each located by field path.
@@ -350,14 +123,13 @@ impl Config {
     }
 
     /// The effective configuration for `serve`: embedded default or file, then the process
-    /// environment, then validation.
+    /// environment. Not yet validated: `server::check` does that, templates included.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
         let mut c = match file {
             Some(p) => Config::from_file(p)?,
             None => Config::embedded(),
         };
         c.apply_env(|k| std::env::var(k).ok())?;
-        c.validate()?;
         Ok(c)
     }
 
@@ -585,7 +357,7 @@ impl Config {
                 .policies
                 .iter()
                 .any(|p| p.name == failure_policy)
-            && crate::ratelimit::config::builtin_policy(failure_policy).is_none()
+            && builtin_policy(failure_policy).is_none()
         {
             errors.push(FieldError::new(
                 "auth.failure_policy",
@@ -598,245 +370,6 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-    }
-
-    /// A few lines describing the effective configuration, for `check-config` and startup.
-    pub fn summary(&self) -> String {
-        let mut s = format!(
-            "service {:?}: public {}:{}, admin {}:{}\n",
-            self.service_name, self.server.host, self.server.port, self.admin.host, self.admin.port
-        );
-        s.push_str(&format!("upstreams ({}):\n", self.upstreams.len()));
-        for (name, u) in &self.upstreams {
-            s.push_str(&format!("  {name:<10} {} (timeout {})\n", u.url, u.timeout));
-        }
-        s.push_str(&format!(
-            "rate limiting: {}; policies: {}\n",
-            match &self.rate_limit.redis_url {
-                Some(url) => format!("Redis at {}", redact_url(url)),
-                None => "in-process (no REDIS_URL)".to_string(),
-            },
-            self.rate_limit
-                .policies
-                .iter()
-                .map(|p| format!("{} {}/{} per {}", p.name, p.limit, p.window, p.key))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        s.push_str(&format!(
-            "cache: {} total, {} per entry; auth: {:?}\n",
-            self.cache.max_bytes, self.cache.max_entry_bytes, self.auth.mode
-        ));
-        s.push_str(&format!("routes ({}):\n", self.routes.len()));
-        for r in &self.routes {
-            let target = match (r.kind, &r.upstream) {
-                (RouteKind::UserMe, _) => "token verification only".to_string(),
-                (RouteKind::Proxy, Some(u)) => format!(
-                    "{u} {}",
-                    r.upstream_path.as_deref().unwrap_or(r.path.as_str())
-                ),
-                (RouteKind::Proxy, None) => "?".into(),
-            };
-            let mut extras = Vec::new();
-            if r.auth {
-                extras.push("auth".to_string());
-            }
-            if let Some(c) = &r.cache {
-                extras.push(format!("cache {}", c.ttl));
-            }
-            if !r.rate_limit.is_empty() {
-                extras.push(format!("rate_limit={}", r.rate_limit.join("+")));
-            }
-            s.push_str(&format!(
-                "  {:<8} {:<45} -> {target}{}\n",
-                r.methods.join(","),
-                r.path,
-                if extras.is_empty() {
-                    String::new()
-                } else {
-                    format!(" [{}]", extras.join(", "))
-                }
-            ));
-        }
-        s
-    }
-}
-
-impl UpstreamConfig {
-    fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
-        match reqwest::Url::parse(&self.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                if u.query().is_some() || u.fragment().is_some() {
-                    errors.push(FieldError::new(
-                        join(path, "url"),
-                        format!("{:?} must not have a query or fragment", self.url),
-                    ));
-                }
-            }
-            _ => errors.push(FieldError::new(
-                join(path, "url"),
-                format!(
-                    "invalid upstream URL {:?} (expected http:// or https://host)",
-                    self.url
-                ),
-            )),
-        }
-        if self.timeout.0.is_zero() {
-            errors.push(FieldError::new(
-                join(path, "timeout"),
-                "must be greater than 0",
-            ));
-        }
-        if self.connect_timeout.0.is_zero() {
-            errors.push(FieldError::new(
-                join(path, "connect_timeout"),
-                "must be greater than 0",
-            ));
-        }
-        if self.max_connections == 0 {
-            errors.push(FieldError::new(
-                join(path, "max_connections"),
-                "must be greater than 0",
-            ));
-        }
-    }
-
-    /// The message clients see when this upstream is down.
-    pub fn unavailable_message(&self, name: &str) -> String {
-        self.unavailable_message.clone().unwrap_or_else(|| {
-            let mut chars = name.chars();
-            let cap: String = match chars.next() {
-                Some(c) => c.to_uppercase().chain(chars).collect(),
-                None => String::new(),
-            };
-            format!("{cap} service unavailable")
-        })
-    }
-}
-
-impl RouteConfig {
-    fn validate(&self, path: &str, cfg: &Config, errors: &mut Vec<FieldError>) {
-        let params = match crate::routes::template::parse_template(&self.path) {
-            Ok(t) => t.param_names(),
-            Err(e) => {
-                errors.push(FieldError::new(join(path, "path"), e));
-                Vec::new()
-            }
-        };
-        if self.path.starts_with("/api/v1/") {
-            errors.push(FieldError::new(
-                join(path, "path"),
-                "give the unversioned path; every route is also served under /api/v1",
-            ));
-        }
-        if self.methods.is_empty() {
-            errors.push(FieldError::new(
-                join(path, "methods"),
-                "must list at least one method",
-            ));
-        }
-        for (i, m) in self.methods.iter().enumerate() {
-            if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
-                errors.push(FieldError::new(
-                    format!("{path}.methods[{i}]"),
-                    format!("invalid HTTP method {m:?} (use upper case, e.g. \"GET\")"),
-                ));
-            }
-        }
-        match self.kind {
-            RouteKind::Proxy => match &self.upstream {
-                None => errors.push(FieldError::new(
-                    join(path, "upstream"),
-                    "required for a proxy route",
-                )),
-                Some(u) if !cfg.upstreams.contains_key(u) => errors.push(FieldError::new(
-                    join(path, "upstream"),
-                    format!(
-                        "no upstream named {u:?} (known: {})",
-                        cfg.upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                )),
-                Some(_) => {}
-            },
-            RouteKind::UserMe => {}
-        }
-        if let Some(up) = &self.upstream_path {
-            match crate::routes::template::parse_template(up) {
-                Ok(t) => {
-                    for p in t.param_names() {
-                        if !params.contains(&p) {
-                            errors.push(FieldError::new(
-                                join(path, "upstream_path"),
-                                format!("uses {{{p}}} which the route path does not define"),
-                            ));
-                        }
-                    }
-                }
-                Err(e) => errors.push(FieldError::new(join(path, "upstream_path"), e)),
-            }
-        }
-        for (field, d) in [
-            ("timeout", self.timeout),
-            ("attempt_timeout", self.attempt_timeout),
-        ] {
-            if d.is_some_and(|d| d.0.is_zero()) {
-                errors.push(FieldError::new(join(path, field), "must be greater than 0"));
-            }
-        }
-        for (i, name) in self.rate_limit.iter().enumerate() {
-            if !cfg.rate_limit.policies.iter().any(|p| p.name == *name) {
-                errors.push(FieldError::new(
-                    format!("{path}.rate_limit[{i}]"),
-                    format!(
-                        "no rate-limit policy named {name:?} (known: {})",
-                        cfg.rate_limit
-                            .policies
-                            .iter()
-                            .map(|p| p.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
-        }
-        if let Some(policy) = &self.cache {
-            policy.validate(&join(path, "cache"), errors);
-            if !self.methods.iter().any(|m| m == "GET" || m == "HEAD") {
-                errors.push(FieldError::new(
-                    join(path, "cache"),
-                    "only GET/HEAD responses are cached, and this route serves neither",
-                ));
-            }
-            if self.auth {
-                errors.push(FieldError::new(
-                    join(path, "cache"),
-                    "responses to authenticated requests are never shared; remove cache or auth",
-                ));
-            }
-        }
-        for (i, p) in self.openapi.params.iter().enumerate() {
-            if !matches!(
-                p.schema_type.as_str(),
-                "string" | "integer" | "number" | "boolean"
-            ) {
-                errors.push(FieldError::new(
-                    format!("{path}.openapi.params[{i}].type"),
-                    format!("unknown type {:?}", p.schema_type),
-                ));
-            }
-        }
-    }
-
-    /// Effective deadline for this route.
-    pub fn effective_timeout(&self, cfg: &Config) -> Dur {
-        self.timeout
-            .or_else(|| {
-                self.upstream
-                    .as_ref()
-                    .and_then(|u| cfg.upstreams.get(u))
-                    .map(|u| u.timeout)
-            })
-            .unwrap_or(Dur::from_secs(10))
     }
 }
 
@@ -876,95 +409,6 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
-        }
-    }
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            host: IpAddr::from([0, 0, 0, 0]),
-            port: 8000,
-            shutdown_grace: Dur::from_secs(30),
-            memory_trim_interval: Dur::from_secs(5),
-        }
-    }
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            host: IpAddr::from([127, 0, 0, 1]),
-            port: 9000,
-        }
-    }
-}
-
-impl Default for CorsConfig {
-    fn default() -> Self {
-        CorsConfig {
-            allowed_origins: vec!["*".into()],
-            allowed_methods: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            allowed_headers: vec!["*".into()],
-            allow_credentials: false,
-            max_age: Dur::from_secs(600),
-        }
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_body: ByteSize(1 << 20),
-            header_read_timeout: Dur::from_secs(10),
-            max_header_bytes: ByteSize(64 << 10),
-            max_connections: 10_000,
-            idle_timeout: Dur::from_secs(60),
-            send_timeout: Dur::from_secs(30),
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            mode: AuthMode::Remote,
-            upstream: "auth".into(),
-            verify_path: "/verify".into(),
-            verify_timeout: Dur::from_secs(5),
-            cache_ttl: Dur::from_secs(30),
-            negative_cache_ttl: Dur::from_secs(5),
-            failure_policy: "auth_failures".into(),
-            jwt_algorithm: JwtAlgorithm::HS256,
-            jwt_secret: None,
-            jwt_public_key_file: None,
-        }
-    }
-}
-
-impl Default for ErrorsConfig {
-    fn default() -> Self {
-        ErrorsConfig {
-            timeout_status: 503,
-        }
-    }
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            url: String::new(),
-            timeout: Dur::from_secs(10),
-            connect_timeout: Dur::from_secs(2),
-            pool_max_idle_per_host: 256,
-            pool_idle_timeout: Dur::from_secs(60),
-            max_connections: 256,
-            unavailable_message: None,
-            retry: RetryConfig::default(),
-            breaker: BreakerConfig::default(),
         }
     }
 }

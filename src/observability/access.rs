@@ -6,14 +6,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue};
 
 use super::metrics::{method_label, record_request, status_class};
-use crate::error::GatewayError;
+use crate::error::{ErrorReply, GatewayError};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -40,12 +40,6 @@ pub struct RouteInfo {
     pub upstream: Option<Arc<str>>,
 }
 
-/// Settings the middleware needs, shared by every request.
-#[derive(Clone, Copy)]
-pub struct AccessSettings {
-    pub timeout_status: StatusCode,
-}
-
 /// Accepts a client id only if short and made of safe characters: it is echoed in
 /// headers and logs, so anything else is replaced rather than trusted.
 fn client_request_id(v: &HeaderValue) -> bool {
@@ -63,17 +57,13 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
-/// The layer as axum middleware (`axum::middleware::from_fn_with_state(settings, access_layer)`).
+/// The layer as axum middleware (`axum::middleware::from_fn(access_layer)`).
 /// The gateway's own server calls [`access`] directly, without axum's boxed `Next`.
 /// The request id reaches the rest of the stack as a [`RequestId`] request extension, the peer
 /// is read from a [`ClientAddr`] one, and the route from a [`RouteInfo`] response extension.
-pub async fn access_layer(
-    State(settings): State<AccessSettings>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub async fn access_layer(req: Request, next: Next) -> Response {
     let remote = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    access(&settings, remote, req, |mut req, rid| async move {
+    access(remote, req, |mut req, rid| async move {
         req.extensions_mut().insert(RequestId(rid));
         let mut resp = next.run(req).await;
         let info = resp.extensions_mut().remove::<RouteInfo>();
@@ -86,12 +76,7 @@ pub async fn access_layer(
 /// which gets the request and its id and answers with the response and what it routed to.
 /// Passed as arguments rather than request/response extensions: the first insert into an
 /// extension map allocates a hash map, and three of them cost ~1,500 instructions per request.
-pub async fn access<F, Fut>(
-    settings: &AccessSettings,
-    remote: Option<SocketAddr>,
-    req: Request,
-    inner: F,
-) -> Response
+pub async fn access<F, Fut>(remote: Option<SocketAddr>, req: Request, inner: F) -> Response
 where
     F: FnOnce(Request, HeaderValue) -> Fut,
     Fut: std::future::Future<Output = (Response, RouteInfo)>,
@@ -119,8 +104,11 @@ where
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!(request_id = rid.to_str().unwrap_or(""), panic = %what, "handler panicked");
-            let resp = GatewayError::Internal
-                .to_response(rid.to_str().unwrap_or(""), settings.timeout_status);
+            let resp = ErrorReply {
+                error: &GatewayError::Internal,
+                request_id: rid.to_str().unwrap_or(""),
+            }
+            .into_response();
             (resp, RouteInfo::default())
         }
     };

@@ -79,8 +79,8 @@ const METHOD_LABELS: [&str; 8] = [
 ];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// A per-thread cache of metric handles, keyed by route label. The labels are the route
-/// table's (a bounded set from the config; clients cannot mint new ones), so a fixed fast
+/// A per-thread cache of metric handles, keyed by route label (or upstream name). The labels
+/// come from the config (a bounded set; clients cannot mint new ones), so a fixed fast
 /// hasher is safe here: SipHash over the label cost ~300 instructions per lookup, and a cache
 /// hit does two lookups.
 pub type RouteSlots<T> =
@@ -101,29 +101,45 @@ pub fn record_request(route: &str, method: &'static str, status: &'static str, s
         METHOD_LABELS.iter().position(|l| *l == method),
         STATUS_CLASSES.iter().position(|l| *l == status),
     ) else {
-        return record_uncached(route, method, status, seconds);
+        return;
     };
-    // Before the recorder is installed a handle would be a no-op forever: don't keep it.
-    if !installed() {
-        return record_uncached(route, method, status, seconds);
-    }
+    let register = || {
+        let labels = [
+            ("route", route.to_string()),
+            ("method", method.to_string()),
+            ("status", status.to_string()),
+        ];
+        RequestSeries {
+            requests: metrics::counter!("gateway_requests_total", &labels),
+            duration: metrics::histogram!("gateway_request_duration_seconds", &labels),
+        }
+    };
     REQUEST_SERIES.with(|cache| {
         with_route_slot(cache, route, |slots: &mut RouteSeries| {
-            let series = slots[m][s].get_or_insert_with(|| {
-                let labels = [
-                    ("route", route.to_string()),
-                    ("method", method.to_string()),
-                    ("status", status.to_string()),
-                ];
-                RequestSeries {
-                    requests: metrics::counter!("gateway_requests_total", &labels),
-                    duration: metrics::histogram!("gateway_request_duration_seconds", &labels),
-                }
-            });
-            series.requests.increment(1);
-            series.duration.record(seconds);
+            with_kept(&mut slots[m][s], register, |series| {
+                series.requests.increment(1);
+                series.duration.record(seconds);
+            })
         })
     });
+}
+
+/// Runs `f` on the metric handle kept in `slot`, registering it with `register` the first
+/// time, so that recording costs atomic adds instead of building labels and searching the
+/// registry. Before the recorder is installed a registered handle would stay a no-op for
+/// ever, so none is kept then: `f` gets a fresh one each time.
+///
+/// The one way the gateway caches metric handles: request series (here), attempt series
+/// (`upstream::pipeline`) and cache outcomes (`upstream::cache`).
+pub fn with_kept<T, R>(
+    slot: &mut Option<T>,
+    register: impl FnOnce() -> T,
+    f: impl FnOnce(&T) -> R,
+) -> R {
+    if !installed() {
+        return f(&register());
+    }
+    f(slot.get_or_insert_with(register))
 }
 
 /// Runs `f` on `route`'s entry of a per-thread cache of metric handles, made with `Default`
@@ -139,14 +155,4 @@ pub fn with_route_slot<T: Default, R>(
         return f(slot);
     }
     f(cache.entry(std::sync::Arc::from(route)).or_default())
-}
-
-fn record_uncached(route: &str, method: &'static str, status: &'static str, seconds: f64) {
-    let labels = [
-        ("route", route.to_string()),
-        ("method", method.to_string()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("gateway_requests_total", &labels).increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", &labels).record(seconds);
 }

@@ -22,8 +22,8 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
-use super::config::KeySource;
 use super::Subject;
+use crate::config::KeySource;
 
 /// 128 bits of SHA-256 of (kind, value): collision-free in practice, half the key length.
 pub type SubjectHash = [u8; 16];

@@ -15,7 +15,6 @@
 //! `gateway_ratelimit_decisions_total{policy,decision}`.
 
 pub mod client_ip;
-pub mod config;
 mod headers;
 mod keys;
 mod local;
@@ -30,10 +29,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use self::client_ip::client_ip;
-pub use self::config::{KeySource, OnRedisError, PolicyConfig, RateLimitConfig};
 pub use self::headers::{RATELIMIT, RATELIMIT_POLICY};
+use crate::config::ratelimit::{parse_redis_target, MAX_WINDOW};
+use crate::config::{KeySource, OnRedisError, RateLimitConfig};
 
-use self::config::{parse_redis_target, MAX_WINDOW};
 use self::keys::SubjectHash;
 use self::local::{LocalLimiter, LocalPolicy};
 use self::redis::{RedisConn, ScriptOutcome};
@@ -154,7 +153,7 @@ struct Policy {
 struct RedisBackend {
     /// Swappable so a probe can replace a connection that stopped recovering by itself.
     conn: RwLock<RedisConn>,
-    target: config::RedisTarget,
+    target: crate::config::ratelimit::RedisTarget,
     script: ::redis::Script,
     connect_timeout: Duration,
     command_timeout: Duration,
@@ -484,7 +483,10 @@ impl RateLimiter {
 
 impl RedisBackend {
     fn target_is_cluster(&self) -> bool {
-        matches!(self.target, config::RedisTarget::Cluster(_))
+        matches!(
+            self.target,
+            crate::config::ratelimit::RedisTarget::Cluster(_)
+        )
     }
 }
 
@@ -567,6 +569,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PolicyConfig;
     use http::HeaderMap;
 
     fn cfg(policies: Vec<PolicyConfig>) -> RateLimitConfig {

@@ -22,7 +22,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-use super::config::RedisTarget;
+use crate::config::ratelimit::RedisTarget;
 
 pub(crate) const SCRIPT: &str = r#"
 local t = redis.call('TIME')

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Version};
 
+use crate::auth::is_identity_header;
+use crate::config::DEFAULT_STRIP_FROM_UNTRUSTED;
 use crate::error::GatewayError;
 use crate::observability::access::X_REQUEST_ID;
 
@@ -21,30 +23,6 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Headers that claim something about the client or the request's routing which only a
-/// proxy in front of us could know: from a peer that is not a trusted proxy they are lies an
-/// upstream might believe (client address, original URL, method override), so they are
-/// removed. `X-Forwarded-For` and `X-Forwarded-Proto` are not listed: the gateway replaces them.
-pub const DEFAULT_STRIP_FROM_UNTRUSTED: &[&str] = &[
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-cluster-client-ip",
-    "x-forwarded-host",
-    "x-forwarded-server",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-original-url",
-    "x-original-uri",
-    "x-rewrite-url",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
 
 /// Names whose `_` spelling would let a client override how the gateway framed the body.
 const FRAMING: &[&str] = &["transfer-encoding", "content-length", "host"];
@@ -61,16 +39,6 @@ pub fn cgi_name(name: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(name)
     }
-}
-
-/// `X-User-*` in any spelling: only the gateway may assert identity.
-pub fn is_identity_header(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() > 7
-        && b[0] == b'x'
-        && matches!(b[1], b'-' | b'_')
-        && &b[2..6] == b"user"
-        && matches!(b[6], b'-' | b'_')
 }
 
 /// The configured strip list, folded once (`[headers] strip_from_untrusted`).
@@ -256,22 +224,6 @@ mod tests {
             );
         }
         h
-    }
-
-    #[test]
-    fn identity_headers_are_recognised_in_every_spelling() {
-        for n in [
-            "x-user-id",
-            "x-user_id",
-            "x_user_id",
-            "x_user-email",
-            "x-user-role",
-        ] {
-            assert!(is_identity_header(n), "{n}");
-        }
-        for n in ["x-user", "x-users-id", "x-username", "y-user-id", "x-user-"] {
-            assert!(!is_identity_header(n), "{n}");
-        }
     }
 
     #[test]

@@ -1,5 +1,13 @@
-//! The public surface: built-in endpoints (health, docs), the route table and the generic
-//! proxy handler, and the shared state they run on.
+//! The public surface: the shared state, the per-request context, and the request's path as
+//! named phases (read [`handle`] first):
+//!
+//! ```text
+//! builtin (/health, docs) | match route -> check request -> identity -> rate limit
+//!   -> proxy (proxy.rs: read body -> cache lookup -> upstream call -> response) | user/me
+//!   -> respond (errors to JSON, RateLimit headers on every answer of a limited route)
+//! ```
+//!
+//! Like pingora-proxy's `ProxyHttp` phases, but plain functions over one [`RequestCtx`].
 
 pub mod admin;
 pub mod docs;
@@ -8,26 +16,29 @@ pub mod proxy;
 pub mod table;
 pub mod template;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use crate::auth::{strip_identity_headers, TokenVerifier};
+use crate::auth::guard::FailureGuard;
+use crate::auth::{bearer_token, strip_identity_headers, Identity, TokenVerifier};
 use crate::config::{Config, RouteKind};
-use crate::error::GatewayError;
+use crate::error::{ErrorReply, GatewayError};
 use crate::observability::access::RouteInfo;
-use crate::ratelimit::{client_ip, Subject};
-use crate::upstream::pipeline::Pipeline;
-use table::{RouteMatch, RouteTable};
+use crate::ratelimit::{client_ip, Decision, RateLimiter, Subject};
+use crate::upstream::cache::ResponseCache;
+use crate::upstream::{Pipeline, UpstreamError};
+use table::{Route, RouteMatch, RouteTable};
 
 /// One upstream at run time.
 pub struct UpstreamRuntime {
+    /// Its name in the config: metric label, log field, the error body's `upstream`.
     pub name: Arc<str>,
     /// Base URL without a trailing slash; the rewritten path is appended.
     pub base_url: String,
@@ -36,33 +47,132 @@ pub struct UpstreamRuntime {
     pub base: Option<reqwest::Url>,
     /// The `error` text clients see when it is down ("Storage service unavailable").
     pub message: Arc<str>,
-    pub pipeline: Pipeline,
+    /// 503 (the original service) or 504 for a timeout, `errors.timeout_status`.
+    pub timeout_status: StatusCode,
+    /// Every call to this upstream goes through it; shared with the token verifier when this
+    /// is the auth upstream.
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl UpstreamRuntime {
+    /// A pipeline failure as the gateway's error for this upstream.
+    pub fn error(&self, e: UpstreamError) -> GatewayError {
+        match e {
+            UpstreamError::Unavailable { .. } => GatewayError::UpstreamUnavailable {
+                upstream: self.name.clone(),
+                message: self.message.clone(),
+            },
+            UpstreamError::Timeout { .. } => GatewayError::UpstreamTimeout {
+                upstream: self.name.clone(),
+                message: self.message.clone(),
+                status: self.timeout_status,
+            },
+            UpstreamError::CircuitOpen { retry_after } => GatewayError::CircuitOpen {
+                upstream: self.name.clone(),
+                message: self.message.clone(),
+                retry_after,
+            },
+        }
+    }
 }
 
 /// Everything a request needs, built once at startup and shared.
 pub struct AppState {
+    /// The configuration this state was built from (CORS, the admin listener).
     pub config: Config,
+    /// Public routes, most specific first.
     pub table: RouteTable,
+    /// One per configured upstream; routes refer to them by index.
     pub upstreams: Vec<UpstreamRuntime>,
+    /// Verifies bearer tokens: remotely through the auth upstream's pipeline, or local JWTs.
     pub verifier: TokenVerifier,
     /// Counts failed verifications per client and refuses clients over the policy.
-    pub auth_guard: crate::auth::guard::FailureGuard,
-    pub limiter: crate::ratelimit::RateLimiter,
+    pub auth_guard: FailureGuard,
+    /// Rate limits shared through Redis, with an in-process fallback.
+    pub limiter: RateLimiter,
     /// The shared response cache (routes opt in).
-    pub cache: crate::upstream::cache::ResponseCache,
-    pub timeout_status: StatusCode,
+    pub cache: ResponseCache,
+    /// Request bodies larger than this are refused (413) before any upstream call.
     pub max_body: u64,
+    /// Peers whose forwarding headers are believed (`trusted_proxies`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Client headers never forwarded from untrusted peers (`[headers]`).
+    /// Which client headers may cross to the upstreams (`[headers]`).
     pub header_policy: headers::HeaderPolicy,
     /// The OpenAPI document, rendered once from the route table.
     pub openapi: Bytes,
+    /// `/health`'s body, rendered once.
     pub health: Bytes,
 }
 
 impl AppState {
     pub fn upstream_index(&self, name: &str) -> Option<usize> {
         self.upstreams.iter().position(|u| &*u.name == name)
+    }
+
+    /// The upstream a proxy route forwards to.
+    fn upstream_of(&self, route: &Route) -> Result<&UpstreamRuntime, GatewayError> {
+        route
+            .upstream
+            .and_then(|i| self.upstreams.get(i))
+            .ok_or_else(|| {
+                tracing::error!(route = %route.label, "proxy route without an upstream");
+                GatewayError::Internal
+            })
+    }
+}
+
+/// What the gateway knows about one request, filled in phase by phase.
+pub struct RequestCtx<'a> {
+    /// Echoed in `X-Request-Id`, error bodies and the log line; forwarded upstream.
+    pub request_id: &'a HeaderValue,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The peer is a trusted proxy: its forwarding headers are kept and believed.
+    pub peer_trusted: bool,
+    /// The client as far as trusted proxies let us tell: the rate-limit and failure key.
+    pub client_ip: IpAddr,
+    /// The route's label for logs and metrics (the template, never the raw path).
+    pub label: Option<Arc<str>>,
+    /// The matched route (phase "match route").
+    pub route: Option<&'a Route>,
+    /// The verified caller, on routes that need a token (phase "identity").
+    pub identity: Option<Arc<Identity>>,
+    /// The decision that let the request through, whose headers every response on the route
+    /// carries, errors included (phase "rate limit").
+    pub limit: Option<Decision>,
+}
+
+impl<'a> RequestCtx<'a> {
+    fn new(
+        app: &AppState,
+        request_id: &'a HeaderValue,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+    ) -> Self {
+        // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 proxies.
+        let peer_ip = peer.ip().to_canonical();
+        RequestCtx {
+            request_id,
+            peer,
+            peer_trusted: app.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+            client_ip: client_ip(peer, headers, &app.trusted_proxies),
+            label: None,
+            route: None,
+            identity: None,
+            limit: None,
+        }
+    }
+
+    /// What the access log reports about the request.
+    fn route_info(&self, app: &AppState) -> RouteInfo {
+        RouteInfo {
+            route: self.label.clone(),
+            upstream: self
+                .route
+                .and_then(|r| r.upstream)
+                .and_then(|i| app.upstreams.get(i))
+                .map(|u| u.name.clone()),
+        }
     }
 }
 
@@ -74,110 +184,107 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     resp
 }
 
-/// The single entry point for every public request: `rid` is its request id, `peer_addr` the
-/// TCP peer. Returns the response and, for the access log, the route and upstream it took.
+/// The single entry point for every public request: `rid` is its request id, `peer` the TCP
+/// peer. Returns the response and, for the access log, the route and upstream it took.
 pub async fn handle(
     app: Arc<AppState>,
     req: Request,
     rid: HeaderValue,
-    peer_addr: SocketAddr,
+    peer: SocketAddr,
 ) -> (Response, RouteInfo) {
-    let mut info = RouteInfo::default();
-    let result = dispatch(&app, req, &rid, peer_addr, &mut info).await;
-    let resp = match result {
-        Ok(r) => r,
-        Err(e) => e.to_response(rid.to_str().unwrap_or(""), app.timeout_status),
-    };
+    let app = &*app;
+    let mut ctx = RequestCtx::new(app, &rid, peer, req.headers());
+    let result = phases(app, req, &mut ctx).await;
+    let resp = respond(result, &ctx);
+    let info = ctx.route_info(app);
     (resp, info)
 }
 
-async fn dispatch(
-    app: &AppState,
+/// The request phases, in order; any of them may end the request with an error.
+async fn phases<'a>(
+    app: &'a AppState,
     req: Request,
-    rid: &HeaderValue,
-    peer_addr: SocketAddr,
-    info: &mut RouteInfo,
+    ctx: &mut RequestCtx<'a>,
 ) -> Result<Response, GatewayError> {
-    let method = req.method().clone();
-    if let Some(resp) = builtin(app, &method, req.uri().path(), info)? {
+    if let Some(resp) = builtin(app, req.method(), req.uri().path(), ctx)? {
         return Ok(resp);
     }
     // A `Uri` clone shares its bytes: the path outlives `req` without a copy.
     let uri = req.uri().clone();
-    let path = uri.path();
-    let (route, params) = match app.table.find(&method, path) {
-        RouteMatch::Found { route, params } => (route, params),
-        RouteMatch::MethodNotAllowed(route) => {
-            info.route = Some(route.label.clone());
-            return Err(GatewayError::MethodNotAllowed {
-                allow: route.allow.clone(),
-            });
-        }
-        RouteMatch::NotFound => return Err(GatewayError::NotFound),
-    };
-    info.route = Some(route.label.clone());
-    info.upstream = route
-        .upstream
-        .and_then(|i| app.upstreams.get(i))
-        .map(|u| u.name.clone());
-    for p in &params {
-        template::check_param(p).map_err(|e| GatewayError::BadRequest(e.0.into()))?;
-    }
-    // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 trusted proxies.
-    let peer = peer_addr.ip().to_canonical();
     let (mut parts, body) = req.into_parts();
-    headers::check_request_head(parts.version, &parts.headers)?;
-    // Identity headers are the gateway's to assert, on every route, authenticated or not.
-    strip_identity_headers(&mut parts.headers);
-    let client = client_ip(peer_addr, &parts.headers, &app.trusted_proxies);
-    let identity = if route.auth {
-        // Boxed like the upstream call (proxy::call_upstream): verification may call the auth service,
-        // a large future that every other request's handler future would otherwise carry.
-        Some(Box::pin(verify_token(app, &parts.headers, client, &route.label)).await?)
-    } else {
-        None
-    };
-    // Rate limiting after identity, so a policy can key on the verified user.
-    let limit = if route.policies.is_empty() {
-        None
-    } else {
-        let subject = Subject {
-            client_ip: client,
-            user_id: identity.as_deref().map(|i| i.user_id.as_str()),
-            headers: &parts.headers,
-            route: &route.label,
-        };
-        let decision = app.limiter.check(&route.policies, &subject).await;
-        if decision.unavailable || !decision.allowed {
-            let mut headers = http::HeaderMap::new();
-            decision.apply_headers(&mut headers);
-            return Err(if decision.unavailable {
-                GatewayError::RateLimiterUnavailable { headers }
-            } else {
-                GatewayError::RateLimited { headers }
-            });
+    let (route, params) = match_route(app, &parts.method, uri.path(), ctx)?;
+    check_request(&parts, &params)?;
+    identity(app, &mut parts.headers, ctx).await?;
+    rate_limit(app, &parts.headers, ctx).await?;
+    match route.kind {
+        RouteKind::UserMe => user_me(ctx),
+        RouteKind::Proxy => proxy::forward(app, ctx, route, &params, parts, body).await,
+    }
+}
+
+/// Phase "respond": an error becomes its JSON answer, and every response on a rate-limited
+/// route carries the RateLimit headers, errors included.
+fn respond(result: Result<Response, GatewayError>, ctx: &RequestCtx<'_>) -> Response {
+    let mut resp = result.unwrap_or_else(|error| {
+        ErrorReply {
+            error: &error,
+            request_id: ctx.request_id.to_str().unwrap_or(""),
         }
-        Some(decision)
-    };
-    let result = match route.kind {
-        RouteKind::UserMe => user_me(identity.as_deref()),
-        RouteKind::Proxy => {
-            let ctx = proxy::RequestCtx {
-                peer,
-                request_id: rid,
-                identity: identity.as_deref(),
-                header_policy: &app.header_policy,
-            };
-            proxy::forward(app, route, &params, parts, body, &ctx).await
-        }
-    };
-    // Every response on a limited route carries the RateLimit headers, errors included.
-    let mut resp =
-        result.unwrap_or_else(|e| e.to_response(rid.to_str().unwrap_or(""), app.timeout_status));
-    if let Some(decision) = limit {
+        .into_response()
+    });
+    if let Some(decision) = &ctx.limit {
         decision.apply_headers(resp.headers_mut());
     }
-    Ok(resp)
+    resp
+}
+
+/// Phase "match route": the route and its raw (still percent-encoded) parameters.
+fn match_route<'a, 'p>(
+    app: &'a AppState,
+    method: &Method,
+    path: &'p str,
+    ctx: &mut RequestCtx<'a>,
+) -> Result<(&'a Route, Vec<&'p str>), GatewayError> {
+    match app.table.find(method, path) {
+        RouteMatch::Found { route, params } => {
+            ctx.label = Some(route.label.clone());
+            ctx.route = Some(route);
+            Ok((route, params))
+        }
+        RouteMatch::MethodNotAllowed(route) => {
+            ctx.label = Some(route.label.clone());
+            Err(GatewayError::MethodNotAllowed {
+                allow: route.allow.clone(),
+            })
+        }
+        RouteMatch::NotFound => Err(GatewayError::NotFound),
+    }
+}
+
+/// Phase "check request": head rules the HTTP parser leaves to us, and path parameters that
+/// must stay one segment.
+fn check_request(parts: &http::request::Parts, params: &[&str]) -> Result<(), GatewayError> {
+    headers::check_request_head(parts.version, &parts.headers)?;
+    for p in params {
+        template::check_param(p).map_err(|e| GatewayError::BadRequest(e.0.into()))?;
+    }
+    Ok(())
+}
+
+/// Phase "identity": client-supplied identity headers go (on every route: only the gateway
+/// asserts identity); on routes that need a token, the verified caller.
+async fn identity(
+    app: &AppState,
+    headers: &mut HeaderMap,
+    ctx: &mut RequestCtx<'_>,
+) -> Result<(), GatewayError> {
+    strip_identity_headers(headers);
+    if ctx.route.is_some_and(|r| r.auth) {
+        // Boxed like the upstream call (proxy::call_upstream): verification may call the auth
+        // service, a large future that every other request's future would otherwise carry.
+        ctx.identity = Some(Box::pin(verify_token(app, headers, ctx)).await?);
+    }
+    Ok(())
 }
 
 /// The request's bearer token, verified: a recently verified token at once; otherwise, unless
@@ -185,19 +292,19 @@ async fn dispatch(
 /// against the client (`auth.failure_policy`).
 async fn verify_token(
     app: &AppState,
-    headers: &http::HeaderMap,
-    client: std::net::IpAddr,
-    route: &str,
-) -> Result<Arc<crate::auth::Identity>, GatewayError> {
-    let token = crate::auth::bearer_token(headers)?;
+    headers: &HeaderMap,
+    ctx: &RequestCtx<'_>,
+) -> Result<Arc<Identity>, GatewayError> {
+    let token = bearer_token(headers)?;
     if let Some(identity) = app.verifier.cached(token).await {
         return Ok(identity);
     }
-    app.auth_guard.check(client)?;
+    app.auth_guard.check(ctx.client_ip)?;
     match app.verifier.verify(token).await {
         Err(GatewayError::InvalidToken) => {
+            let route = ctx.label.as_deref().unwrap_or("");
             app.auth_guard
-                .failed(&app.limiter, client, headers, route)
+                .failed(&app.limiter, ctx.client_ip, headers, route)
                 .await?;
             Err(GatewayError::InvalidToken)
         }
@@ -205,9 +312,38 @@ async fn verify_token(
     }
 }
 
+/// Phase "rate limit": after identity, so a policy can key on the verified user.
+async fn rate_limit(
+    app: &AppState,
+    headers: &HeaderMap,
+    ctx: &mut RequestCtx<'_>,
+) -> Result<(), GatewayError> {
+    let Some(route) = ctx.route.filter(|r| !r.policies.is_empty()) else {
+        return Ok(());
+    };
+    let subject = Subject {
+        client_ip: ctx.client_ip,
+        user_id: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
+        headers,
+        route: &route.label,
+    };
+    let decision = app.limiter.check(&route.policies, &subject).await;
+    if decision.unavailable || !decision.allowed {
+        let mut headers = HeaderMap::new();
+        decision.apply_headers(&mut headers);
+        return Err(if decision.unavailable {
+            GatewayError::RateLimiterUnavailable { headers }
+        } else {
+            GatewayError::RateLimited { headers }
+        });
+    }
+    ctx.limit = Some(decision);
+    Ok(())
+}
+
 /// `/api/user/me`: the verified identity, no upstream call.
-fn user_me(identity: Option<&crate::auth::Identity>) -> Result<Response, GatewayError> {
-    let id = identity.ok_or(GatewayError::Internal)?;
+fn user_me(ctx: &RequestCtx<'_>) -> Result<Response, GatewayError> {
+    let id = ctx.identity.as_deref().ok_or(GatewayError::Internal)?;
     let body = serde_json::to_vec(&serde_json::json!({
         "user_id": id.user_id,
         "email": id.email,
@@ -221,7 +357,7 @@ fn builtin(
     app: &AppState,
     method: &Method,
     path: &str,
-    info: &mut RouteInfo,
+    ctx: &mut RequestCtx<'_>,
 ) -> Result<Option<Response>, GatewayError> {
     let path = table::unversioned(path);
     let (label, resp): (&'static str, fn(&AppState) -> Response) = match &*path {
@@ -236,7 +372,7 @@ fn builtin(
         "/api/docs/ui/swagger-ui-bundle.js" => ("/api/docs/ui/*", |_| docs::ui_js()),
         _ => return Ok(None),
     };
-    info.route = Some(Arc::from(label));
+    ctx.label = Some(Arc::from(label));
     if *method != Method::GET && *method != Method::HEAD {
         return Err(GatewayError::MethodNotAllowed {
             allow: HeaderValue::from_static("GET, HEAD"),

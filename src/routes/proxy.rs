@@ -1,8 +1,7 @@
-//! The ONE generic proxy handler: every public route is served by this code, driven by the
-//! route table. Builds the upstream request (rewritten path, raw query, body bytes,
-//! filtered headers) and streams the upstream's response back untouched.
-
-use std::net::IpAddr;
+//! The ONE generic proxy handler: every proxy route is served by this code, driven by the
+//! route table, in phases: read the body -> cache lookup (routes that opt in) -> upstream call
+//! -> response. Builds the upstream request (rewritten path, raw query, body bytes, filtered
+//! headers) and streams the upstream's response back untouched.
 
 use axum::body::Body;
 use axum::response::Response;
@@ -13,11 +12,10 @@ use http::{HeaderMap, HeaderValue, Method};
 
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::table::Route;
-use super::{AppState, UpstreamRuntime};
-use crate::auth::Identity;
+use super::{AppState, RequestCtx, UpstreamRuntime};
 use crate::error::GatewayError;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
-use crate::upstream::pipeline::{CallOptions, Delivered, UpstreamError};
+use crate::upstream::{CallOptions, Delivered, UpstreamError};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
 
@@ -118,29 +116,24 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Who is asking: what the stages before the proxy learned about the request.
-#[derive(Clone, Copy)]
-pub struct RequestCtx<'a> {
-    pub peer: IpAddr,
-    pub request_id: &'a HeaderValue,
-    pub identity: Option<&'a Identity>,
-    /// Which client headers may cross to the upstream (`[headers]`).
-    pub header_policy: &'a super::headers::HeaderPolicy,
+/// What the upstream is asked for: the rewritten path and the client's raw query, exactly
+/// the bytes forwarded (and, on cached routes, the cache key's).
+struct Target<'q> {
+    path: String,
+    query: Option<&'q str>,
 }
 
-/// Forwards one request along `route` and converts the upstream's answer.
+/// Forwards one request along `route`: phases "read body", "cache lookup", "upstream call"
+/// and "response".
 pub async fn forward(
     app: &AppState,
+    ctx: &RequestCtx<'_>,
     route: &Route,
     params: &[&str],
     parts: Parts,
     body: Body,
-    ctx: &RequestCtx<'_>,
 ) -> Result<Response, GatewayError> {
-    let Some(up) = route.upstream.and_then(|i| app.upstreams.get(i)) else {
-        tracing::error!(route = %route.label, "proxy route without an upstream");
-        return Err(GatewayError::Internal);
-    };
+    let up = app.upstream_of(route)?;
     // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
     let body = tokio::time::timeout(
         route.deadline,
@@ -148,14 +141,13 @@ pub async fn forward(
     )
     .await
     .map_err(|_| GatewayError::RequestTimeout)??;
-    let peer_trusted = app.trusted_proxies.iter().any(|n| n.contains(&ctx.peer));
-    let path = upstream_path(route, params);
-    let query = if route.forward_query {
-        parts.uri.query()
-    } else {
-        None
+    // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
+    let uri = parts.uri.clone();
+    let target = Target {
+        path: upstream_path(route, params),
+        query: uri.query().filter(|_| route.forward_query),
     };
-    let call = CallOptions {
+    let options = CallOptions {
         deadline: route.deadline,
         attempt_timeout: route.attempt_timeout,
         idempotent: is_idempotent(&parts.method),
@@ -163,78 +155,97 @@ pub async fn forward(
         max_retries: route.retries,
     };
     // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
-    let cache_policy = route
+    if let Some(policy) = route
         .cache
         .as_ref()
-        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers));
-    if let Some(policy) = cache_policy {
-        let key = ResponseCache::key_for_route(&route.label, &up.name, &path, query)
-            .for_method(&parts.method);
-        // The upstream request is built only on a miss: a hit costs no URL parse and no
-        // header copy. A HEAD that may fill the cache is sent as GET, so the stored entry
-        // has a body for GETs.
-        let fetch = || async {
-            let upstream_method = match parts.method {
-                Method::HEAD => Method::GET,
-                ref m => m.clone(),
-            };
-            let req = upstream_request(
-                up,
-                upstream_method,
-                &parts.method,
-                &path,
-                query,
-                parts.headers.clone(),
-                body,
-                ctx,
-                peer_trusted,
-            )?;
-            fetch_buffered(up, req, call, app.cache.max_entry_bytes()).await
-        };
-        let hit = app
-            .cache
-            .get_or_fetch(key, &parts.headers, policy, fetch)
-            .await?;
-        let body = match hit.streamed {
-            Some(streamed) => Body::new(streamed),
-            None => Body::from(hit.body),
-        };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = hit.status;
-        *resp.headers_mut() = hit.headers;
-        cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
-        return Ok(resp);
+        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers))
+    {
+        return from_cache(app, ctx, route, up, &target, parts, body, options, policy).await;
     }
     let req = upstream_request(
         up,
         parts.method.clone(),
         &parts.method,
-        &path,
-        query,
+        &target,
         parts.headers,
         body,
         ctx,
-        peer_trusted,
+        &app.header_policy,
     )?;
-    let delivered = call_upstream(up, req, call).await?;
+    let delivered = call_upstream(up, req, options).await?;
+    Ok(streamed_response(route, delivered))
+}
+
+/// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
+/// resource fills it (see `ResponseCache::get_or_fetch`). The upstream request is built only
+/// on a miss: a hit costs no URL parse and no header copy. A HEAD that may fill the cache is
+/// sent as GET, so the stored entry has a body for GETs.
+#[allow(clippy::too_many_arguments)]
+async fn from_cache(
+    app: &AppState,
+    ctx: &RequestCtx<'_>,
+    route: &Route,
+    up: &UpstreamRuntime,
+    target: &Target<'_>,
+    parts: Parts,
+    body: Bytes,
+    options: CallOptions,
+    policy: &crate::config::RouteCachePolicy,
+) -> Result<Response, GatewayError> {
+    let key = ResponseCache::key_for_route(&route.label, &up.name, &target.path, target.query)
+        .for_method(&parts.method);
+    let fetch = || async {
+        let upstream_method = match parts.method {
+            Method::HEAD => Method::GET,
+            ref m => m.clone(),
+        };
+        let req = upstream_request(
+            up,
+            upstream_method,
+            &parts.method,
+            target,
+            parts.headers.clone(),
+            body,
+            ctx,
+            &app.header_policy,
+        )?;
+        fetch_buffered(up, req, options, app.cache.max_entry_bytes()).await
+    };
+    let hit = app
+        .cache
+        .get_or_fetch(key, &parts.headers, policy, fetch)
+        .await?;
+    let body = match hit.streamed {
+        Some(streamed) => Body::new(streamed),
+        None => Body::from(hit.body),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = hit.status;
+    *resp.headers_mut() = hit.headers;
+    cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
+    Ok(resp)
+}
+
+/// Phase "response": the upstream's status, headers (minus hop-by-hop) and body, streamed.
+fn streamed_response(route: &Route, delivered: Delivered) -> Response {
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
-    let (mut resp_parts, resp_body) = upstream_resp.into_parts();
-    strip_hop_by_hop(&mut resp_parts.headers);
-    resp_parts.headers.insert(
+    let (mut parts, body) = upstream_resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
         X_UPSTREAM_ATTEMPTS.clone(),
         HeaderValue::from(delivered.attempts),
     );
     if route.cache.is_some() {
-        cache::apply_headers(CacheOutcome::Bypass, None, &mut resp_parts.headers);
+        cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
     }
     let body = SlotBody {
-        inner: resp_body,
+        inner: body,
         slot: delivered.slot,
     };
     let mut resp = Response::new(Body::new(body));
-    *resp.status_mut() = resp_parts.status;
-    *resp.headers_mut() = resp_parts.headers;
-    Ok(resp)
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = parts.headers;
+    resp
 }
 
 /// The request for the upstream: its URL (base + rewritten path + the client's query), the
@@ -244,23 +255,22 @@ fn upstream_request(
     up: &UpstreamRuntime,
     method: Method,
     client_method: &Method,
-    path: &str,
-    query: Option<&str>,
+    target: &Target<'_>,
     client_headers: HeaderMap,
     body: Bytes,
     ctx: &RequestCtx<'_>,
-    peer_trusted: bool,
+    policy: &super::headers::HeaderPolicy,
 ) -> Result<reqwest::Request, GatewayError> {
-    let url = parse_upstream_url(up.base.as_ref(), &up.base_url, path, query)
+    let url = parse_upstream_url(up.base.as_ref(), &up.base_url, &target.path, target.query)
         .ok_or_else(|| GatewayError::BadRequest("invalid request path".into()))?;
     let mut headers = upstream_headers(
         client_headers,
-        ctx.peer,
-        peer_trusted,
+        ctx.peer.ip().to_canonical(),
+        ctx.peer_trusted,
         ctx.request_id,
-        ctx.header_policy,
+        policy,
     );
-    if let Some(id) = ctx.identity {
+    if let Some(id) = &ctx.identity {
         id.insert_headers(&mut headers)?;
     }
     let mut req = reqwest::Request::new(method, url);
@@ -318,25 +328,7 @@ async fn call_upstream(
 ) -> Result<Delivered, GatewayError> {
     Box::pin(up.pipeline.send(req, call))
         .await
-        .map_err(|e| upstream_error(up, e))
-}
-
-fn upstream_error(up: &UpstreamRuntime, e: UpstreamError) -> GatewayError {
-    match e {
-        UpstreamError::Unavailable { .. } => GatewayError::UpstreamUnavailable {
-            upstream: up.name.clone(),
-            message: up.message.clone(),
-        },
-        UpstreamError::Timeout { .. } => GatewayError::UpstreamTimeout {
-            upstream: up.name.clone(),
-            message: up.message.clone(),
-        },
-        UpstreamError::CircuitOpen { retry_after } => GatewayError::CircuitOpen {
-            upstream: up.name.clone(),
-            message: up.message.clone(),
-            retry_after,
-        },
-    }
+        .map_err(|e| up.error(e))
 }
 
 /// One upstream call with the body read into memory, for the cache to store and share.
@@ -401,12 +393,9 @@ async fn fetch_buffered(
         Ok(Ok(Err(front))) => Ok(streamed(front, body)),
         Ok(Err(e)) => {
             let detail = e.to_string();
-            Err(upstream_error(
-                up,
-                UpstreamError::Unavailable { attempts, detail },
-            ))
+            Err(up.error(UpstreamError::Unavailable { attempts, detail }))
         }
-        Err(_) => Err(upstream_error(up, UpstreamError::Timeout { attempts })),
+        Err(_) => Err(up.error(UpstreamError::Timeout { attempts })),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 
 use super::template::{parse_template, Template};
-use crate::config::{Config, RouteKind};
+use crate::config::{join, Config, ConfigErrors, FieldError, RouteConfig, RouteKind};
 
 /// One public route with everything the request path needs, resolved.
 #[derive(Debug)]
@@ -31,7 +31,7 @@ pub struct Route {
     pub auth: bool,
     pub forward_query: bool,
     /// Opt-in shared caching for this route.
-    pub cache: Option<crate::upstream::cache::RouteCachePolicy>,
+    pub cache: Option<crate::config::RouteCachePolicy>,
     /// Rate-limit policies, resolved to the limiter's handles at startup.
     pub policies: Vec<crate::ratelimit::PolicyId>,
 }
@@ -69,56 +69,74 @@ pub fn unversioned(path: &str) -> Cow<'_, str> {
 }
 
 impl RouteTable {
+    /// Parses every route's templates, reporting each that does not parse (or whose upstream
+    /// template uses a parameter the public one lacks) under its field path.
+    pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        for (i, r) in cfg.routes.iter().enumerate() {
+            if let Err(mut e) = templates(r, &format!("routes[{i}]")) {
+                errors.append(&mut e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
     /// `upstream_index` maps an upstream name to its position in the gateway's list.
-    /// The config has been validated, so templates parse and upstreams exist.
+    /// Templates are parsed here: a route whose template does not parse is an error naming
+    /// its field, never silently left out.
     pub fn build(
         cfg: &Config,
         upstream_index: impl Fn(&str) -> Option<usize>,
         policy: impl Fn(&str) -> Option<crate::ratelimit::PolicyId>,
-    ) -> RouteTable {
-        let mut routes: Vec<Route> = cfg
-            .routes
-            .iter()
-            .filter_map(|r| {
-                let template = parse_template(&r.path).ok()?;
-                let upstream_template = match r.kind {
-                    RouteKind::Proxy => {
-                        parse_template(r.upstream_path.as_deref().unwrap_or(&r.path)).ok()
-                    }
-                    RouteKind::UserMe => None,
-                };
-                let methods: Vec<Method> = r
-                    .methods
-                    .iter()
-                    .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                    .collect();
-                let mut allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
-                if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
-                    allow.push("HEAD");
+    ) -> Result<RouteTable, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for (i, r) in cfg.routes.iter().enumerate() {
+            let (template, upstream_template) = match templates(r, &format!("routes[{i}]")) {
+                Ok(t) => t,
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    continue;
                 }
-                let deadline = r.effective_timeout(cfg).0;
-                Some(Route {
-                    label: Arc::from(r.path.as_str()),
-                    template,
-                    allow: HeaderValue::from_str(&allow.join(", "))
-                        .unwrap_or(HeaderValue::from_static("GET")),
-                    methods,
-                    kind: r.kind,
-                    upstream: r.upstream.as_deref().and_then(&upstream_index),
-                    upstream_template,
-                    deadline,
-                    attempt_timeout: r.attempt_timeout.map(|d| d.0).unwrap_or(deadline),
-                    retries: r.retries,
-                    retry_non_idempotent: r.retry_non_idempotent,
-                    auth: r.auth || r.kind == RouteKind::UserMe,
-                    forward_query: r.forward_query,
-                    cache: r.cache,
-                    policies: r.rate_limit.iter().filter_map(|n| policy(n)).collect(),
-                })
-            })
-            .collect();
+            };
+            let methods: Vec<Method> = r
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect();
+            let mut allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
+                allow.push("HEAD");
+            }
+            let deadline = r.effective_timeout(cfg).0;
+            routes.push(Route {
+                label: Arc::from(r.path.as_str()),
+                template,
+                allow: HeaderValue::from_str(&allow.join(", "))
+                    .unwrap_or(HeaderValue::from_static("GET")),
+                methods,
+                kind: r.kind,
+                upstream: r.upstream.as_deref().and_then(&upstream_index),
+                upstream_template,
+                deadline,
+                attempt_timeout: r.attempt_timeout.map(|d| d.0).unwrap_or(deadline),
+                retries: r.retries,
+                retry_non_idempotent: r.retry_non_idempotent,
+                auth: r.auth || r.kind == RouteKind::UserMe,
+                forward_query: r.forward_query,
+                cache: r.cache,
+                policies: r.rate_limit.iter().filter_map(|n| policy(n)).collect(),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         routes.sort_by_key(|r| std::cmp::Reverse(r.template.literal_count()));
-        RouteTable { routes }
+        Ok(RouteTable { routes })
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -161,6 +179,35 @@ impl RouteTable {
     }
 }
 
+/// The route's public template and, for proxy routes, its upstream template.
+fn templates(r: &RouteConfig, at: &str) -> Result<(Template, Option<Template>), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let template = parse_template(&r.path)
+        .map_err(|e| errors.push(FieldError::new(join(at, "path"), e)))
+        .ok();
+    let upstream_template = match r.kind {
+        RouteKind::Proxy => parse_template(r.upstream_path.as_deref().unwrap_or(&r.path))
+            .map_err(|e| errors.push(FieldError::new(join(at, "upstream_path"), e)))
+            .ok(),
+        RouteKind::UserMe => None,
+    };
+    if let (Some(t), Some(up)) = (&template, &upstream_template) {
+        let params = t.param_names();
+        for p in up.param_names() {
+            if !params.contains(&p) {
+                errors.push(FieldError::new(
+                    join(at, "upstream_path"),
+                    format!("uses {{{p}}} which the route path does not define"),
+                ));
+            }
+        }
+    }
+    match template {
+        Some(t) if errors.is_empty() => Ok((t, upstream_template)),
+        _ => Err(errors),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +215,7 @@ mod tests {
     fn table() -> RouteTable {
         let cfg = Config::embedded();
         let names: Vec<String> = cfg.upstreams.keys().cloned().collect();
-        RouteTable::build(&cfg, |n| names.iter().position(|x| x == n), |_| None)
+        RouteTable::build(&cfg, |n| names.iter().position(|x| x == n), |_| None).unwrap()
     }
 
     #[test]

@@ -31,111 +31,13 @@ use http::Extensions;
 use rand::Rng;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::time::Instant;
 
-use super::pipeline::{instant_after, CallState, Outcome};
+pub use super::call::BreakerOpen;
+use super::call::{instant_after, NoCall};
 use super::window::SlidingWindow;
-use crate::config::{join, Dur, FieldError};
-
-/// `upstreams.<name>.breaker`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BreakerConfig {
-    /// `false` lets every call through and records nothing.
-    pub enabled: bool,
-    /// Opens after this many failures in a row, however few calls there were.
-    pub consecutive_failures: u32,
-    /// Opens when at least this share of the calls in `window` failed...
-    pub failure_rate: f64,
-    /// ...over this sliding window...
-    pub window: Dur,
-    /// ...and the window holds at least this many calls (so 1 failure of 2 calls is no outage).
-    pub min_calls: u32,
-    /// Open time after the first opening.
-    pub open_base: Dur,
-    /// Longest open time, however often the probes fail.
-    pub open_max: Dur,
-    /// Calls let through at once while half-open; the rest fail fast.
-    pub half_open_probes: u32,
-    /// While open, GET this path (on the upstream's base URL) every `probe_interval`; a 2xx
-    /// answer moves the breaker to half-open at once, so a route reopens within one interval
-    /// of the upstream's return instead of after the whole open time. `None`: no probing.
-    pub probe_path: Option<String>,
-    /// How often the health probe runs while open; also its timeout.
-    pub probe_interval: Dur,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        BreakerConfig {
-            enabled: true,
-            consecutive_failures: 5,
-            failure_rate: 0.5,
-            window: Dur::from_secs(10),
-            min_calls: 20,
-            open_base: Dur::from_secs(5),
-            open_max: Dur::from_secs(60),
-            half_open_probes: 1,
-            probe_path: None,
-            probe_interval: Dur::from_secs(1),
-        }
-    }
-}
-
-impl BreakerConfig {
-    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
-        let mut bad =
-            |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
-        if self.consecutive_failures == 0 {
-            bad("consecutive_failures", "must be at least 1".into());
-        }
-        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
-            bad(
-                "failure_rate",
-                format!(
-                    "must be above 0.0 and at most 1.0, got {}",
-                    self.failure_rate
-                ),
-            );
-        }
-        if self.window.0 < Duration::from_millis(100) {
-            bad(
-                "window",
-                format!("must be at least 100ms, got {}", self.window),
-            );
-        }
-        if self.min_calls == 0 {
-            bad("min_calls", "must be at least 1".into());
-        }
-        if self.open_base.0.is_zero() {
-            bad("open_base", "must be greater than zero".into());
-        }
-        if self.open_max < self.open_base {
-            bad(
-                "open_max",
-                format!("must be at least open_base ({})", self.open_base),
-            );
-        }
-        if self.half_open_probes == 0 {
-            bad("half_open_probes", "must be at least 1".into());
-        }
-        if let Some(probe_path) = &self.probe_path {
-            if !probe_path.starts_with('/') || probe_path.contains(['?', '#']) {
-                bad(
-                    "probe_path",
-                    format!("must be a path starting with '/' (no query), got {probe_path:?}"),
-                );
-            }
-        }
-        if self.probe_interval.0 < Duration::from_millis(50) {
-            bad(
-                "probe_interval",
-                format!("must be at least 50ms, got {}", self.probe_interval),
-            );
-        }
-    }
-}
+use crate::config::BreakerConfig;
 
 /// The state as reported in metrics (`gateway_circuit_breaker_state`) and `/admin`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -161,14 +63,6 @@ impl BreakerState {
             BreakerState::HalfOpen => 2.0,
         }
     }
-}
-
-/// A call was refused without contacting the upstream because the circuit is open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("circuit open; next probe in {retry_after:?}")]
-pub struct BreakerOpen {
-    /// Time until the breaker will let a probe through (the client's `Retry-After`).
-    pub retry_after: Duration,
 }
 
 /// What `/admin` shows for one upstream's breaker.
@@ -652,15 +546,35 @@ impl Breaker {
     }
 }
 
+/// The breaker's permit for one call, kept in the call's `Extensions` across its attempts
+/// (an `Arc`, so a hedged attempt's copy shares it) and recorded once when the call ends.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CallPermit(Arc<Mutex<Option<Permit>>>);
+
+impl CallPermit {
+    fn slot(&self) -> MutexGuard<'_, Option<Permit>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the call's final outcome with the breaker: `failed` as for
+    /// `Outcome::breaker_failure`; `None` records nothing (and frees a probe slot).
+    pub(crate) fn finish(&self, failed: Option<bool>) {
+        let permit = self.slot().take();
+        if let (Some(permit), Some(failed)) = (permit, failed) {
+            permit.record(failed);
+        }
+    }
+}
+
 /// The breaker as a reqwest-middleware layer: asks the breaker before every attempt (fast
 /// refusal while open) and leaves the recording to the end of the call.
 ///
-/// Inside a pipeline call the permit is kept in the call's state, and [`Pipeline::send`]
-/// records ONE outcome per client call once the retry layer is done: a call that a retry
-/// saved is not an upstream failure as far as the breaker is concerned. Counting attempts
-/// instead would turn a partial brownout into a full outage: with a share `p` of attempts
-/// failing, `N` failures in a row come every ~1/p^N attempts, while `N` failed calls in a row
-/// need `N * (max_retries + 1)` failed attempts.
+/// The permit is kept in the call's [`CallPermit`], and [`Pipeline::send`] records ONE
+/// outcome per client call once the retry layer is done: a call that a retry saved is not an
+/// upstream failure as far as the breaker is concerned. Counting attempts instead would turn a
+/// partial brownout into a full outage: with a share `p` of attempts failing, `N` failures in
+/// a row come every ~1/p^N attempts, while `N` failed calls in a row need
+/// `N * (max_retries + 1)` failed attempts.
 ///
 /// [`Pipeline::send`]: super::pipeline::Pipeline::send
 pub(crate) struct BreakerLayer {
@@ -675,28 +589,13 @@ impl Middleware for BreakerLayer {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
-        let admitted = CallState::with(|call| call.admit_attempt(&self.breaker));
-        match admitted {
-            Some(admitted) => {
-                admitted.map_err(reqwest_middleware::Error::middleware)?;
-                next.run(req, extensions).await
-            }
-            // Outside a pipeline call (never in the gateway) there is no call to record at the
-            // end of: this attempt is the call.
-            None => {
-                let permit = self
-                    .breaker
-                    .try_acquire()
-                    .map_err(reqwest_middleware::Error::middleware)?;
-                let result = next.run(req, extensions).await;
-                match Outcome::of(&result).breaker_failure() {
-                    Some(failed) => permit.record(failed),
-                    // Our own bug, not the upstream's health: count nothing.
-                    None => drop(permit),
-                }
-                result
-            }
-        }
+        let permit = extensions
+            .get::<CallPermit>()
+            .ok_or_else(|| reqwest_middleware::Error::middleware(NoCall))?;
+        self.breaker
+            .admit_attempt(&mut permit.slot())
+            .map_err(reqwest_middleware::Error::middleware)?;
+        next.run(req, extensions).await
     }
 }
 
@@ -705,6 +604,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::config::Dur;
 
     fn fail(b: &Arc<Breaker>) {
         b.try_acquire().expect("admitted").record(true);
@@ -1152,40 +1052,5 @@ mod tests {
         assert_eq!(json["upstream"], "storage");
         assert_eq!(json["state"], "closed");
         assert_eq!(json["seconds_until_probe"], serde_json::Value::Null);
-    }
-
-    #[test]
-    fn config_defaults_unknown_fields_and_field_paths() {
-        let parsed: BreakerConfig = toml::from_str("open_base = \"200ms\"").expect("parse");
-        assert_eq!(parsed.open_base, Dur::from_millis(200));
-        assert_eq!(parsed.consecutive_failures, 5);
-        assert!(toml::from_str::<BreakerConfig>("open_bse = \"1s\"").is_err());
-
-        let bad = BreakerConfig {
-            consecutive_failures: 0,
-            failure_rate: 1.5,
-            open_max: Dur::from_secs(1),
-            half_open_probes: 0,
-            probe_path: Some("health".into()),
-            probe_interval: Dur::from_millis(10),
-            ..BreakerConfig::default()
-        };
-        let mut errors = Vec::new();
-        bad.validate("upstreams.storage.breaker", &mut errors);
-        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "upstreams.storage.breaker.consecutive_failures",
-                "upstreams.storage.breaker.failure_rate",
-                "upstreams.storage.breaker.open_max",
-                "upstreams.storage.breaker.half_open_probes",
-                "upstreams.storage.breaker.probe_path",
-                "upstreams.storage.breaker.probe_interval",
-            ]
-        );
-        let mut errors = Vec::new();
-        BreakerConfig::default().validate("b", &mut errors);
-        assert!(errors.is_empty());
     }
 }

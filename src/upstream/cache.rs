@@ -20,7 +20,6 @@
 //! simply fetched again), `Expires`, the upstream's `Age`, range requests, and the response's
 //! own `stale-if-error` directive (the route's window applies).
 
-mod config;
 mod flight;
 mod key;
 mod rules;
@@ -31,7 +30,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::observability::metrics::{installed, with_route_slot, RouteSlots};
+use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 use bytes::Bytes;
 use http::header::{AGE, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -40,7 +39,7 @@ use moka::notification::RemovalCause;
 use moka::Expiry;
 use tokio::time::Instant;
 
-pub use config::{CacheConfig, RouteCachePolicy};
+use crate::config::{CacheConfig, RouteCachePolicy};
 pub use key::CacheKey;
 pub use rules::request_is_cacheable;
 
@@ -744,8 +743,8 @@ type RouteCounters = RouteSlots<Vec<(Arc<str>, OutcomeCounters)>>;
 
 thread_local! {
     /// Registered counter handles per route (then upstream), so a cache answer costs one
-    /// atomic add instead of building labels and searching the registry (the mechanism of
-    /// `observability::metrics::record_request`). Per thread: no lock; every handle points at the same series.
+    /// atomic add (see `observability::metrics::with_kept`). Per thread: no lock; every
+    /// handle points at the same series.
     static OUTCOME_COUNTERS: std::cell::RefCell<RouteCounters> =
         std::cell::RefCell::default();
 }
@@ -763,11 +762,6 @@ fn record(resource: &Resource, outcome: CacheOutcome) {
     let (slot, name) = outcome_slot(outcome);
     // Route template and upstream name only: raw paths would explode the series count.
     let register = || counter!(name, "upstream" => resource.upstream.clone(), "route" => resource.route.clone());
-    // Before the recorder is installed a handle would be a no-op forever: don't keep it.
-    if !installed() {
-        register().increment(1);
-        return;
-    }
     OUTCOME_COUNTERS.with(|cache| {
         with_route_slot(cache, &resource.route, |upstreams: &mut Vec<_>| {
             let i = match upstreams.iter().position(|(u, _)| *u == resource.upstream) {
@@ -777,9 +771,7 @@ fn record(resource: &Resource, outcome: CacheOutcome) {
                     upstreams.len() - 1
                 }
             };
-            upstreams[i].1[slot]
-                .get_or_insert_with(register)
-                .increment(1);
+            with_kept(&mut upstreams[i].1[slot], register, |c| c.increment(1));
         })
     });
 }

@@ -1,22 +1,24 @@
 //! Upstream calls: the response cache, the resilience pipeline and the pooled client, i.e.
-//! how one proxied request reaches a backend service.
+//! how one request reaches a backend service.
 //!
-//! One [`Pipeline`] per upstream, composed in [`Pipeline::new`] (read that function first):
+//! One [`Pipeline`] per upstream, composed in [`Pipeline::new`] (read that function first);
+//! every call to an upstream, token verification included, goes through it:
 //!
 //! ```text
-//! deadline -> retry (reqwest-retry + our strategy/policy: 503 + connect errors, budget,
-//!             backoff with full jitter, Retry-After)
-//!          -> attempt record (one tracing event + metrics per attempt)
-//!          -> circuit breaker (fast `CircuitOpen` while open; admits per attempt, records
-//!             one outcome per client call when the retries are done)
-//!          -> per-attempt timeout
-//!          -> the pooled reqwest client (built by the caller)
+//! deadline + bulkhead (Pipeline::send)
+//!   -> retry (503 + connect errors, budget, backoff with full jitter, Retry-After)
+//!   -> attempt record (one tracing event + metrics per attempt)
+//!   -> circuit breaker (fast `CircuitOpen` while open; admits per attempt, records one
+//!      outcome per client call when the retries are done)
+//!   -> per-attempt timeout
+//!   -> the pooled reqwest client
 //! ```
 //!
-//! - [`pipeline`]: the composition, the per-call state the layers share, outcome classification.
-//! - [`retry`]: `RetryConfig`, the retryable strategy and retry policy plugged into
-//!   `reqwest-retry`, the retry budget and `Retry-After` handling.
-//! - [`breaker`]: `BreakerConfig`, the per-upstream circuit breaker and its middleware.
+//! - [`call`]: the per-call types: options, results, outcomes, and the state the layers of
+//!   one call share through the request's `Extensions`.
+//! - [`pipeline`]: the composition and [`Pipeline::send`].
+//! - [`retry`]: the retry loop, its decisions, the retry budget and `Retry-After` handling.
+//! - [`breaker`]: the per-upstream circuit breaker, its middleware and health probe.
 //! - [`timeout`]: the per-attempt timeout middleware.
 //! - [`client`]: the pooled reqwest client of one upstream.
 //! - [`cache`]: the RFC 9111 response cache in front of the pipeline (routes opt in).
@@ -27,6 +29,7 @@
 
 pub mod breaker;
 pub mod cache;
+pub mod call;
 pub mod client;
 pub mod pipeline;
 pub mod retry;
@@ -34,9 +37,8 @@ pub mod timeout;
 mod window;
 
 pub use breaker::{
-    http_health_check, Breaker, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerState,
-    HealthCheck,
+    http_health_check, Breaker, BreakerOpen, BreakerSnapshot, BreakerState, HealthCheck,
 };
-pub use pipeline::{CallOptions, Delivered, Pipeline, UpstreamError};
-pub use retry::{RetryBudget, RetryConfig};
-pub use timeout::AttemptTimedOut;
+pub use call::{AttemptTimedOut, CallOptions, Delivered, UpstreamError};
+pub use pipeline::Pipeline;
+pub use retry::RetryBudget;

@@ -1,128 +1,57 @@
 //! Retries: which outcomes are retried, how long to wait, and the budget that stops retries
 //! from multiplying an outage.
 //!
-//! The retry loop itself is `reqwest-retry`'s `RetryTransientMiddleware`; we plug in
-//! - `RetryOn`, its `RetryableStrategy`: only 503 and connection failures are retryable, a
-//!   non-idempotent request only when it provably never reached the upstream, a circuit-open
-//!   rejection never; a 503 whose `Retry-After` is over the cap or past the deadline is returned
-//!   at once;
-//! - `RetryWithin`, its `RetryPolicy`: the attempt limit, exponential backoff with full jitter
-//!   (`retry-policies`' `ExponentialBackoff`, which reqwest-retry re-exports), `Retry-After`
-//!   in place of the backoff when the upstream sent one, the call's deadline, and the
+//! [`RetryLayer`] is the retry loop, a reqwest-middleware layer. It decides with the call's
+//! own facts (deadline, idempotency, how the last attempt ended), which it reads from the
+//! request's `Extensions` like every other layer:
+//! - only 503 and connection failures are retryable; a non-idempotent request only when it
+//!   provably never reached the upstream (connect refused), unless the route opts in; a
+//!   circuit-open refusal or a timeout never;
+//! - the wait is exponential backoff with full jitter (reqwest-retry's `ExponentialBackoff`
+//!   policy, from `retry-policies`), or the 503's `Retry-After` when it is under the cap and
+//!   fits the deadline (over either, the 503 is returned at once);
+//! - the next attempt must start before the deadline, and must be paid for from the
 //!   [`RetryBudget`].
 //!
-//! Neither trait sees the request, so per-call facts (deadline, idempotency, the last outcome,
-//! the upstream's `Retry-After`) live in the task-local `CallState` scoped around the call.
+//! Why not reqwest-retry's own `RetryTransientMiddleware` loop: its strategy and policy traits
+//! see neither the request nor its extensions, so the per-call facts had to live in a
+//! task-local, and the layers below needed an "outside a call" branch for when it was absent.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::header::RETRY_AFTER;
-use http::{HeaderMap, StatusCode};
+use http::{Extensions, HeaderMap, StatusCode};
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
 use reqwest_retry::policies::ExponentialBackoff;
-use reqwest_retry::{Jitter, RetryDecision, RetryPolicy, Retryable, RetryableStrategy};
-use serde::{Deserialize, Serialize};
+use reqwest_retry::{Jitter, RetryDecision, RetryPolicy};
 use tokio::time::Instant;
 
-use super::pipeline::{instant_after, CallState, Outcome};
+use super::call::{instant_after, Call, Outcome};
 use super::window::SlidingWindow;
-use crate::config::{join, Dur, FieldError};
+use crate::config::RetryConfig;
 
-/// `upstreams.<name>.retry`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Retries after the first attempt; a route may lower or raise it (`CallOptions::max_retries`).
-    pub max_retries: u32,
-    /// First backoff step; each retry doubles it, then full jitter picks in [0, step].
-    pub backoff_base: Dur,
-    /// Largest backoff step, so a long outage does not push waits past any useful deadline.
-    pub backoff_cap: Dur,
-    /// Longest `Retry-After` we wait for; a longer one returns the 503 to the client at once.
-    pub retry_after_cap: Dur,
-    /// Retries may be at most this share of the requests seen over `budget_window`.
-    pub budget_ratio: f64,
-    /// How far back the budget counts requests and retries.
-    pub budget_window: Dur,
-    /// Retries always allowed per second, so a quiet upstream still gets its few retries.
-    pub budget_min_per_sec: u32,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_retries: 2,
-            backoff_base: Dur::from_millis(25),
-            backoff_cap: Dur::from_millis(250),
-            retry_after_cap: Dur::from_secs(2),
-            budget_ratio: 0.2,
-            budget_window: Dur::from_secs(10),
-            budget_min_per_sec: 3,
-        }
-    }
-}
-
-impl RetryConfig {
-    /// Highest `max_retries` accepted: more only adds load to a struggling upstream.
-    pub const MAX_RETRIES_LIMIT: u32 = 10;
-
-    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
-        let mut bad =
-            |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
-        if self.max_retries > Self::MAX_RETRIES_LIMIT {
-            bad(
-                "max_retries",
-                format!(
-                    "must be at most {}, got {}",
-                    Self::MAX_RETRIES_LIMIT,
-                    self.max_retries
-                ),
-            );
-        }
-        if self.backoff_base.0.is_zero() {
-            bad("backoff_base", "must be greater than zero".into());
-        }
-        if self.backoff_cap < self.backoff_base {
-            bad(
-                "backoff_cap",
-                format!("must be at least backoff_base ({})", self.backoff_base),
-            );
-        }
-        if !(0.0..=1.0).contains(&self.budget_ratio) {
-            bad(
-                "budget_ratio",
-                format!("must be between 0.0 and 1.0, got {}", self.budget_ratio),
-            );
-        }
-        if self.budget_window.0 < Duration::from_secs(1)
-            || self.budget_window.0 > Duration::from_secs(300)
-        {
-            bad(
-                "budget_window",
-                format!("must be between 1s and 5m, got {}", self.budget_window),
-            );
-        }
-    }
-
-    /// Full-jitter exponential backoff; the bounds are ordered here so that a config that skipped
-    /// validation cannot make `retry-policies` panic.
-    pub(crate) fn backoff(&self) -> ExponentialBackoff {
-        let cap = self.backoff_cap.0.max(self.backoff_base.0);
-        ExponentialBackoff::builder()
-            .retry_bounds(self.backoff_base.0, cap)
-            .jitter(Jitter::Full)
-            .base(2)
-            .build_with_max_retries(u32::MAX)
-    }
+/// Full-jitter exponential backoff; the bounds are ordered here so that a config that skipped
+/// validation cannot make `retry-policies` panic.
+pub(crate) fn backoff_policy(cfg: &RetryConfig) -> ExponentialBackoff {
+    let cap = cfg.backoff_cap.0.max(cfg.backoff_base.0);
+    ExponentialBackoff::builder()
+        .retry_bounds(cfg.backoff_base.0, cap)
+        .jitter(Jitter::Full)
+        .base(2)
+        .build_with_max_retries(u32::MAX)
 }
 
 /// The wait before retry number `n_past_retries + 1`: uniform in `[0, min(cap, base * 2^n)]`.
 pub(crate) fn backoff_delay(backoff: &ExponentialBackoff, n_past_retries: u32) -> Duration {
-    let now = SystemTime::now();
-    match backoff.should_retry(now, n_past_retries) {
-        RetryDecision::Retry { execute_after } => {
-            execute_after.duration_since(now).unwrap_or_default()
-        }
+    // The policy adds its draw to its own reading of the clock, taken between these two:
+    // measuring from the later one never overstates the draw (from the earlier one it did,
+    // by the microseconds in between).
+    match backoff.should_retry(SystemTime::now(), n_past_retries) {
+        RetryDecision::Retry { execute_after } => execute_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
         RetryDecision::DoNotRetry => Duration::ZERO,
     }
 }
@@ -214,97 +143,104 @@ impl RetryBudget {
     }
 }
 
-/// reqwest-retry's `RetryableStrategy`: decides whether the last attempt may be retried at all.
-pub(crate) struct RetryOn {
-    /// Longest `Retry-After` honoured (`RetryConfig::retry_after_cap`).
-    pub(crate) retry_after_cap: Duration,
-}
-
-impl RetryableStrategy for RetryOn {
-    fn handle(
-        &self,
-        res: &Result<reqwest::Response, reqwest_middleware::Error>,
-    ) -> Option<Retryable> {
-        // Outside a pipeline call there are no per-call facts to decide with: never retry.
-        CallState::with(|call| {
-            let replay_safe = call.idempotent || call.retry_non_idempotent;
-            match call.last_outcome() {
-                // Refused or failed to connect: the request never left us, so even a POST is safe.
-                Some(Outcome::ConnectError) => Some(Retryable::Transient),
-                Some(Outcome::Reset) if replay_safe => Some(Retryable::Transient),
-                Some(Outcome::Status(code))
-                    if code == StatusCode::SERVICE_UNAVAILABLE && replay_safe =>
-                {
-                    let Ok(response) = res else {
-                        return Some(Retryable::Fatal);
-                    };
-                    let remaining = call.deadline.saturating_duration_since(Instant::now());
-                    match judge_retry_after(
-                        response.headers(),
-                        SystemTime::now(),
-                        remaining,
-                        self.retry_after_cap,
-                    ) {
-                        RetryAfter::Absent => Some(Retryable::Transient),
-                        RetryAfter::Wait(wait) => {
-                            call.set_retry_after(wait);
-                            Some(Retryable::Transient)
-                        }
-                        RetryAfter::TooLong => Some(Retryable::Fatal),
-                    }
-                }
-                // A status we pass through, or an error we must not retry (timeouts: the upstream
-                // is already slow; circuit open: pointless; a POST that may have been processed).
-                Some(Outcome::Status(_)) => None,
-                Some(_) | None => Some(Retryable::Fatal),
-            }
-        })
-        .flatten()
-    }
-}
-
-/// reqwest-retry's `RetryPolicy`: whether and when the next attempt happens.
-pub(crate) struct RetryWithin {
+/// The retry loop (see the module docs). One per upstream: the budget is the upstream's.
+pub(crate) struct RetryLayer {
     /// Computes the jittered backoff step.
     pub(crate) backoff: ExponentialBackoff,
     /// Shared by every call to this upstream.
     pub(crate) budget: Arc<RetryBudget>,
     /// Label for the budget-exhausted metric.
     pub(crate) upstream: Arc<str>,
+    /// Longest `Retry-After` honoured (`RetryConfig::retry_after_cap`).
+    pub(crate) retry_after_cap: Duration,
 }
 
-impl RetryPolicy for RetryWithin {
-    fn should_retry(&self, _request_start_time: SystemTime, n_past_retries: u32) -> RetryDecision {
-        let decision = CallState::with(|call| {
-            if n_past_retries >= call.max_retries {
-                return RetryDecision::DoNotRetry;
+impl RetryLayer {
+    /// How long to wait before retrying a call whose attempt number `n_past_retries + 1` just
+    /// ended in `result` (`call` knows how), or `None` to return `result` as it is.
+    pub(crate) fn next_wait(
+        &self,
+        call: &Call,
+        result: &reqwest_middleware::Result<Response>,
+        n_past_retries: u32,
+    ) -> Option<Duration> {
+        let state = call.state();
+        let wait = match call.last_outcome()? {
+            // Refused or failed to connect: the request never left us, so even a POST is safe.
+            Outcome::ConnectError => None,
+            Outcome::Reset if call.replay_safe() => None,
+            Outcome::Status(StatusCode::SERVICE_UNAVAILABLE) if call.replay_safe() => {
+                let response = result.as_ref().ok()?;
+                let remaining = state.deadline.saturating_duration_since(Instant::now());
+                match judge_retry_after(
+                    response.headers(),
+                    SystemTime::now(),
+                    remaining,
+                    self.retry_after_cap,
+                ) {
+                    RetryAfter::Absent => None,
+                    RetryAfter::Wait(wait) => Some(wait),
+                    RetryAfter::TooLong => return None,
+                }
             }
-            let wait = call
-                .take_retry_after()
-                .unwrap_or_else(|| backoff_delay(&self.backoff, n_past_retries));
-            // The next attempt must start before the deadline; otherwise the last outcome stands.
-            if instant_after(Instant::now(), wait) >= call.deadline {
-                return RetryDecision::DoNotRetry;
+            // A status we pass through, or an error we must not retry (timeouts: the upstream
+            // is already slow; circuit open: pointless; a POST that may have been processed).
+            Outcome::Status(_)
+            | Outcome::Reset
+            | Outcome::Timeout
+            | Outcome::CircuitOpen(_)
+            | Outcome::Internal => return None,
+        };
+        if n_past_retries >= state.max_retries {
+            return None;
+        }
+        let wait = wait.unwrap_or_else(|| backoff_delay(&self.backoff, n_past_retries));
+        // The next attempt must start before the deadline; otherwise the last outcome stands.
+        if instant_after(Instant::now(), wait) >= state.deadline {
+            return None;
+        }
+        // Checked last so that only retries that will really happen spend the budget.
+        if !self.budget.try_withdraw() {
+            metrics::counter!("gateway_upstream_retry_budget_exhausted_total",
+                "upstream" => self.upstream.clone())
+            .increment(1);
+            return None;
+        }
+        Some(wait)
+    }
+}
+
+#[async_trait::async_trait]
+impl Middleware for RetryLayer {
+    async fn handle(
+        &self,
+        mut req: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let call = Call::of(extensions)?.clone();
+        let mut n_past_retries = 0;
+        loop {
+            // A body that cannot be copied (a stream) allows one attempt only.
+            let copy = req.try_clone();
+            let result = next.clone().run(req, extensions).await;
+            let wait = self.next_wait(&call, &result, n_past_retries);
+            match (wait, copy) {
+                (Some(wait), Some(copy)) => {
+                    tokio::time::sleep(wait).await;
+                    req = copy;
+                    n_past_retries += 1;
+                }
+                _ => return result,
             }
-            // Checked last so that only retries that will really happen spend the budget.
-            if !self.budget.try_withdraw() {
-                metrics::counter!("gateway_upstream_retry_budget_exhausted_total",
-                    "upstream" => self.upstream.clone())
-                .increment(1);
-                return RetryDecision::DoNotRetry;
-            }
-            RetryDecision::Retry {
-                execute_after: SystemTime::now() + wait,
-            }
-        });
-        decision.unwrap_or(RetryDecision::DoNotRetry)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::pipeline::CallOptions;
+    use crate::upstream::call::CallOptions;
     use crate::upstream::timeout::AttemptTimedOut;
 
     fn ms(n: u64) -> Duration {
@@ -313,7 +249,7 @@ mod tests {
 
     #[test]
     fn backoff_is_full_jitter_under_the_exponential_step_and_the_cap() {
-        let backoff = RetryConfig::default().backoff();
+        let backoff = backoff_policy(&RetryConfig::default());
         for n in 0..8u32 {
             let step = ms(25 * (1 << n)).min(ms(250));
             let samples: Vec<Duration> = (0..500).map(|_| backoff_delay(&backoff, n)).collect();
@@ -400,7 +336,7 @@ mod tests {
         assert!(!budget.try_withdraw());
     }
 
-    fn call(idempotent: bool) -> CallOptions {
+    fn options(idempotent: bool) -> CallOptions {
         CallOptions {
             deadline: ms(1000),
             attempt_timeout: ms(1000),
@@ -410,59 +346,13 @@ mod tests {
         }
     }
 
-    fn policy(config: &RetryConfig) -> RetryWithin {
-        RetryWithin {
-            backoff: config.backoff(),
+    fn layer(config: &RetryConfig) -> RetryLayer {
+        RetryLayer {
+            backoff: backoff_policy(config),
             budget: Arc::new(RetryBudget::new(config)),
             upstream: Arc::from("t"),
+            retry_after_cap: config.retry_after_cap.0,
         }
-    }
-
-    fn wait_of(decision: RetryDecision) -> Option<Duration> {
-        match decision {
-            RetryDecision::Retry { execute_after } => Some(
-                execute_after
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default(),
-            ),
-            RetryDecision::DoNotRetry => None,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn policy_stops_at_max_retries_and_before_the_deadline() {
-        let config = RetryConfig::default();
-        let p = policy(&config);
-        let deadline = Instant::now() + ms(300);
-        CallState::new(deadline, &call(true), 2)
-            .scope(async {
-                let now = SystemTime::now();
-                assert!(wait_of(p.should_retry(now, 0)).is_some_and(|w| w <= ms(25)));
-                assert!(wait_of(p.should_retry(now, 1)).is_some());
-                assert_eq!(wait_of(p.should_retry(now, 2)), None);
-                // A Retry-After that still fits replaces the backoff...
-                CallState::with(|c| c.set_retry_after(ms(200)));
-                let wait = wait_of(p.should_retry(now, 0)).expect("retry");
-                assert!(wait > ms(190) && wait <= ms(200), "{wait:?}");
-                // ...but the next attempt must start before the deadline.
-                tokio::time::advance(ms(250)).await;
-                CallState::with(|c| c.set_retry_after(ms(60)));
-                assert_eq!(wait_of(p.should_retry(now, 0)), None);
-            })
-            .await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn policy_stops_when_the_budget_is_spent() {
-        let config = RetryConfig {
-            budget_min_per_sec: 0,
-            budget_ratio: 0.0,
-            ..RetryConfig::default()
-        };
-        let p = policy(&config);
-        CallState::new(Instant::now() + ms(1000), &call(true), 2)
-            .scope(async { assert_eq!(wait_of(p.should_retry(SystemTime::now(), 0)), None) })
-            .await;
     }
 
     fn answer(
@@ -482,76 +372,79 @@ mod tests {
         }))
     }
 
-    /// What the strategy says about `result` after an attempt that ended in `outcome`.
-    async fn judged(
+    /// A call whose last attempt ended in `outcome` with `result`.
+    fn call_after(
+        deadline: Duration,
         idempotent: bool,
         outcome: Outcome,
-        result: reqwest_middleware::Result<reqwest::Response>,
-    ) -> Option<&'static str> {
-        let strategy = RetryOn {
-            retry_after_cap: Duration::from_secs(2),
-        };
-        CallState::new(Instant::now() + ms(5000), &call(idempotent), 2)
-            .scope(async {
-                CallState::with(|c| c.record(outcome, &result));
-                // `Retryable` has no Debug, so name it for the assertions.
-                strategy.handle(&result).map(|r| match r {
-                    Retryable::Transient => "transient",
-                    Retryable::Fatal => "fatal",
-                })
-            })
-            .await
+        result: &reqwest_middleware::Result<reqwest::Response>,
+    ) -> Call {
+        let call = Call::new(Instant::now() + deadline, &options(idempotent), 2);
+        call.record(outcome, result);
+        call
     }
 
     #[tokio::test(start_paused = true)]
-    async fn strategy_retries_503_and_connection_failures_only_when_safe() {
+    async fn stops_at_max_retries_and_before_the_deadline() {
+        let l = layer(&RetryConfig::default());
         let s503 = Outcome::Status(StatusCode::SERVICE_UNAVAILABLE);
-        let s500 = Outcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
-        let t = Some("transient");
-        let f = Some("fatal");
-        assert_eq!(judged(true, s503, answer(503, None)).await, t);
-        assert_eq!(judged(true, s503, answer(503, Some("1"))).await, t);
-        // Over the Retry-After cap: the 503 goes back at once.
-        assert_eq!(judged(true, s503, answer(503, Some("30"))).await, f);
-        assert_eq!(judged(true, s500, answer(500, None)).await, None);
-        // A POST answered 503 reached the upstream: not retried.
-        assert_eq!(judged(false, s503, answer(503, None)).await, None);
-        // A POST that never connected is safe to send again; after a reset it is not.
-        assert_eq!(judged(false, Outcome::ConnectError, failed()).await, t);
-        assert_eq!(judged(false, Outcome::Reset, failed()).await, f);
-        assert_eq!(judged(true, Outcome::Reset, failed()).await, t);
-        assert_eq!(judged(true, Outcome::Timeout, failed()).await, f);
-        let open = Outcome::CircuitOpen(Duration::from_secs(3));
-        assert_eq!(judged(true, open, failed()).await, f);
+        let plain = answer(503, None);
+        let call = call_after(ms(300), true, s503, &plain);
+        assert!(l.next_wait(&call, &plain, 0).is_some_and(|w| w <= ms(25)));
+        assert!(l.next_wait(&call, &plain, 1).is_some());
+        assert_eq!(l.next_wait(&call, &plain, 2), None);
+        // A Retry-After that still fits replaces the backoff...
+        let later = answer(503, Some("0"));
+        assert_eq!(l.next_wait(&call, &later, 0), Some(ms(0)));
+        let one = answer(503, Some("1"));
+        let long = call_after(ms(5000), true, s503, &one);
+        assert_eq!(l.next_wait(&long, &one, 0), Some(ms(1000)));
+        // ...but the next attempt must start before the deadline.
+        assert_eq!(l.next_wait(&call, &one, 0), None);
+        tokio::time::advance(ms(300)).await;
+        assert_eq!(l.next_wait(&call, &plain, 0), None);
     }
 
-    #[test]
-    fn config_defaults_unknown_fields_and_field_paths() {
-        let parsed: RetryConfig = toml::from_str("max_retries = 1").expect("parse");
-        assert_eq!(parsed.max_retries, 1);
-        assert_eq!(parsed.backoff_base, Dur::from_millis(25));
-        assert!(toml::from_str::<RetryConfig>("max_retry = 1").is_err());
-        assert!(toml::from_str::<RetryConfig>("backoff_base = 25").is_err());
-
-        let bad = RetryConfig {
-            max_retries: 50,
-            backoff_cap: Dur::from_millis(10),
-            budget_ratio: -0.1,
+    #[tokio::test(start_paused = true)]
+    async fn stops_when_the_budget_is_spent() {
+        let l = layer(&RetryConfig {
+            budget_min_per_sec: 0,
+            budget_ratio: 0.0,
             ..RetryConfig::default()
-        };
-        let mut errors = Vec::new();
-        bad.validate("upstreams.storage.retry", &mut errors);
-        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "upstreams.storage.retry.max_retries",
-                "upstreams.storage.retry.backoff_cap",
-                "upstreams.storage.retry.budget_ratio",
-            ]
-        );
-        let mut errors = Vec::new();
-        RetryConfig::default().validate("r", &mut errors);
-        assert!(errors.is_empty());
+        });
+        let refused = failed();
+        let call = call_after(ms(1000), true, Outcome::ConnectError, &refused);
+        assert_eq!(l.next_wait(&call, &refused, 0), None);
+    }
+
+    /// Whether the layer retries after an attempt that ended in `outcome` with `result`.
+    fn retried(
+        idempotent: bool,
+        outcome: Outcome,
+        result: reqwest_middleware::Result<reqwest::Response>,
+    ) -> bool {
+        let l = layer(&RetryConfig::default());
+        let call = call_after(ms(5000), idempotent, outcome, &result);
+        l.next_wait(&call, &result, 0).is_some()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_503_and_connection_failures_only_when_safe() {
+        let s503 = Outcome::Status(StatusCode::SERVICE_UNAVAILABLE);
+        let s500 = Outcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(retried(true, s503, answer(503, None)));
+        assert!(retried(true, s503, answer(503, Some("1"))));
+        // Over the Retry-After cap: the 503 goes back at once.
+        assert!(!retried(true, s503, answer(503, Some("30"))));
+        assert!(!retried(true, s500, answer(500, None)));
+        // A POST answered 503 reached the upstream: not retried.
+        assert!(!retried(false, s503, answer(503, None)));
+        // A POST that never connected is safe to send again; after a reset it is not.
+        assert!(retried(false, Outcome::ConnectError, failed()));
+        assert!(!retried(false, Outcome::Reset, failed()));
+        assert!(retried(true, Outcome::Reset, failed()));
+        assert!(!retried(true, Outcome::Timeout, failed()));
+        let open = Outcome::CircuitOpen(Duration::from_secs(3));
+        assert!(!retried(true, open, failed()));
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, PRAGMA, SET_COOKIE};
 use http::{HeaderMap, Method, StatusCode};
 
-use super::config::RouteCachePolicy;
 use super::key::Vary;
+use crate::config::RouteCachePolicy;
 
 /// Whether a request may use the cache at all.
 ///

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{join, ByteSize, Dur, FieldError};
+use super::types::{join, ByteSize, Dur, FieldError};
 
 /// Largest entry the byte weigher can express (moka weights are `u32`), with room left for
 /// the key and headers.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::{join, Dur, FieldError};
+use super::types::{join, Dur, FieldError};
 
 /// Largest accepted window: the Lua script does its arithmetic in doubles (exact up to 2^53),
 /// and `limit * window_ms` must stay exact for the decision to be exact.

@@ -1,0 +1,214 @@
+//! `[[routes]]`: the public route table as plain data. Templates are parsed (and their
+//! errors reported, by field) when `routes::table::RouteTable` is built from this.
+
+use serde::{Deserialize, Serialize};
+
+use super::cache::RouteCachePolicy;
+use super::types::{join, Dur, FieldError};
+use super::Config;
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// Forward to the upstream (the generic proxy handler).
+    #[default]
+    Proxy,
+    /// Answer `{"user_id","email"}` from the verified token; no upstream call.
+    UserMe,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamLocation {
+    Path,
+    Query,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamDoc {
+    pub name: String,
+    #[serde(rename = "in")]
+    pub location: ParamLocation,
+    #[serde(default)]
+    pub required: bool,
+    /// JSON-schema type: string, integer, number or boolean.
+    #[serde(default = "default_param_type", rename = "type")]
+    pub schema_type: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_param_type() -> String {
+    "string".into()
+}
+
+/// What the OpenAPI document says about a route.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenApiDoc {
+    pub summary: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    /// Query parameters (path parameters are documented from the template).
+    pub params: Vec<ParamDoc>,
+    /// Name of a documented JSON request body (`register`, `login`), if any.
+    pub request_body: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// Public path template, e.g. `/api/data/underlying/{product}`; also served under `/api/v1`.
+    pub path: String,
+    /// GET also answers HEAD.
+    pub methods: Vec<String>,
+    pub kind: RouteKind,
+    pub upstream: Option<String>,
+    /// Upstream path template using the same `{params}`; defaults to `path`.
+    pub upstream_path: Option<String>,
+    /// Overall deadline including retries; defaults to the upstream's timeout.
+    pub timeout: Option<Dur>,
+    /// Per-attempt timeout; defaults to the route timeout.
+    pub attempt_timeout: Option<Dur>,
+    /// Overrides the upstream's retry count.
+    pub retries: Option<u32>,
+    /// POST & co. are retried only when the request never reached the upstream, unless set.
+    pub retry_non_idempotent: bool,
+    /// Require a verified bearer token.
+    pub auth: bool,
+    /// Rate-limit policy names applied to this route.
+    pub rate_limit: Vec<String>,
+    /// Forward the client's query string.
+    pub forward_query: bool,
+    /// Opt in to the shared response cache (GET/HEAD, unauthenticated requests only).
+    pub cache: Option<RouteCachePolicy>,
+    pub openapi: OpenApiDoc,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            path: String::new(),
+            methods: vec!["GET".into()],
+            kind: RouteKind::Proxy,
+            upstream: None,
+            upstream_path: None,
+            timeout: None,
+            attempt_timeout: None,
+            retries: None,
+            retry_non_idempotent: false,
+            auth: false,
+            rate_limit: Vec::new(),
+            forward_query: true,
+            cache: None,
+            openapi: OpenApiDoc::default(),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// Everything but the templates, which `routes::table::RouteTable::build` parses and
+    /// reports under the same field paths.
+    pub fn validate(&self, path: &str, cfg: &Config, errors: &mut Vec<FieldError>) {
+        if self.path.starts_with("/api/v1/") {
+            errors.push(FieldError::new(
+                join(path, "path"),
+                "give the unversioned path; every route is also served under /api/v1",
+            ));
+        }
+        if self.methods.is_empty() {
+            errors.push(FieldError::new(
+                join(path, "methods"),
+                "must list at least one method",
+            ));
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
+                errors.push(FieldError::new(
+                    format!("{path}.methods[{i}]"),
+                    format!("invalid HTTP method {m:?} (use upper case, e.g. \"GET\")"),
+                ));
+            }
+        }
+        match self.kind {
+            RouteKind::Proxy => match &self.upstream {
+                None => errors.push(FieldError::new(
+                    join(path, "upstream"),
+                    "required for a proxy route",
+                )),
+                Some(u) if !cfg.upstreams.contains_key(u) => errors.push(FieldError::new(
+                    join(path, "upstream"),
+                    format!(
+                        "no upstream named {u:?} (known: {})",
+                        cfg.upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )),
+                Some(_) => {}
+            },
+            RouteKind::UserMe => {}
+        }
+        for (field, d) in [
+            ("timeout", self.timeout),
+            ("attempt_timeout", self.attempt_timeout),
+        ] {
+            if d.is_some_and(|d| d.0.is_zero()) {
+                errors.push(FieldError::new(join(path, field), "must be greater than 0"));
+            }
+        }
+        for (i, name) in self.rate_limit.iter().enumerate() {
+            if !cfg.rate_limit.policies.iter().any(|p| p.name == *name) {
+                errors.push(FieldError::new(
+                    format!("{path}.rate_limit[{i}]"),
+                    format!(
+                        "no rate-limit policy named {name:?} (known: {})",
+                        cfg.rate_limit
+                            .policies
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(policy) = &self.cache {
+            policy.validate(&join(path, "cache"), errors);
+            if !self.methods.iter().any(|m| m == "GET" || m == "HEAD") {
+                errors.push(FieldError::new(
+                    join(path, "cache"),
+                    "only GET/HEAD responses are cached, and this route serves neither",
+                ));
+            }
+            if self.auth {
+                errors.push(FieldError::new(
+                    join(path, "cache"),
+                    "responses to authenticated requests are never shared; remove cache or auth",
+                ));
+            }
+        }
+        for (i, p) in self.openapi.params.iter().enumerate() {
+            if !matches!(
+                p.schema_type.as_str(),
+                "string" | "integer" | "number" | "boolean"
+            ) {
+                errors.push(FieldError::new(
+                    format!("{path}.openapi.params[{i}].type"),
+                    format!("unknown type {:?}", p.schema_type),
+                ));
+            }
+        }
+    }
+
+    /// Effective deadline for this route.
+    pub fn effective_timeout(&self, cfg: &Config) -> Dur {
+        self.timeout
+            .or_else(|| {
+                self.upstream
+                    .as_ref()
+                    .and_then(|u| cfg.upstreams.get(u))
+                    .map(|u| u.timeout)
+            })
+            .unwrap_or(Dur::from_secs(10))
+    }
+}

@@ -1,0 +1,169 @@
+//! The listener-side sections: `[server]`, `[admin]`, `[cors]`, `[limits]`, `[headers]`,
+//! `[errors]`.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{ByteSize, Dur};
+
+/// Headers that claim something about the client or the request's routing which only a
+/// proxy in front of us could know: from a peer that is not a trusted proxy they are lies an
+/// upstream might believe (client address, original URL, method override), so they are
+/// removed. `X-Forwarded-For` and `X-Forwarded-Proto` are not listed: the gateway replaces them.
+pub const DEFAULT_STRIP_FROM_UNTRUSTED: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: IpAddr,
+    /// `PORT`.
+    pub port: u16,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+    pub shutdown_grace: Dur,
+    /// How often freed heap is handed back to the kernel (glibc `malloc_trim`), so resident
+    /// memory falls back after a burst; `0s` turns it off (see `server::memory`).
+    pub memory_trim_interval: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 8000,
+            shutdown_grace: Dur::from_secs(30),
+            memory_trim_interval: Dur::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Loopback by default: `/metrics` and `/admin/*` are operator-only.
+    pub host: IpAddr,
+    /// `ADMIN_PORT`; 0 picks a free port (tests).
+    pub port: u16,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 9000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// `["*"]` (the original service's permissive default) or exact origins.
+    pub allowed_origins: Vec<String>,
+    pub allowed_methods: Vec<String>,
+    /// `["*"]` mirrors whatever the browser asks for.
+    pub allowed_headers: Vec<String>,
+    /// Only allowed with explicit origins (browsers refuse credentials with `*`).
+    pub allow_credentials: bool,
+    pub max_age: Dur,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: vec!["*".into()],
+            allowed_methods: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            allowed_headers: vec!["*".into()],
+            allow_credentials: false,
+            max_age: Dur::from_secs(600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Larger request bodies get 413 and never reach an upstream.
+    pub max_body: ByteSize,
+    /// A client that has not sent its whole header section by then is disconnected
+    /// (slowloris).
+    pub header_read_timeout: Dur,
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    pub max_header_bytes: ByteSize,
+    /// Concurrent client connections; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Keep-alive connections idle longer than this are closed.
+    pub idle_timeout: Dur,
+    /// A response write that makes no progress (the client stopped reading) for this long
+    /// closes the connection, freeing the upstream connection it held.
+    pub send_timeout: Dur,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body: ByteSize(1 << 20),
+            header_read_timeout: Dur::from_secs(10),
+            max_header_bytes: ByteSize(64 << 10),
+            max_connections: 10_000,
+            idle_timeout: Dur::from_secs(60),
+            send_timeout: Dur::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    /// Removed from requests of peers outside `trusted_proxies`, in any `-`/`_` spelling:
+    /// client-address and routing claims that upstreams tend to believe. Replaces the
+    /// default list (README, Security).
+    pub strip_from_untrusted: Vec<String>,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        HeadersConfig {
+            strip_from_untrusted: DEFAULT_STRIP_FROM_UNTRUSTED
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorsConfig {
+    /// Status for an upstream that is too slow: 503 (the original service) or 504.
+    pub timeout_status: u16,
+}
+
+impl Default for ErrorsConfig {
+    fn default() -> Self {
+        ErrorsConfig {
+            timeout_status: 503,
+        }
+    }
+}

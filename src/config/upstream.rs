@@ -1,0 +1,343 @@
+//! `[upstreams.NAME]`: where an upstream is and how calls to it behave (timeouts, pool,
+//! bulkhead, retries, circuit breaker), with validation that names each field.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{join, Dur, FieldError};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL; `http://` or `https://` (rustls), optionally with a path prefix.
+    pub url: String,
+    /// Default route timeout for routes to this upstream.
+    pub timeout: Dur,
+    pub connect_timeout: Dur,
+    pub pool_max_idle_per_host: usize,
+    pub pool_idle_timeout: Dur,
+    /// Calls in flight (so connections) to this upstream at most; more wait for a free one
+    /// within their deadline. A bulkhead, and the bound on what upstream connections cost.
+    pub max_connections: usize,
+    /// The `error` text clients see when it is down (default "<Name> service unavailable").
+    pub unavailable_message: Option<String>,
+    /// Bounded retries on 503 and connection failures.
+    pub retry: RetryConfig,
+    /// The circuit breaker in front of this upstream.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: String::new(),
+            timeout: Dur::from_secs(10),
+            connect_timeout: Dur::from_secs(2),
+            pool_max_idle_per_host: 256,
+            pool_idle_timeout: Dur::from_secs(60),
+            max_connections: 256,
+            unavailable_message: None,
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                if u.query().is_some() || u.fragment().is_some() {
+                    errors.push(FieldError::new(
+                        join(path, "url"),
+                        format!("{:?} must not have a query or fragment", self.url),
+                    ));
+                }
+            }
+            _ => errors.push(FieldError::new(
+                join(path, "url"),
+                format!(
+                    "invalid upstream URL {:?} (expected http:// or https://host)",
+                    self.url
+                ),
+            )),
+        }
+        if self.timeout.0.is_zero() {
+            errors.push(FieldError::new(
+                join(path, "timeout"),
+                "must be greater than 0",
+            ));
+        }
+        if self.connect_timeout.0.is_zero() {
+            errors.push(FieldError::new(
+                join(path, "connect_timeout"),
+                "must be greater than 0",
+            ));
+        }
+        if self.max_connections == 0 {
+            errors.push(FieldError::new(
+                join(path, "max_connections"),
+                "must be greater than 0",
+            ));
+        }
+    }
+
+    /// The message clients see when this upstream is down.
+    pub fn unavailable_message(&self, name: &str) -> String {
+        self.unavailable_message.clone().unwrap_or_else(|| {
+            let mut chars = name.chars();
+            let cap: String = match chars.next() {
+                Some(c) => c.to_uppercase().chain(chars).collect(),
+                None => String::new(),
+            };
+            format!("{cap} service unavailable")
+        })
+    }
+}
+
+/// `upstreams.<name>.retry`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first attempt; a route may lower or raise it (`CallOptions::max_retries`).
+    pub max_retries: u32,
+    /// First backoff step; each retry doubles it, then full jitter picks in [0, step].
+    pub backoff_base: Dur,
+    /// Largest backoff step, so a long outage does not push waits past any useful deadline.
+    pub backoff_cap: Dur,
+    /// Longest `Retry-After` we wait for; a longer one returns the 503 to the client at once.
+    pub retry_after_cap: Dur,
+    /// Retries may be at most this share of the requests seen over `budget_window`.
+    pub budget_ratio: f64,
+    /// How far back the budget counts requests and retries.
+    pub budget_window: Dur,
+    /// Retries always allowed per second, so a quiet upstream still gets its few retries.
+    pub budget_min_per_sec: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_retries: 2,
+            backoff_base: Dur::from_millis(25),
+            backoff_cap: Dur::from_millis(250),
+            retry_after_cap: Dur::from_secs(2),
+            budget_ratio: 0.2,
+            budget_window: Dur::from_secs(10),
+            budget_min_per_sec: 3,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Highest `max_retries` accepted: more only adds load to a struggling upstream.
+    pub const MAX_RETRIES_LIMIT: u32 = 10;
+
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let mut bad =
+            |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
+        if self.max_retries > Self::MAX_RETRIES_LIMIT {
+            bad(
+                "max_retries",
+                format!(
+                    "must be at most {}, got {}",
+                    Self::MAX_RETRIES_LIMIT,
+                    self.max_retries
+                ),
+            );
+        }
+        if self.backoff_base.0.is_zero() {
+            bad("backoff_base", "must be greater than zero".into());
+        }
+        if self.backoff_cap < self.backoff_base {
+            bad(
+                "backoff_cap",
+                format!("must be at least backoff_base ({})", self.backoff_base),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.budget_ratio) {
+            bad(
+                "budget_ratio",
+                format!("must be between 0.0 and 1.0, got {}", self.budget_ratio),
+            );
+        }
+        if self.budget_window.0 < Duration::from_secs(1)
+            || self.budget_window.0 > Duration::from_secs(300)
+        {
+            bad(
+                "budget_window",
+                format!("must be between 1s and 5m, got {}", self.budget_window),
+            );
+        }
+    }
+}
+
+/// `upstreams.<name>.breaker`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// `false` lets every call through and records nothing.
+    pub enabled: bool,
+    /// Opens after this many failures in a row, however few calls there were.
+    pub consecutive_failures: u32,
+    /// Opens when at least this share of the calls in `window` failed...
+    pub failure_rate: f64,
+    /// ...over this sliding window...
+    pub window: Dur,
+    /// ...and the window holds at least this many calls (so 1 failure of 2 calls is no outage).
+    pub min_calls: u32,
+    /// Open time after the first opening.
+    pub open_base: Dur,
+    /// Longest open time, however often the probes fail.
+    pub open_max: Dur,
+    /// Calls let through at once while half-open; the rest fail fast.
+    pub half_open_probes: u32,
+    /// While open, GET this path (on the upstream's base URL) every `probe_interval`; a 2xx
+    /// answer moves the breaker to half-open at once, so a route reopens within one interval
+    /// of the upstream's return instead of after the whole open time. `None`: no probing.
+    pub probe_path: Option<String>,
+    /// How often the health probe runs while open; also its timeout.
+    pub probe_interval: Dur,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: Dur::from_secs(10),
+            min_calls: 20,
+            open_base: Dur::from_secs(5),
+            open_max: Dur::from_secs(60),
+            half_open_probes: 1,
+            probe_path: None,
+            probe_interval: Dur::from_secs(1),
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let mut bad =
+            |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
+        if self.consecutive_failures == 0 {
+            bad("consecutive_failures", "must be at least 1".into());
+        }
+        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
+            bad(
+                "failure_rate",
+                format!(
+                    "must be above 0.0 and at most 1.0, got {}",
+                    self.failure_rate
+                ),
+            );
+        }
+        if self.window.0 < Duration::from_millis(100) {
+            bad(
+                "window",
+                format!("must be at least 100ms, got {}", self.window),
+            );
+        }
+        if self.min_calls == 0 {
+            bad("min_calls", "must be at least 1".into());
+        }
+        if self.open_base.0.is_zero() {
+            bad("open_base", "must be greater than zero".into());
+        }
+        if self.open_max < self.open_base {
+            bad(
+                "open_max",
+                format!("must be at least open_base ({})", self.open_base),
+            );
+        }
+        if self.half_open_probes == 0 {
+            bad("half_open_probes", "must be at least 1".into());
+        }
+        if let Some(probe_path) = &self.probe_path {
+            if !probe_path.starts_with('/') || probe_path.contains(['?', '#']) {
+                bad(
+                    "probe_path",
+                    format!("must be a path starting with '/' (no query), got {probe_path:?}"),
+                );
+            }
+        }
+        if self.probe_interval.0 < Duration::from_millis(50) {
+            bad(
+                "probe_interval",
+                format!("must be at least 50ms, got {}", self.probe_interval),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_defaults_unknown_fields_and_field_paths() {
+        let parsed: RetryConfig = toml::from_str("max_retries = 1").expect("parse");
+        assert_eq!(parsed.max_retries, 1);
+        assert_eq!(parsed.backoff_base, Dur::from_millis(25));
+        assert!(toml::from_str::<RetryConfig>("max_retry = 1").is_err());
+        assert!(toml::from_str::<RetryConfig>("backoff_base = 25").is_err());
+
+        let bad = RetryConfig {
+            max_retries: 50,
+            backoff_cap: Dur::from_millis(10),
+            budget_ratio: -0.1,
+            ..RetryConfig::default()
+        };
+        let mut errors = Vec::new();
+        bad.validate("upstreams.storage.retry", &mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams.storage.retry.max_retries",
+                "upstreams.storage.retry.backoff_cap",
+                "upstreams.storage.retry.budget_ratio",
+            ]
+        );
+        let mut errors = Vec::new();
+        RetryConfig::default().validate("r", &mut errors);
+        assert!(errors.is_empty());
+    }
+
+    #[test]
+    fn breaker_defaults_unknown_fields_and_field_paths() {
+        let parsed: BreakerConfig = toml::from_str("open_base = \"200ms\"").expect("parse");
+        assert_eq!(parsed.open_base, Dur::from_millis(200));
+        assert_eq!(parsed.consecutive_failures, 5);
+        assert!(toml::from_str::<BreakerConfig>("open_bse = \"1s\"").is_err());
+
+        let bad = BreakerConfig {
+            consecutive_failures: 0,
+            failure_rate: 1.5,
+            open_max: Dur::from_secs(1),
+            half_open_probes: 0,
+            probe_path: Some("health".into()),
+            probe_interval: Dur::from_millis(10),
+            ..BreakerConfig::default()
+        };
+        let mut errors = Vec::new();
+        bad.validate("upstreams.storage.breaker", &mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams.storage.breaker.consecutive_failures",
+                "upstreams.storage.breaker.failure_rate",
+                "upstreams.storage.breaker.open_max",
+                "upstreams.storage.breaker.half_open_probes",
+                "upstreams.storage.breaker.probe_path",
+                "upstreams.storage.breaker.probe_interval",
+            ]
+        );
+        let mut errors = Vec::new();
+        BreakerConfig::default().validate("b", &mut errors);
+        assert!(errors.is_empty());
+    }
+}
