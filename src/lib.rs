@@ -3,19 +3,33 @@
 //!
 //! A request's path through the house, one module per stage:
 //!
-//! * [`server`]: listeners, connection limits, header-read timeout, CORS, graceful drain.
+//! * [`server`]: listeners, connection limits, header-read and send timeouts, CORS, graceful
+//!   drain; `server::check` is everything `serve` refuses a configuration for.
 //! * [`observability`]: the outermost layer: request id, panic -> 500, JSON access log,
-//!   Prometheus metrics.
-//! * [`routes`]: the route table built from [`config`] and the ONE generic proxy handler;
-//!   built-ins (`/health`, `/api/docs`) and the admin listener.
-//! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens.
+//!   Prometheus metrics (one way to keep metric handles: `metrics::with_kept`).
+//! * [`routes`]: the shared state, one `RequestCtx` per request and the handler as named
+//!   phases (match route -> check -> identity -> rate limit -> proxy -> respond); the route
+//!   table and templates, which headers cross (`routes::headers`), the OpenAPI document and the
+//!   admin listener.
+//! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens (remotely
+//!   through the auth upstream's pipeline, or local JWTs); counts failed verifications.
 //! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process
 //!   fallback when Redis is down.
-//! * [`upstream`]: the pooled client and the resilience pipeline around it.
-//! * [`sim`]: the simulated DeltaStream backends (auth, storage, analytics) for the demo,
-//!   the end-to-end tests and the chaos suite.
-//! * [`demo`]: the services and the gateway in one process (`deltastream-gateway demo`).
+//! * [`upstream`]: one `Pipeline` per upstream, composed in `Pipeline::new` (deadline and
+//!   bulkhead -> retry -> attempt record -> breaker -> attempt timeout -> pooled client), the
+//!   per-call state its layers share (`upstream::call`), and the response cache in front of it
+//!   (`upstream::cache`: store, single flight, stale-if-error, RFC 9111 rules).
+//! * [`config`]: the ground floor: every settings type with its defaults and validation
+//!   (errors name the field), the embedded DeltaStream route table, env overrides. It
+//!   imports nothing from the modules above.
 //! * [`error`]: every error the gateway produces, mapped to a JSON response in one match.
+//! * [`sim`]: the simulated DeltaStream backends for the demo, the end-to-end tests and the
+//!   chaos suite.
+//! * [`demo`]: the services and the gateway in one process (`deltastream-gateway demo`).
+//!
+//! Dependencies point one way: server -> routes -> auth -> {ratelimit, upstream} ->
+//! observability -> error, and every module -> config; `scripts/check-module-cycles` (in CI)
+//! keeps it so.
 pub mod auth;
 pub mod config;
 pub mod demo;

@@ -16,19 +16,29 @@ pub struct Route {
     /// Public template text: the `route` label of logs and metrics (never the raw path,
     /// which would explode metric cardinality).
     pub label: Arc<str>,
+    /// The public path template the request path is matched against.
     pub template: Template,
+    /// Methods served; GET also serves HEAD.
     pub methods: Vec<Method>,
     /// Pre-rendered `Allow` header for 405s.
     pub allow: HeaderValue,
+    /// Proxy to an upstream, or answer from the verified token (`/api/user/me`).
     pub kind: RouteKind,
     /// Index into the gateway's upstream list.
     pub upstream: Option<usize>,
+    /// The upstream path template, rendered with the public template's parameters.
     pub upstream_template: Option<Template>,
+    /// The whole upstream call, retries included, and the time to read the request body.
     pub deadline: Duration,
+    /// One upstream attempt, until response headers.
     pub attempt_timeout: Duration,
+    /// The route's retry count, replacing the upstream's.
     pub retries: Option<u32>,
+    /// Retry a non-idempotent request that may have reached the upstream.
     pub retry_non_idempotent: bool,
+    /// Requires a verified bearer token.
     pub auth: bool,
+    /// Forward the client's raw query string.
     pub forward_query: bool,
     /// Opt-in shared caching for this route.
     pub cache: Option<crate::config::RouteCachePolicy>,

@@ -11,10 +11,14 @@
 //!   `stale_if_error` ago is served instead (`X-Cache: STALE`), so a short upstream outage
 //!   shows slightly old data rather than 503s.
 //!
-//! Storability follows RFC 9111 in a simplified form (see `rules.rs`). Entries live in moka
-//! with a byte weigher (key + headers + body) under one global budget, and stay there past
-//! freshness for the stale-if-error window. Freshness is judged with `tokio::time::Instant`
-//! (so tests can pause the clock); moka's own expiry only reclaims memory.
+//! This file is that decision (lookup, single flight, stale-if-error); the parts:
+//! - `store.rs`: the entries in moka with a byte weigher (key + headers + body) under one
+//!   global budget, kept past freshness for the stale-if-error window, and the purges;
+//! - `flight.rs`: the single-flight table; `key.rs`: what identifies an entry;
+//! - `rules.rs`: storability and freshness, RFC 9111 in a simplified form.
+//!
+//! Freshness is judged with `tokio::time::Instant` (so tests can pause the clock); moka's own
+//! expiry only reclaims memory.
 //!
 //! Not done, on purpose: conditional revalidation (ETag / `If-None-Match`: an expired entry is
 //! simply fetched again), `Expires`, the upstream's `Age`, range requests, and the response's
@@ -23,6 +27,7 @@
 mod flight;
 mod key;
 mod rules;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -30,27 +35,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 use bytes::Bytes;
 use http::header::{AGE, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use metrics::{counter, gauge};
-use moka::notification::RemovalCause;
-use moka::Expiry;
+use metrics::counter;
 use tokio::time::Instant;
 
 use crate::config::{CacheConfig, RouteCachePolicy};
+use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 pub use key::CacheKey;
 pub use rules::request_is_cacheable;
 
 use flight::{Flights, Role};
-use key::{Resource, StoreKey, Variant, Vary};
-
-/// Bytes charged per entry on top of key, headers and body: moka's bookkeeping and our
-/// structs. Keeps a flood of tiny entries from exceeding the real memory budget.
-const ENTRY_OVERHEAD: usize = 256;
-/// Bytes charged per header on top of name and value (HTTP/2's HPACK accounting uses 32).
-const HEADER_OVERHEAD: usize = 32;
+use key::{Resource, Variant, Vary};
+use store::{Store, StoredResponse};
 
 /// Headers the gateway adds to a response after the cache answered (`X-Cache`, `Age`, the
 /// request id, CORS, RateLimit, ...): room for them is made up front.
@@ -158,96 +156,6 @@ pub struct CacheStats {
     pub bytes: u64,
 }
 
-/// One stored response.
-struct StoredResponse {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    /// The base of `Age`.
-    stored_at: Instant,
-    fresh_until: Instant,
-    /// `fresh_until` plus the stale-if-error window: until then the entry is kept, for outages.
-    stale_until: Instant,
-    /// The request headers the response varies on, so a waiter can tell whether a result
-    /// fetched for another request selects its own variant.
-    vary: Arc<[HeaderName]>,
-    /// Headers + body + overhead, computed once for the weigher.
-    weight: usize,
-}
-
-impl StoredResponse {
-    fn answer(&self, outcome: CacheOutcome, now: Instant, head: bool) -> CacheHit {
-        CacheHit {
-            status: self.status,
-            headers: headers_with_room(&self.headers),
-            body: if head {
-                Bytes::new()
-            } else {
-                self.body.clone()
-            },
-            streamed: None,
-            outcome,
-            age: Some(now.saturating_duration_since(self.stored_at)),
-        }
-    }
-}
-
-/// Where a resource's responses vary: stored in the primary slot so that one lookup tells
-/// which request headers select the variant.
-struct VaryIndex {
-    names: Arc<[HeaderName]>,
-    keep_until: Instant,
-}
-
-#[derive(Clone)]
-enum Slot {
-    Response(Arc<StoredResponse>),
-    VaryIndex(Arc<VaryIndex>),
-}
-
-impl Slot {
-    fn keep_until(&self) -> Instant {
-        match self {
-            Slot::Response(response) => response.stale_until,
-            Slot::VaryIndex(index) => index.keep_until,
-        }
-    }
-}
-
-/// Tells moka to drop each entry when its stale-if-error window ends. Freshness itself is
-/// checked on lookup with tokio's clock; this only reclaims memory.
-struct KeepUntil;
-
-impl Expiry<StoreKey, Slot> for KeepUntil {
-    fn expire_after_create(
-        &self,
-        _key: &StoreKey,
-        slot: &Slot,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(slot.keep_until().saturating_duration_since(Instant::now()))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &StoreKey,
-        slot: &Slot,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(slot.keep_until().saturating_duration_since(Instant::now()))
-    }
-}
-
-fn weigh(key: &StoreKey, slot: &Slot) -> u32 {
-    let value = match slot {
-        Slot::Response(response) => response.weight,
-        Slot::VaryIndex(index) => index.names.iter().map(|n| n.as_str().len()).sum(),
-    };
-    let bytes = ENTRY_OVERHEAD + key.resource.weight() + key.variant.weight() + value;
-    u32::try_from(bytes).unwrap_or(u32::MAX)
-}
-
 /// A response fetched by a flight's leader, as the waiters receive it.
 struct SharedResponse {
     status: StatusCode,
@@ -271,18 +179,35 @@ impl SharedResponse {
     }
 
     fn answer(&self, now: Instant, head: bool) -> CacheHit {
-        CacheHit {
-            status: self.status,
-            headers: headers_with_room(&self.headers),
-            body: if head {
-                Bytes::new()
-            } else {
-                self.body.clone()
-            },
-            streamed: None,
-            outcome: self.outcome,
-            age: self.stored_at.map(|t| now.saturating_duration_since(t)),
-        }
+        let age = self.stored_at.map(|t| now.saturating_duration_since(t));
+        answer(
+            self.status,
+            &self.headers,
+            &self.body,
+            self.outcome,
+            age,
+            head,
+        )
+    }
+}
+
+/// A response answered from memory (an entry, or a flight leader's result): the headers with
+/// room for the gateway's own, no body for a HEAD.
+fn answer(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &Bytes,
+    outcome: CacheOutcome,
+    age: Option<Duration>,
+    head: bool,
+) -> CacheHit {
+    CacheHit {
+        status,
+        headers: headers_with_room(headers),
+        body: if head { Bytes::new() } else { body.clone() },
+        streamed: None,
+        outcome,
+        age,
     }
 }
 
@@ -292,41 +217,53 @@ type SharedResult<E> = Result<Arc<SharedResponse>, E>;
 /// The response cache. Cloning is cheap and clones share entries and flights.
 #[derive(Clone)]
 pub struct ResponseCache {
-    entries: moka::future::Cache<StoreKey, Slot>,
+    /// The stored responses (`store.rs`).
+    store: Store,
+    /// The fetches under way, one per resource (`flight.rs`).
     flights: Arc<Flights>,
-    /// Larger bodies are passed through but not stored (nor buffered: see
-    /// [`Fetched::streamed`]).
-    max_entry_bytes: u64,
 }
 
 impl ResponseCache {
     pub fn new(cfg: &CacheConfig) -> ResponseCache {
-        let entries = moka::future::Cache::builder()
-            .max_capacity(cfg.max_bytes.0)
-            .weigher(weigh)
-            .expire_after(KeepUntil)
-            .eviction_listener(|_key, _slot, cause| {
-                let cause = match cause {
-                    RemovalCause::Size => "size",
-                    RemovalCause::Expired => "expired",
-                    // Purges and replacements are not evictions.
-                    RemovalCause::Explicit | RemovalCause::Replaced => return,
-                };
-                counter!("gateway_cache_evictions_total", "cause" => cause).increment(1);
-            })
-            // Needed by purge_route / purge_prefix.
-            .support_invalidation_closures()
-            .build();
         ResponseCache {
-            entries,
+            store: Store::new(cfg),
             flights: Arc::default(),
-            max_entry_bytes: cfg.max_entry_bytes.0,
         }
+    }
+
+    /// Drops every entry (admin `DELETE /admin/cache`). A fetch under way stores its response
+    /// afterwards, which is as fresh as anything a client could get.
+    pub async fn purge(&self) {
+        self.store.purge().await;
+    }
+
+    /// Drops the entries of one route, by the id given to [`CacheKey::with_route`]
+    /// (admin `DELETE /admin/cache?route=...`).
+    pub async fn purge_route(&self, route: &str) {
+        self.store.purge_route(route).await;
+    }
+
+    /// Drops the entries of `upstream` whose upstream path starts with `path_prefix`, for when
+    /// the data behind several routes changed at once.
+    pub async fn purge_prefix(&self, upstream: &str, path_prefix: &str) {
+        self.store.purge_prefix(upstream, path_prefix).await;
+    }
+
+    /// Current size; also refreshes the `gateway_cache_bytes` / `gateway_cache_entries`
+    /// gauges, so a metrics scrape that calls it reports the same numbers as `/admin`.
+    pub fn stats(&self) -> CacheStats {
+        self.store.stats()
+    }
+
+    /// Runs moka's deferred housekeeping now (evictions, expirations, purges, counts), so
+    /// that [`ResponseCache::stats`] is exact. Normally it runs piecemeal on cache accesses.
+    pub async fn run_pending_tasks(&self) {
+        self.store.run_pending_tasks().await;
     }
 
     /// The largest body stored; a fetch must stream anything larger instead of buffering it.
     pub fn max_entry_bytes(&self) -> u64 {
-        self.max_entry_bytes
+        self.store.max_entry_bytes()
     }
 
     /// Key for a request to `upstream` at `path?query`. Add the route id with
@@ -376,73 +313,63 @@ impl ResponseCache {
         Fut: Future<Output = Result<Fetched, E>>,
         E: Clone + Send + Sync + 'static,
     {
-        let result = self.answer(&key, req_headers, policy, fetch).await;
+        // One async block, so that every way out of it is counted below.
+        let key = &key;
+        let result = async {
+            let method = if key.head { Method::HEAD } else { Method::GET };
+            if !request_is_cacheable(&method, req_headers) {
+                let fetched = fetch().await?;
+                return Ok(fetched_answer(fetched, CacheOutcome::Bypass, key.head));
+            }
+            loop {
+                let cached = self.store.lookup(&key.resource, req_headers).await;
+                if let Some(hit) = fresh_answer(cached.as_deref(), key.head) {
+                    return Ok(hit);
+                }
+                match self.flights.join(&key.resource) {
+                    Role::Leader(leader) => {
+                        // A flight that ended between our lookup and join may just have stored it.
+                        let cached = self.store.lookup(&key.resource, req_headers).await;
+                        if let Some(hit) = fresh_answer(cached.as_deref(), key.head) {
+                            return Ok(hit);
+                        }
+                        let (result, shared) = self
+                            .fetch_and_store(key, req_headers, policy, fetch, cached)
+                            .await;
+                        leader.publish(Arc::new(shared));
+                        return result;
+                    }
+                    Role::Waiter(waiter) => {
+                        // `None`: the leader was cancelled; try again, maybe as the new leader.
+                        let Some(published) = waiter.wait().await else {
+                            continue;
+                        };
+                        match published.downcast_ref::<SharedResult<E>>() {
+                            Some(Err(error)) => return Err(error.clone()),
+                            Some(Ok(shared)) if shared.serves(req_headers) => {
+                                return Ok(shared.answer(Instant::now(), key.head));
+                            }
+                            // Not ours to take. Fetching alone (not through a new flight) keeps a
+                            // crowd of waiters from being served one upstream call at a time.
+                            Some(Ok(_)) | None => {
+                                let cached = self.store.lookup(&key.resource, req_headers).await;
+                                let (result, _) = self
+                                    .fetch_and_store(key, req_headers, policy, fetch, cached)
+                                    .await;
+                                return result;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .await;
         let outcome = match &result {
             Ok(hit) => hit.outcome,
             Err(_) => CacheOutcome::Miss,
         };
         record(&key.resource, outcome);
         result
-    }
-
-    async fn answer<F, Fut, E>(
-        &self,
-        key: &CacheKey,
-        req_headers: &HeaderMap,
-        policy: &RouteCachePolicy,
-        fetch: F,
-    ) -> Result<CacheHit, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Fetched, E>>,
-        E: Clone + Send + Sync + 'static,
-    {
-        let method = if key.head { Method::HEAD } else { Method::GET };
-        if !request_is_cacheable(&method, req_headers) {
-            let fetched = fetch().await?;
-            return Ok(fetched_answer(fetched, CacheOutcome::Bypass, key.head));
-        }
-        loop {
-            let cached = self.lookup(&key.resource, req_headers).await;
-            if let Some(hit) = fresh_answer(cached.as_deref(), key.head) {
-                return Ok(hit);
-            }
-            match self.flights.join(&key.resource) {
-                Role::Leader(leader) => {
-                    // A flight that ended between our lookup and join may just have stored it.
-                    let cached = self.lookup(&key.resource, req_headers).await;
-                    if let Some(hit) = fresh_answer(cached.as_deref(), key.head) {
-                        return Ok(hit);
-                    }
-                    let (result, shared) = self
-                        .fetch_and_store(key, req_headers, policy, fetch, cached)
-                        .await;
-                    leader.publish(Arc::new(shared));
-                    return result;
-                }
-                Role::Waiter(waiter) => {
-                    // `None`: the leader was cancelled; try again, maybe as the new leader.
-                    let Some(published) = waiter.wait().await else {
-                        continue;
-                    };
-                    match published.downcast_ref::<SharedResult<E>>() {
-                        Some(Err(error)) => return Err(error.clone()),
-                        Some(Ok(shared)) if shared.serves(req_headers) => {
-                            return Ok(shared.answer(Instant::now(), key.head));
-                        }
-                        // Not ours to take. Fetching alone (not through a new flight) keeps a
-                        // crowd of waiters from being served one upstream call at a time.
-                        Some(Ok(_)) | None => {
-                            let cached = self.lookup(&key.resource, req_headers).await;
-                            let (result, _) = self
-                                .fetch_and_store(key, req_headers, policy, fetch, cached)
-                                .await;
-                            return result;
-                        }
-                    }
-                }
-            }
-        }
     }
 
     /// Runs `fetch`, stores a cacheable response, falls back to `cached` while it may be
@@ -511,7 +438,8 @@ impl ResponseCache {
         }
         let complete = body_is_complete(&fetched);
         let stored_at = if complete {
-            self.store(&key.resource, req_headers, policy, &fetched)
+            self.store
+                .store(&key.resource, req_headers, policy, &fetched)
                 .await
         } else {
             None
@@ -538,169 +466,6 @@ impl ResponseCache {
             Ok(fetched_answer(fetched, CacheOutcome::Miss, key.head)),
             Ok(Arc::new(shared)),
         )
-    }
-
-    /// The stored response for the request's variant, if it is still fresh or may still be
-    /// served stale.
-    async fn lookup(
-        &self,
-        resource: &Arc<Resource>,
-        req_headers: &HeaderMap,
-    ) -> Option<Arc<StoredResponse>> {
-        let primary = StoreKey {
-            resource: resource.clone(),
-            variant: Variant::Primary,
-        };
-        let response = match self.entries.get(&primary).await? {
-            Slot::Response(response) => response,
-            Slot::VaryIndex(index) => {
-                let variant = StoreKey {
-                    resource: resource.clone(),
-                    variant: Variant::of(&index.names, req_headers),
-                };
-                match self.entries.get(&variant).await? {
-                    Slot::Response(response) => response,
-                    Slot::VaryIndex(_) => return None,
-                }
-            }
-        };
-        (Instant::now() < response.stale_until).then_some(response)
-    }
-
-    /// Stores `fetched` when RFC 9111 and the size limit allow; returns when it was stored.
-    async fn store(
-        &self,
-        resource: &Arc<Resource>,
-        req_headers: &HeaderMap,
-        policy: &RouteCachePolicy,
-        fetched: &Fetched,
-    ) -> Option<Instant> {
-        let freshness = match rules::freshness(fetched.status, &fetched.headers, policy) {
-            Ok(freshness) => freshness,
-            Err(why) => {
-                tracing::debug!(upstream = %resource.upstream, route = %resource.route, ?why, "cache: response not stored");
-                return None;
-            }
-        };
-        if fetched.body.len() as u64 > self.max_entry_bytes {
-            tracing::debug!(upstream = %resource.upstream, route = %resource.route, bytes = fetched.body.len(), "cache: body over max_entry_bytes, not stored");
-            return None;
-        }
-        // `rules::freshness` already refused `Vary: *`.
-        let Vary::Names(vary) = Vary::of(&fetched.headers) else {
-            return None;
-        };
-        let now = Instant::now();
-        // An absurd max-age or stale window would overflow the clock: not worth storing.
-        let fresh_until = now.checked_add(freshness.ttl)?;
-        let stale_until = fresh_until.checked_add(freshness.stale_if_error)?;
-        let header_bytes: usize = fetched
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD)
-            .sum();
-        let response = Arc::new(StoredResponse {
-            status: fetched.status,
-            headers: fetched.headers.clone(),
-            body: fetched.body.clone(),
-            stored_at: now,
-            fresh_until,
-            stale_until,
-            vary: vary.clone(),
-            weight: header_bytes + fetched.body.len(),
-        });
-        let primary = StoreKey {
-            resource: resource.clone(),
-            variant: Variant::Primary,
-        };
-        if vary.is_empty() {
-            self.entries.insert(primary, Slot::Response(response)).await;
-        } else {
-            let variant = StoreKey {
-                resource: resource.clone(),
-                variant: Variant::of(&vary, req_headers),
-            };
-            // The variant goes in before the index, so whoever finds the index finds it too.
-            self.entries.insert(variant, Slot::Response(response)).await;
-            // The index must outlive every variant it leads to, not just the newest.
-            let keep_until = match self.entries.get(&primary).await {
-                Some(Slot::VaryIndex(index)) if index.names == vary => {
-                    index.keep_until.max(stale_until)
-                }
-                _ => stale_until,
-            };
-            let index = VaryIndex {
-                names: vary,
-                keep_until,
-            };
-            self.entries
-                .insert(primary, Slot::VaryIndex(Arc::new(index)))
-                .await;
-        }
-        gauge!("gateway_cache_bytes").set(self.entries.weighted_size() as f64);
-        Some(now)
-    }
-
-    /// Drops every entry (admin `DELETE /admin/cache`). A fetch under way stores its response
-    /// afterwards, which is as fresh as anything a client could get.
-    pub async fn purge(&self) {
-        self.entries.invalidate_all();
-        self.settle().await;
-    }
-
-    /// Drops the entries of one route, by the id given to [`CacheKey::with_route`]
-    /// (admin `DELETE /admin/cache?route=...`).
-    pub async fn purge_route(&self, route: &str) {
-        let route: Arc<str> = Arc::from(route);
-        self.purge_where(move |key| key.resource.route == route)
-            .await;
-    }
-
-    /// Drops the entries of `upstream` whose upstream path starts with `path_prefix`, for when
-    /// the data behind several routes changed at once.
-    pub async fn purge_prefix(&self, upstream: &str, path_prefix: &str) {
-        let upstream: Arc<str> = Arc::from(upstream);
-        let prefix: Box<str> = path_prefix.into();
-        self.purge_where(move |key| {
-            key.resource.upstream == upstream && key.resource.path.starts_with(&*prefix)
-        })
-        .await;
-    }
-
-    async fn purge_where(&self, doomed: impl Fn(&StoreKey) -> bool + Send + Sync + 'static) {
-        if let Err(error) = self
-            .entries
-            .invalidate_entries_if(move |key, _| doomed(key))
-        {
-            // Only possible if `new` stopped enabling invalidation closures. Purging all is
-            // the safe superset of a partial purge.
-            tracing::error!(%error, "cache: selective purge unavailable, purging everything");
-            self.entries.invalidate_all();
-        }
-        self.settle().await;
-    }
-
-    /// Current size; also refreshes the `gateway_cache_bytes` / `gateway_cache_entries`
-    /// gauges, so a metrics scrape that calls it reports the same numbers as `/admin`.
-    pub fn stats(&self) -> CacheStats {
-        let stats = CacheStats {
-            entries: self.entries.entry_count(),
-            bytes: self.entries.weighted_size(),
-        };
-        gauge!("gateway_cache_bytes").set(stats.bytes as f64);
-        gauge!("gateway_cache_entries").set(stats.entries as f64);
-        stats
-    }
-
-    /// Runs moka's deferred housekeeping now (evictions, expirations, purges, counts), so
-    /// that [`ResponseCache::stats`] is exact. Normally it runs piecemeal on cache accesses.
-    pub async fn run_pending_tasks(&self) {
-        self.entries.run_pending_tasks().await;
-    }
-
-    async fn settle(&self) {
-        self.run_pending_tasks().await;
-        self.stats();
     }
 }
 
