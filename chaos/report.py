@@ -2,6 +2,7 @@
 (no plotting library needed)."""
 
 import math
+import textwrap
 from html import escape
 
 COLORS = [  # (label, predicate, colour), stacked bottom-up
@@ -12,7 +13,14 @@ COLORS = [  # (label, predicate, colour), stacked bottom-up
     ("5xx", lambda r: r["status"] >= 500 and r["status"] != 503, "#7b241c"),
     ("client error", lambda r: r["status"] == 0, "#222222"),
 ]
-LAT_LINES = [("p50", 50, "#1f77b4"), ("p90", 90, "#9467bd"), ("p99", 99, "#d62728"), ("max", 100, "#999999")]
+# Percentile lines. The max is drawn as dots, not a line: with the nearest-rank method the
+# qth percentile of fewer than 100 / (100 - q) values IS the maximum (p99 needs 100 responses
+# in a second, p90 10), so a p99 line at chaos rates (20-50 req/s) would only hide the max.
+# A percentile is drawn only in the seconds that have enough responses for it.
+LAT_LINES = [("p50", 50, "#1f77b4"), ("p90", 90, "#9467bd"), ("p99", 99, "#d62728")]
+MAX_COLOR = "#555555"
+RSS_COLOR, FDS_COLOR = "#117a8b", "#e07b00"
+FAULT_FILL = "#d64541"
 
 
 def _pct(values, q):
@@ -23,32 +31,60 @@ def _pct(values, q):
     return v[k]
 
 
+def min_samples(q):
+    """Fewest values whose nearest-rank qth percentile is not simply their maximum."""
+    return max(2, math.ceil(100 / (100 - q) - 1e-9))
+
+
+def _nice_ceil(v):
+    """1, 2, 2.5 or 5 x 10^k at or above v (axis tops)."""
+    if v <= 0:
+        return 1
+    mag = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if v <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _num(v):
+    return f"{v:g}"
+
+
 def timeline_svg(path, title, records, ev, end, samples=None):
-    W, H = 960, 560
-    left, right = 70, 120
+    """Up to three panels sharing the time axis: responses per second by status class,
+    latency per second (p50/p90/p99 where estimable, max as dots), and the sampled processes'
+    RSS and open fds (experiments with `sample_resources`). The fault window is drawn over
+    the data, translucent, with its label on top."""
+    W = 960
+    left, right = 70, 170
     pw = W - left - right
-    top1, h1 = 50, 200      # status codes per second
-    top2, h2 = 300, 200     # latency percentiles (log scale)
-    secs = max(1, int(math.ceil(end)))
+    legend_x = left + pw + 46          # right of the resource panel's second axis labels
+    samples = {svc: pts for svc, pts in (samples or {}).items() if pts}
+    last_t = max([end] + [p["t"] for pts in samples.values() for p in pts])
+    secs = max(1, int(math.ceil(last_t)))
     buckets = [[] for _ in range(secs + 1)]
     for r in records:
         # Bucketed by completion time: that is when a client sees the answer.
         t = r["t"] + (r["lat_ms"] or 0) / 1000
         buckets[min(secs, int(t))].append(r)
     x = lambda t: left + pw * t / (secs + 1)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{left}" y="22" font-size="15" font-weight="bold">{escape(title)}</text>']
-    # Fault window shading on both panels.
-    if "inject_start" in ev and "remove_end" in ev:
-        for top, h in ((top1, h1), (top2, h2)):
-            out.append(f'<rect x="{x(ev["inject_start"]):.1f}" y="{top}" width="{x(ev["remove_end"]) - x(ev["inject_start"]):.1f}" '
-                       f'height="{h}" fill="#f6d6d5" opacity="0.6"/>')
-        out.append(f'<text x="{x(ev["inject_start"]) + 3:.1f}" y="{top1 + 12}" fill="#a33">fault</text>')
-    # Panel 1: stacked bars.
-    ymax = max([len(b) for b in buckets] + [1])
-    ymax = int(math.ceil(ymax / 10.0) * 10)
     bw = pw / (secs + 1)
+
+    # Title: wrapped at the drawing's width (a 15 px bold sans character is ~9 px wide on average).
+    title_lines = textwrap.wrap(title, width=max(20, int((W - left - 10) / 9.5))) or [""]
+    out = []
+    for k, line in enumerate(title_lines):
+        out.append(f'<text x="{left}" y="{22 + 19 * k}" font-size="15" font-weight="bold">{escape(line)}</text>')
+    top1, h1 = 22 + 19 * (len(title_lines) - 1) + 28, 200     # responses per second
+    top2, h2 = top1 + h1 + 48, 200                             # latency (log scale)
+    top3, h3 = top2 + h2 + 48, 150                             # resources (optional)
+    panels = [(top1, h1), (top2, h2)] + ([(top3, h3)] if samples else [])
+    bottom = panels[-1][0] + panels[-1][1]
+    H = bottom + 62
+
+    # Panel 1: stacked bars.
+    ymax = _nice_ceil(max([len(b) for b in buckets] + [1]))
     for i, b in enumerate(buckets):
         y = top1 + h1
         for label, pred, color in COLORS:
@@ -57,35 +93,98 @@ def timeline_svg(path, title, records, ev, end, samples=None):
                 hh = h1 * n / ymax
                 y -= hh
                 out.append(f'<rect x="{x(i) + 0.5:.1f}" y="{y:.1f}" width="{max(bw - 1, 1):.1f}" height="{hh:.1f}" fill="{color}"/>')
-    out += _axes(left, top1, pw, h1, secs, x, [(0, "0"), (ymax / 2, f"{ymax // 2}"), (ymax, f"{ymax}")], ymax, "responses / s")
+    out += _axes(left, top1, pw, h1, secs, x, [(0, "0"), (ymax / 2, _num(ymax / 2)), (ymax, _num(ymax))], ymax,
+                 "responses / s")
     for k, (label, _, color) in enumerate(COLORS):
-        out.append(f'<rect x="{left + pw + 12}" y="{top1 + 8 + 16 * k}" width="10" height="10" fill="{color}"/>'
-                   f'<text x="{left + pw + 26}" y="{top1 + 17 + 16 * k}">{escape(label)}</text>')
-    # Panel 2: latency percentiles per second, log scale 0.1 ms .. 30 s.
+        out.append(f'<rect x="{legend_x}" y="{top1 + 8 + 16 * k}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{legend_x + 14}" y="{top1 + 17 + 16 * k}">{escape(label)}</text>')
+
+    # Panel 2: latency per second, log scale 0.1 ms .. 30 s.
     lo, hi = math.log10(0.1), math.log10(30000)
-    y2 = lambda ms: top2 + h2 - h2 * (math.log10(max(ms, 0.1)) - lo) / (hi - lo)
-    ticks = [(0.1, "0.1ms"), (1, "1ms"), (10, "10ms"), (100, "100ms"), (1000, "1s"), (10000, "10s")]
-    for ms, lab in ticks:
+    y2 = lambda ms: top2 + h2 - h2 * (math.log10(min(max(ms, 0.1), 30000)) - lo) / (hi - lo)
+    for ms, lab in [(0.1, "0.1ms"), (1, "1ms"), (10, "10ms"), (100, "100ms"), (1000, "1s"), (10000, "10s")]:
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y2(ms):.1f}" y2="{y2(ms):.1f}" stroke="#eee"/>'
                    f'<text x="{left - 6}" y="{y2(ms) + 4:.1f}" text-anchor="end">{lab}</text>')
-    for k, (label, q, color) in enumerate(LAT_LINES):
-        pts = []
-        for i, b in enumerate(buckets):
-            lats = [r["lat_ms"] for r in b if r["lat_ms"] is not None]
-            if lats:
-                pts.append(f"{x(i) + bw / 2:.1f},{y2(_pct(lats, q)):.1f}")
-        if pts:
-            out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        out.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 24}" y1="{top2 + 13 + 16 * k}" y2="{top2 + 13 + 16 * k}" stroke="{color}" stroke-width="2"/>'
-                   f'<text x="{left + pw + 28}" y="{top2 + 17 + 16 * k}">{label}</text>')
+    lats = [[r["lat_ms"] for r in b if r["lat_ms"] is not None and r["status"]] for b in buckets]
+    for label, q, color in LAT_LINES:
+        need = min_samples(q)
+        # One polyline per run of estimable seconds: a gap is a gap, not a straight line.
+        runs, cur = [], []
+        for i, v in enumerate(lats):
+            if len(v) >= need:
+                cur.append(f"{x(i) + bw / 2:.1f},{y2(_pct(v, q)):.1f}")
+            elif cur:
+                runs.append(cur)
+                cur = []
+        if cur:
+            runs.append(cur)
+        for pts in runs:
+            if len(pts) == 1:
+                cx, cy = pts[0].split(",")
+                out.append(f'<line x1="{float(cx) - bw / 2:.1f}" x2="{float(cx) + bw / 2:.1f}" y1="{cy}" y2="{cy}" stroke="{color}" stroke-width="1.5"/>')
+            else:
+                out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+    for i, v in enumerate(lats):
+        if v:
+            out.append(f'<circle cx="{x(i) + bw / 2:.1f}" cy="{y2(max(v)):.1f}" r="2.2" fill="{MAX_COLOR}"/>')
     out += _axes(left, top2, pw, h2, secs, x, [], 1, "latency (log)")
-    for key, lab in (("inject_start", "inject"), ("remove_end", "removed")):
+    ly = top2 + 13
+    for label, q, color in LAT_LINES:
+        drawn = any(len(v) >= min_samples(q) for v in lats)
+        out.append(f'<line x1="{legend_x}" x2="{legend_x + 12}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
+                   f'<text x="{legend_x + 16}" y="{ly + 4}">{label}</text>')
+        if q > 50:
+            need = min_samples(q)
+            note = (["where a second has", f">= {need} responses"] if drawn
+                    else ["not drawn: no second", f"had {need} responses"])
+            for j, text in enumerate(note):
+                out.append(f'<text x="{legend_x + 16}" y="{ly + 15 + 10 * j}" font-size="9" fill="#666">{text}</text>')
+            ly += 20
+        ly += 18
+    out.append(f'<circle cx="{legend_x + 6}" cy="{ly}" r="2.5" fill="{MAX_COLOR}"/>'
+               f'<text x="{legend_x + 16}" y="{ly + 4}">max</text>')
+
+    # Panel 3: RSS (left axis) and open fds (right axis) of the sampled processes.
+    if samples:
+        rss_top = _nice_ceil(max(p["rss_mib"] for pts in samples.values() for p in pts) * 1.1)
+        fds_top = _nice_ceil(max(p["fds"] for pts in samples.values() for p in pts) * 1.1)
+        y3 = lambda v, top_v: top3 + h3 - h3 * v / top_v
+        for frac in (0, 0.5, 1):
+            yy = top3 + h3 - h3 * frac
+            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eee"/>'
+                       f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="{RSS_COLOR}">{_num(rss_top * frac)}</text>'
+                       f'<text x="{left + pw + 6}" y="{yy + 4:.1f}" fill="{FDS_COLOR}">{_num(fds_top * frac)}</text>')
+        dashes = ["", ' stroke-dasharray="5,3"', ' stroke-dasharray="2,2"']
+        ly = top3 + 13
+        for k, (svc, pts) in enumerate(sorted(samples.items())):
+            dash = dashes[k % len(dashes)]
+            for field, color, top_v in (("rss_mib", RSS_COLOR, rss_top), ("fds", FDS_COLOR, fds_top)):
+                line = " ".join(f"{x(p['t']):.1f},{y3(p[field], top_v):.1f}" for p in pts)
+                out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
+            for field, color, lab in (("rss_mib", RSS_COLOR, "RSS MiB (left)"), ("fds", FDS_COLOR, "open fds (right)")):
+                out.append(f'<line x1="{legend_x}" x2="{legend_x + 12}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>'
+                           f'<text x="{legend_x + 16}" y="{ly + 4}">{escape(lab)}</text>')
+                ly += 16
+            out.append(f'<text x="{legend_x + 16}" y="{ly + 2}" font-size="9" fill="#666">{escape(svc)}, every 0.5 s</text>')
+            ly += 18
+        out += _axes(left, top3, pw, h3, secs, x, [], 1, "process")
+
+    # The fault window last, over the data: translucent, its edges dashed, its label on top.
+    if "inject_start" in ev and "remove_end" in ev:
+        x0, x1 = x(ev["inject_start"]), x(ev["remove_end"])
+        for top, h in panels:
+            out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{h}" fill="{FAULT_FILL}" fill-opacity="0.13"/>')
+        # Above the panel's frame, where no bar can cover it.
+        out.append(f'<text x="{x0 + 3:.1f}" y="{top1 - 6}" fill="#8b1a1a" font-weight="bold">'
+                   f'fault {ev["inject_start"]:.1f}-{ev["remove_end"]:.1f} s</text>')
+    for key, lab, anchor, dx in (("inject_start", "inject", "start", 3), ("remove_end", "removed", "start", 3)):
         if key in ev:
-            out.append(f'<line x1="{x(ev[key]):.1f}" x2="{x(ev[key]):.1f}" y1="{top1}" y2="{top2 + h2}" stroke="#a33" stroke-dasharray="4,3"/>'
-                       f'<text x="{x(ev[key]) + 3:.1f}" y="{top2 + h2 + 28}" fill="#a33">{lab} {ev[key]:.1f}s</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{H - 8}" text-anchor="middle">seconds since load start (bucketed by response time)</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out))
+            out.append(f'<line x1="{x(ev[key]):.1f}" x2="{x(ev[key]):.1f}" y1="{top1}" y2="{bottom}" stroke="#a33" stroke-dasharray="4,3"/>'
+                       f'<text x="{x(ev[key]) + dx:.1f}" y="{bottom + 28}" fill="#a33" text-anchor="{anchor}">{lab} {ev[key]:.1f}s</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{H - 8}" text-anchor="middle">seconds since load start (responses bucketed by completion time)</text>')
+    head = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+            f'<rect width="{W}" height="{H}" fill="white"/>']
+    path.write_text("\n".join(head + out + ["</svg>"]))
 
 
 def _axes(left, top, pw, h, secs, x, yticks, ymax, ylabel):
