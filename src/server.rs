@@ -49,8 +49,8 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
     for (name, u) in &cfg.upstreams {
         upstreams.push(UpstreamRuntime {
             name: Arc::from(name.as_str()),
-            base_url: u.url.trim_end_matches('/').to_string(),
-            base: crate::routes::proxy::parse_base(&u.url),
+            base_url: u.primary_url().trim_end_matches('/').to_string(),
+            base: crate::routes::proxy::parse_base(u.primary_url()),
             message: Arc::from(u.unavailable_message(name)),
             timeout_status,
             pipeline: Arc::new(Pipeline::new(name, u)?),

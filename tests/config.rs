@@ -109,6 +109,41 @@ fn errors_name_the_field_path() {
         "{e:?}"
     );
 
+    // The retry and breaker sections are validated too (they once were not).
+    let e = errors_of("[upstreams.storage.retry]\nbudget_ratio = 5.0\n[upstreams.storage.breaker]\nprobe_path = \"health\"\n");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.retry.budget_ratio")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.breaker.probe_path")),
+        "{e:?}"
+    );
+    let e = errors_of("[upstreams.storage]\nurl = \"http://a:1\"\nurls = [\"http://a:1\", \"http://b:1/v2\", \"ftp://c\"]\n");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.urls: give `url` or `urls`")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.urls[1]: ")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.urls[2]: invalid upstream URL")),
+        "{e:?}"
+    );
+    let e = errors_of("[upstreams.storage.ejection]\nmax_ejected_percent = 101\n");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("upstreams.storage.ejection.max_ejected_percent")),
+        "{e:?}"
+    );
+
     let e = errors_of("[upstreams.storage]\nmax_connections = 0\n");
     assert!(
         e.iter()

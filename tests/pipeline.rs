@@ -85,6 +85,7 @@ fn opts(idempotent: bool) -> CallOptions {
         idempotent,
         retry_non_idempotent: false,
         max_retries: None,
+        hedge_after: None,
     }
 }
 

@@ -45,6 +45,7 @@ async fn attempts_outcomes_and_breaker_state_are_exported() {
         idempotent: true,
         retry_non_idempotent: false,
         max_retries: None,
+        hedge_after: None,
     };
     let req = || Request::new(Method::GET, up.url().parse().expect("url"));
     // Call 1: 503, retried, 500 (one failed call, two 5xx attempts). Call 2: 500, the second

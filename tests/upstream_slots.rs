@@ -18,6 +18,7 @@ fn opts(deadline: Duration) -> CallOptions {
         idempotent: true,
         retry_non_idempotent: false,
         max_retries: None,
+        hedge_after: None,
     }
 }
 

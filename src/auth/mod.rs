@@ -325,6 +325,7 @@ async fn verify_remote(
         idempotent: false,
         retry_non_idempotent: false,
         max_retries: None,
+        hedge_after: None,
     };
     let delivered = match pipeline.send(req, options).await {
         Ok(d) => d,

@@ -32,7 +32,7 @@ pub use server::{
     DEFAULT_STRIP_FROM_UNTRUSTED,
 };
 pub use types::{join, ByteSize, Dur, FieldError};
-pub use upstream::{BreakerConfig, RetryConfig, UpstreamConfig};
+pub use upstream::{BalancerKind, BreakerConfig, EjectionConfig, RetryConfig, UpstreamConfig};
 
 /// The whole gateway configuration, after defaults and overrides.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -180,7 +180,15 @@ impl Config {
         ] {
             if let Some(url) = lookup(var).filter(|s| !s.is_empty()) {
                 match self.upstreams.get_mut(upstream) {
-                    Some(u) => u.url = url,
+                    // A comma-separated list is several instances.
+                    Some(u) if url.contains(',') => {
+                        u.url = String::new();
+                        u.urls = url.split(',').map(|s| s.trim().to_string()).collect();
+                    }
+                    Some(u) => {
+                        u.url = url;
+                        u.urls = Vec::new();
+                    }
                     None => errors.push(FieldError::new(
                         var,
                         format!("is set but the configuration has no upstream named {upstream:?}"),

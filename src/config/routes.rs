@@ -73,6 +73,9 @@ pub struct RouteConfig {
     pub attempt_timeout: Option<Dur>,
     /// Overrides the upstream's retry count.
     pub retries: Option<u32>,
+    /// GET/HEAD only: when the first attempt has not answered after this long, a second goes
+    /// to another instance and the first answer wins (hedges spend the retry budget).
+    pub hedge_after: Option<Dur>,
     /// POST & co. are retried only when the request never reached the upstream, unless set.
     pub retry_non_idempotent: bool,
     /// Require a verified bearer token.
@@ -97,6 +100,7 @@ impl Default for RouteConfig {
             timeout: None,
             attempt_timeout: None,
             retries: None,
+            hedge_after: None,
             retry_non_idempotent: false,
             auth: false,
             rate_limit: Vec::new(),
@@ -148,9 +152,16 @@ impl RouteConfig {
             },
             RouteKind::UserMe => {}
         }
+        if self.hedge_after.is_some() && !self.methods.iter().any(|m| m == "GET" || m == "HEAD") {
+            errors.push(FieldError::new(
+                join(path, "hedge_after"),
+                "only GET/HEAD requests are hedged, and this route serves neither",
+            ));
+        }
         for (field, d) in [
             ("timeout", self.timeout),
             ("attempt_timeout", self.attempt_timeout),
+            ("hedge_after", self.hedge_after),
         ] {
             if d.is_some_and(|d| d.0.is_zero()) {
                 errors.push(FieldError::new(join(path, field), "must be greater than 0"));

@@ -10,8 +10,20 @@ use super::types::{join, Dur, FieldError};
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Base URL; `http://` or `https://` (rustls), optionally with a path prefix.
+    /// Base URL; `http://` or `https://` (rustls), optionally with a path prefix. A host name
+    /// that resolves to several addresses is several instances.
     pub url: String,
+    /// Several base URLs instead of `url`, one or more instances each (same path prefix).
+    pub urls: Vec<String>,
+    /// How often host names are resolved again: new addresses get traffic, vanished ones are
+    /// drained. A failed resolution keeps the last known set.
+    pub discovery_interval: Dur,
+    /// How each attempt picks an instance.
+    pub balancer: BalancerKind,
+    /// How long an instance that answered 429 or 503 is passed over while others can serve.
+    pub bias_duration: Dur,
+    /// Passive health per instance: a failing instance is ejected, not the whole upstream.
+    pub ejection: EjectionConfig,
     /// Default route timeout for routes to this upstream.
     pub timeout: Dur,
     pub connect_timeout: Dur,
@@ -32,6 +44,11 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             url: String::new(),
+            urls: Vec::new(),
+            discovery_interval: Dur::from_secs(5),
+            balancer: BalancerKind::P2cEwma,
+            bias_duration: Dur::from_millis(100),
+            ejection: EjectionConfig::default(),
             timeout: Dur::from_secs(10),
             connect_timeout: Dur::from_secs(2),
             pool_max_idle_per_host: 256,
@@ -44,25 +61,172 @@ impl Default for UpstreamConfig {
     }
 }
 
-impl UpstreamConfig {
-    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
-        match reqwest::Url::parse(&self.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                if u.query().is_some() || u.fragment().is_some() {
-                    errors.push(FieldError::new(
-                        join(path, "url"),
-                        format!("{:?} must not have a query or fragment", self.url),
-                    ));
-                }
-            }
-            _ => errors.push(FieldError::new(
-                join(path, "url"),
-                format!(
-                    "invalid upstream URL {:?} (expected http:// or https://host)",
-                    self.url
-                ),
-            )),
+/// `upstreams.<name>.balancer`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Power of two choices over the healthy instances by peak-EWMA latency x (in-flight + 1),
+    /// as linkerd2-proxy and Finagle do: a slow or busy instance gets less traffic.
+    #[default]
+    P2cEwma,
+    /// Each healthy instance in turn.
+    RoundRobin,
+}
+
+/// `upstreams.<name>.ejection`: when one instance is taken out of rotation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EjectionConfig {
+    /// `false`: instances are never ejected (the upstream's breaker still protects it).
+    pub enabled: bool,
+    /// Ejected after this many failed attempts in a row (connect error, reset, timeout, 5xx).
+    pub consecutive_failures: u32,
+    /// Or when at least this share of its attempts in `window` failed...
+    pub failure_rate: f64,
+    /// ...over this sliding window...
+    pub window: Dur,
+    /// ...with at least this many attempts in it.
+    pub min_calls: u32,
+    /// First ejection's length; each re-ejection doubles it...
+    pub base_time: Dur,
+    /// ...up to this.
+    pub max_time: Dur,
+    /// Never more than this share of the instances ejected at once; beyond it (a "panic"),
+    /// failing instances stay in rotation and retries and the breaker take over.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        EjectionConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: Dur::from_secs(10),
+            min_calls: 20,
+            base_time: Dur::from_secs(10),
+            max_time: Dur::from_secs(300),
+            max_ejected_percent: 50,
         }
+    }
+}
+
+impl EjectionConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let mut bad =
+            |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
+        if self.consecutive_failures == 0 {
+            bad("consecutive_failures", "must be at least 1".into());
+        }
+        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
+            bad(
+                "failure_rate",
+                format!(
+                    "must be above 0.0 and at most 1.0, got {}",
+                    self.failure_rate
+                ),
+            );
+        }
+        if self.window.0 < Duration::from_millis(100) {
+            bad(
+                "window",
+                format!("must be at least 100ms, got {}", self.window),
+            );
+        }
+        if self.min_calls == 0 {
+            bad("min_calls", "must be at least 1".into());
+        }
+        if self.base_time.0.is_zero() {
+            bad("base_time", "must be greater than zero".into());
+        }
+        if self.max_time < self.base_time {
+            bad(
+                "max_time",
+                format!("must be at least base_time ({})", self.base_time),
+            );
+        }
+        if self.max_ejected_percent > 100 {
+            bad(
+                "max_ejected_percent",
+                format!("must be at most 100, got {}", self.max_ejected_percent),
+            );
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The configured base URLs: `urls`, or `url` alone.
+    pub fn targets(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The base URL requests are built against (the first target); the balancer moves each
+    /// attempt to its instance.
+    pub fn primary_url(&self) -> &str {
+        self.urls.first().map_or(self.url.as_str(), String::as_str)
+    }
+
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let (field, list): (String, bool) = if self.urls.is_empty() {
+            ("url".into(), false)
+        } else {
+            ("urls".into(), true)
+        };
+        if !self.url.is_empty() && !self.urls.is_empty() {
+            errors.push(FieldError::new(
+                join(path, "urls"),
+                "give `url` or `urls`, not both",
+            ));
+        }
+        let mut prefix: Option<String> = None;
+        for (i, target) in self.targets().iter().enumerate() {
+            let at = if list {
+                format!("{}[{i}]", join(path, &field))
+            } else {
+                join(path, &field)
+            };
+            match reqwest::Url::parse(target) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                    if u.query().is_some() || u.fragment().is_some() {
+                        errors.push(FieldError::new(
+                            &at,
+                            format!("{target:?} must not have a query or fragment"),
+                        ));
+                    }
+                    let path_prefix = u.path().trim_end_matches('/').to_string();
+                    match &prefix {
+                        Some(p) if *p != path_prefix => errors.push(FieldError::new(
+                            &at,
+                            format!(
+                                "{target:?} has path prefix {path_prefix:?}, the first has {p:?}: \
+                                 every instance must serve the same paths"
+                            ),
+                        )),
+                        Some(_) => {}
+                        None => prefix = Some(path_prefix),
+                    }
+                }
+                _ => errors.push(FieldError::new(
+                    &at,
+                    format!("invalid upstream URL {target:?} (expected http:// or https://host)"),
+                )),
+            }
+        }
+        if self.discovery_interval.0 < Duration::from_millis(100) {
+            errors.push(FieldError::new(
+                join(path, "discovery_interval"),
+                format!("must be at least 100ms, got {}", self.discovery_interval),
+            ));
+        }
+        self.ejection.validate(&join(path, "ejection"), errors);
+        // These two were never called before the settings moved here: an out-of-range retry
+        // or breaker setting was accepted silently.
+        self.retry.validate(&join(path, "retry"), errors);
+        self.breaker.validate(&join(path, "breaker"), errors);
         if self.timeout.0.is_zero() {
             errors.push(FieldError::new(
                 join(path, "timeout"),

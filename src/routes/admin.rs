@@ -19,6 +19,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/admin/breakers", get(breakers))
+        .route("/admin/upstreams", get(upstreams))
         .route("/admin/breakers/{upstream}/reset", post(reset_breaker))
         .route("/admin/cache", delete(purge_cache))
         .with_state(app)
@@ -89,6 +90,24 @@ async fn breakers(State(app): State<Arc<AppState>>) -> Response {
         .map(|u| u.pipeline.breaker().snapshot())
         .collect();
     Json(json!({ "breakers": list })).into_response()
+}
+
+/// Each upstream's instances: address, state (healthy / ejected / draining), how long an
+/// ejection or a 429/503 bias still lasts, calls in flight, peak-EWMA latency, counts.
+async fn upstreams(State(app): State<Arc<AppState>>) -> Response {
+    let list: Vec<_> = app
+        .upstreams
+        .iter()
+        .map(|u| {
+            let instances = u.pipeline.instances().snapshot();
+            json!({
+                "upstream": &*u.name,
+                "breaker": u.pipeline.breaker().state(),
+                "instances": instances,
+            })
+        })
+        .collect();
+    Json(json!({ "upstreams": list })).into_response()
 }
 
 fn admin_error(status: StatusCode, reason: &str, message: String) -> Response {

@@ -153,6 +153,10 @@ pub async fn forward(
         idempotent: is_idempotent(&parts.method),
         retry_non_idempotent: route.retry_non_idempotent,
         max_retries: route.retries,
+        // Hedging sends a request twice: only for methods that are safe to.
+        hedge_after: route
+            .hedge_after
+            .filter(|_| matches!(parts.method, Method::GET | Method::HEAD)),
     };
     // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
     if let Some(policy) = route

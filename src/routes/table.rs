@@ -34,6 +34,8 @@ pub struct Route {
     pub attempt_timeout: Duration,
     /// The route's retry count, replacing the upstream's.
     pub retries: Option<u32>,
+    /// Hedge a GET/HEAD whose first attempt has not answered after this long.
+    pub hedge_after: Option<Duration>,
     /// Retry a non-idempotent request that may have reached the upstream.
     pub retry_non_idempotent: bool,
     /// Requires a verified bearer token.
@@ -135,6 +137,7 @@ impl RouteTable {
                 deadline,
                 attempt_timeout: r.attempt_timeout.map(|d| d.0).unwrap_or(deadline),
                 retries: r.retries,
+                hedge_after: r.hedge_after.map(|d| d.0),
                 retry_non_idempotent: r.retry_non_idempotent,
                 auth: r.auth || r.kind == RouteKind::UserMe,
                 forward_query: r.forward_query,

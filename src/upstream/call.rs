@@ -30,6 +30,9 @@ pub struct CallOptions {
     pub retry_non_idempotent: bool,
     /// The route's own retry count, replacing the upstream's `max_retries`.
     pub max_retries: Option<u32>,
+    /// When the first attempt has not answered after this long, a second goes to another
+    /// instance and the first answer wins. Only honoured for idempotent calls.
+    pub hedge_after: Option<Duration>,
 }
 
 /// An upstream response, headers received and body not yet read.
@@ -80,6 +83,12 @@ pub struct AttemptTimedOut {
 #[error("pipeline layer used outside a call (no per-call state)")]
 pub struct NoCall;
 
+/// No instance could take the attempt: none resolved (yet), or the set is empty. The
+/// request never left the gateway, like a refused connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no instance of the upstream is known (host name not resolved)")]
+pub struct NoInstance;
+
 /// How one attempt ended, as the breaker, the retry strategy, metrics and logs see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -117,6 +126,8 @@ impl Outcome {
                     Outcome::CircuitOpen(open.retry_after)
                 } else if e.is::<AttemptTimedOut>() {
                     Outcome::Timeout
+                } else if e.is::<NoInstance>() {
+                    Outcome::ConnectError
                 } else {
                     Outcome::Internal
                 }
@@ -179,6 +190,8 @@ pub(crate) struct CallState {
     pub(crate) retry_non_idempotent: bool,
     /// Retries allowed after the first attempt (route or upstream setting).
     pub(crate) max_retries: u32,
+    /// Hedge the first attempt after this long (idempotent calls only).
+    pub(crate) hedge_after: Option<Duration>,
     progress: Mutex<Progress>,
 }
 
@@ -192,6 +205,8 @@ struct Progress {
     last_outcome: Option<Outcome>,
     /// Why the last failed attempt failed, for `UpstreamError::Unavailable`.
     last_error: Option<String>,
+    /// The instances this call's attempts went to, so a retry or hedge goes elsewhere.
+    tried: Vec<u64>,
 }
 
 impl Call {
@@ -202,6 +217,7 @@ impl Call {
             idempotent: options.idempotent,
             retry_non_idempotent: options.retry_non_idempotent,
             max_retries,
+            hedge_after: options.hedge_after.filter(|_| options.idempotent),
             progress: Mutex::new(Progress::default()),
         }))
     }
@@ -243,6 +259,15 @@ impl Call {
 
     pub(crate) fn attempts(&self) -> u32 {
         self.progress().attempts
+    }
+
+    /// Runs `f` on the instances tried so far.
+    pub(crate) fn with_tried<R>(&self, f: impl FnOnce(&[u64]) -> R) -> R {
+        f(&self.progress().tried)
+    }
+
+    pub(crate) fn tried_instance(&self, id: u64) {
+        self.progress().tried.push(id);
     }
 
     pub(crate) fn take_last_error(&self) -> Option<String> {

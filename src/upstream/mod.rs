@@ -27,10 +27,13 @@
 //! Every clock read here is `tokio::time::Instant`, so `#[tokio::test(start_paused = true)]` can
 //! drive the breaker's open time, the failure-rate window and the retry budget.
 
+pub mod balancer;
 pub mod breaker;
 pub mod cache;
 pub mod call;
 pub mod client;
+pub mod discovery;
+pub mod instances;
 pub mod pipeline;
 pub mod retry;
 pub mod timeout;
@@ -40,5 +43,7 @@ pub use breaker::{
     http_health_check, Breaker, BreakerOpen, BreakerSnapshot, BreakerState, HealthCheck,
 };
 pub use call::{AttemptTimedOut, CallOptions, Delivered, UpstreamError};
+pub use discovery::{Resolve, SystemResolver};
+pub use instances::{InstanceSnapshot, InstanceState};
 pub use pipeline::Pipeline;
 pub use retry::RetryBudget;

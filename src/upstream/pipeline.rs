@@ -13,11 +13,14 @@ use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::breaker::{http_health_check, Breaker, BreakerLayer, CallPermit};
+use super::balancer::{Balancer, Chosen, Dispatch};
+use super::breaker::{Breaker, BreakerLayer, CallPermit, HealthCheck};
 use super::call::{
     error_chain, instant_after, Call, CallOptions, Delivered, Outcome, UpstreamError,
 };
-use super::client::build_client;
+use super::client::{build_client, unused_base};
+use super::discovery::{self, Resolve, SystemResolver, Target};
+use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
 use super::timeout::AttemptTimeout;
 use crate::config::UpstreamConfig;
@@ -91,14 +94,18 @@ impl Middleware for RecordAttempt {
         let label = outcome.label();
         self.record(outcome, elapsed.as_secs_f64());
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let instance = extensions
+            .get::<Chosen>()
+            .map(|c| c.0.addr.clone())
+            .unwrap_or_else(|| Arc::from(""));
         match outcome.breaker_failure() {
             Some(true) => {
                 // The cause (refused, DNS, connect timeout...) tells a restart from an outage.
                 let error = result.as_ref().err().and_then(failure_cause);
-                tracing::info!(upstream = %self.upstream, attempt, outcome = label, latency_ms, error, "upstream attempt")
+                tracing::info!(upstream = %self.upstream, %instance, attempt, outcome = label, latency_ms, error, "upstream attempt")
             }
             Some(false) | None => {
-                tracing::debug!(upstream = %self.upstream, attempt, outcome = label, latency_ms, "upstream attempt")
+                tracing::debug!(upstream = %self.upstream, %instance, attempt, outcome = label, latency_ms, "upstream attempt")
             }
         }
         result
@@ -117,6 +124,8 @@ pub struct Pipeline {
     budget: Arc<RetryBudget>,
     /// Used when the route sets no `max_retries` of its own.
     max_retries: u32,
+    /// The instances the balancer chooses from, kept current by discovery.
+    instances: Arc<InstanceSet>,
     /// The bulkhead: calls in flight, hence pooled connections, to this upstream at most
     /// `max_connections`; more wait, within their deadline, for a free slot. Without it, 1,000
     /// concurrent clients meant 1,000 upstream connections (and their buffers and tasks).
@@ -132,45 +141,83 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// Everything an upstream has, composed here and nowhere else. The deadline and the
-    /// bulkhead are not middleware: they wrap the whole stack in [`Pipeline::send`], where the
-    /// call's options are known. Then, outermost first:
+    /// Everything an upstream has, composed here and nowhere else, with the system resolver
+    /// for host names (see [`Pipeline::with_resolver`]).
     pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Pipeline, String> {
+        Pipeline::with_resolver(name, cfg, Arc::new(SystemResolver))
+    }
+
+    /// [`Pipeline::new`] with the resolver that turns host names into instances. The
+    /// deadline and the bulkhead are not middleware: they wrap the whole stack in
+    /// [`Pipeline::send`], where the call's options are known. Then, outermost first:
+    pub fn with_resolver(
+        name: &str,
+        cfg: &UpstreamConfig,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Pipeline, String> {
         let upstream: Arc<str> = Arc::from(name);
-        let pooled = build_client(cfg).map_err(|e| format!("upstreams.{name}: {e}"))?;
+        let client_cfg = cfg.clone();
+        let instances = Arc::new(InstanceSet::new(
+            name,
+            cfg,
+            Box::new(move |endpoint| build_client(&client_cfg, endpoint)),
+        ));
         let breaker = Arc::new(Breaker::new(name, &cfg.breaker));
         let budget = Arc::new(RetryBudget::new(&cfg.retry));
-        let client = ClientBuilder::new(pooled.clone())
+        let client = ClientBuilder::new(unused_base())
             // Retry is outside the breaker so that each attempt asks the breaker again (an
             // outage stops retries at once) and a refusal is not retried. It checks the
-            // deadline and the budget before every wait.
+            // deadline and the budget before every wait, sends retries and hedges to another
+            // instance when there is one, and hedges the first attempt of routes that ask.
             .with(RetryLayer {
                 backoff: backoff_policy(&cfg.retry),
                 budget: budget.clone(),
                 upstream: upstream.clone(),
                 retry_after_cap: cfg.retry.retry_after_cap.0,
+                instances: instances.clone(),
             })
             // Records every attempt, refusals included, so it sits above the breaker; it is
             // below retry so that each attempt, not each call, is one event.
             .with(RecordAttempt {
                 upstream: upstream.clone(),
             })
-            // The breaker refuses fast while open, per attempt; it records one outcome per
-            // CALL, in `send` once retry is done (a call a retry saved is no failure). It is
-            // outside the timeout so that a call whose last attempt timed out is a failure.
+            // The SERVICE breaker refuses fast while open, per attempt; it records one outcome
+            // per CALL, in `send` once retry is done (a call a retry saved on another instance
+            // is no failure: one bad instance never opens it). It is outside the timeout so
+            // that a call whose last attempt timed out is a failure.
             .with(BreakerLayer {
                 breaker: breaker.clone(),
             })
-            // Innermost: bounds one attempt until response headers, clamped to the deadline.
+            // Picks the instance (untried first), moves the request to it, and feeds its
+            // load and health (ejection) with the attempt's outcome, timeouts included: so it
+            // sits outside the attempt timeout.
+            .with(Balancer {
+                instances: instances.clone(),
+            })
+            // Bounds one attempt until response headers, clamped to the deadline.
             .with(AttemptTimeout)
+            // Innermost: sends on the chosen instance's pooled client.
+            .with(Dispatch)
             .build();
-        // While the breaker is open, its health probe asks the upstream on the same pooled
-        // client whether it is back (only with `breaker.probe_path`).
-        if let Some(path) = cfg.breaker.probe_path.as_deref() {
-            let url = format!("{}{path}", cfg.url.trim_end_matches('/'));
-            let url = reqwest::Url::parse(&url)
-                .map_err(|e| format!("upstreams.{name}.breaker.probe_path: {url}: {e}"))?;
-            breaker.set_health_probe(http_health_check(pooled, url, cfg.breaker.probe_interval.0));
+        let probe_interval = cfg
+            .breaker
+            .probe_path
+            .as_ref()
+            .map(|_| cfg.breaker.probe_interval.0);
+        discovery::start(
+            &instances,
+            Target::parse_all(&cfg.targets()),
+            resolver,
+            cfg.discovery_interval.0,
+            probe_interval,
+        );
+        // While the breaker is open, its health probe asks the instances whether any is back
+        // (only with `breaker.probe_path`).
+        if probe_interval.is_some() {
+            breaker.set_health_probe(any_instance_healthy(
+                Arc::downgrade(&instances),
+                cfg.breaker.probe_interval.0,
+            ));
         }
         let slots = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Pipeline {
@@ -179,8 +226,14 @@ impl Pipeline {
             breaker,
             budget,
             max_retries: cfg.retry.max_retries,
+            instances,
             slots: Arc::new(Semaphore::new(slots)),
         })
+    }
+
+    /// The upstream's instances, for `/admin/upstreams`.
+    pub fn instances(&self) -> &InstanceSet {
+        &self.instances
     }
 
     pub fn upstream(&self) -> &str {
@@ -255,4 +308,30 @@ impl Pipeline {
             Err(_elapsed) => Err(UpstreamError::Timeout { attempts }),
         }
     }
+}
+
+/// The breaker's health probe: healthy when any instance answers its probe URL with a 2xx
+/// within `timeout`.
+fn any_instance_healthy(
+    instances: std::sync::Weak<InstanceSet>,
+    timeout: std::time::Duration,
+) -> HealthCheck {
+    Arc::new(move || {
+        let instances = instances.clone();
+        Box::pin(async move {
+            let Some(set) = instances.upgrade() else {
+                return false;
+            };
+            for instance in set.active().iter() {
+                let Some(url) = instance.probe_url.clone() else {
+                    continue;
+                };
+                let answer = instance.client.get(url).timeout(timeout).send().await;
+                if matches!(answer, Ok(r) if r.status().is_success()) {
+                    return true;
+                }
+            }
+            false
+        })
+    })
 }

@@ -29,6 +29,7 @@ use reqwest_retry::{Jitter, RetryDecision, RetryPolicy};
 use tokio::time::Instant;
 
 use super::call::{instant_after, Call, Outcome};
+use super::instances::InstanceSet;
 use super::window::SlidingWindow;
 use crate::config::RetryConfig;
 
@@ -149,13 +150,28 @@ pub(crate) struct RetryLayer {
     pub(crate) backoff: ExponentialBackoff,
     /// Shared by every call to this upstream.
     pub(crate) budget: Arc<RetryBudget>,
-    /// Label for the budget-exhausted metric.
+    /// Label for the budget-exhausted and hedge metrics.
     pub(crate) upstream: Arc<str>,
     /// Longest `Retry-After` honoured (`RetryConfig::retry_after_cap`).
     pub(crate) retry_after_cap: Duration,
+    /// The upstream's instances: whether another one could take a retry or a hedge.
+    pub(crate) instances: Arc<InstanceSet>,
+}
+
+/// How the next attempt may be paid for.
+enum Cost {
+    /// From the retry budget.
+    Budget,
+    /// Free: the request never reached an upstream and goes to another instance at once.
+    Free,
 }
 
 impl RetryLayer {
+    /// Whether an instance this call has not tried could take the next attempt.
+    fn elsewhere(&self, call: &Call) -> bool {
+        call.with_tried(|tried| self.instances.has_untried(tried))
+    }
+
     /// How long to wait before retrying a call whose attempt number `n_past_retries + 1` just
     /// ended in `result` (`call` knows how), or `None` to return `result` as it is.
     pub(crate) fn next_wait(
@@ -165,10 +181,19 @@ impl RetryLayer {
         n_past_retries: u32,
     ) -> Option<Duration> {
         let state = call.state();
-        let wait = match call.last_outcome()? {
-            // Refused or failed to connect: the request never left us, so even a POST is safe.
-            Outcome::ConnectError => None,
-            Outcome::Reset if call.replay_safe() => None,
+        let (wait, cost) = match call.last_outcome()? {
+            // Refused on one instance with another at hand: the request never left us, so
+            // it goes there at once, for free. Otherwise (one instance) after a backoff; even
+            // a POST is safe either way.
+            Outcome::ConnectError if self.elsewhere(call) => (Some(Duration::ZERO), Cost::Free),
+            Outcome::ConnectError => (None, Cost::Budget),
+            Outcome::Reset if call.replay_safe() => (None, Cost::Budget),
+            // A timed-out attempt is abandoned for another instance (a paused or overloaded
+            // one is never waited out twice); with one instance, retrying a slow upstream
+            // only adds load.
+            Outcome::Timeout if call.replay_safe() && self.elsewhere(call) => {
+                (Some(Duration::ZERO), Cost::Budget)
+            }
             Outcome::Status(StatusCode::SERVICE_UNAVAILABLE) if call.replay_safe() => {
                 let response = result.as_ref().ok()?;
                 let remaining = state.deadline.saturating_duration_since(Instant::now());
@@ -178,13 +203,13 @@ impl RetryLayer {
                     remaining,
                     self.retry_after_cap,
                 ) {
-                    RetryAfter::Absent => None,
-                    RetryAfter::Wait(wait) => Some(wait),
+                    RetryAfter::Absent => (None, Cost::Budget),
+                    RetryAfter::Wait(wait) => (Some(wait), Cost::Budget),
                     RetryAfter::TooLong => return None,
                 }
             }
-            // A status we pass through, or an error we must not retry (timeouts: the upstream
-            // is already slow; circuit open: pointless; a POST that may have been processed).
+            // A status we pass through, or an error we must not retry (circuit open:
+            // pointless; a POST that may have been processed).
             Outcome::Status(_)
             | Outcome::Reset
             | Outcome::Timeout
@@ -200,13 +225,54 @@ impl RetryLayer {
             return None;
         }
         // Checked last so that only retries that will really happen spend the budget.
-        if !self.budget.try_withdraw() {
+        if matches!(cost, Cost::Budget) && !self.budget.try_withdraw() {
             metrics::counter!("gateway_upstream_retry_budget_exhausted_total",
                 "upstream" => self.upstream.clone())
             .increment(1);
             return None;
         }
         Some(wait)
+    }
+
+    /// The first attempt, hedged: if it has not answered after `delay`, a second goes to
+    /// another instance (paid from the retry budget) and the first answer wins; the other
+    /// attempt is cancelled. An error is no answer: if one attempt fails, the other's result
+    /// is waited for.
+    async fn hedged(
+        &self,
+        call: &Call,
+        first: Request,
+        second: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+        delay: Duration,
+    ) -> reqwest_middleware::Result<Response> {
+        // The hedge's own extensions: the same call state and breaker permit (shared), its
+        // own chosen instance.
+        let mut hedge_extensions = extensions.clone();
+        let first = next.clone().run(first, extensions);
+        tokio::pin!(first);
+        tokio::select! {
+            result = &mut first => return result,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if !self.elsewhere(call) || !self.budget.try_withdraw() {
+            return first.await;
+        }
+        metrics::counter!("gateway_upstream_hedges_total", "upstream" => self.upstream.clone())
+            .increment(1);
+        let second = next.run(second, &mut hedge_extensions);
+        tokio::pin!(second);
+        tokio::select! {
+            result = &mut first => match result {
+                Ok(answer) => Ok(answer),
+                Err(_) => second.await,
+            },
+            result = &mut second => match result {
+                Ok(answer) => Ok(answer),
+                Err(_) => first.await,
+            },
+        }
     }
 }
 
@@ -223,7 +289,17 @@ impl Middleware for RetryLayer {
         loop {
             // A body that cannot be copied (a stream) allows one attempt only.
             let copy = req.try_clone();
-            let result = next.clone().run(req, extensions).await;
+            let hedge = match (n_past_retries, call.state().hedge_after) {
+                (0, Some(delay)) => req.try_clone().map(|r| (r, delay)),
+                _ => None,
+            };
+            let result = match hedge {
+                Some((second, delay)) => {
+                    self.hedged(&call, req, second, extensions, next.clone(), delay)
+                        .await
+                }
+                None => next.clone().run(req, extensions).await,
+            };
             let wait = self.next_wait(&call, &result, n_past_retries);
             match (wait, copy) {
                 (Some(wait), Some(copy)) => {
@@ -343,15 +419,29 @@ mod tests {
             idempotent,
             retry_non_idempotent: false,
             max_retries: None,
+            hedge_after: None,
         }
     }
 
+    /// The retry layer of a one-instance upstream.
     fn layer(config: &RetryConfig) -> RetryLayer {
+        let upstream = crate::config::UpstreamConfig {
+            url: "http://127.0.0.1:9".into(),
+            ..crate::config::UpstreamConfig::default()
+        };
+        let instances = InstanceSet::new("t", &upstream, Box::new(|_| Ok(reqwest::Client::new())));
+        instances.update(&[crate::upstream::instances::Endpoint {
+            scheme: "http".into(),
+            host: "127.0.0.1".into(),
+            port: 9,
+            pinned: None,
+        }]);
         RetryLayer {
             backoff: backoff_policy(config),
             budget: Arc::new(RetryBudget::new(config)),
             upstream: Arc::from("t"),
             retry_after_cap: config.retry_after_cap.0,
+            instances: Arc::new(instances),
         }
     }
 
@@ -380,6 +470,8 @@ mod tests {
         result: &reqwest_middleware::Result<reqwest::Response>,
     ) -> Call {
         let call = Call::new(Instant::now() + deadline, &options(idempotent), 2);
+        // The attempt went to the upstream's only instance (id 0).
+        call.tried_instance(0);
         call.record(outcome, result);
         call
     }
@@ -446,5 +538,41 @@ mod tests {
         assert!(!retried(true, Outcome::Timeout, failed()));
         let open = Outcome::CircuitOpen(Duration::from_secs(3));
         assert!(!retried(true, open, failed()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_another_instance_refusals_go_there_at_once_and_free_and_timeouts_move_on() {
+        let l = layer(&RetryConfig {
+            budget_min_per_sec: 0,
+            budget_ratio: 0.0,
+            ..RetryConfig::default()
+        });
+        l.instances
+            .update(&[0u16, 1].map(|i| crate::upstream::instances::Endpoint {
+                scheme: "http".into(),
+                host: "127.0.0.1".into(),
+                port: 9 + i,
+                pinned: None,
+            }));
+        let refused = failed();
+        let call = call_after(ms(1000), false, Outcome::ConnectError, &refused);
+        // Even with an empty budget: the request never left, another instance takes it now.
+        assert_eq!(l.next_wait(&call, &refused, 0), Some(Duration::ZERO));
+        // A timeout is retried elsewhere at once, from the budget (empty here: not retried).
+        let call = call_after(ms(1000), true, Outcome::Timeout, &refused);
+        assert_eq!(l.next_wait(&call, &refused, 0), None);
+        let l = layer(&RetryConfig::default());
+        l.instances
+            .update(&[0u16, 1].map(|i| crate::upstream::instances::Endpoint {
+                scheme: "http".into(),
+                host: "127.0.0.1".into(),
+                port: 9 + i,
+                pinned: None,
+            }));
+        let call = call_after(ms(1000), true, Outcome::Timeout, &refused);
+        assert_eq!(l.next_wait(&call, &refused, 0), Some(Duration::ZERO));
+        // Never a POST that may have reached the instance.
+        let call = call_after(ms(1000), false, Outcome::Timeout, &refused);
+        assert_eq!(l.next_wait(&call, &refused, 0), None);
     }
 }

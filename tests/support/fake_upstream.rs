@@ -93,9 +93,12 @@ impl FakeUpstreamBuilder {
         self
     }
     pub async fn start(self) -> FakeUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake upstream");
+        self.start_on("127.0.0.1:0".parse().expect("addr")).await
+    }
+    /// Like `start`, on a given address (e.g. 127.0.0.2 with another fake's port, so that
+    /// one host name can resolve to several instances on the same port).
+    pub async fn start_on(self, at: SocketAddr) -> FakeUpstream {
+        let listener = TcpListener::bind(at).await.expect("bind fake upstream");
         let addr = listener.local_addr().expect("fake upstream addr");
         let state = Arc::new(Shared {
             script: Mutex::new(self.script),

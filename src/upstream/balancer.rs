@@ -1,0 +1,92 @@
+//! The balancer and dispatch layers: each attempt picks an instance of the upstream
+//! (`instances.rs`: power of two choices by peak-EWMA cost, or round robin; untried ones
+//! first, so a retry or a hedge goes elsewhere), moves the request to it, and reports how
+//! the attempt went so the instance's load and health follow. The chain then ends in
+//! [`Dispatch`], which sends on the chosen instance's own pooled client.
+
+use std::sync::Arc;
+
+use http::Extensions;
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
+use tokio::time::Instant;
+
+use super::call::{Call, NoCall, NoInstance, Outcome};
+use super::instances::{Instance, InstanceSet};
+
+/// The instance an attempt was sent to, in that attempt's extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct Chosen(pub(crate) Arc<Instance>);
+
+pub(crate) struct Balancer {
+    pub(crate) instances: Arc<InstanceSet>,
+}
+
+#[async_trait::async_trait]
+impl Middleware for Balancer {
+    async fn handle(
+        &self,
+        mut req: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let call = Call::of(extensions)?.clone();
+        if !self.instances.is_resolved() {
+            // The first resolution is under way (startup); the call's deadline bounds this.
+            self.instances.wait_resolved().await;
+        }
+        let instance = call
+            .with_tried(|tried| self.instances.pick(tried))
+            .ok_or_else(|| reqwest_middleware::Error::middleware(NoInstance))?;
+        call.tried_instance(instance.id);
+        move_to(&mut req, &instance);
+        extensions.insert(Chosen(instance.clone()));
+        let in_flight = instance.start();
+        let started = Instant::now();
+        let result = next.run(req, extensions).await;
+        self.instances
+            .finish(&instance, Outcome::of(&result), started.elapsed());
+        drop(in_flight);
+        result
+    }
+}
+
+/// Points the request at `instance`: the scheme, host and port of its configured URL (a list
+/// of URLs has several). The path and query stay; an instance found by resolving a name
+/// keeps that name in the URL (`Host`, TLS SNI) and its client connects to the address.
+fn move_to(req: &mut Request, instance: &Instance) {
+    let e = &instance.endpoint;
+    let url = req.url_mut();
+    if url.host_str() == Some(e.host.as_str())
+        && url.port_or_known_default() == Some(e.port)
+        && url.scheme() == e.scheme
+    {
+        return;
+    }
+    let _ = url.set_scheme(&e.scheme);
+    let _ = url.set_host(Some(&e.host));
+    let _ = url.set_port(Some(e.port));
+}
+
+/// The end of the chain: sends the attempt on its instance's pooled client.
+pub(crate) struct Dispatch;
+
+#[async_trait::async_trait]
+impl Middleware for Dispatch {
+    async fn handle(
+        &self,
+        req: Request,
+        extensions: &mut Extensions,
+        _next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let chosen = extensions
+            .get::<Chosen>()
+            .ok_or_else(|| reqwest_middleware::Error::middleware(NoCall))?;
+        chosen
+            .0
+            .client
+            .execute(req)
+            .await
+            .map_err(reqwest_middleware::Error::Reqwest)
+    }
+}

@@ -1,0 +1,362 @@
+//! Upstreams as sets of instances, through the real gateway (or the pipeline alone) in front of
+//! several fake instances: balancing, a slow instance, a dead one (retried around, ejected,
+//! the breaker never opens), POSTs never sent twice, hedging, and discovery through an
+//! injectable resolver.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deltastream_gateway::config::{Config, Dur, PolicyConfig, UpstreamConfig};
+use deltastream_gateway::upstream::{CallOptions, Pipeline, Resolve};
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use support::gateway::{client, config_with_upstreams, spawn};
+use support::{refused_addr, FakeUpstream, Step};
+
+/// The embedded config with `storage` (and `auth`) spread over `urls` and the rate limits
+/// out of the way (the volume here is the test's).
+fn config(urls: &[String]) -> Config {
+    let first = urls[0].clone();
+    let mut cfg = config_with_upstreams(move |_| first.clone());
+    for name in ["storage", "auth"] {
+        let u = cfg.upstreams.get_mut(name).unwrap();
+        u.url = String::new();
+        u.urls = urls.to_vec();
+    }
+    cfg.rate_limit.policies = ["default", "auth"]
+        .into_iter()
+        .map(|name| PolicyConfig {
+            name: name.into(),
+            limit: 1_000_000,
+            window: Dur::from_secs(60),
+            key: Default::default(),
+        })
+        .collect();
+    cfg
+}
+
+/// `n` GETs of `/api/data/underlying/NIFTY` from `workers` concurrent clients; the statuses.
+async fn load(base: &str, n: usize, workers: usize) -> Vec<u16> {
+    let per = n / workers;
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let url = format!("{base}/api/data/underlying/NIFTY");
+            tokio::spawn(async move {
+                let c = client();
+                let mut statuses = Vec::new();
+                for _ in 0..per {
+                    let s = c.get(&url).send().await.map(|r| r.status().as_u16());
+                    statuses.push(s.unwrap_or(0));
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+async fn fakes(steps: [Step; 3]) -> Vec<FakeUpstream> {
+    let mut v = Vec::new();
+    for s in steps {
+        v.push(FakeUpstream::builder().then(s).start().await);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_instances_share_the_load_within_15_percent() {
+    let ok = || Step::status(200).delayed(Duration::from_millis(20));
+    let ups = fakes([ok(), ok(), ok()]).await;
+    let gw = spawn(config(&ups.iter().map(|u| u.url()).collect::<Vec<_>>())).await;
+    let statuses = load(&gw.url(), 600, 12).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let hits: Vec<usize> = ups.iter().map(|u| u.hits()).collect();
+    for h in &hits {
+        assert!((170..=230).contains(h), "unbalanced: {hits:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_300ms_slower_gets_under_10_percent() {
+    let fast = || Step::status(200).delayed(Duration::from_millis(5));
+    let ups = fakes([
+        fast(),
+        Step::status(200).delayed(Duration::from_millis(305)),
+        fast(),
+    ])
+    .await;
+    let gw = spawn(config(&ups.iter().map(|u| u.url()).collect::<Vec<_>>())).await;
+    let statuses = load(&gw.url(), 300, 6).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    let hits: Vec<usize> = ups.iter().map(|u| u.hits()).collect();
+    assert!(
+        hits[1] < 30,
+        "the slow instance got {} of 300: {hits:?}",
+        hits[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_instance_dead_requests_succeed_the_breaker_stays_closed_and_it_is_ejected() {
+    let ups = fakes([Step::status(200), Step::status(200), Step::status(200)]).await;
+    let dead = refused_addr().await;
+    let urls = vec![ups[0].url(), format!("http://{dead}"), ups[1].url()];
+    let gw = spawn(config(&urls)).await;
+    let statuses = load(&gw.url(), 300, 6).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(ok * 1000 >= 300 * 995, "{ok}/300 succeeded");
+    let c = client();
+    let admin = format!("http://{}", gw.admin_addr);
+    let breakers: Value = c
+        .get(format!("{admin}/admin/breakers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let storage = breakers["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["upstream"] == "storage")
+        .unwrap()
+        .clone();
+    assert_eq!(storage["state"], "closed", "{storage}");
+    assert_eq!(storage["opened_count"], 0, "{storage}");
+    // /admin/upstreams shows the dead instance ejected, the others healthy.
+    let ups_view: Value = c
+        .get(format!("{admin}/admin/upstreams"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let storage = ups_view["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["upstream"] == "storage")
+        .unwrap()
+        .clone();
+    let instances = storage["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 3, "{storage}");
+    let state_of = |addr: String| {
+        instances
+            .iter()
+            .find(|i| i["address"] == addr.as_str())
+            .map(|i| i["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        state_of(dead.to_string()).as_deref(),
+        Some("ejected"),
+        "{storage}"
+    );
+    assert_eq!(
+        state_of(ups[0].addr.to_string()).as_deref(),
+        Some("healthy")
+    );
+    for i in instances {
+        for field in ["in_flight", "ewma_latency_ms", "successes", "failures"] {
+            assert!(i.get(field).is_some(), "{field} missing: {i}");
+        }
+    }
+    let metrics = c
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_upstream_endpoints{")
+                && l.contains("upstream=\"storage\"")
+                && l.contains("state=\"ejected\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(metrics
+        .lines()
+        .any(|l| l.starts_with("gateway_upstream_ejections_total{") && l.contains("storage")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_never_sent_twice_but_a_refused_one_goes_to_another_instance() {
+    // One instance resets every connection after reading the request, one refuses, one works.
+    let reset = FakeUpstream::builder().then(Step::Reset).start().await;
+    let good = FakeUpstream::builder()
+        .then(Step::body(200, "application/json", r#"{"token":"t"}"#))
+        .start()
+        .await;
+    let refused = refused_addr().await;
+    let gw = spawn(config(&[
+        reset.url(),
+        format!("http://{refused}"),
+        good.url(),
+    ]))
+    .await;
+    let c = client();
+    for _ in 0..30 {
+        let before = reset.hits() + good.hits();
+        let r = c
+            .post(format!("{}/api/auth/login", gw.url()))
+            .header("content-type", "application/json")
+            .body(r#"{"email":"a@b.c","password":"x"}"#)
+            .send()
+            .await
+            .unwrap();
+        let reached = reset.hits() + good.hits() - before;
+        assert_eq!(
+            reached,
+            1,
+            "a POST reached {reached} instances: {}",
+            r.status()
+        );
+        // Refused connections are retried on another instance; a reset one is not replayed.
+        assert!(r.status() == 200 || r.status() == 503, "{}", r.status());
+    }
+    assert!(good.hits() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_get_is_answered_by_another_instance_when_the_first_hangs() {
+    let hang = FakeUpstream::builder().then(Step::Hang).start().await;
+    let good = FakeUpstream::ok().await;
+    let mut cfg = config(&[hang.url(), good.url()]);
+    for r in cfg.routes.iter_mut() {
+        if r.path == "/api/data/underlying/{product}" {
+            r.hedge_after = Some(Dur::from_millis(50));
+        }
+    }
+    let gw = spawn(cfg).await;
+    let c = client();
+    for i in 0..20 {
+        let started = Instant::now();
+        let r = c
+            .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        // Far below the 10 s attempt timeout: the hung attempt was never waited out.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "request {i}: {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        hang.hits() > 0,
+        "no first attempt went to the hung instance (P2C)"
+    );
+    assert_eq!(good.hits(), 20);
+    let metrics = c
+        .get(format!("http://{}/metrics", gw.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_upstream_hedges_total{")),
+        "{metrics}"
+    );
+}
+
+/// A resolver whose answers the test changes.
+#[derive(Default)]
+struct Scripted(Mutex<HashMap<String, Vec<IpAddr>>>);
+
+impl Resolve for Scripted {
+    fn resolve(&self, host: &str, _port: u16) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+        let ips = self
+            .0
+            .lock()
+            .unwrap()
+            .get(host)
+            .cloned()
+            .unwrap_or_default();
+        Box::pin(async move { Ok(ips) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_to_several_addresses_is_several_instances_that_follow_discovery() {
+    // Three instances on one port, on 127.0.0.1 / .2 / .3.
+    let one = FakeUpstream::ok().await;
+    let port = one.addr.port();
+    let two = FakeUpstream::builder()
+        .start_on(SocketAddr::new("127.0.0.2".parse().unwrap(), port))
+        .await;
+    let three = FakeUpstream::builder()
+        .start_on(SocketAddr::new("127.0.0.3".parse().unwrap(), port))
+        .await;
+    let resolver = Arc::new(Scripted::default());
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    resolver.0.lock().unwrap().insert(
+        "storage.test".into(),
+        vec![ip("127.0.0.1"), ip("127.0.0.2")],
+    );
+    let cfg = UpstreamConfig {
+        url: format!("http://storage.test:{port}"),
+        discovery_interval: Dur::from_millis(200),
+        ..UpstreamConfig::default()
+    };
+    let p = Pipeline::with_resolver("storage", &cfg, resolver.clone()).unwrap();
+    let opts = CallOptions {
+        deadline: Duration::from_secs(5),
+        attempt_timeout: Duration::from_secs(2),
+        idempotent: true,
+        retry_non_idempotent: false,
+        max_retries: None,
+        hedge_after: None,
+    };
+    let get = || {
+        reqwest::Request::new(
+            reqwest::Method::GET,
+            format!("http://storage.test:{port}/x").parse().unwrap(),
+        )
+    };
+    for _ in 0..40 {
+        assert_eq!(p.send(get(), opts).await.unwrap().response.status(), 200);
+    }
+    assert!(
+        one.hits() > 0 && two.hits() > 0 && three.hits() == 0,
+        "{} {} {}",
+        one.hits(),
+        two.hits(),
+        three.hits()
+    );
+    // The request kept the name: Host says storage.test, the client connected to the address.
+    assert_eq!(
+        two.last_request().unwrap().headers["host"],
+        format!("storage.test:{port}").as_str()
+    );
+    // .1 goes away, .3 arrives: seen within the discovery interval.
+    resolver.0.lock().unwrap().insert(
+        "storage.test".into(),
+        vec![ip("127.0.0.2"), ip("127.0.0.3")],
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before_one = one.hits();
+    for _ in 0..40 {
+        assert_eq!(p.send(get(), opts).await.unwrap().response.status(), 200);
+    }
+    assert_eq!(one.hits(), before_one, "a removed instance got new calls");
+    assert!(three.hits() > 0, "the new instance got no traffic");
+}
