@@ -454,12 +454,19 @@ async fn read_failed(ws: &mut WebSocket, err: axum::Error) {
         .downcast::<tungstenite::Error>()
         .is_ok_and(|err| matches!(*err, tungstenite::Error::Capacity(_)));
     if too_big {
-        // The codec stopped mid-message, so the peer's answer cannot be read: send and go.
         let frame = CloseFrame {
             code: CLOSE_TOO_BIG,
             reason: Utf8Bytes::from_static("message too big"),
         };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame))))
+            .await
+            .is_ok_and(|sent| sent.is_ok())
+        {
+            // The codec stopped mid-message, so nothing more can be read. Closing now, with
+            // the rest of the message unread, makes the kernel send a reset that can destroy
+            // the close frame before the peer reads it: give the peer time to read it first.
+            tokio::time::sleep(CLOSE_TIMEOUT).await;
+        }
     }
 }
 
