@@ -1,4 +1,4 @@
-//! The socket service: live ticks over WebSocket, replayed from the seeded [`market`].
+//! The socket service: live ticks over WebSocket from the seeded [`market`](super::market).
 //!
 //! ```text
 //! GET /ws  (WebSocket; text messages, one JSON object each)
@@ -313,8 +313,12 @@ async fn serve_connection(inner: Arc<Inner>, mut ws: WebSocket) {
     loop {
         tokio::select! {
             changed = control.changed() => {
-                // The sender lives in `inner`, which we hold: `changed` cannot fail.
-                let now = if changed.is_ok() { *control.borrow_and_update() } else { Control::default() };
+                // The sender lives in `inner`, which we hold, so this cannot fail; were it to,
+                // ending beats spinning on an error that returns at once.
+                if changed.is_err() {
+                    return;
+                }
+                let now = *control.borrow_and_update();
                 if now.drops != drops_at_start {
                     tracing::debug!("WebSocket dropped by fault injection");
                     return;
