@@ -1,4 +1,4 @@
-//! `demo`: the three simulated DeltaStream services and the gateway in one process, so the
+//! `demo`: the four simulated DeltaStream services and the gateway in one process, so the
 //! whole platform can be tried (and tested end to end) with one command and no containers.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,6 +18,7 @@ pub struct DemoPorts {
     pub auth: u16,
     pub storage: u16,
     pub analytics: u16,
+    pub socket: u16,
 }
 
 impl Default for DemoPorts {
@@ -28,6 +29,7 @@ impl Default for DemoPorts {
             auth: Service::Auth.default_port(),
             storage: Service::Storage.default_port(),
             analytics: Service::Analytics.default_port(),
+            socket: Service::Socket.default_port(),
         }
     }
 }
@@ -47,7 +49,8 @@ async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String
 }
 
 /// Starts the services on loopback and the gateway in front of them. `cfg` is the gateway
-/// config (embedded default or `--config`); its upstream URLs are pointed at the services.
+/// config (embedded default or `--config`); its upstream URLs are pointed at the services
+/// (those it has: a config without a `socket` upstream still gets a socket service).
 pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Result<Demo, String> {
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // One secret for the auth service and for the gateway's optional local verification.
@@ -68,6 +71,7 @@ pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Resu
         (Service::Auth, ports.auth),
         (Service::Storage, ports.storage),
         (Service::Analytics, ports.analytics),
+        (Service::Socket, ports.socket),
     ] {
         let listener = bind(loopback, port, service.name()).await?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -119,7 +123,11 @@ impl Demo {
             self.gateway.admin_addr
         ));
         for (svc, addr) in &self.services {
-            s.push_str(&format!("  {:<11} http://{addr}\n", svc.name()));
+            let url = match svc {
+                Service::Socket => format!("ws://{addr}/ws"),
+                _ => format!("http://{addr}"),
+            };
+            s.push_str(&format!("  {:<11} {url}\n", svc.name()));
         }
         s.push_str(&format!(
             "\nTry:\n\
@@ -132,6 +140,7 @@ impl Demo {
   curl '{gw}/api/data/underlying/NIFTY?limit=5'\n\
   curl {gw}/api/data/products\n\
   curl {gw}/api/analytics/pcr/NIFTY\n\
+  python3 scripts/ws-client.py ws://localhost:{port}/ws NIFTY --count 5\n\
   open {gw}/api/docs/ui\n\nCtrl-C stops everything.\n"
         ));
         s

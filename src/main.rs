@@ -33,7 +33,7 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
-    /// Run the three simulated services and the gateway in one process.
+    /// Run the four simulated services and the gateway in one process.
     Demo {
         /// Gateway port (env PORT).
         #[arg(long, env = "PORT", default_value_t = 8000)]
@@ -46,26 +46,32 @@ enum Command {
         storage_port: u16,
         #[arg(long, default_value_t = 8004)]
         analytics_port: u16,
+        #[arg(long, default_value_t = 8002)]
+        socket_port: u16,
         /// Enable the services' /_faults switches.
         #[arg(long)]
         faults: bool,
     },
     /// Run one simulated DeltaStream backend.
     Sim {
-        /// auth | storage | analytics
+        /// auth | storage | analytics | socket
         service: Service,
-        /// Listen port (default 8001 / 8003 / 8004).
+        /// Listen port (default 8001 / 8003 / 8004 / 8002).
         #[arg(long)]
         port: Option<u16>,
         /// Listen address.
         #[arg(long, default_value = "0.0.0.0")]
         host: std::net::IpAddr,
-        /// Enable POST/GET/DELETE /_faults (latency, errors, hang) for chaos experiments.
+        /// Enable POST/GET/DELETE /_faults (latency, errors, hang) for chaos experiments;
+        /// the socket service adds POST /_faults/drop (close every WebSocket abruptly).
         #[arg(long)]
         faults: bool,
         /// Seed of the synthetic market data.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// socket: time between two ticks of each subscribed product.
+        #[arg(long, default_value = "250ms", value_parser = positive_duration)]
+        tick_interval: std::time::Duration,
     },
     /// GET a URL and exit 0 on a 2xx answer, 1 otherwise: the container health check of
     /// images that have no curl (FROM scratch).
@@ -101,6 +107,7 @@ fn main() -> ExitCode {
             auth_port,
             storage_port,
             analytics_port,
+            socket_port,
             faults,
         } => {
             let cfg = match load(cli.config.as_deref()) {
@@ -113,6 +120,7 @@ fn main() -> ExitCode {
                 auth: auth_port,
                 storage: storage_port,
                 analytics: analytics_port,
+                socket: socket_port,
             };
             run(async move {
                 let demo = start_demo(cfg, ports, faults).await?;
@@ -128,10 +136,12 @@ fn main() -> ExitCode {
             host,
             faults,
             seed,
+            tick_interval,
         } => {
             let opts = SimOptions {
                 faults,
                 seed,
+                tick_interval,
                 ..SimOptions::default()
             };
             let port = port.unwrap_or(service.default_port());
@@ -150,6 +160,18 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// A humantime duration above zero (`250ms`, `1s`): a zero tick interval would be a busy loop.
+fn positive_duration(raw: &str) -> Result<std::time::Duration, String> {
+    let duration: std::time::Duration = raw
+        .parse::<humantime::Duration>()
+        .map_err(|e| e.to_string())?
+        .into();
+    if duration.is_zero() {
+        return Err("must be more than 0, e.g. 250ms".into());
+    }
+    Ok(duration)
 }
 
 /// The effective configuration (file or embedded default, then the environment), checked.

@@ -12,6 +12,7 @@ fn free_ports() -> DemoPorts {
         auth: 0,
         storage: 0,
         analytics: 0,
+        socket: 0,
     }
 }
 

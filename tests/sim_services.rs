@@ -38,6 +38,7 @@ fn options() -> SimOptions {
         faults: false,
         seed: 42,
         jwt_secret: Some("test-secret".to_owned()),
+        ..SimOptions::default()
     }
 }
 
@@ -85,7 +86,12 @@ fn error_of(body: &Value) -> &str {
 
 #[tokio::test]
 async fn every_service_reports_health() {
-    for service in [Service::Auth, Service::Storage, Service::Analytics] {
+    for service in [
+        Service::Auth,
+        Service::Storage,
+        Service::Analytics,
+        Service::Socket,
+    ] {
         let running = start(service, options()).await;
         let (status, body) = get(&running.url("/health")).await;
         assert_eq!(status, StatusCode::OK);
@@ -106,6 +112,7 @@ fn service_names_ports_and_parsing() {
         (Service::Auth, "auth", 8001),
         (Service::Storage, "storage", 8003),
         (Service::Analytics, "analytics", 8004),
+        (Service::Socket, "socket", 8002),
     ];
     for (service, name, port) in expected {
         assert_eq!(service.name(), name);

@@ -10,6 +10,12 @@
 //! then fail with probability `error_rate`. Requests parked by `hang` are released as soon as
 //! `hang` is turned off (or the server shuts down) and continue with whatever setting is then
 //! current, like a paused container that is resumed.
+//!
+//! The socket service's WebSocket handshake (`GET /ws`) is a request like any other. After
+//! the upgrade, `hang` and `latency_ms` + jitter also hold back every batch of ticks (see
+//! [`Faults::delay`]); `error_rate` does not apply to ticks. The socket service adds one
+//! action of its own, `POST /_faults/drop`: every open WebSocket is closed abruptly (TCP
+//! close, no close frame) and the answer is `{"dropped": <count>}`.
 
 use std::time::Duration;
 
@@ -136,6 +142,26 @@ impl Faults {
             .wait_for(|switch| !switch.settings.hang || switch.draining)
             .await;
     }
+
+    /// Holds back a message the way a request is held back: while `hang` is on, then for
+    /// `latency_ms` plus jitter. The socket service awaits this before each batch of ticks.
+    pub async fn delay(&self) {
+        self.wait_while_hung().await;
+        let delay = jittered_latency(&self.settings());
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+    }
+}
+
+/// `latency_ms` plus a uniform draw from `0..=jitter_ms`, in milliseconds.
+fn jittered_latency(settings: &FaultSettings) -> u64 {
+    let jitter = if settings.jitter_ms > 0 {
+        rand::random_range(0..=settings.jitter_ms)
+    } else {
+        0
+    };
+    settings.latency_ms.saturating_add(jitter)
 }
 
 async fn inject(State(faults): State<Faults>, request: Request, next: Next) -> Response {
@@ -143,14 +169,9 @@ async fn inject(State(faults): State<Faults>, request: Request, next: Next) -> R
 
     let settings = faults.settings();
     // Drawn before any await: the thread-local RNG must not be held across one.
-    let jitter = if settings.jitter_ms > 0 {
-        rand::random_range(0..=settings.jitter_ms)
-    } else {
-        0
-    };
+    let delay = jittered_latency(&settings);
     let fail = settings.error_rate > 0.0 && rand::random::<f64>() < settings.error_rate;
 
-    let delay = settings.latency_ms.saturating_add(jitter);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }

@@ -88,6 +88,9 @@ pub fn find_product(symbol: &str) -> Option<&'static ProductSpec> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tick {
     pub price: f64,
+    /// Quantity traded in this second, in whole lots; the socket service streams it with the
+    /// price (the storage service's tick history shows prices only).
+    pub volume: u64,
     /// Unix seconds.
     pub timestamp: i64,
 }
@@ -312,19 +315,29 @@ fn activity(
 
 /// A geometric random walk with the product's long-dated volatility, one step per second.
 /// The opening price moves with the seed (within about 1 %) so different seeds differ visibly.
+///
+/// Volume is drawn from its own stream: adding it left every price of every seed unchanged.
+/// It grows with the size of the move, as real volume does around sharp moves.
 fn generate_series(seed: u64, product_index: u64, spec: &ProductSpec) -> Vec<Tick> {
     const TRADING_SECONDS_PER_YEAR: f64 = 252.0 * SESSION_SECONDS as f64;
+    /// Keeps the volume stream apart from the price stream of the same product.
+    const VOLUME_STREAM: u64 = 0x766F_6C75_6D65; // "volume"
     let mut rng = Rng::new(mix(seed, product_index));
+    let mut volume_rng = Rng::new(mix(mix(seed, product_index), VOLUME_STREAM));
     let step_vol = spec.base_vol / TRADING_SECONDS_PER_YEAR.sqrt();
     let mut price = spec.base_spot * (1.0 + 0.02 * (rng.next_f64() - 0.5));
     let start = REFERENCE_TIME - SESSION_SECONDS;
     (0..=SESSION_SECONDS)
         .map(|second| {
+            let mut shock = 0.0;
             if second > 0 {
-                price *= (step_vol * rng.next_gaussian() - 0.5 * step_vol * step_vol).exp();
+                shock = rng.next_gaussian();
+                price *= (step_vol * shock - 0.5 * step_vol * step_vol).exp();
             }
+            let lots = ((2.0 + 18.0 * volume_rng.next_f64()) * (1.0 + shock.abs())).round();
             Tick {
                 price: round_to_tick(price, spec.tick_size),
+                volume: lots as u64 * u64::from(spec.lot_size),
                 timestamp: start + second,
             }
         })
@@ -518,6 +531,20 @@ mod tests {
             assert!(ticks
                 .iter()
                 .all(|t| (t.price / spec.base_spot - 1.0).abs() < 0.1));
+        }
+    }
+
+    #[test]
+    fn volume_is_whole_lots_and_leaves_prices_alone() {
+        let market = Market::new(42);
+        // The spot the storage docs show for seed 42: volume has its own random stream.
+        assert_eq!(market.spot(nifty()), 24428.15);
+        for spec in &PRODUCTS {
+            let lot = u64::from(spec.lot_size);
+            assert!(market
+                .ticks(spec)
+                .iter()
+                .all(|t| t.volume >= lot && t.volume % lot == 0));
         }
     }
 

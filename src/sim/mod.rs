@@ -5,7 +5,10 @@
 //! - [`storage`]: products, underlying ticks and option chains from the seeded [`market`].
 //! - [`analytics`]: put-call ratio and volatility surface, computed from the same [`market`]
 //!   in-process, so it needs no running storage service and agrees with it exactly.
-//! - [`faults`]: opt-in `/_faults` switch (latency, errors, hang) for resilience tests.
+//! - [`socket`]: WebSocket `/ws`: subscribe to products, receive live ticks replayed from the
+//!   same [`market`], so every streamed price is one the storage service also serves.
+//! - [`faults`]: opt-in `/_faults` switch (latency, errors, hang; dropped WebSockets) for
+//!   resilience tests.
 //!
 //! Every error body is JSON `{"error": "..."}`, like the services the gateway was written for.
 
@@ -14,11 +17,13 @@ pub mod auth;
 pub mod black_scholes;
 pub mod faults;
 pub mod market;
+pub mod socket;
 pub mod storage;
 
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::http::StatusCode;
@@ -30,6 +35,7 @@ use serde_json::json;
 
 use self::faults::Faults;
 use self::market::Market;
+use self::socket::SocketService;
 
 /// Which backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +43,7 @@ pub enum Service {
     Auth,
     Storage,
     Analytics,
+    Socket,
 }
 
 impl Service {
@@ -46,6 +53,7 @@ impl Service {
             Service::Auth => 8001,
             Service::Storage => 8003,
             Service::Analytics => 8004,
+            Service::Socket => 8002,
         }
     }
 
@@ -54,13 +62,14 @@ impl Service {
             Service::Auth => "auth",
             Service::Storage => "storage",
             Service::Analytics => "analytics",
+            Service::Socket => "socket",
         }
     }
 }
 
-/// The service name given on the command line was none of the three.
+/// The service name given on the command line was none of the four.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown service {0:?}: expected auth, storage or analytics")]
+#[error("unknown service {0:?}: expected auth, storage, analytics or socket")]
 pub struct UnknownService(String);
 
 impl FromStr for Service {
@@ -71,6 +80,7 @@ impl FromStr for Service {
             "auth" => Ok(Service::Auth),
             "storage" => Ok(Service::Storage),
             "analytics" => Ok(Service::Analytics),
+            "socket" => Ok(Service::Socket),
             _ => Err(UnknownService(name.to_owned())),
         }
     }
@@ -86,6 +96,8 @@ pub struct SimOptions {
     /// HS256 key for auth tokens; shared with the gateway when it verifies tokens locally.
     /// `None` makes the auth service pick a random per-process key.
     pub jwt_secret: Option<String>,
+    /// How often the socket service sends each subscribed product's next tick.
+    pub tick_interval: Duration,
 }
 
 impl Default for SimOptions {
@@ -94,26 +106,33 @@ impl Default for SimOptions {
             faults: false,
             seed: 42,
             jwt_secret: std::env::var("JWT_SECRET").ok(),
+            tick_interval: socket::DEFAULT_TICK_INTERVAL,
         }
     }
 }
 
 /// Builds the service's router, ready to serve.
 pub fn router(service: Service, opts: &SimOptions) -> Router {
-    build(service, opts).0
+    build(service, opts).app
 }
 
-/// Serves `service` on `listener` until `shutdown` completes, then drains in-flight requests.
+/// Serves `service` on `listener` until `shutdown` completes, then drains in-flight requests
+/// and closes open WebSockets (code 1001).
 pub async fn serve(
     service: Service,
     listener: tokio::net::TcpListener,
     opts: SimOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (app, faults) = build(service, &opts);
+    let Built {
+        app,
+        faults,
+        sockets,
+    } = build(service, &opts);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(service = service.name(), %addr, faults = opts.faults, "sim service listening");
     }
+    let closing_sockets = sockets.clone();
     // Draining waits for every in-flight request, so requests parked by a `hang` fault must be
     // released on shutdown or the process would never exit.
     let shutdown = async move {
@@ -121,29 +140,61 @@ pub async fn serve(
         if let Some(faults) = faults {
             faults.release_hung_requests();
         }
+        if let Some(sockets) = closing_sockets {
+            sockets.go_away();
+        }
     };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await?;
+    // Upgraded connections are no longer axum's: its drain does not wait for them. Each one
+    // bounds its own close handshake; this bound only guards against a bug in that.
+    if let Some(sockets) = sockets {
+        if tokio::time::timeout(Duration::from_secs(10), sockets.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = sockets.open_connections(),
+                "WebSockets still open after shutdown; dropping them"
+            );
+        }
+    }
+    Ok(())
 }
 
-/// The router plus the fault switch, which `serve` needs to release hung requests on shutdown.
-fn build(service: Service, opts: &SimOptions) -> (Router, Option<Faults>) {
+/// A service ready to serve, plus the handles `serve` needs at shutdown.
+struct Built {
+    app: Router,
+    /// Releases requests parked by a `hang` fault.
+    faults: Option<Faults>,
+    /// Sends the socket service's open connections their close frames.
+    sockets: Option<SocketService>,
+}
+
+fn build(service: Service, opts: &SimOptions) -> Built {
+    let faults = opts.faults.then(Faults::default);
+    let mut sockets = None;
     let api = match service {
         Service::Auth => auth::router(opts),
         Service::Storage => storage::router(Arc::new(Market::new(opts.seed))),
         Service::Analytics => analytics::router(Arc::new(Market::new(opts.seed))),
+        Service::Socket => {
+            let market = Arc::new(Market::new(opts.seed));
+            let service = SocketService::new(market, opts.tick_interval, faults.clone());
+            let router = service.router();
+            sockets = Some(service);
+            router
+        }
     };
     let api = api.fallback(not_found);
 
     // Faults wrap the API (and its fallback) but not `/health` or `/_faults`, which are merged
     // afterwards: health checks must keep passing and the switch must stay reachable while
     // requests are being failed or hung.
-    let (api, faults) = if opts.faults {
-        let faults = Faults::default();
-        (faults.wrap(api), Some(faults))
-    } else {
-        (api, None)
+    let api = match &faults {
+        Some(faults) => faults.wrap(api),
+        None => api,
     };
 
     let name = service.name();
@@ -153,8 +204,15 @@ fn build(service: Service, opts: &SimOptions) -> (Router, Option<Faults>) {
     );
     if let Some(faults) = &faults {
         app = app.merge(faults.control_routes());
+        if let Some(sockets) = &sockets {
+            app = app.merge(sockets.fault_routes());
+        }
     }
-    (app, faults)
+    Built {
+        app,
+        faults,
+        sockets,
+    }
 }
 
 async fn not_found() -> ApiError {
