@@ -90,6 +90,7 @@ async fn pipeline_round(p: &Pipeline, url: &reqwest::Url, out: &mut Vec<Duration
         idempotent: true,
         retry_non_idempotent: false,
         max_retries: None,
+        hedge_after: None,
     };
     let start = Instant::now();
     for _ in 0..PER_ROUND {
