@@ -19,6 +19,9 @@ pub struct DemoPorts {
     pub storage: u16,
     pub analytics: u16,
     pub socket: u16,
+    /// Storage simulators to run, on consecutive ports from `storage` (any free ports when
+    /// it is 0): the gateway's storage upstream becomes that many instances.
+    pub storage_instances: u16,
 }
 
 impl Default for DemoPorts {
@@ -30,6 +33,7 @@ impl Default for DemoPorts {
             storage: Service::Storage.default_port(),
             analytics: Service::Analytics.default_port(),
             socket: Service::Socket.default_port(),
+            storage_instances: 1,
         }
     }
 }
@@ -67,17 +71,22 @@ pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Resu
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut services = Vec::new();
     let mut service_tasks = Vec::new();
-    for (service, port) in [
-        (Service::Auth, ports.auth),
-        (Service::Storage, ports.storage),
-        (Service::Analytics, ports.analytics),
-        (Service::Socket, ports.socket),
-    ] {
+    let storage_ports = (0..ports.storage_instances.max(1)).map(|i| match ports.storage {
+        0 => 0,
+        p => p.saturating_add(i),
+    });
+    let plan = [(Service::Auth, ports.auth)]
+        .into_iter()
+        .chain(storage_ports.map(|p| (Service::Storage, p)))
+        .chain([
+            (Service::Analytics, ports.analytics),
+            (Service::Socket, ports.socket),
+        ]);
+    let mut urls: Vec<(Service, String)> = Vec::new();
+    for (service, port) in plan {
         let listener = bind(loopback, port, service.name()).await?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        if let Some(u) = cfg.upstreams.get_mut(service.name()) {
-            u.url = format!("http://{addr}");
-        }
+        urls.push((service, format!("http://{addr}")));
         let mut rx = stop_rx.clone();
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -90,8 +99,25 @@ pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Resu
         )));
         services.push((service, addr));
     }
-    cfg.validate()
-        .map_err(|e| format!("invalid configuration:\n{e}"))?;
+    for (name, u) in cfg.upstreams.iter_mut() {
+        let mine: Vec<String> = urls
+            .iter()
+            .filter(|(s, _)| s.name() == name)
+            .map(|(_, url)| url.clone())
+            .collect();
+        match mine.len() {
+            0 => {}
+            1 => {
+                u.url = mine[0].clone();
+                u.urls = Vec::new();
+            }
+            _ => {
+                u.url = String::new();
+                u.urls = mine;
+            }
+        }
+    }
+    crate::server::check(&cfg).map_err(|e| format!("invalid configuration:\n{e}"))?;
     let public = bind(cfg.server.host, ports.gateway, "the gateway").await?;
     let admin = bind(cfg.admin.host, ports.admin, "the admin listener").await?;
     let gateway = start(cfg, public, admin).await?;

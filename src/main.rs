@@ -48,6 +48,10 @@ enum Command {
         analytics_port: u16,
         #[arg(long, default_value_t = 8002)]
         socket_port: u16,
+        /// Storage simulators on consecutive ports from --storage-port: the gateway's
+        /// storage upstream becomes that many instances.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        storage_instances: u16,
         /// Enable the services' /_faults switches.
         #[arg(long)]
         faults: bool,
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
             storage_port,
             analytics_port,
             socket_port,
+            storage_instances,
             faults,
         } => {
             let cfg = match load(cli.config.as_deref()) {
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
                 storage: storage_port,
                 analytics: analytics_port,
                 socket: socket_port,
+                storage_instances,
             };
             run(async move {
                 let demo = start_demo(cfg, ports, faults).await?;

@@ -13,6 +13,8 @@ fn free_ports() -> DemoPorts {
         storage: 0,
         analytics: 0,
         socket: 0,
+        // Three storage instances: the walkthrough's answers do not depend on which serves.
+        storage_instances: 3,
     }
 }
 
@@ -25,6 +27,29 @@ async fn the_original_walkthrough_through_the_gateway() {
         .expect("demo starts");
     let gw = demo.gateway.url();
     let c = reqwest::Client::new();
+    let upstreams: Value = c
+        .get(format!(
+            "http://{}/admin/upstreams",
+            demo.gateway.admin_addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let storage = upstreams["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["upstream"] == "storage")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        storage["instances"].as_array().unwrap().len(),
+        3,
+        "{storage}"
+    );
 
     let health: Value = c
         .get(format!("{gw}/health"))
