@@ -59,6 +59,12 @@ pub enum GatewayError {
     /// The client did not send its whole body within the route's deadline (slow-body
     /// attacks would otherwise hold a connection and a handler forever).
     RequestTimeout,
+    /// A WebSocket route asked for without a WebSocket upgrade (or another version than 13).
+    UpgradeRequired,
+    /// A WebSocket handshake from an `Origin` that is not one of the CORS origins.
+    OriginNotAllowed,
+    /// Over the `[websocket]` connection limits (in total or for this client).
+    TooManyConnections,
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
 }
@@ -85,6 +91,8 @@ enum ExtraHeaders<'a> {
     Copied(&'a HeaderMap),
     Allow(&'a HeaderValue),
     WwwAuthenticate,
+    /// `Sec-WebSocket-Version: 13`, the version the gateway speaks (RFC 6455 4.4).
+    WebSocketVersion,
 }
 
 /// Everything an error response is made of.
@@ -202,6 +210,27 @@ impl GatewayError {
                 None,
                 H::None,
             ),
+            E::UpgradeRequired => (
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                Cow::Borrowed("This route is a WebSocket: upgrade with Sec-WebSocket-Version 13"),
+                None,
+                H::WebSocketVersion,
+            ),
+            E::OriginNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                Cow::Borrowed("Origin not allowed"),
+                None,
+                H::None,
+            ),
+            E::TooManyConnections => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                Cow::Borrowed("Too many WebSocket connections"),
+                None,
+                H::RetryAfter(Duration::from_secs(1)),
+            ),
             E::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -265,6 +294,12 @@ impl IntoResponse for ErrorReply<'_> {
             }
             ExtraHeaders::Allow(allow) => {
                 headers.insert(ALLOW, allow.clone());
+            }
+            ExtraHeaders::WebSocketVersion => {
+                headers.insert(
+                    http::HeaderName::from_static("sec-websocket-version"),
+                    HeaderValue::from_static("13"),
+                );
             }
             ExtraHeaders::WwwAuthenticate => {
                 headers.insert(

@@ -19,6 +19,9 @@
 //!   bulkhead -> retry -> attempt record -> breaker -> attempt timeout -> pooled client), the
 //!   per-call state its layers share (`upstream::call`), and the response cache in front of it
 //!   (`upstream::cache`: store, single flight, stale-if-error, RFC 9111 rules).
+//! * [`websocket`]: relays an upgraded WebSocket frame-aware but unbuffered, closing both
+//!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
+//!   its policies are `routes::websocket`.
 //! * [`config`]: the ground floor: every settings type with its defaults and validation
 //!   (errors name the field), the embedded DeltaStream route table, env overrides. It
 //!   imports nothing from the modules above.
@@ -40,3 +43,4 @@ pub mod routes;
 pub mod server;
 pub mod sim;
 pub mod upstream;
+pub mod websocket;

@@ -225,11 +225,15 @@ fn summary(cfg: &Config) -> String {
     for r in &cfg.routes {
         let target = match (r.kind, &r.upstream) {
             (RouteKind::UserMe, _) => "token verification only".to_string(),
+            (RouteKind::Websocket, Some(u)) => format!(
+                "websocket {u} {}",
+                r.upstream_path.as_deref().unwrap_or(r.path.as_str())
+            ),
             (RouteKind::Proxy, Some(u)) => format!(
                 "{u} {}",
                 r.upstream_path.as_deref().unwrap_or(r.path.as_str())
             ),
-            (RouteKind::Proxy, None) => "?".into(),
+            (RouteKind::Proxy | RouteKind::Websocket, None) => "?".into(),
         };
         let mut extras = Vec::new();
         if r.auth {

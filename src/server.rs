@@ -41,8 +41,12 @@ pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
     }
 }
 
-/// Builds the shared state from a validated config.
-pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
+/// Builds the shared state from a validated config; `shutdown` turns `true` when the
+/// gateway stops (WebSocket relays watch it).
+pub async fn build_state(
+    cfg: Config,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<AppState>, String> {
     let timeout_status =
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
@@ -63,8 +67,14 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
         .map(|u| (u.pipeline.clone(), u.base_url.as_str()));
     let verifier = TokenVerifier::new(&cfg.auth, auth_upstream)?;
     let failure_policy = Some(cfg.auth.failure_policy.as_str()).filter(|p| !p.is_empty());
-    let limiter =
-        crate::ratelimit::RateLimiter::new(&cfg.rate_limit.with_builtins(failure_policy)).await;
+    // Built-in policies (`ws`, `auth_failures`) join the configured ones when something uses
+    // them and the config does not define its own.
+    let wanted = cfg
+        .routes
+        .iter()
+        .flat_map(|r| r.rate_limit.iter().map(String::as_str))
+        .chain(failure_policy);
+    let limiter = crate::ratelimit::RateLimiter::new(&cfg.rate_limit.with_builtins(wanted)).await;
     let auth_guard = crate::auth::guard::FailureGuard::new(
         failure_policy.and_then(|p| limiter.policy(p)),
         crate::config::ratelimit::MAX_WINDOW,
@@ -96,6 +106,8 @@ pub async fn build_state(cfg: Config) -> Result<Arc<AppState>, String> {
             .collect(),
         header_policy: crate::routes::headers::HeaderPolicy::new(&cfg.headers.strip_from_untrusted),
         openapi: Bytes::from(openapi),
+        ws_connections: Arc::default(),
+        shutdown,
         health: Bytes::from(health),
         config: cfg,
     }))
@@ -135,9 +147,9 @@ pub async fn start(
     let limits = cfg.limits.clone();
     let grace = cfg.server.shutdown_grace.0;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
-    let state = build_state(cfg).await?;
-    let admin_router = routes::admin::router(state.clone());
     let (tx, rx) = watch::channel(false);
+    let state = build_state(cfg, rx.clone()).await?;
+    let admin_router = routes::admin::router(state.clone());
 
     let mut admin_rx = rx.clone();
     let admin_task = tokio::spawn(async move {
@@ -266,6 +278,12 @@ async fn accept_loop(
             grace_secs = grace.as_secs(),
             "shutdown grace period over; closing remaining connections"
         );
+    }
+    // Upgraded connections left the accept loop's count: their relays close them (1001)
+    // when told to stop, within their close timeout; wait for that, within the grace.
+    let deadline = tokio::time::Instant::now() + grace;
+    while app.ws_connections.open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -56,7 +56,7 @@ fn embedded_default_is_the_deltastream_table() {
     assert_eq!(cfg.upstreams["storage"].url, "http://storage:8003");
     assert_eq!(cfg.upstreams["analytics"].url, "http://analytics:8004");
     assert_eq!(cfg.upstreams["analytics"].timeout.0.as_secs(), 30);
-    assert_eq!(cfg.routes.len(), 8);
+    assert_eq!(cfg.routes.len(), 9);
 }
 
 #[test]
@@ -91,21 +91,21 @@ fn errors_name_the_field_path() {
     for want in [
         "trusted_proxies[1]: invalid CIDR",
         "upstreams.broken.url: invalid upstream URL",
-        "routes[8].upstream: no upstream named \"nonexistent\"",
-        "routes[8].upstream_path: uses {other}",
-        "routes[8].methods[0]: invalid HTTP method \"get\"",
+        "routes[9].upstream: no upstream named \"nonexistent\"",
+        "routes[9].upstream_path: uses {other}",
+        "routes[9].methods[0]: invalid HTTP method \"get\"",
     ] {
         assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
     }
 
     // A template that does not parse is an error naming its field, never a route left out.
     let e = errors_of("[[routes]]\npath = \"/api/x/{id\"\nupstream = \"storage\"\n");
-    assert!(e.iter().any(|m| m.starts_with("routes[8].path:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("routes[9].path:")), "{e:?}");
     let e = errors_of(
         "[[routes]]\npath = \"/api/x/{id}\"\nupstream = \"storage\"\nupstream_path = \"/x/{id\"\n",
     );
     assert!(
-        e.iter().any(|m| m.starts_with("routes[8].upstream_path:")),
+        e.iter().any(|m| m.starts_with("routes[9].upstream_path:")),
         "{e:?}"
     );
 
@@ -161,14 +161,14 @@ fn errors_name_the_field_path() {
         "{e:?}"
     );
     let e = errors_of("[[routes]]\npath = \"/x/{a\"\nupstream = \"storage\"\n");
-    assert!(e[0].starts_with("routes[8].path"), "{e:?}");
+    assert!(e[0].starts_with("routes[9].path"), "{e:?}");
 }
 
 #[test]
 fn a_file_extends_or_replaces_the_default() {
     let cfg = Config::from_file(Path::new("tests/fixtures/config/valid_minimal.toml")).unwrap();
-    assert_eq!(cfg.routes.len(), 9);
-    assert_eq!(cfg.upstreams.len(), 4);
+    assert_eq!(cfg.routes.len(), 10);
+    assert_eq!(cfg.upstreams.len(), 5);
     let cfg = Config::from_file(Path::new("tests/fixtures/config/valid_standalone.toml")).unwrap();
     assert_eq!(cfg.routes.len(), 1);
     assert_eq!(cfg.upstreams.len(), 1);
@@ -177,7 +177,7 @@ fn a_file_extends_or_replaces_the_default() {
         "[[routes]]\npath = \"/api/data/products\"\nupstream = \"storage\"\nauth = true\n",
     )
     .unwrap();
-    assert_eq!(cfg.routes.len(), 8);
+    assert_eq!(cfg.routes.len(), 9);
     assert!(
         cfg.routes
             .iter()

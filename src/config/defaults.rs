@@ -13,6 +13,7 @@ pub fn upstreams() -> BTreeMap<String, UpstreamConfig> {
         ("auth", "http://auth:8001", 10),
         ("storage", "http://storage:8003", 10),
         ("analytics", "http://analytics:8004", 30),
+        ("socket", "http://socket:8002", 10),
     ]
     .into_iter()
     .map(|(name, url, secs)| {
@@ -157,6 +158,20 @@ pub fn routes() -> Vec<RouteConfig> {
             ..RouteConfig::default()
         },
     ];
+    routes.push(RouteConfig {
+        path: "/ws".into(),
+        kind: RouteKind::Websocket,
+        upstream: Some("socket".into()),
+        upstream_path: Some("/ws".into()),
+        // Upgrades are few and long-lived: a tight policy of their own.
+        rate_limit: vec!["ws".into()],
+        openapi: doc(
+            "Real-time",
+            "Live ticks over WebSocket: send {\"action\":\"subscribe\",\"products\":[...]}",
+            Vec::new(),
+        ),
+        ..RouteConfig::default()
+    });
     for r in &mut routes {
         r.cache = default_cache_ttl(&r.path)
             .map(|secs| RouteCachePolicy::new(std::time::Duration::from_secs(secs)));

@@ -29,7 +29,7 @@ pub use ratelimit::{
 pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind};
 pub use server::{
     AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, LimitsConfig, ServerConfig,
-    DEFAULT_STRIP_FROM_UNTRUSTED,
+    WebSocketConfig, DEFAULT_STRIP_FROM_UNTRUSTED,
 };
 pub use types::{join, ByteSize, Dur, FieldError};
 pub use upstream::{BalancerKind, BreakerConfig, EjectionConfig, RetryConfig, UpstreamConfig};
@@ -53,6 +53,8 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
     /// Which client headers cross to the upstreams.
     pub headers: HeadersConfig,
+    /// Limits of relayed WebSocket connections.
+    pub websocket: WebSocketConfig,
     /// The shared response cache's size limits.
     pub cache: CacheConfig,
     /// Rate-limit policies and the Redis backend (`REDIS_URL`).
@@ -177,6 +179,7 @@ impl Config {
             ("AUTH_SERVICE_URL", "auth"),
             ("STORAGE_SERVICE_URL", "storage"),
             ("ANALYTICS_SERVICE_URL", "analytics"),
+            ("SOCKET_SERVICE_URL", "socket"),
         ] {
             if let Some(url) = lookup(var).filter(|s| !s.is_empty()) {
                 match self.upstreams.get_mut(upstream) {
@@ -265,6 +268,24 @@ impl Config {
                 "limits.max_connections",
                 "must be at least 1",
             ));
+        }
+        let ws = &self.websocket;
+        for (field, zero) in [
+            ("websocket.max_connections", ws.max_connections == 0),
+            (
+                "websocket.max_connections_per_ip",
+                ws.max_connections_per_ip == 0,
+            ),
+            ("websocket.idle_timeout", ws.idle_timeout.0.is_zero()),
+            ("websocket.close_timeout", ws.close_timeout.0.is_zero()),
+            (
+                "websocket.max_lifetime",
+                ws.max_lifetime.is_some_and(|d| d.0.is_zero()),
+            ),
+        ] {
+            if zero {
+                errors.push(FieldError::new(field, "must be greater than 0"));
+            }
         }
         if self.limits.send_timeout.0.is_zero() {
             errors.push(FieldError::new(
@@ -413,6 +434,7 @@ impl Default for Config {
             errors: ErrorsConfig::default(),
             trusted_proxies: Vec::new(),
             headers: HeadersConfig::default(),
+            websocket: WebSocketConfig::default(),
             cache: CacheConfig::default(),
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),

@@ -63,7 +63,8 @@ impl Default for RateLimitConfig {
 }
 
 /// `default` guards the data and analytics routes; `auth` is much tighter because login and
-/// register are where credential stuffing happens.
+/// register are where credential stuffing happens. (`ws` and `auth_failures` are built in:
+/// see [`builtin_policy`].)
 pub fn default_policies() -> Vec<PolicyConfig> {
     vec![
         PolicyConfig {
@@ -83,9 +84,18 @@ pub fn default_policies() -> Vec<PolicyConfig> {
 
 /// Policies the gateway uses on its own account, present even when a config's
 /// `rate_limit.policies` does not list them; a policy of the same name overrides the built-in.
-/// `auth_failures`: failed token verifications per client IP (`auth.failure_policy`).
+/// `auth_failures`: failed token verifications per client IP (`auth.failure_policy`), 20 per
+/// minute; `ws`: WebSocket upgrades per client IP (each is a long-lived connection), 20 per
+/// minute. Built in rather than in the default list so that a config which lists its own
+/// policies keeps working with the embedded routes that use them.
 pub fn builtin_policy(name: &str) -> Option<PolicyConfig> {
     match name {
+        "ws" => Some(PolicyConfig {
+            name: name.to_string(),
+            limit: 20,
+            window: Dur::from_secs(60),
+            key: KeySource::Ip,
+        }),
         "auth_failures" => Some(PolicyConfig {
             name: name.to_string(),
             limit: 20,

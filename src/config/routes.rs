@@ -15,6 +15,9 @@ pub enum RouteKind {
     Proxy,
     /// Answer `{"user_id","email"}` from the verified token; no upstream call.
     UserMe,
+    /// Relay a WebSocket to the upstream: the edge's policies run at the handshake, then both
+    /// directions are relayed frame by frame (`[websocket]` limits).
+    Websocket,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -135,11 +138,25 @@ impl RouteConfig {
                 ));
             }
         }
+        if self.kind == RouteKind::Websocket {
+            if self.methods != ["GET"] {
+                errors.push(FieldError::new(
+                    join(path, "methods"),
+                    "a websocket route is GET only (the handshake)",
+                ));
+            }
+            if self.cache.is_some() {
+                errors.push(FieldError::new(
+                    join(path, "cache"),
+                    "a websocket route cannot be cached",
+                ));
+            }
+        }
         match self.kind {
-            RouteKind::Proxy => match &self.upstream {
+            RouteKind::Proxy | RouteKind::Websocket => match &self.upstream {
                 None => errors.push(FieldError::new(
                     join(path, "upstream"),
-                    "required for a proxy route",
+                    "required for proxy and websocket routes",
                 )),
                 Some(u) if !cfg.upstreams.contains_key(u) => errors.push(FieldError::new(
                     join(path, "upstream"),
@@ -168,7 +185,9 @@ impl RouteConfig {
             }
         }
         for (i, name) in self.rate_limit.iter().enumerate() {
-            if !cfg.rate_limit.policies.iter().any(|p| p.name == *name) {
+            if !cfg.rate_limit.policies.iter().any(|p| p.name == *name)
+                && super::ratelimit::builtin_policy(name).is_none()
+            {
                 errors.push(FieldError::new(
                     format!("{path}.rate_limit[{i}]"),
                     format!(

@@ -1,5 +1,5 @@
 //! The listener-side sections: `[server]`, `[admin]`, `[cors]`, `[limits]`, `[headers]`,
-//! `[errors]`.
+//! `[errors]`, `[websocket]`.
 
 use std::net::IpAddr;
 
@@ -164,6 +164,37 @@ impl Default for ErrorsConfig {
     fn default() -> Self {
         ErrorsConfig {
             timeout_status: 503,
+        }
+    }
+}
+
+/// `[websocket]`: limits of the relayed WebSocket connections (routes with
+/// `kind = "websocket"`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Open WebSocket connections at most, all routes together; upgrades beyond get 429.
+    pub max_connections: usize,
+    /// Open WebSocket connections per client IP at most; upgrades beyond get 429.
+    pub max_connections_per_ip: usize,
+    /// A client that sends nothing (not even a pong) this long is closed with 1001; it is
+    /// pinged after half of it, so a live but quiet client stays.
+    pub idle_timeout: Dur,
+    /// Connections are closed (1001) after this long, so long-lived clients rebalance over
+    /// new instances and replicas; unset: no limit.
+    pub max_lifetime: Option<Dur>,
+    /// How long a close handshake may take before the connections are dropped.
+    pub close_timeout: Dur,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
+            idle_timeout: Dur::from_secs(60),
+            max_lifetime: None,
+            close_timeout: Dur::from_secs(1),
         }
     }
 }

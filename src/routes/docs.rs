@@ -84,7 +84,9 @@ pub fn openapi(cfg: &Config) -> Value {
             }));
         }
         let mut responses = Map::new();
-        let ok = if route.kind == RouteKind::UserMe {
+        let ok = if route.kind == RouteKind::Websocket {
+            json!({"description": "Switching Protocols: the WebSocket is relayed to the upstream"})
+        } else if route.kind == RouteKind::UserMe {
             json!({
                 "description": "The authenticated user",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}
@@ -95,7 +97,17 @@ pub fn openapi(cfg: &Config) -> Value {
                 "content": {"application/json": {"schema": {}}}
             })
         };
-        let ok_status = if route.path.ends_with("/register") {
+        let ok_status = if route.kind == RouteKind::Websocket {
+            responses.insert(
+                "403".into(),
+                error_response("Origin not among the CORS origins"),
+            );
+            responses.insert(
+                "426".into(),
+                error_response("Not a WebSocket upgrade (Sec-WebSocket-Version 13)"),
+            );
+            "101"
+        } else if route.path.ends_with("/register") {
             "201"
         } else {
             "200"

@@ -15,6 +15,7 @@ pub mod headers;
 pub mod proxy;
 pub mod table;
 pub mod template;
+pub mod websocket;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -102,6 +103,10 @@ pub struct AppState {
     pub openapi: Bytes,
     /// `/health`'s body, rendered once.
     pub health: Bytes,
+    /// Open WebSocket connections, counted against the `[websocket]` limits.
+    pub ws_connections: Arc<websocket::WsConnections>,
+    /// Becomes `true` at shutdown: WebSocket relays close their connections with 1001.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -214,11 +219,21 @@ async fn phases<'a>(
     let (mut parts, body) = req.into_parts();
     let (route, params) = match_route(app, &parts.method, uri.path(), ctx)?;
     check_request(&parts, &params)?;
+    // The handshake's own checks come before identity: a browser's token may be in the
+    // WebSocket protocol list or the query.
+    let handshake = match route.kind {
+        RouteKind::Websocket => Some(websocket::prepare(app, &mut parts)?),
+        RouteKind::Proxy | RouteKind::UserMe => None,
+    };
     identity(app, &mut parts.headers, ctx).await?;
     rate_limit(app, &parts.headers, ctx).await?;
-    match route.kind {
-        RouteKind::UserMe => user_me(ctx),
-        RouteKind::Proxy => proxy::forward(app, ctx, route, &params, parts, body).await,
+    match (route.kind, handshake) {
+        (RouteKind::UserMe, _) => user_me(ctx),
+        (RouteKind::Proxy, _) => proxy::forward(app, ctx, route, &params, parts, body).await,
+        (RouteKind::Websocket, Some(handshake)) => {
+            websocket::connect(app, ctx, route, &params, parts, handshake).await
+        }
+        (RouteKind::Websocket, None) => Err(GatewayError::Internal),
     }
 }
 

@@ -165,8 +165,10 @@ impl RouteTable {
         // Up to 8 segments on the stack; longer paths cannot match any route anyway.
         let mut segs: [&str; 8] = [""; 8];
         let mut n = 0;
+        let mut versioned = false;
         for (i, s) in rest.split('/').enumerate() {
             if i == 1 && s == "v1" && segs[0] == "api" {
+                versioned = true;
                 continue;
             }
             if n == segs.len() {
@@ -175,7 +177,16 @@ impl RouteTable {
             segs[n] = s;
             n += 1;
         }
-        let segs = &segs[..n];
+        match self.find_segments(method, &segs[..n]) {
+            // `/api/v1/ws` serves a route outside `/api` (`/ws`) too.
+            RouteMatch::NotFound if versioned && segs.get(1) != Some(&"api") => {
+                self.find_segments(method, &segs[1..n])
+            }
+            found => found,
+        }
+    }
+
+    fn find_segments<'t, 'p>(&'t self, method: &Method, segs: &[&'p str]) -> RouteMatch<'t, 'p> {
         let mut wrong_method = None;
         for route in &self.routes {
             if let Some(params) = route.template.matches(segs) {
@@ -199,9 +210,11 @@ fn templates(r: &RouteConfig, at: &str) -> Result<(Template, Option<Template>), 
         .map_err(|e| errors.push(FieldError::new(join(at, "path"), e)))
         .ok();
     let upstream_template = match r.kind {
-        RouteKind::Proxy => parse_template(r.upstream_path.as_deref().unwrap_or(&r.path))
-            .map_err(|e| errors.push(FieldError::new(join(at, "upstream_path"), e)))
-            .ok(),
+        RouteKind::Proxy | RouteKind::Websocket => {
+            parse_template(r.upstream_path.as_deref().unwrap_or(&r.path))
+                .map_err(|e| errors.push(FieldError::new(join(at, "upstream_path"), e)))
+                .ok()
+        }
         RouteKind::UserMe => None,
     };
     if let (Some(t), Some(up)) = (&template, &upstream_template) {
@@ -256,6 +269,21 @@ mod tests {
         ));
         assert!(matches!(
             t.find(&Method::GET, "/api/v2/data/products"),
+            RouteMatch::NotFound
+        ));
+        // A route outside /api is served under /api/v1 too, and only there.
+        for path in ["/ws", "/api/v1/ws"] {
+            assert!(
+                matches!(t.find(&Method::GET, path), RouteMatch::Found { .. }),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            t.find(&Method::GET, "/api/ws"),
+            RouteMatch::NotFound
+        ));
+        assert!(matches!(
+            t.find(&Method::GET, "/api/v1/api/data/products"),
             RouteMatch::NotFound
         ));
         assert!(matches!(

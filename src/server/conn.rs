@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
@@ -270,23 +269,32 @@ pub async fn serve<S, B>(
                 .header_read_timeout(settings.header_read_timeout)
                 .max_buf_size(settings.max_header_bytes)
                 .max_header_size(settings.max_header_bytes)
-                .serve_connection(io, service);
-            drive(conn, &activity, &settings, &mut shutdown, &shed).await;
+                .serve_connection(io, service)
+                // WebSocket routes answer 101 and take the connection over (the relay).
+                .with_upgrades();
+            let close = |c: Pin<&mut _>| {
+                hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
+            };
+            drive(conn, close, &activity, &settings, &mut shutdown, &shed).await;
         }
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(io, service);
-            drive(conn, &activity, &settings, &mut shutdown, &shed).await;
+            let close =
+                |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
+            drive(conn, close, &activity, &settings, &mut shutdown, &shed).await;
         }
     }
 }
 
-/// Runs the connection; asks it to close gracefully on shutdown, idleness or shedding, and
-/// drops it if the graceful close takes longer than `close_grace`.
-async fn drive<C: GracefulConnection>(
+/// Runs the connection; asks it to close gracefully (`close`) on shutdown, idleness or
+/// shedding, and drops it if the graceful close takes longer than `close_grace`. An upgraded
+/// HTTP/1 connection ends here as far as this loop is concerned: the relay owns it.
+async fn drive<C: std::future::Future>(
     conn: C,
+    close: impl FnOnce(Pin<&mut C>),
     activity: &Activity,
     settings: &ConnSettings,
     shutdown: &mut watch::Receiver<bool>,
@@ -300,7 +308,7 @@ async fn drive<C: GracefulConnection>(
         _ = shed_requested(shed, activity) => {}
         _ = write_stalled(activity, settings.send_timeout) => return stalled(settings),
     }
-    conn.as_mut().graceful_shutdown();
+    close(conn.as_mut());
     tokio::select! {
         _ = tokio::time::timeout(settings.close_grace, conn) => {}
         _ = write_stalled(activity, settings.send_timeout) => stalled(settings),
