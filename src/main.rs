@@ -103,7 +103,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            run(deltastream_gateway::server::serve(cfg))
+            let source = deltastream_gateway::server::ConfigSource {
+                file: cli.config.clone(),
+                env: true,
+            };
+            run(deltastream_gateway::server::serve(cfg, source))
         }
         Command::Demo {
             port,
@@ -302,6 +306,12 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match load_checked(Some(file)) {
         Ok(cfg) => {
+            // Worth knowing, not worth refusing (an expired certificate: see the README).
+            if let Ok(warnings) = deltastream_gateway::server::check_with_warnings(&cfg) {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
             // A reader that stops early (`check-config FILE | head`) is not an error of ours;
             // println! would panic on the broken pipe.
             use std::io::Write;

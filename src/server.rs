@@ -1,4 +1,5 @@
-//! Listeners (public + admin), the connection loop, and graceful shutdown.
+//! Listeners (public, optionally TLS, an optional http->https redirect, admin), the
+//! connection loop, graceful shutdown, and the live configuration a reload swaps (`reload`).
 //!
 //! The public listener runs its own accept loop on hyper-util rather than `axum::serve`
 //! because three protections live at the connection level: a header-read timeout
@@ -23,41 +24,71 @@ use crate::routes::table::RouteTable;
 use crate::routes::{self, AppState, UpstreamRuntime};
 use crate::upstream::Pipeline;
 
+pub mod admin;
 mod conn;
 mod cors;
 pub mod memory;
+pub mod reload;
+pub mod tls;
+
+pub use reload::{ConfigSource, Gateway, ReloadError, ReloadReport};
 
 /// Everything `serve` refuses a configuration for, all at once and without binding or
-/// connecting anything: the config's own validation and the route templates.
+/// connecting anything: the config's own validation, the route templates and the TLS files.
 pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
+    check_with_warnings(cfg).map(|_| ())
+}
+
+/// [`check`], and what is worth a warning but does not stop the gateway (an expired
+/// certificate: clients refuse it, but an operator may be replacing it).
+pub fn check_with_warnings(cfg: &Config) -> Result<Vec<String>, ConfigErrors> {
     let mut errors = cfg.validate().err().map(|e| e.0).unwrap_or_default();
     if let Err(mut e) = RouteTable::check(cfg) {
         errors.append(&mut e.0);
     }
+    let mut warnings = Vec::new();
+    if let Some(t) = &cfg.server.tls {
+        match tls::load(t) {
+            Ok(cert) => warnings.extend(cert.expiry_warning()),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
     if errors.is_empty() {
-        Ok(())
+        Ok(warnings)
     } else {
         Err(ConfigErrors(errors))
     }
 }
 
 /// Builds the shared state from a validated config; `shutdown` turns `true` when the
-/// gateway stops (WebSocket relays watch it).
+/// gateway stops (WebSocket relays watch it). With the `previous` state (a reload), what did
+/// not change is kept: the pipelines of unchanged upstreams (breaker state, pools,
+/// instances), the limiter, the verifier and the cache when their sections are the same,
+/// and the open WebSocket count.
 pub async fn build_state(
     cfg: Config,
     shutdown: watch::Receiver<bool>,
+    previous: Option<&AppState>,
 ) -> Result<Arc<AppState>, String> {
     let timeout_status =
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
     for (name, u) in &cfg.upstreams {
+        let unchanged = previous.and_then(|p| {
+            let i = p.upstream_index(name)?;
+            (p.config.upstreams.get(name) == Some(u)).then(|| p.upstreams[i].pipeline.clone())
+        });
+        let pipeline = match unchanged {
+            Some(p) => p,
+            None => Arc::new(Pipeline::new(name, u)?),
+        };
         upstreams.push(UpstreamRuntime {
             name: Arc::from(name.as_str()),
             base_url: u.primary_url().trim_end_matches('/').to_string(),
             base: crate::routes::proxy::parse_base(u.primary_url()),
             message: Arc::from(u.unavailable_message(name)),
             timeout_status,
-            pipeline: Arc::new(Pipeline::new(name, u)?),
+            pipeline,
         });
     }
     // Token verification is a call to the auth upstream like any other: its pipeline.
@@ -65,7 +96,22 @@ pub async fn build_state(
         .iter()
         .find(|u| *u.name == *cfg.auth.upstream)
         .map(|u| (u.pipeline.clone(), u.base_url.as_str()));
-    let verifier = TokenVerifier::new(&cfg.auth, auth_upstream)?;
+    let same_auth_pipeline = |p: &AppState| {
+        let old = p
+            .upstreams
+            .iter()
+            .find(|u| *u.name == *p.config.auth.upstream)
+            .map(|u| &u.pipeline);
+        match (old, &auth_upstream) {
+            (Some(a), Some((b, _))) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    };
+    let verifier = match previous.filter(|p| p.config.auth == cfg.auth && same_auth_pipeline(p)) {
+        Some(p) => p.verifier.clone(),
+        None => Arc::new(TokenVerifier::new(&cfg.auth, auth_upstream)?),
+    };
     let failure_policy = Some(cfg.auth.failure_policy.as_str()).filter(|p| !p.is_empty());
     // Built-in policies (`ws`, `auth_failures`) join the configured ones when something uses
     // them and the config does not define its own.
@@ -74,11 +120,23 @@ pub async fn build_state(
         .iter()
         .flat_map(|r| r.rate_limit.iter().map(String::as_str))
         .chain(failure_policy);
-    let limiter = crate::ratelimit::RateLimiter::new(&cfg.rate_limit.with_builtins(wanted)).await;
-    let auth_guard = crate::auth::guard::FailureGuard::new(
-        failure_policy.and_then(|p| limiter.policy(p)),
-        crate::config::ratelimit::MAX_WINDOW,
-    );
+    let effective = cfg.rate_limit.with_builtins(wanted);
+    let (limiter, auth_guard) =
+        match previous.filter(|p| p.rate_limit == effective && p.config.auth == cfg.auth) {
+            Some(p) => (p.limiter.clone(), p.auth_guard.clone()),
+            None => {
+                let limiter = crate::ratelimit::RateLimiter::new(&effective).await;
+                let guard = Arc::new(crate::auth::guard::FailureGuard::new(
+                    failure_policy.and_then(|p| limiter.policy(p)),
+                    crate::config::ratelimit::MAX_WINDOW,
+                ));
+                (limiter, guard)
+            }
+        };
+    let cache = match previous.filter(|p| p.config.cache == cfg.cache) {
+        Some(p) => p.cache.clone(),
+        None => crate::upstream::cache::ResponseCache::new(&cfg.cache),
+    };
     let table = RouteTable::build(
         &cfg,
         |n| upstreams.iter().position(|u| &*u.name == n),
@@ -97,7 +155,8 @@ pub async fn build_state(
         verifier,
         auth_guard,
         limiter,
-        cache: crate::upstream::cache::ResponseCache::new(&cfg.cache),
+        cache,
+        rate_limit: effective,
         max_body: cfg.limits.max_body.0,
         trusted_proxies: cfg
             .trusted_proxies
@@ -106,7 +165,9 @@ pub async fn build_state(
             .collect(),
         header_policy: crate::routes::headers::HeaderPolicy::new(&cfg.headers.strip_from_untrusted),
         openapi: Bytes::from(openapi),
-        ws_connections: Arc::default(),
+        ws_connections: previous
+            .map(|p| p.ws_connections.clone())
+            .unwrap_or_default(),
         shutdown,
         health: Bytes::from(health),
         config: cfg,
@@ -117,7 +178,10 @@ pub async fn build_state(
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub state: Arc<AppState>,
+    /// The plain listener that redirects to https, with `[server.redirect_http]`.
+    pub redirect_addr: Option<SocketAddr>,
+    /// The live configuration: the current state, and reloads.
+    pub gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -129,14 +193,45 @@ impl Running {
         let _ = self.task.await;
     }
 
+    /// `http://` or `https://` address of the public listener.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.gateway.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The state requests use now.
+    pub fn state(&self) -> Arc<AppState> {
+        self.gateway.current()
     }
 }
 
-/// Starts the gateway on already-bound listeners (tests bind 127.0.0.1:0).
+/// Starts the gateway on already-bound listeners (tests bind 127.0.0.1:0), with no source to
+/// reload from (see [`start_with_source`]).
 pub async fn start(
     cfg: Config,
+    public: TcpListener,
+    admin: TcpListener,
+) -> Result<Running, String> {
+    start_inner(cfg, None, public, admin).await
+}
+
+/// [`start`], reloading from `source` on SIGHUP, `POST /admin/reload` or a file change.
+pub async fn start_with_source(
+    cfg: Config,
+    source: ConfigSource,
+    public: TcpListener,
+    admin: TcpListener,
+) -> Result<Running, String> {
+    start_inner(cfg, Some(source), public, admin).await
+}
+
+async fn start_inner(
+    cfg: Config,
+    source: Option<ConfigSource>,
     public: TcpListener,
     admin: TcpListener,
 ) -> Result<Running, String> {
@@ -144,12 +239,41 @@ pub async fn start(
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-    let limits = cfg.limits.clone();
+    let max_connections = cfg.limits.max_connections;
     let grace = cfg.server.shutdown_grace.0;
+    let watch_config = cfg.server.watch_config;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
+    // TLS: the certificate (a reload may replace it) and the acceptor built on it.
+    let (certs, acceptor) = match &cfg.server.tls {
+        Some(t) => {
+            let cert = tls::load(t).map_err(|e| ConfigErrors(e).to_string())?;
+            if let Some(warning) = cert.expiry_warning() {
+                tracing::warn!("{warning}");
+            }
+            let store = tls::CertStore::new(&cert);
+            let config = tls::server_config(t, store.clone())?;
+            (Some(store), Some(tokio_rustls::TlsAcceptor::from(config)))
+        }
+        None => (None, None),
+    };
+    let redirect = match &cfg.server.redirect_http {
+        Some(r) => Some(
+            TcpListener::bind((cfg.server.host, r.port))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot listen on {}:{} (redirect_http): {e}",
+                        cfg.server.host, r.port
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let redirect_addr = redirect.as_ref().and_then(|l| l.local_addr().ok());
     let (tx, rx) = watch::channel(false);
-    let state = build_state(cfg, rx.clone()).await?;
-    let admin_router = routes::admin::router(state.clone());
+    let state = build_state(cfg, rx.clone(), None).await?;
+    let gateway = Arc::new(Gateway::new(state, source, certs, rx.clone()));
+    let admin_router = admin::router(gateway.clone());
 
     let mut admin_rx = rx.clone();
     let admin_task = tokio::spawn(async move {
@@ -159,41 +283,108 @@ pub async fn start(
             })
             .await;
     });
-    let app = state.clone();
+    if let Some(listener) = redirect {
+        tokio::spawn(redirect_loop(listener, addr.port(), rx.clone()));
+    }
+    if watch_config {
+        tokio::spawn(watch_file(gateway.clone(), rx.clone()));
+    }
+    let gw = gateway.clone();
     let task = tokio::spawn(async move {
-        accept_loop(public, app, limits, grace, rx).await;
+        accept_loop(public, gw, acceptor, max_connections, grace, rx).await;
         let _ = admin_task.await;
     });
     Ok(Running {
         addr,
         admin_addr,
-        state,
+        redirect_addr,
+        gateway,
         shutdown: tx,
         task,
     })
 }
 
+/// `[server.redirect_http]`: every request gets 308 to the same path on https (the host the
+/// client named, the public listener's port).
+async fn redirect_loop(
+    listener: TcpListener,
+    https_port: u16,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| async move {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string())
+            .filter(|h| !h.is_empty() && !h.contains(['/', '@', '\\']))
+            .unwrap_or_else(|| "localhost".into());
+        let port = if https_port == 443 {
+            String::new()
+        } else {
+            format!(":{https_port}")
+        };
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        let location = format!("https://{host}{port}{target}");
+        let mut resp = http::Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        if let Ok(v) = http::HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        resp
+    });
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
+/// `[server] watch_config`: reloads when the configuration file's modification time or size
+/// changes (polled every second: no inotify dependency, and it works on bind mounts).
+async fn watch_file(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    let Some(path) = gateway.source_file().cloned() else {
+        tracing::warn!("watch_config is set but there is no --config file to watch");
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let now = stamp(&path);
+        if now != last && now.is_some() {
+            last = now;
+            tracing::info!(file = %path.display(), "configuration file changed; reloading");
+            let _ = gateway.reload().await;
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    app: Arc<AppState>,
-    limits: crate::config::LimitsConfig,
+    gateway: Arc<Gateway>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
     grace: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let settings = conn::ConnSettings {
-        header_read_timeout: limits.header_read_timeout.0,
-        max_header_bytes: limits.max_header_bytes.0 as usize,
-        idle_timeout: limits.idle_timeout.0,
-        send_timeout: limits.send_timeout.0,
-        close_grace: grace,
-    };
     // The public application, outermost first: the access layer (request id, panic guard,
     // metrics, the log line: outermost so even CORS preflights and panics get a request id
-    // and a log line) -> CORS (`cors`: header values computed once) -> the generic handler.
-    // Composed by hand, not with axum's `Router` + `from_fn`: with one fallback handler those
-    // only added a route lookup, a boxed service and boxed futures per request.
-    let cors = Arc::new(cors::Cors::new(&app.config.cors));
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // and a log line) -> CORS (header values computed once per configuration) -> the
+    // generic handler. Composed by hand, not with axum's `Router` + `from_fn`: with one
+    // fallback handler those only added a route lookup, a boxed service and boxed futures per
+    // request. Each request takes the live configuration once and finishes on it.
+    let slots = Arc::new(Semaphore::new(max_connections));
     // Asks idle connections to close when a client is waiting for a slot.
     let shed = Arc::new(Notify::new());
     loop {
@@ -229,26 +420,25 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let cors = cors.clone();
+        let settings = gateway.live_full().conn.clone();
+        let gw = gateway.clone();
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let app = app.clone();
-            let cors = cors.clone();
+            let live = gw.live_full();
             async move {
                 let req = req.map(Body::new);
                 let resp = access(Some(peer), req, |req, rid| async move {
                     // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
                     if req.method() == http::Method::OPTIONS {
-                        return (cors.preflight(req.headers()), RouteInfo::default());
+                        return (live.cors.preflight(req.headers()), RouteInfo::default());
                     }
-                    let origin = cors.allowed_origin(req.headers());
+                    let origin = live.cors.allowed_origin(req.headers());
                     // Not boxed: hyper keeps each connection's in-flight future in one box
                     // of its own, reused request after request. The handler's future is
                     // ~4.5 KB since the big parts (the upstream call, token verification)
                     // are boxed where they are awaited; boxing it whole here cost every
                     // request, cache hits included, an 11.8 KB allocation and copy.
-                    let (mut resp, info) = routes::handle(app, req, rid, peer).await;
-                    cors.apply(origin, resp.headers_mut());
+                    let (mut resp, info) = routes::handle(live.app.clone(), req, rid, peer).await;
+                    live.cors.apply(origin, resp.headers_mut());
                     (resp, info)
                 })
                 .await;
@@ -258,7 +448,8 @@ async fn accept_loop(
         let conn = conn::serve(
             stream,
             svc,
-            settings.clone(),
+            settings,
+            tls.clone(),
             shutdown.clone(),
             shed.clone(),
         );
@@ -269,7 +460,7 @@ async fn accept_loop(
     }
     drop(listener);
     // Every connection holds a slot until it is closed: having them all back means drained.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout(grace, slots.acquire_many(all))
         .await
         .is_err()
@@ -281,6 +472,7 @@ async fn accept_loop(
     }
     // Upgraded connections left the accept loop's count: their relays close them (1001)
     // when told to stop, within their close timeout; wait for that, within the grace.
+    let app = gateway.current();
     let deadline = tokio::time::Instant::now() + grace;
     while app.ws_connections.open() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -314,8 +506,9 @@ pub async fn signal() {
     }
 }
 
-/// `serve`: binds from the config, runs until a signal, drains, returns.
-pub async fn serve(cfg: Config) -> Result<(), String> {
+/// `serve`: binds from the config, runs until SIGTERM/SIGINT, drains, returns; SIGHUP
+/// reloads the configuration from `source`.
+pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
     let public = TcpListener::bind((cfg.server.host, cfg.server.port))
         .await
         .map_err(|e| {
@@ -332,8 +525,23 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
                 cfg.admin.host, cfg.admin.port
             )
         })?;
-    let running = start(cfg, public, admin).await?;
-    tracing::info!(addr = %running.addr, admin = %running.admin_addr, "gateway listening");
+    let running = start_with_source(cfg, source, public, admin).await?;
+    tracing::info!(addr = %running.addr, admin = %running.admin_addr, tls = running.gateway.certs.is_some(), "gateway listening");
+    #[cfg(unix)]
+    {
+        let gateway = running.gateway.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = gateway.reload().await;
+            }
+        });
+    }
     signal().await;
     tracing::info!("shutdown signal received; draining in-flight requests");
     running.shutdown().await;

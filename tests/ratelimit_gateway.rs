@@ -190,7 +190,8 @@ async fn redis_dying_mid_run_never_yields_5xx_and_the_shared_limit_resumes() {
     let mut resumed = false;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if gw.state.limiter.backend_state() == deltastream_gateway::ratelimit::BackendState::Redis {
+        if gw.state().limiter.backend_state() == deltastream_gateway::ratelimit::BackendState::Redis
+        {
             resumed = true;
             break;
         }

@@ -28,8 +28,8 @@ pub use ratelimit::{
 };
 pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind};
 pub use server::{
-    AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, LimitsConfig, ServerConfig,
-    WebSocketConfig, DEFAULT_STRIP_FROM_UNTRUSTED,
+    AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, LimitsConfig, RedirectConfig,
+    ServerConfig, TlsConfig, WebSocketConfig, DEFAULT_STRIP_FROM_UNTRUSTED,
 };
 pub use types::{join, ByteSize, Dur, FieldError};
 pub use upstream::{BalancerKind, BreakerConfig, EjectionConfig, RetryConfig, UpstreamConfig};
@@ -268,6 +268,27 @@ impl Config {
                 "limits.max_connections",
                 "must be at least 1",
             ));
+        }
+        if let Some(tls) = &self.server.tls {
+            if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
+                errors.push(FieldError::new(
+                    "server.tls.min_version",
+                    format!("must be \"1.2\" or \"1.3\", got {:?}", tls.min_version),
+                ));
+            }
+        }
+        if let Some(redirect) = &self.server.redirect_http {
+            if self.server.tls.is_none() {
+                errors.push(FieldError::new(
+                    "server.redirect_http",
+                    "redirects to https need [server.tls]",
+                ));
+            } else if redirect.port == self.server.port && redirect.port != 0 {
+                errors.push(FieldError::new(
+                    "server.redirect_http.port",
+                    "must differ from server.port",
+                ));
+            }
         }
         let ws = &self.websocket;
         for (field, zero) in [

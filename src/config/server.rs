@@ -42,6 +42,14 @@ pub struct ServerConfig {
     /// How often freed heap is handed back to the kernel (glibc `malloc_trim`), so resident
     /// memory falls back after a burst; `0s` turns it off (see `server::memory`).
     pub memory_trim_interval: Dur,
+    /// Terminate TLS on the public listener (HTTP/2 and HTTP/1.1 by ALPN); absent: plain HTTP
+    /// (HTTP/2 with prior knowledge still works).
+    pub tls: Option<TlsConfig>,
+    /// Also listen for plain HTTP on this port and answer 308 to the https:// URL.
+    pub redirect_http: Option<RedirectConfig>,
+    /// Reload the configuration when the `--config` file changes (polled every second), as
+    /// SIGHUP and `POST /admin/reload` do.
+    pub watch_config: bool,
 }
 
 impl Default for ServerConfig {
@@ -51,8 +59,35 @@ impl Default for ServerConfig {
             port: 8000,
             shutdown_grace: Dur::from_secs(30),
             memory_trim_interval: Dur::from_secs(5),
+            tls: None,
+            redirect_http: None,
+            watch_config: false,
         }
     }
+}
+
+/// `[server.tls]`: the public listener's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the certificate first, then its chain.
+    pub cert_file: String,
+    /// PEM: the private key (PKCS#8, RSA or EC) matching the certificate.
+    pub key_file: String,
+    /// Lowest protocol version accepted: `"1.2"` or `"1.3"`.
+    #[serde(default = "default_min_tls")]
+    pub min_version: String,
+}
+
+fn default_min_tls() -> String {
+    "1.2".into()
+}
+
+/// `[server.redirect_http]`: a plain listener that only redirects to https.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{join, Dur, FieldError};
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Base URL; `http://` or `https://` (rustls), optionally with a path prefix. A host name

@@ -9,7 +9,6 @@
 //!
 //! Like pingora-proxy's `ProxyHttp` phases, but plain functions over one [`RequestCtx`].
 
-pub mod admin;
 pub mod docs;
 pub mod headers;
 pub mod proxy;
@@ -85,12 +84,16 @@ pub struct AppState {
     pub table: RouteTable,
     /// One per configured upstream; routes refer to them by index.
     pub upstreams: Vec<UpstreamRuntime>,
-    /// Verifies bearer tokens: remotely through the auth upstream's pipeline, or local JWTs.
-    pub verifier: TokenVerifier,
+    /// Verifies bearer tokens: remotely through the auth upstream's pipeline, or local JWTs
+    /// (kept across reloads that do not change `[auth]` or the auth upstream).
+    pub verifier: Arc<TokenVerifier>,
     /// Counts failed verifications per client and refuses clients over the policy.
-    pub auth_guard: FailureGuard,
+    pub auth_guard: Arc<FailureGuard>,
     /// Rate limits shared through Redis, with an in-process fallback.
     pub limiter: RateLimiter,
+    /// The limiter's settings, built-in policies included (a reload keeps the limiter when
+    /// they are the same).
+    pub rate_limit: crate::config::RateLimitConfig,
     /// The shared response cache (routes opt in).
     pub cache: ResponseCache,
     /// Request bodies larger than this are refused (413) before any upstream call.

@@ -53,6 +53,20 @@ pub struct ConnSettings {
 /// `Activity::write_blocked_ms` when no write is waiting for the client.
 const NOT_BLOCKED: u64 = u64::MAX;
 
+impl ConnSettings {
+    /// The connection limits of a configuration (`[limits]`; the close grace is the
+    /// shutdown grace).
+    pub fn from_config(cfg: &crate::config::Config) -> ConnSettings {
+        ConnSettings {
+            header_read_timeout: cfg.limits.header_read_timeout.0,
+            max_header_bytes: cfg.limits.max_header_bytes.0 as usize,
+            idle_timeout: cfg.limits.idle_timeout.0,
+            send_timeout: cfg.limits.send_timeout.0,
+            close_grace: cfg.server.shutdown_grace.0,
+        }
+    }
+}
+
 /// When the connection last moved a byte, and since when a write has been waiting for the
 /// client to read, in milliseconds since `epoch`.
 struct Activity {
@@ -108,14 +122,14 @@ impl Activity {
 
 pin_project_lite::pin_project! {
     /// The socket, noting every read and write in `activity`.
-    struct Tracked {
+    struct Tracked<S> {
         #[pin]
-        inner: TcpStream,
+        inner: S,
         activity: Arc<Activity>,
     }
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead> AsyncRead for Tracked<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -131,7 +145,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -231,11 +245,13 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes: over TLS when `tls` is set (HTTP/2 or
+/// HTTP/1.1 by ALPN), else plain (HTTP/2 with prior knowledge, or HTTP/1.1).
 pub async fn serve<S, B>(
     stream: TcpStream,
     service: S,
     settings: ConnSettings,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     shed: Arc<Notify>,
 ) where
@@ -250,18 +266,119 @@ pub async fn serve<S, B>(
 {
     let activity = Activity::new();
     let deadline = Instant::now() + settings.header_read_timeout;
-    let protocol = tokio::select! {
-        p = sniff(&stream, deadline) => p,
+    let Some(tls) = tls else {
+        let protocol = tokio::select! {
+            p = sniff(&stream, deadline) => p,
+            _ = shed_requested(&shed, &activity) => None,
+            _ = stopped(&mut shutdown) => None,
+        };
+        let Some(protocol) = protocol else {
+            return;
+        };
+        let io = Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        return run(
+            io,
+            protocol,
+            service,
+            &activity,
+            &settings,
+            &mut shutdown,
+            &shed,
+        )
+        .await;
+    };
+    // The handshake counts against the header-read deadline, like a slow request head.
+    let accepted = tokio::select! {
+        a = tls_accept(stream, &tls, deadline) => a,
         _ = shed_requested(&shed, &activity) => None,
         _ = stopped(&mut shutdown) => None,
     };
-    let Some(protocol) = protocol else {
+    let Some(stream) = accepted else {
         return;
     };
-    let io = TokioIo::new(Tracked {
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    let io = Tracked {
         inner: stream,
         activity: activity.clone(),
-    });
+    };
+    run(
+        io,
+        protocol,
+        service,
+        &activity,
+        &settings,
+        &mut shutdown,
+        &shed,
+    )
+    .await
+}
+
+/// What a plain-HTTP client gets on the TLS port: a readable refusal instead of a dropped
+/// connection (its bytes are not a TLS handshake).
+const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 94\r\n\r\n{\"error\":\"This port speaks HTTPS: plain HTTP was sent\",\"reason\":\"bad_request\",\"request_id\":\"\"}";
+
+/// The TLS handshake, within `deadline`; `None` when the client sent something else (it is
+/// told so if it looks like plain HTTP), failed the handshake, or was too slow.
+async fn tls_accept(
+    stream: TcpStream,
+    tls: &tokio_rustls::TlsAcceptor,
+    deadline: Instant,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout_at(deadline, stream.peek(&mut first))
+        .await
+        .ok()?
+        .ok()?;
+    // A TLS record starts with 0x16 (handshake); an HTTP/1 request with a method's letter.
+    if n == 1 && first[0] != 0x16 {
+        if first[0].is_ascii_uppercase() {
+            let mut stream = stream;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                use tokio::io::AsyncWriteExt;
+                let _ = stream.write_all(PLAIN_ON_TLS).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+        }
+        return None;
+    }
+    match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Serves `io` with `protocol` until the connection closes.
+async fn run<I, S, B>(
+    io: I,
+    protocol: Protocol,
+    service: S,
+    activity: &Activity,
+    settings: &ConnSettings,
+    shutdown: &mut watch::Receiver<bool>,
+    shed: &Notify,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = TokioIo::new(io);
     match protocol {
         Protocol::Http1 => {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -275,7 +392,7 @@ pub async fn serve<S, B>(
             let close = |c: Pin<&mut _>| {
                 hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
             };
-            drive(conn, close, &activity, &settings, &mut shutdown, &shed).await;
+            drive(conn, close, activity, settings, shutdown, shed).await;
         }
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -284,7 +401,7 @@ pub async fn serve<S, B>(
                 .serve_connection(io, service);
             let close =
                 |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
-            drive(conn, close, &activity, &settings, &mut shutdown, &shed).await;
+            drive(conn, close, activity, settings, shutdown, shed).await;
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The admin listener (loopback by default): readiness, Prometheus metrics and operator
-//! actions. Kept off the public listener so clients cannot read internals or reset state.
+//! actions (breakers, cache, configuration reload). Kept off the public listener so clients
+//! cannot read internals, reset state or reload.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,9 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
-use super::AppState;
+use super::reload::{Gateway, ReloadError};
 
-pub fn router(app: Arc<AppState>) -> Router {
+pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -22,7 +23,37 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/admin/upstreams", get(upstreams))
         .route("/admin/breakers/{upstream}/reset", post(reset_breaker))
         .route("/admin/cache", delete(purge_cache))
-        .with_state(app)
+        .route("/admin/reload", post(reload))
+        .route("/admin/config", get(config))
+        .with_state(gateway)
+}
+
+/// Reloads the configuration from its source (the `--config` file and the environment):
+/// 200 with what changed and what needs a restart, or 400 with the field errors (the running
+/// configuration stays).
+async fn reload(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.reload().await {
+        Ok(report) => Json(report).into_response(),
+        Err(ReloadError::Invalid(errors)) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({
+                "result": "rejected",
+                "reason": "invalid_configuration",
+                "errors": errors.0.iter().map(|e| json!({"field": e.path, "message": e.message})).collect::<Vec<_>>(),
+            })),
+        )
+            .into_response(),
+        Err(ReloadError::Failed(message)) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reload_failed",
+            message,
+        ),
+    }
+}
+
+/// The configuration in effect (secrets redacted), when it was loaded, its hash and source.
+async fn config(State(gw): State<Arc<Gateway>>) -> Response {
+    Json(gw.describe()).into_response()
 }
 
 /// TCP reachability of one upstream's host:port within `timeout`.
@@ -42,33 +73,43 @@ async fn reachable(url: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-/// 200 only when every upstream accepts connections; otherwise 503 with per-upstream detail.
-async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let checks = app.upstreams.iter().map(|u| async move {
-        (
-            u.name.clone(),
-            reachable(&u.base_url, Duration::from_secs(1)).await,
-        )
-    });
+/// Readiness: 200 while the gateway serves (it answers every route, with honest 503s for an
+/// upstream that is down), so one backend's outage never takes the gateway's replicas out of
+/// a load balancer; 503 once it is draining. The body says how each upstream looks: its
+/// primary address's TCP reachability, its breaker, its instances.
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    let app = gw.current();
+    let checks = app
+        .upstreams
+        .iter()
+        .map(|u| async move { (u, reachable(&u.base_url, Duration::from_secs(1)).await) });
     let results = futures_util::future::join_all(checks).await;
-    let all_ok = results.iter().all(|(_, r)| r.is_ok());
     let upstreams: serde_json::Map<String, serde_json::Value> = results
         .into_iter()
-        .map(|(name, r)| {
-            let v = match r {
+        .map(|(u, r)| {
+            let instances = u.pipeline.instances().snapshot();
+            let healthy = instances
+                .iter()
+                .filter(|i| i.state == crate::upstream::InstanceState::Healthy)
+                .count();
+            let mut v = match r {
                 Ok(()) => json!({"status": "up"}),
                 Err(e) => json!({"status": "down", "error": e}),
             };
-            (name.to_string(), v)
+            v["breaker"] = json!(u.pipeline.breaker().state());
+            v["instances"] = json!(instances.len());
+            v["healthy_instances"] = json!(healthy);
+            (u.name.to_string(), v)
         })
         .collect();
-    let status = if all_ok {
-        StatusCode::OK
-    } else {
+    let draining = *app.shutdown.borrow();
+    let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     };
     let body =
-        json!({"status": if all_ok { "ready" } else { "not_ready" }, "upstreams": upstreams});
+        json!({"status": if draining { "draining" } else { "ready" }, "upstreams": upstreams});
     (status, Json(body)).into_response()
 }
 
@@ -83,7 +124,8 @@ async fn metrics() -> Response {
 }
 
 /// Each upstream's breaker: state, counts, seconds until the next probe.
-async fn breakers(State(app): State<Arc<AppState>>) -> Response {
+async fn breakers(State(gw): State<Arc<Gateway>>) -> Response {
+    let app = gw.current();
     let list: Vec<_> = app
         .upstreams
         .iter()
@@ -94,7 +136,8 @@ async fn breakers(State(app): State<Arc<AppState>>) -> Response {
 
 /// Each upstream's instances: address, state (healthy / ejected / draining), how long an
 /// ejection or a 429/503 bias still lasts, calls in flight, peak-EWMA latency, counts.
-async fn upstreams(State(app): State<Arc<AppState>>) -> Response {
+async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
+    let app = gw.current();
     let list: Vec<_> = app
         .upstreams
         .iter()
@@ -115,7 +158,8 @@ fn admin_error(status: StatusCode, reason: &str, message: String) -> Response {
 }
 
 /// Closes one upstream's breaker (an operator who knows the upstream is back).
-async fn reset_breaker(State(app): State<Arc<AppState>>, Path(upstream): Path<String>) -> Response {
+async fn reset_breaker(State(gw): State<Arc<Gateway>>, Path(upstream): Path<String>) -> Response {
+    let app = gw.current();
     match app.upstreams.iter().find(|u| *u.name == *upstream) {
         Some(u) => {
             u.pipeline.breaker().reset();
@@ -137,7 +181,8 @@ struct PurgeQuery {
 }
 
 /// Purges the response cache, or one route's entries.
-async fn purge_cache(State(app): State<Arc<AppState>>, Query(q): Query<PurgeQuery>) -> Response {
+async fn purge_cache(State(gw): State<Arc<Gateway>>, Query(q): Query<PurgeQuery>) -> Response {
+    let app = gw.current();
     match q.route {
         Some(route) => {
             if !app.table.routes().iter().any(|r| *r.label == *route) {

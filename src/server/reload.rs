@@ -1,0 +1,358 @@
+//! The live configuration and its reload, without a restart.
+//!
+//! [`Gateway`] holds what every request reads first: the shared state (`AppState`), the CORS
+//! answers and the connection limits, swapped whole ([`arc_swap`]) by a reload. A request
+//! takes the state once and finishes on it, whatever reloads happen meanwhile.
+//!
+//! A reload (SIGHUP, `POST /admin/reload`, or the file watch) reads the whole configuration
+//! again (the `--config` file, or the embedded default, then the environment), checks it as
+//! `serve` would (validation, route templates, the TLS files), and only then swaps it in:
+//! - upstreams whose settings did not change keep their pipeline: breaker state, pools,
+//!   instances and statistics; changed ones get a new pipeline (calls in flight finish on
+//!   the old one);
+//! - the limiter, the token verifier and the response cache are kept when their sections did
+//!   not change; the cache drops the entries of routes that are gone;
+//! - a new TLS certificate is served to new handshakes; open connections keep theirs;
+//! - settings read once at start (listener addresses, TLS on or off, the connection cap,
+//!   `shutdown_grace`, `memory_trim_interval`, `watch_config`; worker threads come from the
+//!   environment) are named in the answer and the log and not applied.
+//!
+//! An invalid configuration changes nothing: the errors are logged, counted and answered.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::conn::ConnSettings;
+use super::cors::Cors;
+use super::tls::CertStore;
+use crate::config::{redact_url, Config, ConfigErrors};
+use crate::routes::AppState;
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSource {
+    /// The `--config` file; `None`: the embedded default.
+    pub file: Option<PathBuf>,
+    /// Apply the environment overrides (`PORT`, `*_SERVICE_URL`, ...), as `serve` does.
+    pub env: bool,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        let mut cfg = match &self.file {
+            Some(path) => Config::from_file(path)?,
+            None => Config::embedded(),
+        };
+        if self.env {
+            cfg.apply_env(|k| std::env::var(k).ok())?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// What every request reads first; replaced whole by a reload.
+pub(crate) struct Live {
+    pub(crate) app: Arc<AppState>,
+    /// CORS answers, computed once per configuration.
+    pub(crate) cors: Cors,
+    /// The connection limits new connections get.
+    pub(crate) conn: ConnSettings,
+    /// When this configuration was loaded.
+    loaded_at: SystemTime,
+    /// SHA-256 of the effective configuration (as JSON), the `gateway_config_info` label.
+    sha256: String,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The new configuration is invalid; the running one stays.
+    Invalid(ConfigErrors),
+    /// The new configuration is valid but could not be put in place (a backend could not be
+    /// built); the running one stays.
+    Failed(String),
+}
+
+/// What a reload did, as `POST /admin/reload` answers it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadReport {
+    pub result: &'static str,
+    pub sha256: String,
+    /// Top-level sections whose settings changed.
+    pub changed: Vec<String>,
+    /// Settings that changed but only take effect at the next start (not applied).
+    pub needs_restart: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The running gateway's configuration and state.
+pub struct Gateway {
+    live: ArcSwap<Live>,
+    /// Where a reload reads from; `None` (the demo, tests that start a `Config` directly):
+    /// a reload can only be given its configuration (`apply`).
+    source: Option<ConfigSource>,
+    /// The certificate the TLS listener serves, when there is one.
+    pub(crate) certs: Option<Arc<CertStore>>,
+    /// The settings the listeners were started with: a reload cannot change them.
+    started: Config,
+    shutdown: watch::Receiver<bool>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// SHA-256 of the configuration as JSON: the same configuration always has the same hash.
+fn fingerprint(cfg: &Config) -> String {
+    hex::encode(Sha256::digest(serde_json::to_vec(cfg).unwrap_or_default()))
+}
+
+fn report_info(old: Option<&str>, new: &str) {
+    if let Some(old) = old.filter(|o| *o != new) {
+        metrics::gauge!("gateway_config_info", "sha256" => old.to_string()).set(0.0);
+    }
+    metrics::gauge!("gateway_config_info", "sha256" => new.to_string()).set(1.0);
+}
+
+/// The settings only a restart applies that differ between `started` and `next`.
+fn restart_only(started: &Config, next: &Config) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut note = |field: &str, changed: bool| {
+        if changed {
+            fields.push(field.to_string());
+        }
+    };
+    note("server.host", started.server.host != next.server.host);
+    note("server.port", started.server.port != next.server.port);
+    note(
+        "server.tls (on/off)",
+        started.server.tls.is_some() != next.server.tls.is_some(),
+    );
+    note(
+        "server.tls.min_version",
+        started.server.tls.as_ref().map(|t| &t.min_version)
+            != next.server.tls.as_ref().map(|t| &t.min_version)
+            && started.server.tls.is_some()
+            && next.server.tls.is_some(),
+    );
+    note(
+        "server.redirect_http",
+        started.server.redirect_http != next.server.redirect_http,
+    );
+    note(
+        "server.shutdown_grace",
+        started.server.shutdown_grace != next.server.shutdown_grace,
+    );
+    note(
+        "server.memory_trim_interval",
+        started.server.memory_trim_interval != next.server.memory_trim_interval,
+    );
+    note(
+        "server.watch_config",
+        started.server.watch_config != next.server.watch_config,
+    );
+    note("admin.host", started.admin.host != next.admin.host);
+    note("admin.port", started.admin.port != next.admin.port);
+    note(
+        "limits.max_connections",
+        started.limits.max_connections != next.limits.max_connections,
+    );
+    fields
+}
+
+/// `next` with the restart-only settings put back to what is running, so the state built
+/// from it says what is in effect.
+fn keep_running(started: &Config, mut next: Config) -> Config {
+    next.server.host = started.server.host;
+    next.server.port = started.server.port;
+    if started.server.tls.is_none() || next.server.tls.is_none() {
+        next.server.tls = started.server.tls.clone();
+    } else if let (Some(s), Some(n)) = (&started.server.tls, next.server.tls.as_mut()) {
+        n.min_version = s.min_version.clone();
+    }
+    next.server.redirect_http = started.server.redirect_http.clone();
+    next.server.shutdown_grace = started.server.shutdown_grace;
+    next.server.memory_trim_interval = started.server.memory_trim_interval;
+    next.server.watch_config = started.server.watch_config;
+    next.admin = started.admin.clone();
+    next.limits.max_connections = started.limits.max_connections;
+    next
+}
+
+/// The top-level sections whose settings differ.
+fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The configuration with its secrets replaced, for `/admin/config`.
+fn redacted(cfg: &Config) -> Config {
+    let mut cfg = cfg.clone();
+    if cfg.auth.jwt_secret.is_some() {
+        cfg.auth.jwt_secret = Some("***".into());
+    }
+    cfg.rate_limit.redis_url = cfg.rate_limit.redis_url.as_deref().map(redact_url);
+    cfg
+}
+
+impl Gateway {
+    pub(crate) fn new(
+        app: Arc<AppState>,
+        source: Option<ConfigSource>,
+        certs: Option<Arc<CertStore>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Gateway {
+        let cfg = &app.config;
+        let sha256 = fingerprint(cfg);
+        report_info(None, &sha256);
+        let live = Live {
+            cors: Cors::new(&cfg.cors),
+            conn: ConnSettings::from_config(cfg),
+            loaded_at: SystemTime::now(),
+            sha256,
+            app: app.clone(),
+        };
+        Gateway {
+            started: cfg.clone(),
+            live: ArcSwap::from_pointee(live),
+            source,
+            certs,
+            shutdown,
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The state requests use now.
+    pub fn current(&self) -> Arc<AppState> {
+        self.live.load().app.clone()
+    }
+
+    /// What a new request or connection reads: held for its whole life.
+    pub(crate) fn live_full(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Reloads from the configuration's source.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let Some(source) = &self.source else {
+            return Err(ReloadError::Failed(
+                "this gateway was started without a configuration source (demo): nothing to reload from".into(),
+            ));
+        };
+        let loaded = source.load();
+        match loaded {
+            Ok(cfg) => self.apply(cfg).await,
+            Err(errors) => Err(self.rejected(errors)),
+        }
+    }
+
+    fn rejected(&self, errors: ConfigErrors) -> ReloadError {
+        metrics::counter!("gateway_config_reloads_total", "result" => "invalid").increment(1);
+        for e in &errors.0 {
+            tracing::error!(field = %e.path, error = %e.message, "configuration reload rejected; the running configuration stays");
+        }
+        ReloadError::Invalid(errors)
+    }
+
+    /// Checks `next` and, if it is valid, puts it in place (see the module docs).
+    pub async fn apply(&self, next: Config) -> Result<ReloadReport, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let warnings = match super::check_with_warnings(&next) {
+            Ok(w) => w,
+            Err(errors) => return Err(self.rejected(errors)),
+        };
+        let needs_restart = restart_only(&self.started, &next);
+        let next = keep_running(&self.started, next);
+        let cert = match (&self.certs, &next.server.tls) {
+            (Some(_), Some(tls)) => match super::tls::load(tls) {
+                Ok(cert) => Some(cert),
+                Err(errors) => return Err(self.rejected(ConfigErrors(errors))),
+            },
+            _ => None,
+        };
+        let current = self.live.load_full();
+        let changed = changed_sections(&current.app.config, &next);
+        let app = match super::build_state(next, self.shutdown.clone(), Some(&current.app)).await {
+            Ok(app) => app,
+            Err(e) => {
+                metrics::counter!("gateway_config_reloads_total", "result" => "failed")
+                    .increment(1);
+                tracing::error!(error = %e, "configuration reload failed; the running configuration stays");
+                return Err(ReloadError::Failed(e));
+            }
+        };
+        if let (Some(store), Some(cert)) = (&self.certs, &cert) {
+            if store.serial() != cert.serial {
+                tracing::info!(serial = %cert.serial, "TLS certificate replaced for new handshakes");
+            }
+            store.replace(cert);
+        }
+        // Entries of routes that are gone would only take room until they expire.
+        for route in current.app.table.routes() {
+            if !app.table.routes().iter().any(|r| r.label == route.label) {
+                app.cache.purge_route(&route.label).await;
+            }
+        }
+        let sha256 = fingerprint(&app.config);
+        report_info(Some(&current.sha256), &sha256);
+        let live = Live {
+            cors: Cors::new(&app.config.cors),
+            conn: ConnSettings::from_config(&app.config),
+            loaded_at: SystemTime::now(),
+            sha256: sha256.clone(),
+            app,
+        };
+        self.live.store(Arc::new(live));
+        metrics::counter!("gateway_config_reloads_total", "result" => "success").increment(1);
+        tracing::info!(sha256 = %sha256, changed = ?changed, needs_restart = ?needs_restart,
+            "configuration reloaded");
+        for field in &needs_restart {
+            tracing::warn!(field = %field, "changed in the configuration but only applied at the next start");
+        }
+        Ok(ReloadReport {
+            result: "applied",
+            sha256,
+            changed,
+            needs_restart,
+            warnings,
+        })
+    }
+
+    /// `/admin/config`: the effective configuration (secrets redacted), when and from where
+    /// it was loaded, its hash, and the certificate served.
+    pub fn describe(&self) -> serde_json::Value {
+        let live = self.live.load();
+        serde_json::json!({
+            "loaded_at": humantime::format_rfc3339_seconds(live.loaded_at).to_string(),
+            "sha256": live.sha256,
+            "source": match &self.source {
+                Some(ConfigSource { file: Some(p), .. }) => p.display().to_string(),
+                Some(ConfigSource { file: None, .. }) => "embedded default".to_string(),
+                None => "given at start (no reload source)".to_string(),
+            },
+            "tls_certificate_serial": self.certs.as_ref().map(|c| c.serial()),
+            "config": redacted(&live.app.config),
+        })
+    }
+
+    /// The configuration file, when there is one (for the file watch).
+    pub(crate) fn source_file(&self) -> Option<&PathBuf> {
+        self.source.as_ref()?.file.as_ref()
+    }
+}
