@@ -200,13 +200,21 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 
 /// A few lines describing the effective configuration, for `check-config` and startup.
 fn summary(cfg: &Config) -> String {
+    let tls = match &cfg.server.tls {
+        Some(t) => format!(" (TLS {}+, h2 and http/1.1)", t.min_version),
+        None => String::new(),
+    };
     let mut s = format!(
-        "service {:?}: public {}:{}, admin {}:{}\n",
+        "service {:?}: public {}:{}{tls}, admin {}:{}\n",
         cfg.service_name, cfg.server.host, cfg.server.port, cfg.admin.host, cfg.admin.port
     );
     s.push_str(&format!("upstreams ({}):\n", cfg.upstreams.len()));
     for (name, u) in &cfg.upstreams {
-        s.push_str(&format!("  {name:<10} {} (timeout {})\n", u.url, u.timeout));
+        s.push_str(&format!(
+            "  {name:<10} {} (timeout {})\n",
+            u.targets().join(", "),
+            u.timeout
+        ));
     }
     s.push_str(&format!(
         "rate limiting: {}; policies: {}\n",

@@ -73,14 +73,16 @@ async fn fakes(steps: [Step; 3]) -> Vec<FakeUpstream> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equal_instances_share_the_load_within_15_percent() {
-    let ok = || Step::status(200).delayed(Duration::from_millis(20));
+    // 50 ms answers and 24 clients: calls in flight, not scheduling noise in a sample, decide
+    // (a busy machine's stray 10 ms would otherwise weigh on a peak-EWMA).
+    let ok = || Step::status(200).delayed(Duration::from_millis(50));
     let ups = fakes([ok(), ok(), ok()]).await;
     let gw = spawn(config(&ups.iter().map(|u| u.url()).collect::<Vec<_>>())).await;
-    let statuses = load(&gw.url(), 600, 12).await;
+    let statuses = load(&gw.url(), 960, 24).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let hits: Vec<usize> = ups.iter().map(|u| u.hits()).collect();
     for h in &hits {
-        assert!((170..=230).contains(h), "unbalanced: {hits:?}");
+        assert!((272..=368).contains(h), "unbalanced: {hits:?}");
     }
 }
 

@@ -82,3 +82,109 @@ fn serve_runs_with_zero_files_and_sigterm_exits_0() {
         "{rest:?}"
     );
 }
+
+/// A config file with one extra route (`path`); `watch` turns the file watch on.
+fn reload_config(path: &str, watch: bool) -> String {
+    format!(
+        r#"
+[server]
+host = "127.0.0.1"
+port = 0
+watch_config = {watch}
+[admin]
+port = 0
+[upstreams.storage]
+url = "http://127.0.0.1:9"
+[[routes]]
+path = "{path}"
+upstream = "storage"
+"#
+    )
+}
+
+/// Starts `serve --config FILE`; the child and its public address.
+#[allow(clippy::zombie_processes)] // the caller kills and waits for it
+fn serve_with(file: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .args(["--config"])
+        .arg(file)
+        .arg("serve")
+        .env("RUST_LOG", "info")
+        .env_remove("PORT")
+        .env_remove("ADMIN_PORT")
+        .env_remove("REDIS_URL")
+        .env_remove("GATEWAY_CONFIG")
+        .env_remove("STORAGE_SERVICE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gateway");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        if line.contains("gateway listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let addr = v["addr"].as_str().unwrap().to_string();
+            // Keep reading the log so the pipe never fills.
+            std::thread::spawn(move || for _ in lines.by_ref() {});
+            return (child, addr);
+        }
+    }
+    panic!("no 'gateway listening' log line");
+}
+
+/// Waits (bounded) until `path` is routed (anything but 404).
+fn routed_within(addr: &str, path: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(r) = http_get(addr, path) {
+            if !r.starts_with("HTTP/1.1 404") {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn sighup_and_the_file_watch_reload_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, reload_config("/api/first", false)).unwrap();
+    let (mut child, addr) = serve_with(&file);
+    assert!(routed_within(&addr, "/api/first", Duration::from_secs(5)));
+    assert!(http_get(&addr, "/api/second")
+        .unwrap()
+        .starts_with("HTTP/1.1 404"));
+    // SIGHUP: the edited file is applied.
+    std::fs::write(&file, reload_config("/api/second", false)).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        routed_within(&addr, "/api/second", Duration::from_secs(5)),
+        "SIGHUP did not reload"
+    );
+    assert!(http_get(&addr, "/api/first")
+        .unwrap()
+        .starts_with("HTTP/1.1 404"));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // watch_config: an edit is picked up without a signal (polled every second).
+    std::fs::write(&file, reload_config("/api/third", true)).unwrap();
+    let (mut child, addr) = serve_with(&file);
+    assert!(routed_within(&addr, "/api/third", Duration::from_secs(5)));
+    std::fs::write(&file, reload_config("/api/fourth", true)).unwrap();
+    assert!(
+        routed_within(&addr, "/api/fourth", Duration::from_secs(10)),
+        "the file watch did not reload"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -125,6 +125,11 @@ pub fn load(tls: &TlsConfig) -> Result<LoadedCert, Vec<FieldError>> {
     })
 }
 
+/// The serial number (hex) of a DER certificate; empty if it cannot be read.
+pub fn certificate_serial(der: &[u8]) -> String {
+    leaf_facts(&CertificateDer::from(der)).0
+}
+
 /// The serial (hex) and notAfter of a certificate, read from its DER.
 fn leaf_facts(cert: &CertificateDer<'_>) -> (String, Option<SystemTime>) {
     use simple_asn1::ASN1Block as B;
