@@ -211,6 +211,54 @@ fn redacted(cfg: &Config) -> Config {
     cfg
 }
 
+/// A checked and built configuration, ready to swap in.
+struct Prepared {
+    live: Live,
+    cert: Option<super::tls::LoadedCert>,
+    changed: Vec<String>,
+    needs_restart: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// Checks `next` as `serve` would, keeps the restart-only settings, loads the certificate and
+/// builds the state (reusing what did not change in `current`).
+fn prepare(
+    runtime: &tokio::runtime::Handle,
+    started: &Config,
+    current: &Live,
+    next: Config,
+    shutdown: watch::Receiver<bool>,
+    tls_on: bool,
+) -> Result<Prepared, ReloadError> {
+    let warnings = super::check_with_warnings(&next).map_err(ReloadError::Invalid)?;
+    let needs_restart = restart_only(started, &next);
+    let next = keep_running(started, next);
+    let cert = match (tls_on, &next.server.tls) {
+        (true, Some(tls)) => Some(
+            super::tls::load(tls).map_err(|errors| ReloadError::Invalid(ConfigErrors(errors)))?,
+        ),
+        _ => None,
+    };
+    let changed = changed_sections(&current.app.config, &next);
+    let app = runtime
+        .block_on(super::build_state(next, shutdown, Some(&current.app)))
+        .map_err(ReloadError::Failed)?;
+    let live = Live {
+        cors: Cors::new(&app.config.cors),
+        conn: ConnSettings::from_config(&app.config),
+        loaded_at: SystemTime::now(),
+        sha256: fingerprint(&app.config),
+        app,
+    };
+    Ok(Prepared {
+        live,
+        cert,
+        changed,
+        needs_restart,
+        warnings,
+    })
+}
+
 impl Gateway {
     pub(crate) fn new(
         app: Arc<AppState>,
@@ -273,24 +321,32 @@ impl Gateway {
     /// Checks `next` and, if it is valid, puts it in place (see the module docs).
     pub async fn apply(&self, next: Config) -> Result<ReloadReport, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let warnings = match super::check_with_warnings(&next) {
-            Ok(w) => w,
-            Err(errors) => return Err(self.rejected(errors)),
-        };
-        let needs_restart = restart_only(&self.started, &next);
-        let next = keep_running(&self.started, next);
-        let cert = match (&self.certs, &next.server.tls) {
-            (Some(_), Some(tls)) => match super::tls::load(tls) {
-                Ok(cert) => Some(cert),
-                Err(errors) => return Err(self.rejected(ConfigErrors(errors))),
-            },
-            _ => None,
-        };
         let current = self.live.load_full();
-        let changed = changed_sections(&current.app.config, &next);
-        let app = match super::build_state(next, self.shutdown.clone(), Some(&current.app)).await {
-            Ok(app) => app,
-            Err(e) => {
+        // Checking and building the new state is a few milliseconds of CPU (templates, the
+        // OpenAPI document, hashing): done on the blocking pool, so the workers keep serving
+        // requests meanwhile (it showed in their p99).
+        let handle = tokio::runtime::Handle::current();
+        let (started, shutdown, tls_on) = (
+            self.started.clone(),
+            self.shutdown.clone(),
+            self.certs.is_some(),
+        );
+        let previous = current.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(&handle, &started, &previous, next, shutdown, tls_on)
+        })
+        .await
+        .map_err(|e| ReloadError::Failed(format!("reload task failed: {e}")))?;
+        let Prepared {
+            live,
+            cert,
+            changed,
+            needs_restart,
+            warnings,
+        } = match prepared {
+            Ok(p) => p,
+            Err(ReloadError::Invalid(errors)) => return Err(self.rejected(errors)),
+            Err(ReloadError::Failed(e)) => {
                 metrics::counter!("gateway_config_reloads_total", "result" => "failed")
                     .increment(1);
                 tracing::error!(error = %e, "configuration reload failed; the running configuration stays");
@@ -305,19 +361,18 @@ impl Gateway {
         }
         // Entries of routes that are gone would only take room until they expire.
         for route in current.app.table.routes() {
-            if !app.table.routes().iter().any(|r| r.label == route.label) {
-                app.cache.purge_route(&route.label).await;
+            if !live
+                .app
+                .table
+                .routes()
+                .iter()
+                .any(|r| r.label == route.label)
+            {
+                live.app.cache.purge_route(&route.label).await;
             }
         }
-        let sha256 = fingerprint(&app.config);
+        let sha256 = live.sha256.clone();
         report_info(Some(&current.sha256), &sha256);
-        let live = Live {
-            cors: Cors::new(&app.config.cors),
-            conn: ConnSettings::from_config(&app.config),
-            loaded_at: SystemTime::now(),
-            sha256: sha256.clone(),
-            app,
-        };
         self.live.store(Arc::new(live));
         metrics::counter!("gateway_config_reloads_total", "result" => "success").increment(1);
         tracing::info!(sha256 = %sha256, changed = ?changed, needs_restart = ?needs_restart,
