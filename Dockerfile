@@ -6,7 +6,7 @@ ARG RUST_IMAGE=rust:1-bookworm
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY assets ./assets
 # Cargo.toml declares the benches and the benchmark's floor proxy (an example), and cargo

@@ -120,10 +120,12 @@ fn access_lines(c: &mut Criterion) {
         route: "/api/data/underlying/{product}",
         status: 200,
         latency_ms: 0.412_345,
+        bytes: 1_234,
         upstream: "storage",
         reason: "",
         remote: Some("127.0.0.1:52144".parse().unwrap()),
         request_id: "4f3c2b1a09f8e7d6c5b4a3928170f6e5",
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
     };
     let mut out = Vec::with_capacity(512);
     c.bench_function("access_line/render", |b| {

@@ -70,6 +70,11 @@ pub async fn build_state(
     shutdown: watch::Receiver<bool>,
     previous: Option<&AppState>,
 ) -> Result<Arc<AppState>, String> {
+    // Every family shows in the first scrape, at zero until it counts.
+    crate::observability::catalog::register_zeroes(&cfg);
+    for name in cfg.upstreams.keys() {
+        crate::upstream::register_zeroes(name);
+    }
     let timeout_status =
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());

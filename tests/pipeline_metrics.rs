@@ -59,7 +59,8 @@ async fn attempts_outcomes_and_breaker_state_are_exported() {
     for line in [
         r#"gateway_upstream_attempts_total{upstream="metered",outcome="status_5xx"} 3"#,
         r#"gateway_upstream_attempts_total{upstream="metered",outcome="circuit_open"} 1"#,
-        r#"gateway_circuit_breaker_state{upstream="metered"} 1"#,
+        r#"gateway_circuit_breaker_state{upstream="metered",state="open"} 1"#,
+        r#"gateway_circuit_breaker_state{upstream="metered",state="closed"} 0"#,
         r#"gateway_circuit_breaker_transitions_total{upstream="metered",to="open"} 1"#,
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");

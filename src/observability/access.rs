@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -89,6 +90,11 @@ where
     let method = req.method().clone();
     // A `Uri` clone shares its bytes: the path for the log line costs no copy.
     let uri = req.uri().clone();
+    // W3C trace context: the client's trace continues (or one starts here), with the gateway
+    // as the parent of what the upstream sees.
+    let mut req = req;
+    let trace = super::trace::TraceContext::continue_or_start(req.headers());
+    trace.forward(req.headers_mut());
 
     // `inner` is called inside the guard too: whatever it runs before its first await is covered.
     let inner_rid = rid.clone();
@@ -113,7 +119,6 @@ where
         }
     };
     let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
     let RouteInfo { route, upstream } = info;
     let reason = resp
         .extensions()
@@ -123,24 +128,121 @@ where
         route.as_deref().unwrap_or("unmatched"),
         method_label(&method),
         status_class(status),
-        elapsed.as_secs_f64(),
+        start.elapsed().as_secs_f64(),
     );
     if tracing::enabled!(target: "access", tracing::Level::INFO) {
-        let line = AccessLine {
-            method: method.as_str(),
-            path: uri.path(),
-            route: route.as_deref().unwrap_or(""),
+        // The line is written when the body is done (or dropped: the client went away), so
+        // it has the whole duration of a streamed response and the bytes sent.
+        let pending = PendingLine {
+            start,
+            method,
+            uri,
+            route,
             status,
-            latency_ms: elapsed.as_secs_f64() * 1000.0,
-            upstream: upstream.as_deref().unwrap_or(""),
+            upstream,
             reason,
             remote,
-            request_id: rid.to_str().unwrap_or(""),
+            request_id: rid.clone(),
+            trace: trace.clone(),
         };
-        line.write(std::time::SystemTime::now());
+        resp = resp.map(|body| {
+            Body::new(LoggedBody {
+                inner: body,
+                bytes: 0,
+                pending: Some(pending),
+            })
+        });
     }
     resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
     resp
+}
+
+/// What the access line needs, kept until the response body is done.
+struct PendingLine {
+    start: Instant,
+    method: http::Method,
+    uri: http::Uri,
+    route: Option<Arc<str>>,
+    status: u16,
+    upstream: Option<Arc<str>>,
+    reason: &'static str,
+    remote: Option<SocketAddr>,
+    request_id: HeaderValue,
+    trace: super::trace::TraceContext,
+}
+
+impl PendingLine {
+    fn write(&self, bytes: u64) {
+        let line = AccessLine {
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            route: self.route.as_deref().unwrap_or(""),
+            status: self.status,
+            latency_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+            bytes,
+            upstream: self.upstream.as_deref().unwrap_or(""),
+            reason: self.reason,
+            remote: self.remote,
+            request_id: self.request_id.to_str().unwrap_or(""),
+            trace_id: self.trace.trace_id_hex(),
+        };
+        line.write(std::time::SystemTime::now());
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body, counting the bytes sent; writes the access line when it is done
+    /// or dropped.
+    struct LoggedBody {
+        #[pin]
+        inner: Body,
+        bytes: u64,
+        pending: Option<PendingLine>,
+    }
+
+    impl PinnedDrop for LoggedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(pending) = this.pending.take() {
+                pending.write(*this.bytes);
+            }
+        }
+    }
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        match &frame {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(data) = f.data_ref() {
+                    *this.bytes += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None | Some(Err(_))) => {
+                if let Some(pending) = this.pending.take() {
+                    pending.write(*this.bytes);
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// One access-log line. Written by hand rather than through `tracing::info!` and the JSON
@@ -153,13 +255,18 @@ pub struct AccessLine<'a> {
     pub path: &'a str,
     pub route: &'a str,
     pub status: u16,
+    /// Until the response's last byte was handed to the connection (a 5 s stream logs ~5 s).
     pub latency_ms: f64,
+    /// Response body bytes sent.
+    pub bytes: u64,
     pub upstream: &'a str,
     /// The error contract's `reason` when the gateway made the response itself
     /// (`circuit_open`, `upstream_unavailable`, `rate_limited`, ...); empty otherwise.
     pub reason: &'a str,
     pub remote: Option<SocketAddr>,
     pub request_id: &'a str,
+    /// The W3C trace id the request carries (given by the client or made here).
+    pub trace_id: &'a str,
 }
 
 thread_local! {
@@ -186,6 +293,8 @@ impl AccessLine<'_> {
         if serde_json::to_writer(&mut *out, &self.latency_ms).is_err() {
             out.extend_from_slice(b"null");
         }
+        out.extend_from_slice(b",\"bytes\":");
+        push_uint(self.bytes, 1, out);
         out.extend_from_slice(b",\"upstream\":");
         json_str(self.upstream, out);
         out.extend_from_slice(b",\"reason\":");
@@ -210,6 +319,8 @@ impl AccessLine<'_> {
         }
         out.extend_from_slice(b"\",\"request_id\":");
         json_str(self.request_id, out);
+        out.extend_from_slice(b",\"trace_id\":");
+        json_str(self.trace_id, out);
         out.extend_from_slice(b",\"target\":\"access\"}\n");
     }
 
@@ -350,10 +461,12 @@ mod tests {
             route: "/api/data/{product}",
             status: 200,
             latency_ms: 0.25,
+            bytes: 1234,
             upstream: "storage",
             reason: "circuit_open",
             remote: Some("127.0.0.1:5000".parse().unwrap()),
             request_id: "abc",
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
         };
         let mut out = Vec::new();
         line.render(
@@ -366,9 +479,10 @@ mod tests {
             concat!(
                 r#"{"timestamp":"2026-11-19T13:33:20.266239Z","level":"INFO","method":"GET","#,
                 r#""path":"/api/data/\"x\\","route":"/api/data/{product}","status":200,"#,
-                r#""latency_ms":0.25,"upstream":"storage","reason":"circuit_open","#,
+                r#""latency_ms":0.25,"bytes":1234,"upstream":"storage","reason":"circuit_open","#,
                 r#""remote":"127.0.0.1:5000","#,
-                r#""request_id":"abc","target":"access"}"#,
+                r#""request_id":"abc","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","#,
+                r#""target":"access"}"#,
                 "\n"
             )
         );
@@ -405,10 +519,12 @@ mod tests {
             route: "",
             status: 503,
             latency_ms: 1.0,
+            bytes: 0,
             upstream: "",
             reason: "",
             remote: Some("[::1]:8080".parse().unwrap()),
             request_id: "",
+            trace_id: "",
         };
         let mut out = Vec::new();
         v6.render(UNIX_EPOCH, &mut out);

@@ -24,6 +24,8 @@ pub fn handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; then that one records.
         let _ = metrics::set_global_recorder(recorder);
+        super::catalog::describe();
+        process_collector().describe();
         let upkeep = handle.clone();
         std::thread::Builder::new()
             .name("metrics-upkeep".into())
@@ -34,6 +36,19 @@ pub fn handle() -> &'static PrometheusHandle {
             .ok();
         handle
     })
+}
+
+/// CPU seconds, resident memory, open fds, start time of this process (`process_*`), read at
+/// each scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The Prometheus text of every family, process metrics refreshed first.
+pub fn render() -> String {
+    process_collector().collect();
+    handle().render()
 }
 
 /// Whether the recorder is installed (handles taken before it would record nothing).

@@ -1,6 +1,8 @@
 //! JSON logging, the per-request access log / request id / panic guard, and metrics.
 pub mod access;
+pub mod catalog;
 pub mod metrics;
+pub mod trace;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -227,6 +227,10 @@ async fn from_cache(
     *resp.status_mut() = hit.status;
     *resp.headers_mut() = hit.headers;
     cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
+    if hit.attempts > 0 {
+        resp.headers_mut()
+            .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(hit.attempts));
+    }
     Ok(resp)
 }
 
@@ -364,6 +368,7 @@ async fn fetch_buffered(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let streamed = |front: Vec<Bytes>, body: SlotBody| Fetched {
+        attempts,
         status: parts.status,
         headers: parts.headers.clone(),
         body: Bytes::new(),
@@ -393,7 +398,10 @@ async fn fetch_buffered(
         Ok(Ok(concat(chunks)))
     };
     match tokio::time::timeout(left, read).await {
-        Ok(Ok(Ok(whole))) => Ok(Fetched::buffered(parts.status, parts.headers, whole)),
+        Ok(Ok(Ok(whole))) => Ok(Fetched {
+            attempts,
+            ..Fetched::buffered(parts.status, parts.headers, whole)
+        }),
         Ok(Ok(Err(front))) => Ok(streamed(front, body)),
         Ok(Err(e)) => {
             let detail = e.to_string();

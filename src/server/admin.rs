@@ -113,8 +113,12 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics() -> Response {
-    let text = crate::observability::metrics::handle().render();
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    // moka counts lazily: settle them so the cache gauges are exact at each scrape.
+    let app = gw.current();
+    app.cache.run_pending_tasks().await;
+    app.cache.stats();
+    let text = crate::observability::metrics::render();
     let mut resp = text.into_response();
     resp.headers_mut().insert(
         CONTENT_TYPE,

@@ -49,20 +49,20 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
-    fn as_str(self) -> &'static str {
+    /// The `state` label and the `/admin` word.
+    pub fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
             BreakerState::HalfOpen => "half_open",
         }
     }
-    fn gauge_value(self) -> f64 {
-        match self {
-            BreakerState::Closed => 0.0,
-            BreakerState::Open => 1.0,
-            BreakerState::HalfOpen => 2.0,
-        }
-    }
+    /// Every state, for the one-series-per-state gauge.
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
 }
 
 /// What `/admin` shows for one upstream's breaker.
@@ -540,9 +540,14 @@ impl Breaker {
         self.report_state(state);
     }
 
+    /// `gateway_circuit_breaker_state{upstream,state}`: 1 for the current state, 0 for the
+    /// others (the one convention for states: the limiter's backend gauge is the same).
     fn report_state(&self, state: BreakerState) {
-        metrics::gauge!("gateway_circuit_breaker_state", "upstream" => self.upstream.clone())
-            .set(state.gauge_value());
+        for s in BreakerState::ALL {
+            metrics::gauge!("gateway_circuit_breaker_state",
+                "upstream" => self.upstream.clone(), "state" => s.as_str())
+            .set(if s == state { 1.0 } else { 0.0 });
+        }
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Fetched {
     /// passed to the client as it arrives, never stored nor shared, so large answers cost a
     /// buffer's worth of memory instead of their size.
     pub streamed: Option<StreamedBody>,
+    /// Attempts the upstream call took (`X-Upstream-Attempts` on a miss); 0 when unknown.
+    pub attempts: u32,
 }
 
 impl Fetched {
@@ -92,6 +94,7 @@ impl Fetched {
             headers,
             body,
             streamed: None,
+            attempts: 0,
         }
     }
 }
@@ -105,6 +108,8 @@ pub struct CacheHit {
     pub body: Bytes,
     /// A body too large to store, streaming from the upstream (see [`Fetched::streamed`]).
     pub streamed: Option<StreamedBody>,
+    /// Upstream attempts this request's own fetch took; 0 when it made none (a hit, a waiter).
+    pub attempts: u32,
     pub outcome: CacheOutcome,
     /// Time since the gateway stored the response; `None` when it was fetched for this request.
     pub age: Option<Duration>,
@@ -206,6 +211,7 @@ fn answer(
         headers: headers_with_room(headers),
         body: if head { Bytes::new() } else { body.clone() },
         streamed: None,
+        attempts: 0,
         outcome,
         age,
     }
@@ -482,6 +488,7 @@ fn fetched_answer(fetched: Fetched, outcome: CacheOutcome, head: bool) -> CacheH
         headers: fetched.headers,
         body: if head { Bytes::new() } else { fetched.body },
         streamed: if head { None } else { fetched.streamed },
+        attempts: fetched.attempts,
         outcome,
         age: None,
     }

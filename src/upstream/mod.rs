@@ -47,3 +47,32 @@ pub use discovery::{Resolve, SystemResolver};
 pub use instances::{InstanceSnapshot, InstanceState};
 pub use pipeline::Pipeline;
 pub use retry::RetryBudget;
+
+/// Registers the zero values of one upstream's metric families, so they show in the first
+/// scrape (see `observability::catalog`).
+pub fn register_zeroes(upstream: &str) {
+    use metrics::{counter, histogram};
+    let u = upstream.to_string();
+    let _ = histogram!("gateway_upstream_attempt_duration_seconds", "upstream" => u.clone(), "outcome" => "ok");
+    for outcome in call::Outcome::LABELS {
+        counter!("gateway_upstream_attempts_total", "upstream" => u.clone(), "outcome" => outcome)
+            .increment(0);
+    }
+    for family in [
+        "gateway_upstream_retry_budget_exhausted_total",
+        "gateway_upstream_hedges_total",
+        "gateway_upstream_ejections_total",
+    ] {
+        counter!(family, "upstream" => u.clone()).increment(0);
+    }
+    for to in BreakerState::ALL {
+        counter!("gateway_circuit_breaker_transitions_total", "upstream" => u.clone(), "to" => to.as_str())
+            .increment(0);
+    }
+    for result in ["healthy", "unhealthy"] {
+        counter!("gateway_circuit_breaker_health_probes_total", "upstream" => u.clone(), "result" => result)
+            .increment(0);
+        counter!("gateway_upstream_instance_probes_total", "upstream" => u.clone(), "result" => result)
+            .increment(0);
+    }
+}

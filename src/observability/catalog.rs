@@ -1,0 +1,126 @@
+//! Every metric family the gateway exports, with its help text, described when the recorder
+//! is installed and registered at its zero values when a configuration is loaded: a scrape
+//! right after start shows every family (a counter that has not counted yet reads 0 instead
+//! of being absent, which dashboards and alerts cannot tell from "not exported").
+//!
+//! States follow one convention: one series per state, 1 for the current one and 0 for the
+//! others (`gateway_circuit_breaker_state{state}`, `gateway_ratelimit_backend{state}`,
+//! `gateway_upstream_endpoints{state}` counts instances per state).
+
+use crate::config::{Config, RouteKind};
+
+/// How a family is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// (name, kind, help) of every family; the Grafana dashboard's test checks its queries
+/// against this list.
+pub const FAMILIES: &[(&str, Kind, &str)] = &[
+    ("gateway_requests_total", Kind::Counter, "Requests answered, by route template, method and status class"),
+    ("gateway_request_duration_seconds", Kind::Histogram, "Time from request to response headers, by route template, method and status class"),
+    ("gateway_upstream_attempts_total", Kind::Counter, "Attempts sent to an upstream (refusals by the breaker included), by outcome"),
+    ("gateway_upstream_attempt_duration_seconds", Kind::Histogram, "Duration of upstream attempts until response headers, by outcome"),
+    ("gateway_upstream_retry_budget_exhausted_total", Kind::Counter, "Retries not made because the upstream's retry budget was spent"),
+    ("gateway_upstream_hedges_total", Kind::Counter, "Hedged second attempts sent to another instance"),
+    ("gateway_upstream_ejections_total", Kind::Counter, "Instances ejected for failing"),
+    ("gateway_upstream_endpoints", Kind::Gauge, "Instances of an upstream, by state (healthy, ejected, draining)"),
+    ("gateway_upstream_instance_probes_total", Kind::Counter, "Probes of ejected instances, by result"),
+    ("gateway_circuit_breaker_state", Kind::Gauge, "Circuit breaker state: 1 for the current state (closed, open, half_open), 0 for the others"),
+    ("gateway_circuit_breaker_transitions_total", Kind::Counter, "Circuit breaker transitions, by the state entered"),
+    ("gateway_circuit_breaker_health_probes_total", Kind::Counter, "Active health probes while a breaker is open, by result"),
+    ("gateway_cache_hits_total", Kind::Counter, "Responses served from the cache (fresh, or a concurrent fetch that was stored)"),
+    ("gateway_cache_misses_total", Kind::Counter, "Cacheable requests fetched from the upstream"),
+    ("gateway_cache_stale_total", Kind::Counter, "Expired entries served because the upstream failed (stale-if-error)"),
+    ("gateway_cache_bypass_total", Kind::Counter, "Requests on cached routes that may not use the cache"),
+    ("gateway_cache_evictions_total", Kind::Counter, "Cache entries evicted, by cause (size, expired)"),
+    ("gateway_cache_bytes", Kind::Gauge, "Weighted size of the response cache in bytes"),
+    ("gateway_cache_entries", Kind::Gauge, "Entries in the response cache"),
+    ("gateway_ratelimit_decisions_total", Kind::Counter, "Rate-limit decisions, by policy and decision"),
+    ("gateway_ratelimit_backend", Kind::Gauge, "Rate-limit backend in use: 1 for the current state (redis, fallback), 0 for the other"),
+    ("gateway_auth_failures_blocked_total", Kind::Counter, "Clients refused for too many failed token verifications"),
+    ("gateway_connections_closed_total", Kind::Counter, "Client connections cut off by the gateway, by reason"),
+    ("gateway_websocket_connections", Kind::Gauge, "Open WebSocket connections, by route"),
+    ("gateway_websocket_messages_total", Kind::Counter, "WebSocket messages relayed, by route and direction (in: client to upstream)"),
+    ("gateway_websocket_bytes_total", Kind::Counter, "WebSocket bytes relayed, by route and direction (in: client to upstream)"),
+    ("gateway_config_reloads_total", Kind::Counter, "Configuration reloads, by result (success, invalid, failed)"),
+    ("gateway_config_info", Kind::Gauge, "1 for the configuration in effect (by its SHA-256), 0 for those it replaced"),
+    ("gateway_build_info", Kind::Gauge, "Always 1; the build's version and git commit as labels"),
+];
+
+/// Gives every family its help text (call once the recorder is installed).
+pub fn describe() {
+    for (name, kind, help) in FAMILIES {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
+    metrics::gauge!("gateway_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "git_sha" => env!("GATEWAY_GIT_SHA"))
+    .set(1.0);
+}
+
+/// Registers the zero values of the families `cfg` will use, per route and policy (a
+/// histogram with no sample yet shows with zero counts); `upstream::register_zeroes` does
+/// the upstreams' families.
+pub fn register_zeroes(cfg: &Config) {
+    use metrics::{counter, gauge, histogram};
+    for r in &cfg.routes {
+        let route = r.path.clone();
+        for method in &r.methods {
+            let labels = [
+                ("route", route.clone()),
+                ("method", method.clone()),
+                ("status", "2xx".to_string()),
+            ];
+            counter!("gateway_requests_total", &labels).increment(0);
+            let _ = histogram!("gateway_request_duration_seconds", &labels);
+        }
+        if let (Some(_), Some(upstream)) = (&r.cache, &r.upstream) {
+            for family in [
+                "gateway_cache_hits_total",
+                "gateway_cache_misses_total",
+                "gateway_cache_stale_total",
+                "gateway_cache_bypass_total",
+            ] {
+                counter!(family, "upstream" => upstream.clone(), "route" => route.clone())
+                    .increment(0);
+            }
+        }
+        if r.kind == RouteKind::Websocket {
+            gauge!("gateway_websocket_connections", "route" => route.clone()).increment(0.0);
+            for direction in ["in", "out"] {
+                counter!("gateway_websocket_messages_total", "route" => route.clone(), "direction" => direction).increment(0);
+                counter!("gateway_websocket_bytes_total", "route" => route.clone(), "direction" => direction).increment(0);
+            }
+        }
+    }
+    let policies = cfg
+        .rate_limit
+        .policies
+        .iter()
+        .map(|p| p.name.clone())
+        .chain(["ws".to_string(), cfg.auth.failure_policy.clone()])
+        .filter(|p| !p.is_empty());
+    for policy in policies {
+        for decision in ["allowed", "denied", "error_allowed", "error_denied"] {
+            counter!("gateway_ratelimit_decisions_total", "policy" => policy.clone(), "decision" => decision).increment(0);
+        }
+    }
+    for cause in ["size", "expired"] {
+        counter!("gateway_cache_evictions_total", "cause" => cause).increment(0);
+    }
+    gauge!("gateway_cache_bytes").increment(0.0);
+    gauge!("gateway_cache_entries").increment(0.0);
+    counter!("gateway_auth_failures_blocked_total").increment(0);
+    counter!("gateway_connections_closed_total", "reason" => "send_timeout").increment(0);
+    for result in ["success", "invalid", "failed"] {
+        counter!("gateway_config_reloads_total", "result" => result).increment(0);
+    }
+}
