@@ -1,11 +1,11 @@
 # Prometheus without a registry: Debian's prometheus binary plus every library `ldd` names and
-# the loader, gathered by scripts/build-prometheus-image into docker/build/prometheus/rootfs.
-# Only the compose profile "observability" uses it. With registry access use
-# PROMETHEUS_IMAGE=prom/prometheus instead (docs/observability.md).
+# the loader, gathered by scripts/build-prometheus-image into docker/build/prometheus/, which
+# is this image's build context. Only the compose profile "observability" uses it. With
+# registry access use PROMETHEUS_IMAGE=prom/prometheus instead (docs/observability.md).
 FROM scratch
-COPY docker/build/prometheus/rootfs/ /
-# The TSDB lives in the container (a demo's metrics, not an archive); the user must own it.
-COPY --chown=65534:65534 docker/build/prometheus/data/ /prometheus/
+COPY rootfs/ /
+# The TSDB lives in the container (a demo's metrics, not an archive); its user must own it.
+COPY --chown=65534:65534 data/ /prometheus/
 USER 65534:65534
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus"]
