@@ -136,6 +136,12 @@ where
         status_class(status),
         start.elapsed().as_secs_f64(),
     );
+    if !reason.is_empty() {
+        // Errors only (a lookup per error, none per success): the reason the client read.
+        metrics::counter!("gateway_errors_total",
+            "route" => route.as_deref().unwrap_or("unmatched").to_string(), "reason" => reason)
+        .increment(1);
+    }
     let log = tracing::enabled!(target: "access", tracing::Level::INFO);
     if log || spans.is_some() {
         // The line is written (and the request's span exported) when the body is done (or
