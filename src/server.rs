@@ -252,7 +252,17 @@ async fn start_inner(
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-    let max_connections = cfg.limits.max_connections;
+    // Idle connections must never be what kills the process: under a cgroup memory limit the
+    // cap is lowered until base + cache + every connection fit (issue 18: a 64 MiB replica
+    // was OOM-killed at ~2,400 idle connections with the cap at 10,000).
+    let (max_connections, lowered) = memory::connection_cap(
+        cfg.limits.max_connections,
+        memory::cgroup_memory_limit(),
+        cfg.cache.max_bytes.0,
+    );
+    if let Some(why) = lowered {
+        tracing::warn!("{why}");
+    }
     let grace = cfg.server.shutdown_grace.0;
     let watch_config = cfg.server.watch_config;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
