@@ -290,6 +290,35 @@ pub async fn serve<S, B>(
         )
         .await;
     };
+    // Boxed for the same reason as HTTP/2 in `run`: a TLS stream (rustls' connection state)
+    // inline would size every plain connection's task for it.
+    Box::pin(serve_tls(
+        stream, service, settings, tls, shutdown, shed, activity, deadline,
+    ))
+    .await
+}
+
+/// `serve` after the TLS handshake.
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls<S, B>(
+    stream: TcpStream,
+    service: S,
+    settings: ConnSettings,
+    tls: tokio_rustls::TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+    shed: Arc<Notify>,
+    activity: Arc<Activity>,
+    deadline: Instant,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     // The handshake counts against the header-read deadline, like a slow request head.
     let accepted = tokio::select! {
         a = tls_accept(stream, &tls, deadline) => a,
@@ -359,6 +388,9 @@ async fn tls_accept(
 }
 
 /// Serves `io` with `protocol` until the connection closes.
+/// The HTTP/2 connection `run` drives (hyper's, on tokio).
+type Http2Conn<I, S> = hyper::server::conn::http2::Connection<TokioIo<I>, S, TokioExecutor>;
+
 async fn run<I, S, B>(
     io: I,
     protocol: Protocol,
@@ -399,9 +431,11 @@ async fn run<I, S, B>(
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(io, service);
+            // Boxed: h2's connection state is large, and inline it would size EVERY
+            // connection's task for it (a plain HTTP/1 keep-alive client included).
             let close =
-                |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
-            drive(conn, close, activity, settings, shutdown, shed).await;
+                |c: Pin<&mut Pin<Box<Http2Conn<I, S>>>>| c.get_mut().as_mut().graceful_shutdown();
+            drive(Box::pin(conn), close, activity, settings, shutdown, shed).await;
         }
     }
 }
