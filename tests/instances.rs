@@ -14,7 +14,7 @@ use deltastream_gateway::config::{Config, Dur, PolicyConfig, UpstreamConfig};
 use deltastream_gateway::upstream::{CallOptions, Pipeline, Resolve};
 use futures_util::future::BoxFuture;
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::{refused_addr, FakeUpstream, Step};
 
 /// The embedded config with `storage` (and `auth`) spread over `urls` and the rate limits
@@ -289,14 +289,7 @@ async fn a_hedged_get_is_answered_by_another_instance_when_the_first_hangs() {
         "no first attempt went to the hung instance (P2C)"
     );
     assert_eq!(good.hits(), 20);
-    let metrics = c
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     assert!(
         metrics
             .lines()

@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::FakeUpstream;
 
 struct Trio {
@@ -32,14 +32,7 @@ fn cfg_for(t: &Trio) -> deltastream_gateway::config::Config {
 async fn every_documented_metric_family_shows_in_the_first_scrape_with_help() {
     let t = trio().await;
     let gw = spawn(cfg_for(&t)).await;
-    let text = client()
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(gw.admin_addr).await;
     for (name, _, _) in deltastream_gateway::observability::catalog::FAMILIES {
         assert!(
             text.lines()
@@ -120,14 +113,7 @@ async fn the_cache_gauges_are_exact_at_each_scrape() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let text = c
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(gw.admin_addr).await;
     let value = |name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(&format!("{name} ")))

@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
 use prost::Message;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::{FakeUpstream, Step};
 
 #[derive(Clone, Default)]
@@ -240,14 +240,7 @@ async fn without_a_traceparent_a_new_trace_starts_and_a_dead_collector_costs_the
     // The failures are counted.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = c
-            .get(format!("http://{}/metrics", gw.admin_addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape(gw.admin_addr).await;
         let failures = metrics
             .lines()
             .find(|l| l.starts_with("gateway_otlp_export_failures_total"))

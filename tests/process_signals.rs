@@ -58,25 +58,8 @@ fn serve_runs_with_zero_files_and_sigterm_exits_0() {
     let data = http_get(&addr, "/api/data/underlying/NIFTY").unwrap();
     assert!(data.starts_with("HTTP/1.1 503"), "{data}");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            assert_eq!(code.code(), Some(0), "exit status after SIGTERM");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateway did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Drain the rest of the log: it must mention the shutdown.
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    // The rest of the log must mention the shutdown.
+    let rest = terminate(child, lines);
     assert!(
         rest.iter().any(|l| l.contains("gateway stopped")),
         "{rest:?}"
@@ -227,6 +210,20 @@ fn demo_logs_its_shutdown_like_serve() {
             break;
         }
     }
+    let rest = terminate(child, lines);
+    for expected in ["shutdown signal received", "gateway stopped"] {
+        assert!(
+            rest.iter().any(|l| l.contains(expected)),
+            "{expected:?} not logged: {rest:?}"
+        );
+    }
+}
+
+/// Sends SIGTERM, expects exit 0 within 20 s, and returns the rest of the log.
+fn terminate(
+    mut child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+) -> Vec<String> {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -238,14 +235,8 @@ fn demo_logs_its_shutdown_like_serve() {
             assert_eq!(code.code(), Some(0), "exit status after SIGTERM");
             break;
         }
-        assert!(Instant::now() < deadline, "demo did not exit after SIGTERM");
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    for expected in ["shutdown signal received", "gateway stopped"] {
-        assert!(
-            rest.iter().any(|l| l.contains(expected)),
-            "{expected:?} not logged: {rest:?}"
-        );
-    }
+    lines.map_while(Result::ok).collect()
 }

@@ -28,3 +28,15 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("client")
 }
+
+/// The admin listener's `/metrics` text.
+pub async fn scrape(admin: std::net::SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text")
+}
