@@ -23,7 +23,9 @@
 //
 // Counted separately: unexpected closes (a close event before the subscriber closed itself),
 // errors before its own close (handshake failures included) and errors after it (a server
-// that drops the connection instead of answering the close handshake), clean closes (the
+// that drops the connection instead of answering the close handshake; k6 refusing to pong a
+// ping that crossed its close, "websocket: close sent", is counted apart as harmless), clean
+// closes (the
 // server's close reply arrived), subscribe acknowledgements and server `error` messages.
 // Thresholds fail the run (exit 99) on any unexpected close or error, a missing subscription
 // acknowledgement, or p99 above P99_MS.
@@ -56,6 +58,9 @@ const errors = new Counter('ws_errors');
 const errorsAfterClose = new Counter('ws_errors_after_own_close');
 const cleanCloses = new Counter('ws_clean_closes');
 const closeUnanswered = new Counter('ws_close_unanswered');
+const pongAfterClose = new Counter('ws_pong_after_own_close');
+// Errors after a subscriber's own close logged per VU, so a run shows what they were.
+let loggedAfterClose = 0;
 
 export const options = {
   scenarios: {
@@ -108,8 +113,13 @@ function subscriber(index, started) {
     }
   });
   ws.addEventListener('error', (event) => {
-    if (closing) {
+    if (closing && String(event.error).includes('close sent')) {
+      // k6's own write after its close: the pong to a ping that crossed the close frame
+      // (the gateway pings a client silent for half its idle timeout). Not the server's doing.
+      pongAfterClose.add(1);
+    } else if (closing) {
       errorsAfterClose.add(1);
+      if (loggedAfterClose++ < 3) console.warn(`subscriber ${index}, after its close: ${event.error}`);
     } else {
       errors.add(1);
       console.warn(`subscriber ${index}: ${event.error}`);
@@ -141,7 +151,7 @@ export default function () {
   const count = Math.min(PER_VU, SUBSCRIBERS - first);
   const started = Date.now();
   // Zero samples, so that every counter (and its threshold) is in the summary of a clean run.
-  for (const counter of [serverErrors, unexpectedCloses, errors, errorsAfterClose, closeUnanswered]) {
+  for (const counter of [serverErrors, unexpectedCloses, errors, errorsAfterClose, closeUnanswered, pongAfterClose]) {
     counter.add(0);
   }
   for (let i = 0; i < count; i++) {
@@ -166,6 +176,7 @@ export function handleSummary(data) {
       `  clean closes ${metric('ws_clean_closes', 'count')}`,
     `  unexpected closes ${metric('ws_unexpected_closes', 'count')}  errors ${metric('ws_errors', 'count')}` +
       `  errors after own close ${metric('ws_errors_after_own_close', 'count')}` +
+      ` (+ ${metric('ws_pong_after_own_close', 'count')} pongs refused after it)` +
       `  close unanswered ${metric('ws_close_unanswered', 'count')}` +
       `  server error messages ${metric('ws_server_error_messages', 'count')}`,
   ];
