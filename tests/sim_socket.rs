@@ -494,3 +494,59 @@ async fn two_hundred_concurrent_subscribers_all_get_ticks() {
     let failed = results.iter().filter(|result| result.is_err()).count();
     assert_eq!(failed, 0, "{failed} of {SUBSCRIBERS} subscribers failed");
 }
+
+/// A client that closes while ticks are flowing gets the close reply. tungstenite queues the
+/// reply when it reads the close frame and writes it on the next read or flush; the service
+/// used to try the next tick batch first, which fails after a close (`SendAfterClosing`), and
+/// dropped the connection with the reply unsent: the client saw a reset or a bare EOF instead
+/// of a close handshake. A fast feed to many subscribers makes a batch pending at the moment
+/// a close arrives the common case, not a rare one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_closing_during_tick_bursts_all_get_the_close_reply() {
+    const SUBSCRIBERS: usize = 200;
+    let service = start(options(Duration::from_millis(2))).await;
+    let mut tasks = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let url = service.ws_url();
+        tasks.push(tokio::spawn(async move {
+            let (mut client, _) = connect_async(url).await.expect("handshake");
+            send_json(
+                &mut client,
+                json!({"action": "subscribe", "products": ["NIFTY", "BANKNIFTY", "FINNIFTY"]}),
+            )
+            .await;
+            assert_eq!(next_json(&mut client).await["type"], "subscribed");
+            for _ in 0..6 {
+                assert_eq!(next_json(&mut client).await["type"], "tick");
+            }
+            client.close(None).await.expect("send close");
+            // Ticks already in flight may still arrive; then the reply, then the end.
+            loop {
+                match client.next().await {
+                    Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(err)) => return Err(format!("no close reply: {err}")),
+                    None => return Err("no close reply: the stream ended".to_owned()),
+                }
+            }
+        }));
+    }
+    let all = futures_util::future::join_all(tasks);
+    let results = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every subscriber closed in time");
+    let unanswered: Vec<String> = results
+        .into_iter()
+        .filter_map(|result| match result {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(err),
+            Err(panic) => Some(format!("subscriber failed: {panic}")),
+        })
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "{} of {SUBSCRIBERS} subscribers got no close reply, e.g. {:?}",
+        unanswered.len(),
+        unanswered.first()
+    );
+}

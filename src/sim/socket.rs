@@ -350,8 +350,16 @@ async fn serve_connection(inner: Arc<Inner>, mut ws: WebSocket) {
                         "binary messages are not supported: send JSON text such as \
                          {\"action\":\"subscribe\",\"products\":[\"NIFTY\"]}",
                     ),
-                    // tungstenite answers pings and close frames itself.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => continue,
+                    // tungstenite answers pings itself.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    // tungstenite has queued its reply to the peer's close frame, but writes it
+                    // only on the next read or flush. Sending a tick now would fail
+                    // (`SendAfterClosing`) and end the connection with the reply unsent, so
+                    // deliver nothing more: flush the reply and end.
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+                        return;
+                    }
                 };
                 if send(&mut ws, vec![Message::Text(reply)]).await.is_err() {
                     return;
