@@ -108,6 +108,32 @@ async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_was_silent_for_a_while_still_gets_its_close_answered() {
+    // Found by the load test's idle holders: the relay took its clock reading before a long
+    // wait, so a close that came after more than close_timeout (1 s) of silence started an
+    // already-expired close deadline and the upstream's reply was never relayed (1006).
+    let (socket, _stop) = socket_service(false).await;
+    let other = FakeUpstream::ok().await;
+    let gw = spawn(config(&format!("http://{socket}"), &other)).await;
+    let mut ws = connect(&ws_url(&gw)).await;
+    // Subscribed to nothing: no tick wakes the relay.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ws.send(Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        },
+    )))
+    .await
+    .unwrap();
+    assert_eq!(
+        close_code(&mut ws, Duration::from_secs(3)).await,
+        Some(CloseCode::Normal),
+        "the close was not answered"
+    );
+}
+
 /// Reads until the close frame; its code, and how long it took to come.
 async fn close_code(ws: &mut Ws, within: Duration) -> Option<CloseCode> {
     let deadline = Instant::now() + within;

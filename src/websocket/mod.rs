@@ -148,7 +148,7 @@ where
                     if stats.ended_by.is_empty() {
                         stats.ended_by = "client";
                     }
-                    closing_until.get_or_insert(now + settings.close_timeout);
+                    closing_until.get_or_insert(Instant::now() + settings.close_timeout);
                 }
                 if upstream_gone && !close_to_client {
                     // The upstream cannot answer the client's close: the gateway does.
@@ -156,7 +156,7 @@ where
                         break;
                     }
                     close_to_client = true;
-                    closing_until.get_or_insert(now + settings.close_timeout);
+                    closing_until.get_or_insert(Instant::now() + settings.close_timeout);
                 }
             }
             read = up_rd.read(&mut up_buf), if !upstream_gone => {
