@@ -35,6 +35,8 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// The latency assumed for an instance with no samples yet, so a new instance is neither
 /// flooded (zero) nor starved (large).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// A latency estimate without a new sample for this long no longer steers the balancer.
+const STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// Where an instance is: the scheme, host and port a request URL must carry for it, and the
 /// address its client connects to.
@@ -225,10 +227,15 @@ impl Instance {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// The decayed peak-EWMA latency, if the instance has answered yet.
+    /// The decayed peak-EWMA latency, if the instance has answered recently. An estimate
+    /// older than [`STALE_AFTER`] counts as none (the other candidate's latency is assumed):
+    /// one slow answer would otherwise keep an instance out of every P2C comparison while its
+    /// estimate decays for tens of seconds, and an instance that gets no traffic never gets a
+    /// fresh sample (seen in chaos experiment 13: a healthy instance starved for 12 s).
     fn latency(&self, now: Instant) -> Option<f64> {
         let h = self.health();
-        h.ewma.sampled.then(|| h.ewma.decayed(now))
+        (h.ewma.sampled && now.saturating_duration_since(h.ewma.at) < STALE_AFTER)
+            .then(|| h.ewma.decayed(now))
     }
 
     /// The balancer's cost: latency x (calls in flight + 1), with `assumed` as the latency of
@@ -804,6 +811,23 @@ mod tests {
             counts[s.pick(&[]).unwrap().id as usize] += 1;
         }
         assert!(counts[2] > 1800 && counts[1] < 1200, "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_slow_answer_does_not_starve_an_instance_once_it_is_stale() {
+        let s = set(&config(), 2);
+        let (slow, fast) = (s.active()[0].clone(), s.active()[1].clone());
+        s.finish(&slow, OK, ms(200));
+        s.finish(&fast, OK, ms(2));
+        // Fresh: the fast one wins every comparison.
+        assert!((0..200).all(|_| s.pick(&[]).unwrap().id == fast.id));
+        // The fast one keeps answering; the slow one gets nothing, so its estimate ages.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        s.finish(&fast, OK, ms(2));
+        let picked_slow = (0..200)
+            .filter(|_| s.pick(&[]).unwrap().id == slow.id)
+            .count();
+        assert!(picked_slow > 0, "starved by a 1.5 s old sample");
     }
 
     #[tokio::test(start_paused = true)]
