@@ -200,6 +200,14 @@ async def run_step(step, ctx):
         svc, n = step["scale"], int(step["n"])
         await asyncio.to_thread(compose_scale, svc, n)
         await asyncio.to_thread(record_ips, ctx, svc, None)
+        # When each instance's container started (compose itself takes seconds to return
+        # after starting them): "new instances take traffic within ..." counts from there.
+        for cid in await asyncio.to_thread(containers, svc):
+            num, started = (await asyncio.to_thread(
+                sh, "docker", "inspect", "-f",
+                '{{index .Config.Labels "com.docker.compose.container-number"}} {{.State.StartedAt}}', cid)).split()
+            ts = dt.datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", started).replace("Z", "+00:00")).timestamp()
+            ctx.setdefault("started_at", {})[f"{svc}#{num}"] = round(ts - ctx["wall0"], 3)
         return f"scale {svc}={n}"
     if "faults" in step:
         svc = step["faults"]
@@ -351,8 +359,12 @@ async def reset_gateways():
     """Closed breakers and an empty cache on both replicas, so experiments are independent."""
     for gw, port in ADMIN_PORTS.items():
         status, _, body = await http(port, "GET", "/admin/breakers")
-        ups = body.keys() if isinstance(body, dict) and "breakers" not in body else None
-        names = list(ups) if ups else ["auth", "storage", "analytics"]
+        if isinstance(body, dict) and isinstance(body.get("breakers"), list):
+            names = [b["upstream"] for b in body["breakers"] if "upstream" in b]
+        elif isinstance(body, dict):
+            names = list(body.keys())
+        else:
+            names = ["auth", "storage", "analytics", "socket"]
         for u in names:
             await http(port, "POST", f"/admin/breakers/{u}/reset")
         await http(port, "DELETE", "/admin/cache")
@@ -768,9 +780,11 @@ def evaluate_upstream_samples(exp, ev, ctx):
     instance_state_s: seconds from event `from` to the first sample in which instance
       `instance` ("storage#2", by its address before the fault) is in state `state` (or, with
       `or_gone`, no longer listed), on every gateway: the slower gateway's figure.
-    new_instance_traffic_s: seconds from event `from` to the first sample in which each of
-      `instances` (addresses they have after the fault's steps: new containers) is healthy
-      and has more successes than at the event, on every gateway: the slowest pair.
+    new_instance_traffic_s: seconds from each of `instances` (as addressed after the fault's
+      steps: new containers) starting (`from`: "container_start", the container's StartedAt
+      after the last scale step; or an event) to the first sample in which it is healthy with
+      more successes than at that moment (0 if it was not listed then), on every gateway:
+      the slowest pair.
     breaker_not_closed_samples: samples (every gateway) in which the upstream's breaker is not
       closed, between `from` (default 0) and the end.
     instance_failures_after: growth of instance `instance`'s failure count on every gateway
@@ -780,7 +794,7 @@ def evaluate_upstream_samples(exp, ev, ctx):
     up = exp.get("upstream", "storage")
     samples = [s for s in ctx.get("upstream_samples", []) if s["upstream"] == up]
     gws = as_list(exp.get("gateways", list(ADMIN_PORTS)))
-    t_ev = ev[exp["from"]] if "from" in exp else 0.0
+    t_ev = ev[exp["from"]] if exp.get("from") in ev else 0.0
     t_ev += exp.get("skip_s", 0)
     if kind == "breaker_not_closed_samples":
         chosen = [s for s in samples if s["t"] >= t_ev and s["gw"] in gws]
@@ -811,20 +825,23 @@ def evaluate_upstream_samples(exp, ev, ctx):
                 worst = max(worst or 0, grow)
         return (round(worst, 3) if isinstance(worst, float) else worst), n, {"address": ip, "per_gateway": per}
     if kind == "new_instance_traffic_s":
-        ips = [ctx.get("ips_latest", {}).get(i) for i in as_list(exp["instances"])]
         worst, n, per = 0.0, 0, {}
-        for gw in gws:
-            mine = [s for s in samples if s["gw"] == gw]
-            for ip in ips:
-                before = [s for s in mine if s["t"] <= t_ev and ip in s["instances"]]
-                base = before[-1]["instances"][ip][1] if before else 0
-                hit = next((s["t"] for s in mine if s["t"] > t_ev and ip in s["instances"]
+        for inst in as_list(exp["instances"]):
+            ip = ctx.get("ips_latest", {}).get(inst)
+            t_start = ctx.get("started_at", {}).get(inst) if exp.get("from") == "container_start" else t_ev
+            if ip is None or t_start is None:
+                return None, n, {"per_instance": per, "missing": inst}
+            for gw in gws:
+                mine = [s for s in samples if s["gw"] == gw]
+                before = [s for s in mine if s["t"] <= t_start]
+                base = before[-1]["instances"].get(ip, [None, 0])[1] if before else 0
+                hit = next((s["t"] for s in mine if s["t"] > t_start and ip in s["instances"]
                             and s["instances"][ip][0] == "healthy" and s["instances"][ip][1] > base), None)
-                per[f"{gw} {ip}"] = round(hit - t_ev, 3) if hit is not None else None
+                per[f"{gw} {inst} {ip}"] = round(hit - t_start, 3) if hit is not None else None
                 if hit is None:
                     return None, n, {"per_instance": per}
                 n += 1
-                worst = max(worst, hit - t_ev)
+                worst = max(worst, hit - t_start)
         return round(worst, 3), n, {"per_instance": per}
     raise ValueError(kind)
 

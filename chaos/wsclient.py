@@ -121,6 +121,7 @@ async def subscriber(spec, sub_id, ports, t0, end_t):
     time in seconds from t0:
       connected {target, lat_ms}    rejected {target, status, lat_ms, json, reason}
       connect_error {target, err}   tick {target}
+    (the three kinds of upgrade attempt are timed from the attempt's start, the rest when seen)
       end {target, code (None: no close frame), how: close|eof|reset}
     """
     targets = spec["targets"]
@@ -134,11 +135,12 @@ async def subscriber(spec, sub_id, ports, t0, end_t):
     while now() < end_t:
         target = targets[ti % len(targets)]
         started = time.monotonic()
+        t_attempt = round(now(), 4)  # attempts are timed from their start
         try:
             status, rh, body, ws = await asyncio.wait_for(
                 handshake(ports[target], spec.get("path", "/ws"), spec.get("headers")), timeout)
         except Exception as e:
-            events.append({"t": round(now(), 4), "kind": "connect_error", "target": target,
+            events.append({"t": t_attempt, "kind": "connect_error", "target": target,
                            "err": type(e).__name__, "lat_ms": round((time.monotonic() - started) * 1000, 3)})
             if spec.get("failover"):
                 ti += 1
@@ -152,11 +154,11 @@ async def subscriber(spec, sub_id, ports, t0, end_t):
                     reason = json.loads(body).get("reason")
                 except Exception:
                     is_json = False
-            events.append({"t": round(now(), 4), "kind": "rejected", "target": target, "status": status,
+            events.append({"t": t_attempt, "kind": "rejected", "target": target, "status": status,
                            "lat_ms": lat, "json": is_json, "reason": reason})
             await asyncio.sleep(delay)
             continue
-        events.append({"t": round(now(), 4), "kind": "connected", "target": target, "lat_ms": lat})
+        events.append({"t": t_attempt, "kind": "connected", "target": target, "lat_ms": lat})
         how, code = None, None
         try:
             await ws.send_text(json.dumps({"action": "subscribe", "products": products}))
