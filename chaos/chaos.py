@@ -777,9 +777,11 @@ def evaluate(exp, records, ev, end, ctx):
 def evaluate_upstream_samples(exp, ev, ctx):
     """Metrics on the /admin/upstreams samples (UpstreamSampler). Returns (value, n, detail).
 
-    instance_state_s: seconds from event `from` to the first sample in which instance
-      `instance` ("storage#2", by its address before the fault) is in state `state` (or, with
-      `or_gone`, no longer listed), on every gateway: the slower gateway's figure.
+    instance_state_s: seconds from event `from` (with `since_first_failure`: from the first
+      sample after it in which that gateway had counted a failure of the instance) to the
+      first sample in which instance `instance` ("storage#2", by its address before the fault)
+      is in state `state` (or, with `or_gone`, no longer listed), on every gateway: the slower
+      gateway's figure.
     new_instance_traffic_s: seconds from each of `instances` (as addressed after the fault's
       steps: new containers) starting (`from`: "container_start", the container's StartedAt
       after the last scale step; or an event) to the first sample in which it is healthy with
@@ -807,14 +809,28 @@ def evaluate_upstream_samples(exp, ev, ctx):
         for gw in gws:
             mine = [s for s in samples if s["gw"] == gw]
             if kind == "instance_state_s":
-                hit = next((s["t"] for s in mine if s["t"] >= t_ev and (
+                if exp.get("since_first_failure"):
+                    # From the first sample (after the event) in which this gateway had seen the
+                    # instance fail: how fast the gateway reacts once it has evidence.
+                    base = next((s["instances"][ip][2] for s in reversed(mine) if s["t"] <= t_ev and ip in s["instances"]), 0)
+                    first = next((s["t"] for s in mine if s["t"] > t_ev and ip in s["instances"]
+                                  and s["instances"][ip][2] > base), None)
+                    if first is None:
+                        per[gw] = None
+                        return None, n, {"address": ip, "per_gateway": per, "note": f"{gw} saw no failure"}
+                    t_ev_gw = first
+                else:
+                    t_ev_gw = t_ev
+                hit = next((s["t"] for s in mine if s["t"] >= t_ev_gw and (
                     (ip in s["instances"] and s["instances"][ip][0] == exp["state"])
                     or (exp.get("or_gone") and ip not in s["instances"]))), None)
                 n += 1 if hit is not None else 0
-                per[gw] = round(hit - t_ev, 3) if hit is not None else None
+                per[gw] = round(hit - t_ev_gw, 3) if hit is not None else None
+                if t_ev_gw != t_ev:
+                    per[gw + " first_failure_s"] = round(t_ev_gw - t_ev, 3)
                 if hit is None:
                     return None, n, {"address": ip, "per_gateway": per}
-                worst = max(worst or 0, hit - t_ev)
+                worst = max(worst or 0, hit - t_ev_gw)
             else:
                 before = [s for s in mine if s["t"] <= t_ev and ip in s["instances"]]
                 after = [s for s in mine if s["t"] > t_ev and ip in s["instances"]]
