@@ -490,9 +490,10 @@ class UpstreamSampler:
         self.upstreams, self.t0, self.every = upstreams, t0, every_s
         self.samples = []  # {"t", "gw", "upstream", "breaker", "instances": {ip: [state, ok, fail]}}
         self.task = None
+        self.stopped = False
 
     async def loop(self):
-        while True:
+        while not self.stopped:
             for gw, port in ADMIN_PORTS.items():
                 try:
                     ups = await admin_upstreams(port)
@@ -514,12 +515,13 @@ class UpstreamSampler:
             self.task = asyncio.create_task(self.loop())
 
     async def stop(self):
+        # A flag as well as cancel(): Python 3.11's wait_for (inside every request) can
+        # swallow a cancellation that lands as its request completes, and the poll would
+        # then run on forever (seen once: an experiment stuck for 14 minutes).
+        self.stopped = True
         if self.task:
             self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([self.task], timeout=5)
 
 
 def breaker_state(b):
