@@ -23,9 +23,30 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// `serve --help`: the environment variables (README, "Configuration"), which override the
+/// config file.
+const SERVE_ENV_HELP: &str = "\
+Environment variables (override the config file):
+  PORT                    public listener port [default: 8000]
+  ADMIN_PORT              admin listener port, on 127.0.0.1 [default: 9000]
+  SERVICE_NAME            reported by /health [default: api-gateway]
+  AUTH_SERVICE_URL        upstreams.auth.url [default: http://auth:8001]
+  STORAGE_SERVICE_URL     upstreams.storage.url; a comma-separated list is several instances
+                          [default: http://storage:8003]
+  ANALYTICS_SERVICE_URL   upstreams.analytics.url [default: http://analytics:8004]
+  SOCKET_SERVICE_URL      upstreams.socket.url (WebSocket routes) [default: http://socket:8002]
+  REDIS_URL               rate_limit.redis_url [default: unset: the in-process limiter]
+  JWT_SECRET              auth.jwt_secret (local verification) [default: unset]
+  GATEWAY_CONFIG          same as --config [default: unset: the embedded route table]
+  GATEWAY_WORKER_THREADS  tokio worker threads; 1 = current-thread runtime [default: one per core]
+  RUST_LOG                log filter (tracing env-filter syntax) [default: info]
+
+Signals: SIGTERM/SIGINT drain for server.shutdown_grace, then exit; SIGHUP reloads the config file.";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
+    #[command(after_help = SERVE_ENV_HELP)]
     Serve,
     /// Validate a config file and print the effective configuration (exit 0), or the
     /// errors (exit 2).
@@ -136,7 +157,10 @@ fn main() -> ExitCode {
                 let demo = start_demo(cfg, ports, faults).await?;
                 println!("{}", demo.banner());
                 deltastream_gateway::server::signal().await;
+                // The same lines as `serve`, so a script or a reader sees the drain.
+                tracing::info!("shutdown signal received; draining in-flight requests");
                 demo.shutdown().await;
+                tracing::info!("gateway stopped");
                 Ok(())
             })
         }

@@ -27,6 +27,7 @@ use crate::upstream::Pipeline;
 pub mod admin;
 mod conn;
 mod cors;
+pub mod fds;
 pub mod memory;
 pub mod reload;
 pub mod tls;
@@ -75,6 +76,11 @@ pub async fn build_state(
     for name in cfg.upstreams.keys() {
         crate::upstream::register_zeroes(name);
     }
+    let spans = crate::observability::otlp::Exporter::keep_or_start(
+        previous.and_then(|p| p.spans.as_ref()),
+        &cfg.tracing,
+        &cfg.service_name,
+    );
     let timeout_status =
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
@@ -87,6 +93,7 @@ pub async fn build_state(
             Some(p) => p,
             None => Arc::new(Pipeline::new(name, u)?),
         };
+        pipeline.export_spans_to(spans.clone());
         upstreams.push(UpstreamRuntime {
             name: Arc::from(name.as_str()),
             base_url: u.primary_url().trim_end_matches('/').to_string(),
@@ -174,6 +181,7 @@ pub async fn build_state(
             .map(|p| p.ws_connections.clone())
             .unwrap_or_default(),
         shutdown,
+        spans,
         health: Bytes::from(health),
         config: cfg,
     }))
@@ -244,10 +252,21 @@ async fn start_inner(
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-    let max_connections = cfg.limits.max_connections;
+    // Idle connections must never be what kills the process: under a cgroup memory limit the
+    // cap is lowered until base + cache + every connection fit (issue 18: a 64 MiB replica
+    // was OOM-killed at ~2,400 idle connections with the cap at 10,000).
+    let (max_connections, lowered) = memory::connection_cap(
+        cfg.limits.max_connections,
+        memory::cgroup_memory_limit(),
+        cfg.cache.max_bytes.0,
+    );
+    if let Some(why) = lowered {
+        tracing::warn!("{why}");
+    }
     let grace = cfg.server.shutdown_grace.0;
     let watch_config = cfg.server.watch_config;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
+    fds::raise_limit(&cfg);
     // TLS: the certificate (a reload may replace it) and the acceptor built on it.
     let (certs, acceptor) = match &cfg.server.tls {
         Some(t) => {
@@ -431,7 +450,8 @@ async fn accept_loop(
             let live = gw.live_full();
             async move {
                 let req = req.map(Body::new);
-                let resp = access(Some(peer), req, |req, rid| async move {
+                let spans = live.app.spans.clone();
+                let resp = access(Some(peer), req, spans, |req, rid| async move {
                     // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
                     if req.method() == http::Method::OPTIONS {
                         return (live.cors.preflight(req.headers()), RouteInfo::default());

@@ -269,3 +269,63 @@ fn check_config_into_a_closed_pipe_exits_0_without_a_panic() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn serve_help_lists_every_environment_variable_of_the_readme_with_its_default() {
+    let out = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    // The README's table of environment variables is the reference; --help must not drift.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("| environment variable |")
+        .nth(1)
+        .expect("README has the environment table");
+    let vars: Vec<&str> = table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('`').nth(1))
+        .collect();
+    assert!(vars.len() >= 10, "{vars:?}");
+    let lines: Vec<&str> = help.lines().collect();
+    for var in vars {
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(&format!("{var} ")))
+            .unwrap_or_else(|| panic!("{var} missing from serve --help:\n{help}"));
+        // The entry: its line and the indented continuation lines under it.
+        let entry: String = std::iter::once(lines[at])
+            .chain(
+                lines[at + 1..]
+                    .iter()
+                    .copied()
+                    .take_while(|l| l.starts_with("    ")),
+            )
+            .collect();
+        assert!(
+            entry.contains("[default:"),
+            "{var} without a default: {entry}"
+        );
+    }
+    assert!(help.contains("SIGHUP"), "{help}");
+}
+
+#[test]
+fn check_config_names_the_line_and_column_of_a_toml_syntax_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
+    std::fs::write(&file, "[server]\nport = 8000\n[[routes]\npath = \"/x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 3, column"), "{stderr}");
+}

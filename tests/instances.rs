@@ -305,6 +305,67 @@ async fn a_hedged_get_is_answered_by_another_instance_when_the_first_hangs() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_instance_that_keeps_losing_hedge_races_is_ejected() {
+    // A gray failure: the instance accepts and never answers. Hedging hides it from clients;
+    // the lost races must still count against it, or it stays in rotation for ever and
+    // every request that picks it pays the hedge delay.
+    let hang = FakeUpstream::builder().then(Step::Hang).start().await;
+    let (a, b) = (FakeUpstream::ok().await, FakeUpstream::ok().await);
+    let mut cfg = config(&[a.url(), hang.url(), b.url()]);
+    for r in cfg.routes.iter_mut() {
+        if r.path == "/api/data/underlying/{product}" {
+            r.hedge_after = Some(Dur::from_millis(50));
+        }
+    }
+    let gw = spawn(cfg).await;
+    let c = client();
+    let admin = format!("http://{}", gw.admin_addr);
+    let hung = hang.addr.to_string();
+    let state = |view: &Value| {
+        view["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["address"] == hung.as_str())
+            .map(|i| i["state"].as_str().unwrap().to_string())
+    };
+    let mut ejected = false;
+    // Bounded: at most 150 requests; a pause longer than the 100 ms bias after each, so the
+    // hung instance is picked again.
+    for _ in 0..150 {
+        let r = c
+            .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if state(&upstream_view(&c, &admin, "storage").await).as_deref() == Some("ejected") {
+            ejected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    assert!(
+        ejected,
+        "the hung instance was never ejected after {} attempts",
+        hang.hits()
+    );
+    // Ejected (10 s): no attempt reaches it any more.
+    let before = hang.hits();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let r = c
+            .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+    assert_eq!(hang.hits(), before);
+}
+
 /// A resolver whose answers the test changes.
 #[derive(Default)]
 struct Scripted(Mutex<HashMap<String, Vec<IpAddr>>>);

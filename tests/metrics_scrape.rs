@@ -70,6 +70,41 @@ async fn every_documented_metric_family_shows_in_the_first_scrape_with_help() {
         "{text}"
     );
     assert!(text.contains(r#"gateway_circuit_breaker_state{upstream="storage",state="open"} 0"#));
+    // The README's metric table and the catalog name the same gateway families.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("| metric | labels |")
+        .nth(1)
+        .expect("metric table");
+    let mut documented = Vec::new();
+    for line in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let first = line.split('|').nth(1).unwrap_or("");
+        documented.extend(
+            first
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|n| n.starts_with("gateway_"))
+                .map(str::to_string),
+        );
+    }
+    let catalog: Vec<&str> = deltastream_gateway::observability::catalog::FAMILIES
+        .iter()
+        .map(|(n, _, _)| *n)
+        .collect();
+    for name in &documented {
+        assert!(
+            catalog.contains(&name.as_str()),
+            "README documents {name}, which is not exported"
+        );
+    }
+    for name in &catalog {
+        assert!(
+            documented.iter().any(|d| d == name),
+            "{name} is exported but missing from the README's metric table"
+        );
+    }
 }
 
 #[tokio::test]

@@ -188,3 +188,64 @@ fn sighup_and_the_file_watch_reload_the_configuration() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn demo_logs_its_shutdown_like_serve() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .args([
+            "demo",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--auth-port",
+            "0",
+        ])
+        .args([
+            "--storage-port",
+            "0",
+            "--analytics-port",
+            "0",
+            "--socket-port",
+            "0",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("REDIS_URL")
+        .env_remove("GATEWAY_CONFIG")
+        .env_remove("PORT")
+        .env_remove("ADMIN_PORT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        if line.contains("DeltaStream demo is running") {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert_eq!(code.code(), Some(0), "exit status after SIGTERM");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    for expected in ["shutdown signal received", "gateway stopped"] {
+        assert!(
+            rest.iter().any(|l| l.contains(expected)),
+            "{expected:?} not logged: {rest:?}"
+        );
+    }
+}

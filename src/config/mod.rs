@@ -12,6 +12,7 @@ pub mod defaults;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod telemetry;
 pub mod types;
 pub mod upstream;
 
@@ -31,6 +32,7 @@ pub use server::{
     AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, LimitsConfig, RedirectConfig,
     ServerConfig, TlsConfig, WebSocketConfig, DEFAULT_STRIP_FROM_UNTRUSTED,
 };
+pub use telemetry::TracingConfig;
 pub use types::{join, ByteSize, Dur, FieldError};
 pub use upstream::{BalancerKind, BreakerConfig, EjectionConfig, RetryConfig, UpstreamConfig};
 
@@ -59,6 +61,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Rate-limit policies and the Redis backend (`REDIS_URL`).
     pub rate_limit: RateLimitConfig,
+    /// OpenTelemetry span export (`[tracing]`), off by default.
+    pub tracing: TracingConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -87,6 +91,18 @@ impl From<FieldError> for ConfigErrors {
     }
 }
 
+/// The 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
 impl Config {
     /// The embedded default: the DeltaStream route table with env-less defaults.
     pub fn embedded() -> Config {
@@ -100,8 +116,14 @@ impl Config {
     /// Parses a TOML document (without env overrides), merging over the embedded default
     /// unless it sets `inherit_defaults = false`. Errors name the field path.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| FieldError::new("", format!("invalid TOML: {}", e.message())))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .map(|(line, column)| format!(" at line {line}, column {column}"))
+                .unwrap_or_default();
+            FieldError::new("", format!("invalid TOML{at}: {}", e.message()))
+        })?;
         let file: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
@@ -290,6 +312,7 @@ impl Config {
                 ));
             }
         }
+        self.tracing.validate(errors);
         let ws = &self.websocket;
         for (field, zero) in [
             ("websocket.max_connections", ws.max_connections == 0),
@@ -456,10 +479,26 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             headers: HeadersConfig::default(),
             websocket: WebSocketConfig::default(),
+            tracing: TracingConfig::default(),
             cache: CacheConfig::default(),
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_syntax_error_names_its_line_and_column() {
+        let text = "[server]\nport = 8000\nshutdown_grace = \"5s\n";
+        let errors = Config::from_toml(text).unwrap_err();
+        let shown = errors.to_string();
+        assert!(shown.contains("invalid TOML at line 3, column"), "{shown}");
+        assert_eq!(line_column("ab\ncé\nx", 6), (2, 3));
+        assert_eq!(line_column("", 10), (1, 1));
     }
 }

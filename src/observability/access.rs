@@ -14,6 +14,7 @@ use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue};
 
 use super::metrics::{method_label, record_request, status_class};
+use super::otlp::{Exporter, Kind, SpanRecord, Value};
 use crate::error::{ErrorReply, GatewayError};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -64,7 +65,7 @@ fn new_request_id() -> HeaderValue {
 /// is read from a [`ClientAddr`] one, and the route from a [`RouteInfo`] response extension.
 pub async fn access_layer(req: Request, next: Next) -> Response {
     let remote = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    access(remote, req, |mut req, rid| async move {
+    access(remote, req, None, |mut req, rid| async move {
         req.extensions_mut().insert(RequestId(rid));
         let mut resp = next.run(req).await;
         let info = resp.extensions_mut().remove::<RouteInfo>();
@@ -77,7 +78,12 @@ pub async fn access_layer(req: Request, next: Next) -> Response {
 /// which gets the request and its id and answers with the response and what it routed to.
 /// Passed as arguments rather than request/response extensions: the first insert into an
 /// extension map allocates a hash map, and three of them cost ~1,500 instructions per request.
-pub async fn access<F, Fut>(remote: Option<SocketAddr>, req: Request, inner: F) -> Response
+pub async fn access<F, Fut>(
+    remote: Option<SocketAddr>,
+    req: Request,
+    spans: Option<Arc<Exporter>>,
+    inner: F,
+) -> Response
 where
     F: FnOnce(Request, HeaderValue) -> Fut,
     Fut: std::future::Future<Output = (Response, RouteInfo)>,
@@ -130,10 +136,20 @@ where
         status_class(status),
         start.elapsed().as_secs_f64(),
     );
-    if tracing::enabled!(target: "access", tracing::Level::INFO) {
-        // The line is written when the body is done (or dropped: the client went away), so
-        // it has the whole duration of a streamed response and the bytes sent.
+    if !reason.is_empty() {
+        // Errors only (a lookup per error, none per success): the reason the client read.
+        metrics::counter!("gateway_errors_total",
+            "route" => route.as_deref().unwrap_or("unmatched").to_string(), "reason" => reason)
+        .increment(1);
+    }
+    let log = tracing::enabled!(target: "access", tracing::Level::INFO);
+    if log || spans.is_some() {
+        // The line is written (and the request's span exported) when the body is done (or
+        // dropped: the client went away), so it has the whole duration of a streamed
+        // response and the bytes sent.
         let pending = PendingLine {
+            log,
+            spans,
             start,
             method,
             uri,
@@ -159,6 +175,10 @@ where
 
 /// What the access line needs, kept until the response body is done.
 struct PendingLine {
+    /// Write the access line (`RUST_LOG` lets `access` through).
+    log: bool,
+    /// Export the request's span.
+    spans: Option<Arc<Exporter>>,
     start: Instant,
     method: http::Method,
     uri: http::Uri,
@@ -173,6 +193,12 @@ struct PendingLine {
 
 impl PendingLine {
     fn write(&self, bytes: u64) {
+        if let Some(exporter) = &self.spans {
+            self.export(exporter, bytes);
+        }
+        if !self.log {
+            return;
+        }
         let line = AccessLine {
             method: self.method.as_str(),
             path: self.uri.path(),
@@ -187,6 +213,49 @@ impl PendingLine {
             trace_id: self.trace.trace_id_hex(),
         };
         line.write(std::time::SystemTime::now());
+    }
+}
+
+impl PendingLine {
+    /// The request's span: the gateway's hop in the trace (`trace.rs`).
+    fn export(&self, exporter: &Exporter, bytes: u64) {
+        let elapsed = self.start.elapsed();
+        let end = std::time::SystemTime::now();
+        let route = self.route.as_deref().unwrap_or("");
+        let mut attributes = vec![
+            ("http.request.method", Value::Str(self.method.to_string())),
+            ("url.path", Value::Str(self.uri.path().to_string())),
+            ("http.route", Value::Str(route.to_string())),
+            (
+                "http.response.status_code",
+                Value::Int(i64::from(self.status)),
+            ),
+            ("http.response.body.size", Value::Int(bytes as i64)),
+        ];
+        if let Some(upstream) = &self.upstream {
+            attributes.push(("upstream", Value::Str(upstream.to_string())));
+        }
+        if !self.reason.is_empty() {
+            attributes.push(("error.type", Value::Str(self.reason.to_string())));
+        }
+        if let Some(remote) = self.remote {
+            attributes.push(("client.address", Value::Str(remote.ip().to_string())));
+        }
+        exporter.record(SpanRecord {
+            trace_id: self.trace.trace_id,
+            span_id: self.trace.span_id,
+            parent_id: self.trace.parent_id,
+            name: if route.is_empty() {
+                self.method.to_string()
+            } else {
+                format!("{} {route}", self.method)
+            },
+            kind: Kind::Server,
+            start: end.checked_sub(elapsed).unwrap_or(end),
+            end,
+            attributes,
+            error: self.status >= 500,
+        });
     }
 }
 

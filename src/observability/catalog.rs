@@ -49,6 +49,10 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_config_reloads_total", Kind::Counter, "Configuration reloads, by result (success, invalid, failed)"),
     ("gateway_config_info", Kind::Gauge, "1 for the configuration in effect (by its SHA-256), 0 for those it replaced"),
     ("gateway_build_info", Kind::Gauge, "Always 1; the build's version and git commit as labels"),
+    ("gateway_errors_total", Kind::Counter, "Error answers by route and reason (the error body's `reason`)"),
+    ("gateway_otlp_spans_exported_total", Kind::Counter, "Spans accepted by the OTLP collector ([tracing] otlp_endpoint)"),
+    ("gateway_otlp_spans_dropped_total", Kind::Counter, "Spans dropped because the export queue was full"),
+    ("gateway_otlp_export_failures_total", Kind::Counter, "OTLP export requests that failed (their batch is dropped)"),
 ];
 
 /// Gives every family its help text (call once the recorder is installed).
@@ -73,6 +77,15 @@ pub fn register_zeroes(cfg: &Config) {
     use metrics::{counter, gauge, histogram};
     for r in &cfg.routes {
         let route = r.path.clone();
+        for reason in [
+            "upstream_unavailable",
+            "upstream_timeout",
+            "circuit_open",
+            "rate_limited",
+        ] {
+            counter!("gateway_errors_total", "route" => route.clone(), "reason" => reason)
+                .increment(0);
+        }
         for method in &r.methods {
             let labels = [
                 ("route", route.clone()),
@@ -119,6 +132,13 @@ pub fn register_zeroes(cfg: &Config) {
     gauge!("gateway_cache_bytes").increment(0.0);
     gauge!("gateway_cache_entries").increment(0.0);
     counter!("gateway_auth_failures_blocked_total").increment(0);
+    for family in [
+        "gateway_otlp_spans_exported_total",
+        "gateway_otlp_spans_dropped_total",
+        "gateway_otlp_export_failures_total",
+    ] {
+        counter!(family).increment(0);
+    }
     counter!("gateway_connections_closed_total", "reason" => "send_timeout").increment(0);
     for result in ["success", "invalid", "failed"] {
         counter!("gateway_config_reloads_total", "result" => result).increment(0);

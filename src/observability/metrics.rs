@@ -47,8 +47,10 @@ fn process_collector() -> &'static metrics_process::Collector {
 
 /// The Prometheus text of every family, process metrics refreshed first.
 pub fn render() -> String {
+    // The recorder first: the process metrics recorded before it exists would be lost.
+    let handle = handle();
     process_collector().collect();
-    handle().render()
+    handle.render()
 }
 
 /// Whether the recorder is installed (handles taken before it would record nothing).

@@ -2,6 +2,7 @@
 pub mod access;
 pub mod catalog;
 pub mod metrics;
+pub mod otlp;
 pub mod trace;
 
 use std::io::Write;

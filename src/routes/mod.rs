@@ -110,6 +110,8 @@ pub struct AppState {
     pub ws_connections: Arc<websocket::WsConnections>,
     /// Becomes `true` at shutdown: WebSocket relays close their connections with 1001.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// OTLP span export (`[tracing]`), when configured.
+    pub spans: Option<Arc<crate::observability::otlp::Exporter>>,
 }
 
 impl AppState {

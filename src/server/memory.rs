@@ -51,3 +51,104 @@ fn trim() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
+
+/// What one client connection may hold, for the cap derived from a memory limit: an idle
+/// keep-alive connection measured 23 KiB in a container (issue 18), with room for a request
+/// in flight.
+pub const BYTES_PER_CONNECTION: u64 = 32 << 10;
+/// The process without connections or cache: runtime, route table, pools, metrics (RSS idle
+/// measures 10-11 MiB), with headroom for bursts.
+pub const BASE_BYTES: u64 = 24 << 20;
+
+/// The memory limit of the cgroup this process runs in (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`), when one is set.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut candidates = vec![
+        "/sys/fs/cgroup/memory.max".to_string(),
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string(),
+    ];
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        if controllers.is_empty() {
+            candidates.push(format!("/sys/fs/cgroup{path}/memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+        }
+    }
+    candidates
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|text| parse_limit(&text))
+        .min()
+}
+
+/// A cgroup limit file's value: `max` (v2) or a page-rounded 2^63 (v1) mean none.
+fn parse_limit(text: &str) -> Option<u64> {
+    let v: u64 = text.trim().parse().ok()?;
+    (v < 1 << 60).then_some(v)
+}
+
+/// The connection cap: the configured one, lowered so that `limit` (a cgroup memory limit)
+/// can hold the base, the cache's budget and every connection; never below 64. Returns the
+/// cap and, when the limit lowered it, why (for the log).
+pub fn connection_cap(
+    configured: usize,
+    limit: Option<u64>,
+    cache_bytes: u64,
+) -> (usize, Option<String>) {
+    let Some(limit) = limit else {
+        return (configured, None);
+    };
+    let room = limit.saturating_sub(BASE_BYTES + cache_bytes);
+    let fits = usize::try_from(room / BYTES_PER_CONNECTION)
+        .unwrap_or(usize::MAX)
+        .max(64);
+    if fits >= configured {
+        return (configured, None);
+    }
+    (
+        fits,
+        Some(format!(
+            "limits.max_connections lowered from {configured} to {fits}: the memory limit is {} MiB \
+             ({} MiB base + cache.max_bytes {} MiB + {} KiB per connection); past the cap, \
+             connections wait in the accept queue instead of killing the process",
+            limit >> 20,
+            BASE_BYTES >> 20,
+            cache_bytes >> 20,
+            BYTES_PER_CONNECTION >> 10
+        )),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_limit_lowers_the_connection_cap_so_the_connections_fit() {
+        // No limit: as configured.
+        assert_eq!(connection_cap(10_000, None, 64 << 20), (10_000, None));
+        // A 64 MiB replica with an 8 MiB cache: (64 - 24 - 8) MiB / 32 KiB = 1,024.
+        let (cap, why) = connection_cap(10_000, Some(64 << 20), 8 << 20);
+        assert_eq!(cap, 1_024);
+        assert!(why.unwrap().contains("lowered from 10000 to 1024"));
+        // Ample memory: the configured cap stands.
+        assert_eq!(connection_cap(10_000, Some(4 << 30), 64 << 20).0, 10_000);
+        // A cache budget as large as the limit leaves the floor, not zero.
+        assert_eq!(connection_cap(10_000, Some(64 << 20), 64 << 20).0, 64);
+    }
+
+    #[test]
+    fn cgroup_files_say_max_or_a_huge_number_for_no_limit() {
+        assert_eq!(parse_limit("max\n"), None);
+        assert_eq!(parse_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_limit("67108864\n"), Some(64 << 20));
+        // Whatever this machine says, reading it does not fail.
+        let _ = cgroup_memory_limit();
+    }
+}

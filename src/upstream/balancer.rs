@@ -4,6 +4,7 @@
 //! the attempt went so the instance's load and health follow. The chain then ends in
 //! [`Dispatch`], which sends on the chosen instance's own pooled client.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::Extensions;
@@ -17,6 +18,50 @@ use super::instances::{Instance, InstanceSet};
 /// The instance an attempt was sent to, in that attempt's extensions.
 #[derive(Clone, Debug)]
 pub(crate) struct Chosen(pub(crate) Arc<Instance>);
+
+/// Set by the retry layer on the attempt that lost a hedge race, just before it is dropped:
+/// the instance did not answer in time, and its health must say so. Any other cancellation
+/// (the client went away, the call's deadline) teaches nothing about the instance.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Abandoned(pub(crate) Arc<AtomicBool>);
+
+impl Abandoned {
+    pub(crate) fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Reports a finished attempt to its instance; dropped unfinished (cancelled), it reports a
+/// lost hedge as a timeout and anything else not at all.
+struct AttemptReport<'a> {
+    instances: &'a InstanceSet,
+    instance: Arc<Instance>,
+    started: Instant,
+    abandoned: Option<Abandoned>,
+    done: bool,
+}
+
+impl AttemptReport<'_> {
+    fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        self.instances
+            .finish(&self.instance, outcome, self.started.elapsed());
+    }
+}
+
+impl Drop for AttemptReport<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && self
+                .abandoned
+                .as_ref()
+                .is_some_and(|a| a.0.load(Ordering::Acquire))
+        {
+            self.instances
+                .finish(&self.instance, Outcome::Timeout, self.started.elapsed());
+        }
+    }
+}
 
 pub(crate) struct Balancer {
     pub(crate) instances: Arc<InstanceSet>,
@@ -41,12 +86,16 @@ impl Middleware for Balancer {
         call.tried_instance(instance.id);
         move_to(&mut req, &instance);
         extensions.insert(Chosen(instance.clone()));
-        let in_flight = instance.start();
-        let started = Instant::now();
+        let _in_flight = instance.start();
+        let report = AttemptReport {
+            instances: &self.instances,
+            abandoned: extensions.get::<Abandoned>().cloned(),
+            instance,
+            started: Instant::now(),
+            done: false,
+        };
         let result = next.run(req, extensions).await;
-        self.instances
-            .finish(&instance, Outcome::of(&result), started.elapsed());
-        drop(in_flight);
+        report.finish(Outcome::of(&result));
         result
     }
 }

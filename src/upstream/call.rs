@@ -106,12 +106,34 @@ pub(crate) enum Outcome {
     Internal,
 }
 
+/// Whether `e` (or an error under it) is the OS refusing this process a resource: out of
+/// file descriptors (EMFILE, ENFILE) or buffer space (ENOBUFS, ENOMEM).
+fn out_of_local_resources(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+            ) {
+                return true;
+            }
+        }
+        current = err.source();
+    }
+    false
+}
+
 impl Outcome {
     pub(crate) fn of(result: &reqwest_middleware::Result<Response>) -> Outcome {
         match result {
             Ok(response) => Outcome::Status(response.status()),
             Err(reqwest_middleware::Error::Reqwest(e)) => {
-                if e.is_connect() {
+                if out_of_local_resources(e) {
+                    // Our own process ran out (descriptors, buffers): no verdict on the
+                    // upstream, whose breaker must not open for it.
+                    Outcome::Internal
+                } else if e.is_connect() {
                     Outcome::ConnectError
                 } else if e.is_timeout() {
                     Outcome::Timeout
@@ -320,6 +342,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn running_out_of_descriptors_is_ours_not_the_upstreams() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed")]
+        struct Wrapped(#[source] std::io::Error);
+        let emfile = Wrapped(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(out_of_local_resources(&emfile));
+        let refused = Wrapped(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(!out_of_local_resources(&refused));
+    }
+
+    #[test]
     fn a_4xx_is_a_breaker_success_and_a_5xx_a_failure() {
         let s = |code: u16| Outcome::Status(StatusCode::from_u16(code).unwrap());
         assert_eq!(s(404).breaker_failure(), Some(false));
@@ -327,6 +360,7 @@ mod tests {
         assert_eq!(s(500).breaker_failure(), Some(true));
         assert_eq!(s(503).label(), "status_5xx");
         assert_eq!(Outcome::Timeout.breaker_failure(), Some(true));
+        assert_eq!(Outcome::Internal.breaker_failure(), None);
         assert_eq!(Outcome::CircuitOpen(Duration::ZERO).breaker_failure(), None);
     }
 

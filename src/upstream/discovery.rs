@@ -1,6 +1,9 @@
 //! Finding an upstream's instances: each configured URL whose host is a name is resolved to
 //! all its addresses (docker compose `--scale`, a Kubernetes headless service), again every
-//! `discovery_interval`; a failed or empty resolution keeps the last known set. The same task
+//! `discovery_interval`. A failed resolution (a timeout, a DNS server that cannot answer)
+//! keeps the last known set; an authoritative "this name has no addresses" (NXDOMAIN, as
+//! Docker's DNS answers once every container of a service is gone) empties it, so calls fail
+//! fast instead of waiting out connect timeouts to addresses that are gone. The same task
 //! probes ejected instances whose time is over, when the upstream has a `probe_path`.
 //!
 //! Resolution goes through [`Resolve`], so tests can say which addresses a name has. The
@@ -16,7 +19,8 @@ use tokio::time::Instant;
 
 use super::instances::{Endpoint, InstanceSet};
 
-/// Turns a host name into its addresses.
+/// Turns a host name into its addresses: `Ok(empty)` when the name authoritatively has none
+/// (the set empties), `Err` when the answer is unknown (the last known set is kept).
 pub trait Resolve: Send + Sync + 'static {
     fn resolve(&self, host: &str, port: u16) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>>;
 }
@@ -29,15 +33,33 @@ impl Resolve for SystemResolver {
     fn resolve(&self, host: &str, port: u16) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
         let target = format!("{host}:{port}");
         Box::pin(async move {
-            let mut ips: Vec<IpAddr> = tokio::net::lookup_host(target)
-                .await?
-                .map(|a| a.ip())
-                .collect();
+            let found = match tokio::net::lookup_host(target).await {
+                Ok(found) => found,
+                Err(e) if name_does_not_exist(&e) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut ips: Vec<IpAddr> = found.map(|a| a.ip()).collect();
             ips.sort();
             ips.dedup();
             Ok(ips)
         })
     }
+}
+
+/// Whether getaddrinfo's error says the name has no addresses (EAI_NONAME, EAI_NODATA)
+/// rather than that it could not find out (EAI_AGAIN, EAI_FAIL, ...). std reports these
+/// only as text (`failed to lookup address information: <gai_strerror>`), so the text is
+/// what can be matched; glibc and musl spell them as below.
+fn name_does_not_exist(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    [
+        "Name or service not known",
+        "No address associated with hostname",
+        "Name does not resolve",
+        "nodename nor servname provided",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 /// One configured URL: its scheme, host and port, and whether the host must be resolved.
@@ -100,7 +122,10 @@ async fn resolve_all(
         };
         let resolved = tokio::time::timeout(timeout, resolver.resolve(name, t.port)).await;
         match resolved {
-            Ok(Ok(ips)) if !ips.is_empty() => {
+            Ok(Ok(ips)) => {
+                if ips.is_empty() && last[i].as_ref().is_some_and(|l| !l.is_empty()) {
+                    tracing::warn!(host = %name, "upstream host no longer resolves; its instances drain");
+                }
                 let endpoints: Vec<Endpoint> = ips
                     .into_iter()
                     .map(|ip| Endpoint {
@@ -114,9 +139,8 @@ async fn resolve_all(
             }
             other => {
                 let why = match other {
-                    Ok(Ok(_)) => "no addresses".to_string(),
                     Ok(Err(e)) => e.to_string(),
-                    Err(_) => "timed out".to_string(),
+                    _ => "timed out".to_string(),
                 };
                 tracing::warn!(host = %name, error = %why, known = last[i].as_ref().map_or(0, Vec::len),
                     "cannot resolve upstream host; keeping the last known instances");
@@ -164,7 +188,8 @@ pub(crate) fn start(
             let Some(set) = weak.upgrade() else { return };
             if names && Instant::now() >= next_resolve {
                 let endpoints = resolve_all(&targets, &*resolver, &mut last, interval).await;
-                if endpoints.is_empty() {
+                if last.iter().all(Option::is_none) {
+                    // Nothing ever resolved: calls waiting for the first resolution stop.
                     set.resolution_failed();
                 } else {
                     set.update(&endpoints);
@@ -291,6 +316,28 @@ mod tests {
         assert_eq!(addresses(&set).len(), 3);
         // The request URL keeps the name; the instance is pinned to its address.
         assert!(set.active().iter().all(|i| i.endpoint.host == "storage"));
+        // A name that authoritatively has no addresses any more empties the set (every
+        // instance of the service is gone: calls fail fast instead of connecting to ghosts).
+        resolver.set("storage", &[]);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(addresses(&set).is_empty());
+        assert!(set.pick(&[]).is_none());
+        // And fills again when it comes back.
+        resolver.set("storage", &["10.0.0.5"]);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(addresses(&set), ["10.0.0.5:8003"]);
+    }
+
+    #[tokio::test]
+    async fn the_system_resolver_answers_empty_for_a_name_that_does_not_exist() {
+        // `.invalid` never resolves (RFC 2606): NXDOMAIN from any resolver, offline too.
+        let ips = SystemResolver
+            .resolve("no-such-host.invalid", 80)
+            .await
+            .expect("an authoritative no, not an error");
+        assert!(ips.is_empty());
+        let ips = SystemResolver.resolve("localhost", 80).await.unwrap();
+        assert!(!ips.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

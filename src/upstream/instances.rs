@@ -105,9 +105,6 @@ struct Health {
     ejections: u32,
     /// When the last ejection ended, to start the doubling afresh after a long healthy spell.
     returned_at: Option<Instant>,
-    /// With a probe configured, an instance whose ejection time is over returns only once
-    /// the probe answered 2xx: real requests never rediscover a dead instance.
-    probe_passed: bool,
     /// Passed over (429/503) until then.
     biased_until: Option<Instant>,
     successes: u64,
@@ -208,7 +205,6 @@ impl Instance {
                 ejected_until: None,
                 ejections: 0,
                 returned_at: None,
-                probe_passed: false,
                 biased_until: None,
                 successes: 0,
                 failures: 0,
@@ -250,11 +246,12 @@ impl Instance {
         }
         let mut h = self.health();
         if let Some(until) = h.ejected_until {
-            if now < until || (self.probe_url.is_some() && !h.probe_passed) {
+            // With a probe, only a passing probe ends an ejection (`probed`): real requests
+            // never rediscover a dead instance.
+            if now < until || self.probe_url.is_some() {
                 return Availability::No;
             }
             h.ejected_until = None;
-            h.probe_passed = false;
             h.consecutive_failures = 0;
             h.window.clear();
             h.returned_at = Some(now);
@@ -440,6 +437,13 @@ impl InstanceSet {
                         probe_url,
                         self.ejection.window.0,
                     ));
+                    if self.is_resolved() && instance.probe_url.is_some() {
+                        // Found after the start (scaled up, restarted): a container is in
+                        // DNS before it listens, so with a probe it takes traffic once the
+                        // probe answers (the discovery task probes it at once), never
+                        // collecting failures (and an ejection) while it starts.
+                        instance.health().ejected_until = Some(Instant::now());
+                    }
                     added.push(instance.addr.clone());
                     next.push(instance);
                 }
@@ -657,7 +661,6 @@ impl InstanceSet {
                 });
             h.ejections = h.ejections.saturating_add(1);
             h.ejected_until = Some(instant_after(now, time));
-            h.probe_passed = false;
             time
         };
         metrics::counter!("gateway_upstream_ejections_total", "upstream" => self.upstream.clone())
@@ -678,12 +681,25 @@ impl InstanceSet {
             .collect()
     }
 
-    /// The probe answered for `instance`: with 2xx it may return to rotation.
+    /// The probe answered for `instance`: with 2xx it is back in rotation now (not at the
+    /// next pick, so `/admin` and the gauges say so at once).
     pub(crate) fn probed(&self, instance: &Instance, healthy: bool) {
-        instance.health().probe_passed = healthy;
-        if healthy {
-            tracing::info!(upstream = %self.upstream, instance = %instance.addr, "ejected instance passed its probe");
+        if !healthy {
+            return;
         }
+        {
+            let mut h = instance.health();
+            if h.ejected_until.is_none() {
+                return;
+            }
+            h.ejected_until = None;
+            h.consecutive_failures = 0;
+            h.biased_until = None;
+            h.window.clear();
+            h.returned_at = Some(Instant::now());
+        }
+        tracing::info!(upstream = %self.upstream, instance = %instance.addr, "instance passed its probe; back in rotation");
+        self.report();
     }
 
     /// Every instance, draining ones included, for `/admin/upstreams`.
@@ -909,8 +925,42 @@ mod tests {
             "time is over, but no probe has passed"
         );
         assert_eq!(s.awaiting_probe().len(), 1);
+        s.probed(&bad, false);
+        assert!(!s.has_untried(&[1, 2]), "a failed probe keeps it out");
         s.probed(&bad, true);
+        // Back at once: /admin and the gauges say so before any request picks it.
+        let state = |s: &InstanceSet| s.snapshot()[0].state;
+        assert_eq!(state(&s), InstanceState::Healthy);
+        assert!(s.awaiting_probe().is_empty());
         assert!(s.has_untried(&[1, 2]));
+        // Its failures were forgotten: one more does not eject it again.
+        s.finish(&bad, Outcome::ConnectError, ms(1));
+        assert_eq!(state(&s), InstanceState::Healthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_probe_an_instance_found_after_the_start_waits_for_it() {
+        let mut cfg = config();
+        cfg.breaker.probe_path = Some("/health".into());
+        let s = set(&cfg, 2);
+        // Scaled up: the new container is in DNS before it listens.
+        s.update(&endpoints(0..3));
+        let new = s.active()[2].clone();
+        assert_eq!(
+            s.awaiting_probe().len(),
+            1,
+            "probed before it takes traffic"
+        );
+        for _ in 0..100 {
+            assert_ne!(s.pick(&[]).unwrap().id, new.id);
+        }
+        s.probed(&new, true);
+        assert!((0..100).any(|_| s.pick(&[]).unwrap().id == new.id));
+        // Without a probe a new instance serves at once (nothing could let it in later).
+        let s = set(&config(), 2);
+        s.update(&endpoints(0..3));
+        assert!(s.awaiting_probe().is_empty());
+        assert!((0..100).any(|_| s.pick(&[]).unwrap().id == s.active()[2].id));
     }
 
     #[tokio::test(start_paused = true)]

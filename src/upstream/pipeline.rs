@@ -25,6 +25,7 @@ use super::retry::{backoff_policy, RetryBudget, RetryLayer};
 use super::timeout::AttemptTimeout;
 use crate::config::UpstreamConfig;
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
+use crate::observability::otlp::{self, Exporter, SpanRecord};
 
 /// Why an attempt failed, for the log: the error's causes without reqwest's outer message,
 /// which names the URL, query string included (where clients put tokens).
@@ -49,6 +50,21 @@ thread_local! {
 /// One tracing event and one count + duration sample per attempt.
 struct RecordAttempt {
     upstream: Arc<str>,
+    /// Where attempt spans go (`[tracing] otlp_endpoint`); set by the gateway's state.
+    spans: SpanSink,
+}
+
+/// The span exporter a pipeline reports to, swapped by a reload.
+type SpanSink = Arc<arc_swap::ArcSwapOption<Exporter>>;
+
+/// The trace id and parent span id of a `traceparent` value (the gateway's request span).
+fn trace_of(req: &Request) -> Option<([u8; 16], [u8; 8])> {
+    let v = req.headers().get("traceparent")?.to_str().ok()?;
+    let mut parts = v.split('-').skip(1);
+    let (mut trace, mut parent) = ([0u8; 16], [0u8; 8]);
+    hex::decode_to_slice(parts.next()?, &mut trace).ok()?;
+    hex::decode_to_slice(parts.next()?, &mut parent).ok()?;
+    Some((trace, parent))
 }
 
 impl RecordAttempt {
@@ -86,6 +102,9 @@ impl Middleware for RecordAttempt {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let call = Call::of(extensions)?.clone();
+        let exporter = self.spans.load_full();
+        let traced = exporter.as_ref().and_then(|_| trace_of(&req));
+        let wall_start = std::time::SystemTime::now();
         let started = Instant::now();
         let result = next.run(req, extensions).await;
         let elapsed = started.elapsed();
@@ -98,6 +117,31 @@ impl Middleware for RecordAttempt {
             .get::<Chosen>()
             .map(|c| c.0.addr.clone())
             .unwrap_or_else(|| Arc::from(""));
+        if let (Some(exporter), Some((trace_id, parent))) = (exporter, traced) {
+            let mut attributes = vec![
+                ("upstream", otlp::Value::Str(self.upstream.to_string())),
+                ("server.address", otlp::Value::Str(instance.to_string())),
+                ("gateway.attempt", otlp::Value::Int(i64::from(attempt))),
+                ("gateway.outcome", otlp::Value::Str(label.to_string())),
+            ];
+            if let Ok(r) = &result {
+                attributes.push((
+                    "http.response.status_code",
+                    otlp::Value::Int(i64::from(r.status().as_u16())),
+                ));
+            }
+            exporter.record(SpanRecord {
+                trace_id,
+                span_id: rand::random(),
+                parent_id: Some(parent),
+                name: format!("upstream {}", self.upstream),
+                kind: otlp::Kind::Client,
+                start: wall_start,
+                end: wall_start + elapsed,
+                attributes,
+                error: outcome.breaker_failure() == Some(true),
+            });
+        }
         match outcome.breaker_failure() {
             Some(true) => {
                 // The cause (refused, DNS, connect timeout...) tells a restart from an outage.
@@ -130,6 +174,8 @@ pub struct Pipeline {
     /// `max_connections`; more wait, within their deadline, for a free slot. Without it, 1,000
     /// concurrent clients meant 1,000 upstream connections (and their buffers and tasks).
     slots: Arc<Semaphore>,
+    /// Where the attempt layer sends its spans.
+    spans: SpanSink,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -164,6 +210,7 @@ impl Pipeline {
         ));
         let breaker = Arc::new(Breaker::new(name, &cfg.breaker));
         let budget = Arc::new(RetryBudget::new(&cfg.retry));
+        let spans: SpanSink = Arc::default();
         let client = ClientBuilder::new(unused_base())
             // Retry is outside the breaker so that each attempt asks the breaker again (an
             // outage stops retries at once) and a refusal is not retried. It checks the
@@ -180,6 +227,7 @@ impl Pipeline {
             // below retry so that each attempt, not each call, is one event.
             .with(RecordAttempt {
                 upstream: upstream.clone(),
+                spans: spans.clone(),
             })
             // The SERVICE breaker refuses fast while open, per attempt; it records one outcome
             // per CALL, in `send` once retry is done (a call a retry saved on another instance
@@ -228,6 +276,7 @@ impl Pipeline {
             max_retries: cfg.retry.max_retries,
             instances,
             slots: Arc::new(Semaphore::new(slots)),
+            spans,
         })
     }
 
@@ -238,6 +287,11 @@ impl Pipeline {
 
     pub fn upstream(&self) -> &str {
         &self.upstream
+    }
+
+    /// Sends this upstream's attempt spans to `exporter` (none: no spans).
+    pub fn export_spans_to(&self, exporter: Option<Arc<Exporter>>) {
+        self.spans.store(exporter);
     }
 
     pub fn breaker(&self) -> &Breaker {

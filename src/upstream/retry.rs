@@ -28,6 +28,7 @@ use reqwest_retry::policies::ExponentialBackoff;
 use reqwest_retry::{Jitter, RetryDecision, RetryPolicy};
 use tokio::time::Instant;
 
+use super::balancer::Abandoned;
 use super::call::{instant_after, Call, Outcome};
 use super::instances::InstanceSet;
 use super::window::SlidingWindow;
@@ -247,9 +248,45 @@ impl RetryLayer {
         next: Next<'_>,
         delay: Duration,
     ) -> reqwest_middleware::Result<Response> {
+        // Each attempt gets a flag that marks it the loser of the race before it is dropped,
+        // so its instance is charged with a timeout (balancer.rs): a paused instance must
+        // be ejected, not silently outraced forever.
+        let (first_lost, second_lost) = (Abandoned::default(), Abandoned::default());
+        extensions.insert(first_lost.clone());
         // The hedge's own extensions: the same call state and breaker permit (shared), its
-        // own chosen instance.
+        // own chosen instance and flag.
         let mut hedge_extensions = extensions.clone();
+        hedge_extensions.insert(second_lost.clone());
+        let result = self
+            .race(
+                call,
+                first,
+                second,
+                extensions,
+                hedge_extensions,
+                next,
+                delay,
+                [first_lost, second_lost],
+            )
+            .await;
+        extensions.remove::<Abandoned>();
+        result
+    }
+
+    /// The race itself: `first` alone for `delay`, then (budget and another instance
+    /// permitting) `second` beside it; the loser is marked before it is dropped.
+    #[allow(clippy::too_many_arguments)]
+    async fn race(
+        &self,
+        call: &Call,
+        first: Request,
+        second: Request,
+        extensions: &mut Extensions,
+        mut hedge_extensions: Extensions,
+        next: Next<'_>,
+        delay: Duration,
+        [first_lost, second_lost]: [Abandoned; 2],
+    ) -> reqwest_middleware::Result<Response> {
         let first = next.clone().run(first, extensions);
         tokio::pin!(first);
         tokio::select! {
@@ -265,11 +302,17 @@ impl RetryLayer {
         tokio::pin!(second);
         tokio::select! {
             result = &mut first => match result {
-                Ok(answer) => Ok(answer),
+                Ok(answer) => {
+                    second_lost.mark();
+                    Ok(answer)
+                }
                 Err(_) => second.await,
             },
             result = &mut second => match result {
-                Ok(answer) => Ok(answer),
+                Ok(answer) => {
+                    first_lost.mark();
+                    Ok(answer)
+                }
                 Err(_) => first.await,
             },
         }

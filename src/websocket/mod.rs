@@ -168,7 +168,11 @@ where
                             // Its close was relayed already; the client's answer may follow.
                             continue;
                         }
-                        stats.ended_by = "upstream";
+                        // The client may have closed first (its close is on the way to an
+                        // upstream that then vanished): the log names who ended it first.
+                        if stats.ended_by.is_empty() {
+                            stats.ended_by = "upstream";
+                        }
                         if !end_to_client(&mut client_wr, &from_upstream, &mut stats, 1012, "upstream gone", send).await {
                             break;
                         }

@@ -1,0 +1,310 @@
+//! The Grafana dashboard (`docker/grafana/deltastream-gateway.json`) stays true to what the
+//! gateway exports: it parses, every panel has a title and queries, and every metric name in
+//! every PromQL expression is a family of `observability::catalog::FAMILIES` (with the
+//! `_bucket`/`_sum`/`_count` series only for histograms) or a `process_*` family that the
+//! process collector renders. A renamed metric breaks this test instead of silently
+//! emptying a panel.
+
+use std::collections::BTreeSet;
+
+use deltastream_gateway::observability::catalog::{Kind, FAMILIES};
+use serde_json::Value;
+
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/docker/grafana/deltastream-gateway.json"
+);
+
+/// Words of PromQL that look like metric names but are not (keywords and modifiers; the
+/// functions and aggregations are recognised by the `(` that follows them).
+const KEYWORDS: &[&str] = &[
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+];
+
+fn dashboard() -> Value {
+    let text = std::fs::read_to_string(DASHBOARD).expect("dashboard file is readable");
+    serde_json::from_str(&text).expect("dashboard is valid JSON")
+}
+
+/// Every panel, rows' nested panels included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    let mut todo: Vec<&Value> = dashboard["panels"]
+        .as_array()
+        .expect("dashboard has a panels array")
+        .iter()
+        .collect();
+    while let Some(p) = todo.pop() {
+        if let Some(nested) = p["panels"].as_array() {
+            todo.extend(nested);
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// The metric names an expression selects: string literals, label matchers `{...}`, ranges
+/// `[...]`, grouping lists (`by (...)`, `on (...)`, ...), Grafana variables (`$x`), numbers,
+/// keywords and function names (an identifier followed by `(`) are not metric names.
+fn metric_names(expr: &str) -> Vec<String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = Vec::new();
+    let mut i = 0;
+    // Set after `by`/`without`/`on`/`ignoring`/`group_*`: the next `( ... )` lists labels.
+    let mut label_list_follows = false;
+    let mut in_label_list = false;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '"' | '\'' | '`' => {
+                i += 1;
+                while i < chars.len() && chars[i] != c {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            '{' | '[' => {
+                let close = if c == '{' { '}' } else { ']' };
+                while i < chars.len() && chars[i] != close {
+                    if chars[i] == '"' {
+                        i += 1;
+                        while i < chars.len() && chars[i] != '"' {
+                            if chars[i] == '\\' {
+                                i += 1;
+                            }
+                            i += 1;
+                        }
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            '(' => {
+                in_label_list = label_list_follows;
+                label_list_follows = false;
+                i += 1;
+            }
+            ')' => {
+                in_label_list = false;
+                i += 1;
+            }
+            '$' => {
+                i += 1;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                    i += 1;
+                }
+            }
+            c if c.is_ascii_digit() || c == '.' => {
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                    i += 1;
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+                {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                let rest: String = chars[i..].iter().collect();
+                let rest = rest.trim_start();
+                let next = rest.chars().next();
+                // `sum by (le) (...)`: an aggregation whose grouping comes first.
+                let grouping_follows = ["by", "without"].iter().any(|k| {
+                    rest.strip_prefix(k)
+                        .is_some_and(|r| r.starts_with(|c: char| c.is_whitespace() || c == '('))
+                });
+                let lower = word.to_ascii_lowercase();
+                if matches!(
+                    lower.as_str(),
+                    "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+                ) {
+                    label_list_follows = true;
+                } else if in_label_list || KEYWORDS.contains(&lower.as_str()) {
+                    // a label name in a grouping list, or a keyword
+                } else if next == Some('(') || grouping_follows {
+                    // a function or aggregation
+                } else {
+                    names.push(word);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+/// Names a query may select: each family, plus the `_bucket`/`_sum`/`_count` series of a
+/// histogram, plus what the process collector renders.
+fn exported_names() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (name, kind, _) in FAMILIES {
+        names.insert((*name).to_string());
+        if *kind == Kind::Histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    // The process collector is not in the catalog: take its families from a real render.
+    // The recorder first: `render` collects the process metrics before it would install it.
+    deltastream_gateway::observability::metrics::handle();
+    let text = deltastream_gateway::observability::metrics::render();
+    let process: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("process_"))
+        .collect();
+    assert!(
+        process.contains(&"process_resident_memory_bytes"),
+        "the process collector renders its families:\n{text}"
+    );
+    names.extend(process.into_iter().map(str::to_string));
+    names
+}
+
+/// The metric names of every expression that are not exported, as `panel: name` lines.
+fn unknown_metrics(dashboard: &Value, exported: &BTreeSet<String>) -> Vec<String> {
+    let mut unknown = Vec::new();
+    for panel in panels(dashboard) {
+        let title = panel["title"].as_str().unwrap_or("?");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            let names = metric_names(expr);
+            if names.is_empty() {
+                unknown.push(format!("{title}: no metric in `{expr}`"));
+            }
+            for name in names {
+                if !exported.contains(&name) {
+                    unknown.push(format!("{title}: {name}"));
+                }
+            }
+        }
+    }
+    unknown
+}
+
+#[test]
+fn every_panel_has_a_title_and_queries_on_the_datasource_variable() {
+    let d = dashboard();
+    assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(d["uid"].as_str().is_some_and(|t| !t.is_empty()));
+    let vars = d["templating"]["list"].as_array().expect("templating.list");
+    let ds = vars
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .expect("a datasource variable");
+    assert_eq!(ds["query"], "prometheus");
+    let ds_ref = format!("${{{}}}", ds["name"].as_str().expect("variable name"));
+
+    let mut ids = BTreeSet::new();
+    let mut queries = 0;
+    for panel in panels(&d) {
+        let title = panel["title"].as_str().unwrap_or_default();
+        assert!(!title.is_empty(), "a panel without a title: {panel}");
+        let id = panel["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "panel id {id} used twice");
+        assert!(panel["gridPos"]["w"].as_u64().is_some(), "{title}: gridPos");
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], ds_ref.as_str(), "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no targets");
+        let mut ref_ids = BTreeSet::new();
+        for t in targets {
+            assert!(
+                t["expr"].as_str().is_some_and(|e| !e.trim().is_empty()),
+                "{title}: a target without an expression"
+            );
+            assert!(
+                ref_ids.insert(t["refId"].as_str().expect("refId")),
+                "{title}: refId twice"
+            );
+            assert_eq!(t["datasource"]["uid"], ds_ref.as_str(), "{title}");
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "only {queries} queries");
+}
+
+#[test]
+fn every_query_names_only_metrics_the_gateway_exports() {
+    let d = dashboard();
+    let exported = exported_names();
+    let unknown = unknown_metrics(&d, &exported);
+    assert!(
+        unknown.is_empty(),
+        "metrics the gateway does not export:\n{}",
+        unknown.join("\n")
+    );
+}
+
+#[test]
+fn the_dashboard_covers_the_issue_s_panels() {
+    // Request rate, error ratio, latency by route, breakers, cache, limiter, instances,
+    // WebSocket, process: each needs its family in at least one query.
+    let d = dashboard();
+    let used: BTreeSet<String> = panels(&d)
+        .into_iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .flat_map(|t| metric_names(t["expr"].as_str().unwrap_or_default()))
+        .collect();
+    for needed in [
+        "gateway_requests_total",
+        "gateway_request_duration_seconds_bucket",
+        "gateway_upstream_attempts_total",
+        "gateway_circuit_breaker_state",
+        "gateway_cache_hits_total",
+        "gateway_cache_misses_total",
+        "gateway_ratelimit_decisions_total",
+        "gateway_ratelimit_backend",
+        "gateway_upstream_endpoints",
+        "gateway_websocket_connections",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(used.contains(needed), "no panel queries {needed}");
+    }
+}
+
+#[test]
+fn the_check_catches_a_misspelt_metric() {
+    // The same check on a copy with one name misspelt must fail: the test above can.
+    let text = std::fs::read_to_string(DASHBOARD).expect("dashboard file");
+    let typo = text.replacen("gateway_requests_total", "gateway_request_total", 1);
+    let d: Value = serde_json::from_str(&typo).expect("still JSON");
+    let unknown = unknown_metrics(&d, &exported_names());
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
+    assert!(
+        unknown[0].ends_with(": gateway_request_total"),
+        "{unknown:?}"
+    );
+}
+
+#[test]
+fn the_parser_finds_metric_names_and_nothing_else() {
+    let expr = r#"histogram_quantile(0.99, sum by (le, route) (rate(gateway_request_duration_seconds_bucket{instance=~"$instance",route!="a{b}"}[$__rate_interval]))) / on (route) group_left (x) foo:bar offset 5m > bool 1e3"#;
+    assert_eq!(
+        metric_names(expr),
+        ["gateway_request_duration_seconds_bucket", "foo:bar"]
+    );
+    assert!(metric_names("sum(rate(x[5m])) by (upstream)") == ["x"]);
+}
