@@ -27,13 +27,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import loadgen  # noqa: E402
 import report  # noqa: E402
+import wsclient  # noqa: E402
 
 PROJECT = os.environ.get("COMPOSE_PROJECT_NAME", "deltastream-chaos")
-# Published on the host's 127.0.0.1 by chaos/docker-compose.chaos.yml.
-PORTS = {"gateway-1": 8000, "gateway-2": 8010, "auth": 18001, "storage": 18003, "analytics": 18004}
+# Published on the host's 127.0.0.1 by chaos/docker-compose.chaos.yml. The simulators' ports
+# (their /_faults) are looked up per container (sim_ports): storage runs as several instances,
+# each on an ephemeral loopback port.
+PORTS = {"gateway-1": 8000, "gateway-2": 8010}
 ADMIN_PORTS = {"gateway-1": 9000, "gateway-2": 9010}
-SERVICES = ["gateway-1", "gateway-2", "auth", "storage", "analytics", "redis"]
-SIMS = ["auth", "storage", "analytics"]
+SERVICES = ["gateway-1", "gateway-2", "auth", "storage", "analytics", "socket", "redis"]
+SIM_PORTS = {"auth": 8001, "socket": 8002, "storage": 8003, "analytics": 8004}
+SIMS = list(SIM_PORTS)
+# Instances per service in the clean stack (docker-compose.yml's `scale`); restore_all
+# scales back to these after an experiment that scaled (14).
+SCALE = {"storage": 3}
 
 
 def log(msg):
@@ -49,13 +56,65 @@ def sh(*args, check=True, timeout=60):
     return p.stdout.strip()
 
 
-def container(service):
-    out = sh("docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}",
-             "--filter", f"label=com.docker.compose.service={service}")
-    ids = out.split()
+def split_service(service):
+    """"storage" -> ("storage", None): every instance; "storage#2" -> ("storage", 2): the
+    instance compose numbered 2 (label com.docker.compose.container-number)."""
+    name, _, num = service.partition("#")
+    return name, int(num) if num else None
+
+
+def containers(service):
+    """Container ids of a service (every instance, by number), or of one instance ("storage#2")."""
+    name, num = split_service(service)
+    args = ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}",
+            "--filter", f"label=com.docker.compose.service={name}"]
+    if num is not None:
+        args += ["--filter", f"label=com.docker.compose.container-number={num}"]
+    ids = sh(*args).split()
     if not ids:
         raise RuntimeError(f"no container for service {service} in project {PROJECT}")
-    return ids[0]
+    if len(ids) > 1:
+        nums = [int(x) for x in sh("docker", "inspect", "-f",
+                                   '{{index .Config.Labels "com.docker.compose.container-number"}}',
+                                   *ids).split()]
+        ids = [i for _, i in sorted(zip(nums, ids))]
+    return ids
+
+
+def container(service):
+    return containers(service)[0]
+
+
+def instance_ip(cid):
+    """The container's address on the stack's network (what the gateway's instance is named
+    after: `IP:port`), or None when it is not attached."""
+    nets = json.loads(sh("docker", "inspect", "-f", "{{json .NetworkSettings.Networks}}", cid))
+    return (nets.get(network()) or {}).get("IPAddress") or None
+
+
+def sim_ports(service):
+    """Published loopback ports of a simulator's /_faults: one per running instance."""
+    name, _ = split_service(service)
+    out = []
+    for cid in containers(service):
+        info = json.loads(sh("docker", "inspect", cid))[0]
+        binding = (info["NetworkSettings"].get("Ports") or {}).get(f"{SIM_PORTS[name]}/tcp") or []
+        if binding:
+            out.append(int(binding[0]["HostPort"]))
+    return out
+
+
+def compose_cmd():
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"]
+
+
+def compose_scale(service, n):
+    """`compose up --scale SERVICE=n` for that service alone (no dependencies, no recreation
+    of the instances that stay); scaling down stops and removes the highest-numbered ones."""
+    sh(*compose_cmd(), "up", "-d", "--no-deps", "--no-recreate", "--no-build", "-t", "2",
+       "--scale", f"{service}={n}", service, timeout=120)
 
 
 def inspect(service):
@@ -76,9 +135,12 @@ def network():
 
 
 def health(service):
-    st = inspect(service)["State"]
-    h = (st.get("Health") or {}).get("Status", "none")
-    return st["Status"], h
+    """(status, health) of each instance of the service."""
+    out = []
+    for info in json.loads(sh("docker", "inspect", *containers(service))):
+        st = info["State"]
+        out.append((st["Status"], (st.get("Health") or {}).get("Status", "none")))
+    return out
 
 
 async def wait_healthy(services, timeout=60):
@@ -86,9 +148,9 @@ async def wait_healthy(services, timeout=60):
     while True:
         bad = []
         for s in services:
-            status, h = await asyncio.to_thread(health, s)
-            if not (status == "running" and h in ("healthy", "none")):
-                bad.append(f"{s}={status}/{h}")
+            for k, (status, h) in enumerate(await asyncio.to_thread(health, s)):
+                if not (status == "running" and h in ("healthy", "none")):
+                    bad.append(f"{s}[{k}]={status}/{h}")
         if not bad:
             return
         if time.monotonic() > deadline:
@@ -110,33 +172,62 @@ async def http(port, method, path, body=None, headers=None, timeout=5.0):
 async def run_step(step, ctx):
     """One inject/remove step (data, see chaos/README.md). Returns a short description."""
     if "docker" in step:
+        # "storage" acts on every instance at once (the service as a whole: killed,
+        # restarted, partitioned), "storage#2" on that instance alone.
         action, svc = step["docker"], step["service"]
-        cid = await asyncio.to_thread(container, svc)
-        if action == "disconnect":
-            args = ["docker", "network", "disconnect", network(), cid]
-        elif action == "connect":
-            args = ["docker", "network", "connect", "--alias", svc, network(), cid]
-        elif action == "update_cpus":
-            args = ["docker", "update", "--cpus", str(step["cpus"]), cid]
-        elif action in ("kill", "stop", "start", "restart", "pause", "unpause"):
-            args = ["docker", action]
-            if action in ("stop", "restart") and "grace_s" in step:
-                args += ["-t", str(step["grace_s"])]
-            if action == "kill" and "signal" in step:
-                args += ["-s", step["signal"]]
-            args.append(cid)
-        else:
+        alias = split_service(svc)[0]
+        cids = await step_containers(ctx, svc)
+
+        def args_for(cid):
+            if action == "disconnect":
+                return ["docker", "network", "disconnect", network(), cid]
+            if action == "connect":
+                return ["docker", "network", "connect", "--alias", alias, network(), cid]
+            if action == "update_cpus":
+                return ["docker", "update", "--cpus", str(step["cpus"]), cid]
+            if action in ("kill", "stop", "start", "restart", "pause", "unpause"):
+                args = ["docker", action]
+                if action in ("stop", "restart") and "grace_s" in step:
+                    args += ["-t", str(step["grace_s"])]
+                if action == "kill" and "signal" in step:
+                    args += ["-s", step["signal"]]
+                return args + [cid]
             raise ValueError(f"unknown docker action {action}")
-        await asyncio.to_thread(sh, *args)
-        return f"docker {action} {svc}"
+        await asyncio.gather(*(asyncio.to_thread(sh, *args_for(c)) for c in cids))
+        if action in ("start", "restart", "connect"):
+            ctx.get("sim_ports", {}).pop(svc, None)  # a restarted container may get another host port
+        return f"docker {action} {svc}" + (f" ({len(cids)} instances)" if len(cids) > 1 else "")
+    if "scale" in step:
+        svc, n = step["scale"], int(step["n"])
+        await asyncio.to_thread(compose_scale, svc, n)
+        for cache in ("cids", "sim_ports"):
+            for k in [k for k in ctx.get(cache, {}) if split_service(k)[0] == svc]:
+                del ctx[cache][k]
+        await asyncio.to_thread(record_ips, ctx, svc, None)
+        # When each instance's container started (compose itself takes seconds to return
+        # after starting them): "new instances take traffic within ..." counts from there.
+        for cid in await asyncio.to_thread(containers, svc):
+            num, started = (await asyncio.to_thread(
+                sh, "docker", "inspect", "-f",
+                '{{index .Config.Labels "com.docker.compose.container-number"}} {{.State.StartedAt}}', cid)).split()
+            ts = dt.datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", started).replace("Z", "+00:00")).timestamp()
+            ctx.setdefault("started_at", {})[f"{svc}#{num}"] = round(ts - ctx["wall0"], 3)
+        return f"scale {svc}={n}"
     if "faults" in step:
         svc = step["faults"]
-        if step.get("clear"):
-            status, _, _ = await http(PORTS[svc], "DELETE", "/_faults")
-        else:
-            status, _, body = await http(PORTS[svc], "POST", "/_faults", body=step["set"])
-        if status >= 300:
-            raise RuntimeError(f"/_faults on {svc}: {status}")
+        ports = ctx.get("sim_ports", {}).get(svc) or await asyncio.to_thread(sim_ports, svc)
+        if not ports:
+            raise RuntimeError(f"/_faults on {svc}: no published port")
+
+        async def one(port):
+            if step.get("clear"):
+                status, _, _ = await http(port, "DELETE", "/_faults")
+            else:
+                status, _, _ = await http(port, "POST", "/_faults", body=step["set"])
+            if status >= 300:
+                raise RuntimeError(f"/_faults on {svc} (port {port}): {status}")
+        # Every instance at once: the fault starts within milliseconds of inject_start.
+        await asyncio.gather(*(one(p) for p in ports))
         return f"faults {svc} {'clear' if step.get('clear') else json.dumps(step['set'])}"
     if "wait_healthy" in step:
         await wait_healthy(step["wait_healthy"], step.get("timeout_s", 60))
@@ -169,43 +260,137 @@ async def run_step(step, ctx):
 
 
 async def restore_all():
-    """Whatever an experiment did, bring every service back: unpaused, started, connected,
-    no CPU cap, no /_faults, healthy. Errors are collected, not raised, so one broken step
-    does not stop the rest."""
+    """Whatever an experiment did, bring every service back: its usual number of instances,
+    unpaused, started, connected, no CPU cap, no /_faults, healthy. Errors are collected, not
+    raised, so one broken step does not stop the rest."""
     errors = []
+    for svc, n in SCALE.items():
+        try:
+            have = len(await asyncio.to_thread(containers, svc))
+        except Exception:
+            have = 0
+        if have != n:
+            try:
+                await asyncio.to_thread(compose_scale, svc, n)
+            except Exception as e:
+                errors.append(f"scale {svc}={n}: {e}")
     for svc in SERVICES:
         try:
-            info = await asyncio.to_thread(inspect, svc)
-            cid = info["Id"]
-            st = info["State"]
-            if st.get("Paused"):
-                await asyncio.to_thread(sh, "docker", "unpause", cid)
-            if not st.get("Running"):
-                await asyncio.to_thread(sh, "docker", "start", cid)
-            if network() not in info["NetworkSettings"]["Networks"]:
-                await asyncio.to_thread(sh, "docker", "network", "connect", "--alias", svc, network(), cid)
-            if info["HostConfig"].get("NanoCpus"):
-                await asyncio.to_thread(sh, "docker", "update", "--cpus", "0", cid)
+            cids = await asyncio.to_thread(containers, svc)
+            infos = json.loads(await asyncio.to_thread(sh, "docker", "inspect", *cids))
         except Exception as e:
             errors.append(f"{svc}: {e}")
+            continue
+        for info in infos:
+            try:
+                cid = info["Id"]
+                st = info["State"]
+                if st.get("Paused"):
+                    await asyncio.to_thread(sh, "docker", "unpause", cid)
+                if not st.get("Running"):
+                    await asyncio.to_thread(sh, "docker", "start", cid)
+                if network() not in info["NetworkSettings"]["Networks"]:
+                    await asyncio.to_thread(sh, "docker", "network", "connect", "--alias", svc, network(), cid)
+                if info["HostConfig"].get("NanoCpus"):
+                    await asyncio.to_thread(sh, "docker", "update", "--cpus", "0", cid)
+            except Exception as e:
+                errors.append(f"{svc} {info.get('Name')}: {e}")
     try:
         await wait_healthy(SERVICES, 60)
     except Exception as e:
         errors.append(str(e))
     for svc in SIMS:
         try:
-            await http(PORTS[svc], "DELETE", "/_faults")
+            for port in await asyncio.to_thread(sim_ports, svc):
+                await http(port, "DELETE", "/_faults")
         except Exception as e:
             errors.append(f"{svc} /_faults: {e}")
     return errors
+
+
+async def step_containers(ctx, svc):
+    cache = ctx.setdefault("cids", {})
+    if svc not in cache:
+        cache[svc] = await asyncio.to_thread(containers, svc)
+    return cache[svc]
+
+
+async def prefetch(spec, ctx):
+    """Container ids, addresses and /_faults ports of every service the fault's steps name,
+    looked up before the load starts: a step then acts within milliseconds of its moment
+    (docker inspect of three instances takes ~100-300 ms on this box)."""
+    for st in spec["fault"]["inject"] + spec["fault"]["remove"]:
+        if "docker" in st:
+            cids = await step_containers(ctx, st["service"])
+            await asyncio.to_thread(record_ips, ctx, st["service"], cids)
+        if "faults" in st and st["faults"] not in ctx.setdefault("sim_ports", {}):
+            ctx["sim_ports"][st["faults"]] = await asyncio.to_thread(sim_ports, st["faults"])
+
+
+def record_ips(ctx, service, cids=None):
+    """Remembers each instance's address on the stack network ("storage#2" -> IP) as it was
+    before a step changed it (a killed container loses it): expectations about "the killed
+    instance" name it by the address the gateway knows it by. The first address seen wins."""
+    name, _ = split_service(service)
+    for cid in cids or containers(name):
+        try:
+            num = sh("docker", "inspect", "-f", '{{index .Config.Labels "com.docker.compose.container-number"}}', cid)
+            ip = instance_ip(cid)
+        except Exception:
+            continue
+        if ip:
+            ctx.setdefault("ips", {}).setdefault(f"{name}#{num}", ip)
+            ctx.setdefault("ips_latest", {})[f"{name}#{num}"] = ip
+
+
+async def admin_upstreams(port):
+    status, _, body = await http(port, "GET", "/admin/upstreams", timeout=2.0)
+    if status != 200 or not isinstance(body, dict):
+        raise RuntimeError(f"/admin/upstreams: {status}")
+    return {u["upstream"]: u for u in body.get("upstreams", [])}
+
+
+async def wait_instances_settled(timeout=20):
+    """Every gateway lists each scaled service's current instances (exactly the running
+    containers' addresses) as healthy, with a closed breaker: what an experiment about
+    instances must start from (discovery and probes take their intervals after a restore)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        bad = []
+        for svc in SCALE:
+            want = set()
+            for cid in await asyncio.to_thread(containers, svc):
+                ip = await asyncio.to_thread(instance_ip, cid)
+                if ip:
+                    want.add(ip)
+            for gw, port in ADMIN_PORTS.items():
+                try:
+                    up = (await admin_upstreams(port)).get(svc) or {}
+                except Exception as e:
+                    bad.append(f"{gw}: {e}")
+                    continue
+                healthy = {i["address"].rsplit(":", 1)[0] for i in up.get("instances", []) if i["state"] == "healthy"}
+                if healthy != want or breaker_state(up.get("breaker")) not in ("closed", None):
+                    bad.append(f"{gw} {svc}: healthy {sorted(healthy)} want {sorted(want)} breaker {up.get('breaker')}")
+        if not bad:
+            return
+        last = bad
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"instances not settled after {timeout}s: {last}")
+        await asyncio.sleep(0.25)
 
 
 async def reset_gateways():
     """Closed breakers and an empty cache on both replicas, so experiments are independent."""
     for gw, port in ADMIN_PORTS.items():
         status, _, body = await http(port, "GET", "/admin/breakers")
-        ups = body.keys() if isinstance(body, dict) and "breakers" not in body else None
-        names = list(ups) if ups else ["auth", "storage", "analytics"]
+        if isinstance(body, dict) and isinstance(body.get("breakers"), list):
+            names = [b["upstream"] for b in body["breakers"] if "upstream" in b]
+        elif isinstance(body, dict):
+            names = list(body.keys())
+        else:
+            names = ["auth", "storage", "analytics", "socket"]
         for u in names:
             await http(port, "POST", f"/admin/breakers/{u}/reset")
         await http(port, "DELETE", "/admin/cache")
@@ -295,6 +480,57 @@ class Sampler:
                 pass
 
 
+class UpstreamSampler:
+    """Polls every gateway's GET /admin/upstreams every `every_s` while the load runs and keeps,
+    per poll, each sampled upstream's breaker state and its instances (address, state,
+    successes, failures): when an instance was ejected, when a new one first took traffic,
+    whether the breaker ever left `closed`."""
+
+    def __init__(self, upstreams, t0, every_s=0.1):
+        self.upstreams, self.t0, self.every = upstreams, t0, every_s
+        self.samples = []  # {"t", "gw", "upstream", "breaker", "instances": {ip: [state, ok, fail]}}
+        self.task = None
+        self.stopped = False
+
+    async def loop(self):
+        while not self.stopped:
+            for gw, port in ADMIN_PORTS.items():
+                try:
+                    ups = await admin_upstreams(port)
+                except Exception:
+                    continue
+                t = round(time.monotonic() - self.t0, 3)
+                for name in self.upstreams:
+                    u = ups.get(name)
+                    if u is None:
+                        continue
+                    self.samples.append({
+                        "t": t, "gw": gw, "upstream": name, "breaker": breaker_state(u.get("breaker")),
+                        "instances": {i["address"].rsplit(":", 1)[0]: [i["state"], i.get("successes", 0), i.get("failures", 0)]
+                                      for i in u.get("instances", [])}})
+            await asyncio.sleep(self.every)
+
+    def start(self):
+        if self.upstreams:
+            self.task = asyncio.create_task(self.loop())
+
+    async def stop(self):
+        # A flag as well as cancel(): Python 3.11's wait_for (inside every request) can
+        # swallow a cancellation that lands as its request completes, and the poll would
+        # then run on forever (seen once: an experiment stuck for 14 minutes).
+        self.stopped = True
+        if self.task:
+            self.task.cancel()
+            await asyncio.wait([self.task], timeout=5)
+
+
+def breaker_state(b):
+    """The breaker's state from /admin/upstreams, as a word (closed, open, half_open)."""
+    if isinstance(b, dict):
+        b = b.get("state")
+    return str(b).lower() if b is not None else None
+
+
 # ---------------------------------------------------------------- expectations
 
 def window_bounds(name, ev, end):
@@ -375,12 +611,13 @@ def compare(value, op, target):
     raise ValueError(f"unknown op {op}")
 
 
-def access_lines(service):
-    """The gateway's JSON access lines so far (`docker logs`; the gateway logs to stdout)."""
+def access_lines(service, marker='"target":"access"'):
+    """The gateway's JSON log lines containing `marker` so far (`docker logs`; the gateway
+    logs to stdout): by default its access lines."""
     out = sh("docker", "logs", container(service), timeout=30)
     lines = []
     for line in out.splitlines():
-        if '"target":"access"' not in line:
+        if marker not in line:
             continue
         try:
             lines.append(json.loads(line))
@@ -406,6 +643,18 @@ def evaluate(exp, records, ev, end, ctx):
         if lats:
             value = {"max_ms": max(lats) if lats else None, "min_ms": min(lats) if lats else None}.get(
                 kind) if kind in ("max_ms", "min_ms") else percentile(lats, float(kind[1:-3]))
+    elif re.fullmatch(r"p\d+(\.\d+)?_ratio", kind):
+        # A latency percentile of the selected requests over the same percentile of the
+        # `baseline` selection (e.g. fault-phase p50 / steady-phase p50).
+        q = float(kind[1:-6])
+        lats = [r["lat_ms"] for r in chosen if matches(r, exp.get("match", {})) and r["lat_ms"] is not None]
+        base = [r["lat_ms"] for r in select(records, exp["baseline"], ev, end)
+                if matches(r, exp.get("match", {})) and r["lat_ms"] is not None]
+        n = min(len(lats), len(base))
+        if lats and base:
+            value = percentile(lats, q) / percentile(base, q)
+            detail = {"value_ms": percentile(lats, q), "baseline_ms": percentile(base, q),
+                      "n_value": len(lats), "n_baseline": len(base)}
     elif re.fullmatch(r"access_log_p\d+(\.\d+)?_ms", kind):
         # Gateway-measured latency, request by request, from the gateways' own access lines
         # written between two marks (wall clock: `from_mark`, `to_mark`), filtered on their
@@ -506,6 +755,34 @@ def evaluate(exp, records, ev, end, ctx):
             b0 = max(base)
             value = round({"peak_growth": max(peak) - b0, "end_growth": max(tail) - b0}[exp["stat"]], 2)
             detail = {"baseline": b0, "peak": max(peak), "end": max(tail)}
+    elif kind == "attempt_log_count":
+        # Attempts the gateways' attempt log ("upstream attempt" lines; failed attempts are
+        # logged at info) sent to one instance, named by the address it had before the fault
+        # (`instance`: "storage#2"), from an event + skip_s to a mark. n: that instance's
+        # lines over the whole run (evidence the log names it at all).
+        ip = ctx.get("ips", {}).get(exp["instance"])
+        lo = ctx["wall0"] + ev[exp.get("from", "inject_end")] + exp.get("skip_s", 0)
+        hi = ctx["marks"][exp.get("to_mark", "remove_start")]
+        want = exp.get("log_match", {})
+        total, late, last = 0, 0, None
+        for g in as_list(exp.get("gateways", list(ADMIN_PORTS))):
+            for line in access_lines(g, '"message":"upstream attempt"'):
+                if not ip or str(line.get("instance", "")).rsplit(":", 1)[0] != ip:
+                    continue
+                if not all(line.get(k) in as_list(v) for k, v in want.items()):
+                    continue
+                total += 1
+                ts = dt.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+                last = ts if last is None else max(last, ts)
+                if lo <= ts <= hi:
+                    late += 1
+        value, n = late, total
+        detail = {"instance": exp["instance"], "address": ip, "lines_whole_run": total,
+                  "last_attempt_s_after_event": round(last - (lo - exp.get("skip_s", 0)), 3) if last else None}
+    elif kind in ("instance_state_s", "new_instance_traffic_s", "breaker_not_closed_samples", "instance_failures_after"):
+        value, n, detail = evaluate_upstream_samples(exp, ev, ctx)
+    elif kind.startswith("ws_"):
+        value, n, detail = evaluate_ws(exp, ev, end, ctx)
     else:
         raise ValueError(f"unknown metric {kind}")
     if isinstance(value, float):
@@ -523,6 +800,191 @@ def evaluate(exp, records, ev, end, ctx):
         out["pass"] = True
         out["met"] = ok
     return out
+
+
+def evaluate_upstream_samples(exp, ev, ctx):
+    """Metrics on the /admin/upstreams samples (UpstreamSampler). Returns (value, n, detail).
+
+    instance_state_s: seconds from event `from` (with `since_first_failure`: from the first
+      sample after it in which that gateway had counted a failure of the instance) to the
+      first sample in which instance `instance` ("storage#2", by its address before the fault)
+      is in state `state` (or, with `or_gone`, no longer listed), on every gateway: the slower
+      gateway's figure.
+    new_instance_traffic_s: seconds from each of `instances` (as addressed after the fault's
+      steps: new containers) starting (`from`: "container_start", the container's StartedAt
+      after the last scale step; or an event) to the first sample in which it is healthy with
+      more successes than at that moment (0 if it was not listed then), on every gateway:
+      the slowest pair.
+    breaker_not_closed_samples: samples (every gateway) in which the upstream's breaker is not
+      closed, between `from` (default 0) and the end.
+    instance_failures_after: growth of instance `instance`'s failure count on every gateway
+      from event `from` + skip_s to the end (attempts that still went to it).
+    """
+    kind = exp["metric"]
+    up = exp.get("upstream", "storage")
+    samples = [s for s in ctx.get("upstream_samples", []) if s["upstream"] == up]
+    gws = as_list(exp.get("gateways", list(ADMIN_PORTS)))
+    t_ev = ev[exp["from"]] if exp.get("from") in ev else 0.0
+    t_ev += exp.get("skip_s", 0)
+    if kind == "breaker_not_closed_samples":
+        chosen = [s for s in samples if s["t"] >= t_ev and s["gw"] in gws]
+        bad = [s for s in chosen if s["breaker"] != "closed"]
+        return len(bad), len(chosen), {"first_bad": bad[0]["t"] if bad else None,
+                                       "states": sorted({s["breaker"] for s in bad})}
+    if kind in ("instance_state_s", "instance_failures_after"):
+        ip = ctx.get("ips", {}).get(exp["instance"])
+        worst, n, per = None, 0, {}
+        for gw in gws:
+            mine = [s for s in samples if s["gw"] == gw]
+            if kind == "instance_state_s":
+                if exp.get("since_first_failure"):
+                    # From the first sample (after the event) in which this gateway had seen the
+                    # instance fail: how fast the gateway reacts once it has evidence.
+                    base = next((s["instances"][ip][2] for s in reversed(mine) if s["t"] <= t_ev and ip in s["instances"]), 0)
+                    first = next((s["t"] for s in mine if s["t"] > t_ev and ip in s["instances"]
+                                  and s["instances"][ip][2] > base), None)
+                    if first is None:
+                        per[gw] = None
+                        return None, n, {"address": ip, "per_gateway": per, "note": f"{gw} saw no failure"}
+                    t_ev_gw = first
+                else:
+                    t_ev_gw = t_ev
+                hit = next((s["t"] for s in mine if s["t"] >= t_ev_gw and (
+                    (ip in s["instances"] and s["instances"][ip][0] == exp["state"])
+                    or (exp.get("or_gone") and ip not in s["instances"]))), None)
+                n += 1 if hit is not None else 0
+                per[gw] = round(hit - t_ev_gw, 3) if hit is not None else None
+                if t_ev_gw != t_ev:
+                    per[gw + " first_failure_s"] = round(t_ev_gw - t_ev, 3)
+                if hit is None:
+                    return None, n, {"address": ip, "per_gateway": per}
+                worst = max(worst or 0, hit - t_ev_gw)
+            else:
+                before = [s for s in mine if s["t"] <= t_ev and ip in s["instances"]]
+                after = [s for s in mine if s["t"] > t_ev and ip in s["instances"]]
+                base = before[-1]["instances"][ip][2] if before else 0
+                grow = max((s["instances"][ip][2] for s in after), default=base) - base
+                per[gw] = grow
+                n += len([s for s in mine if s["t"] > t_ev])
+                worst = max(worst or 0, grow)
+        return (round(worst, 3) if isinstance(worst, float) else worst), n, {"address": ip, "per_gateway": per}
+    if kind == "new_instance_traffic_s":
+        worst, n, per = 0.0, 0, {}
+        for inst in as_list(exp["instances"]):
+            ip = ctx.get("ips_latest", {}).get(inst)
+            t_start = ctx.get("started_at", {}).get(inst) if exp.get("from") == "container_start" else t_ev
+            if ip is None or t_start is None:
+                return None, n, {"per_instance": per, "missing": inst}
+            for gw in gws:
+                mine = [s for s in samples if s["gw"] == gw]
+                before = [s for s in mine if s["t"] <= t_start]
+                base = before[-1]["instances"].get(ip, [None, 0])[1] if before else 0
+                hit = next((s["t"] for s in mine if s["t"] > t_start and ip in s["instances"]
+                            and s["instances"][ip][0] == "healthy" and s["instances"][ip][1] > base), None)
+                per[f"{gw} {inst} {ip}"] = round(hit - t_start, 3) if hit is not None else None
+                if hit is None:
+                    return None, n, {"per_instance": per}
+                n += 1
+                worst = max(worst, hit - t_start)
+        return round(worst, 3), n, {"per_instance": per}
+    raise ValueError(kind)
+
+
+def evaluate_ws(exp, ev, end, ctx):
+    """Metrics on the WebSocket subscribers' records (chaos/wsclient.py). Returns (value, n,
+    detail). `group`: which subscribers; `from` / `to`: events (or "end"), `skip_s`.
+
+    ws_end_s: seconds from `from` to the first end (close frame or end of stream) of every
+      subscriber connected at that moment; the slowest (None if one never ended).
+    ws_end_code_share: share of those first ends that are close frames with a code in `codes`.
+    ws_end_count: ends in [from + skip_s, to).
+    ws_tick_gap_s: the longest wait for a tick, per subscriber, within [from + skip_s, to).
+    ws_reject_share: of the upgrade attempts refused or failed in [from + skip_s, to), the
+      share answered with a status in `status` and a JSON body (before any upgrade).
+    ws_reject_pNN_ms / ws_reject_max_ms: their latency (failed connections count as
+      infinitely slow).
+    ws_resubscribed_s: seconds from `from` to the first tick after a new connection, per
+      subscriber; the slowest (None if one never got one).
+    """
+    kind = exp["metric"]
+    subs = [s for s in ctx.get("subs", []) if s["group"] in as_list(exp["group"])]
+    evs = dict(ev, end=end, start=0.0)
+    t_from = evs[exp.get("from", "inject_end")]
+    lo = t_from + exp.get("skip_s", 0)
+    hi = evs[exp.get("to", "end")]
+    if kind in ("ws_end_s", "ws_end_code_share"):
+        firsts, missing = [], 0
+        for s in subs:
+            state = None
+            for e in s["events"]:
+                if e["t"] >= t_from:
+                    break
+                if e["kind"] == "connected":
+                    state = "open"
+                elif e["kind"] == "end":
+                    state = None
+            if state != "open":
+                continue
+            fe = next((e for e in s["events"] if e["t"] >= t_from and e["kind"] == "end"), None)
+            if fe is None:
+                missing += 1
+            else:
+                firsts.append(fe)
+        n = len(firsts) + missing
+        codes = {}
+        for e in firsts:
+            k = str(e["code"]) if e["code"] is not None else e["how"]
+            codes[k] = codes.get(k, 0) + 1
+        detail = {"connected_at_event": n, "never_ended": missing, "ends_by_code": codes}
+        if kind == "ws_end_s":
+            if missing or not firsts:
+                return None, n, detail
+            return round(max(e["t"] for e in firsts) - t_from, 3), n, detail | {
+                "min_s": round(min(e["t"] for e in firsts) - t_from, 3)}
+        ok = sum(1 for e in firsts if e["code"] in as_list(exp["codes"]))
+        return (round(ok / n, 4) if n else None), n, detail
+    if kind == "ws_end_count":
+        ends = [e for s in subs for e in s["events"] if e["kind"] == "end" and lo <= e["t"] < hi]
+        ticks = sum(1 for s in subs for e in s["events"] if e["kind"] == "tick" and lo <= e["t"] < hi)
+        return len(ends), ticks, {"ticks_in_window": ticks, "ends": ends[:5]}
+    if kind == "ws_tick_gap_s":
+        worst, n = 0.0, 0
+        for s in subs:
+            ts = [lo] + [e["t"] for e in s["events"] if e["kind"] == "tick" and lo <= e["t"] < hi] + [hi]
+            n += len(ts) - 2
+            worst = max(worst, max(b - a for a, b in zip(ts, ts[1:])))
+        return round(worst, 3), n, {"subscribers": len(subs), "ticks": n}
+    if kind.startswith("ws_reject_"):
+        att = [e for s in subs for e in s["events"]
+               if e["kind"] in ("rejected", "connect_error") and lo <= e["t"] < hi]
+        n = len(att)
+        by = {}
+        for e in att:
+            k = f"{e.get('status', e.get('err'))} {e.get('reason') or ''}".strip()
+            by[k] = by.get(k, 0) + 1
+        accepted = sum(1 for s in subs for e in s["events"] if e["kind"] == "connected" and lo <= e["t"] < hi)
+        detail = {"attempts": by, "upgraded_in_window": accepted}
+        if kind == "ws_reject_share":
+            ok = sum(1 for e in att if e["kind"] == "rejected" and e["status"] in as_list(exp["status"]) and e["json"])
+            return (round(ok / n, 4) if n else None), n, detail
+        lats = [e["lat_ms"] if e["kind"] == "rejected" else float("inf") for e in att]
+        if not lats:
+            return None, 0, detail
+        v = max(lats) if kind == "ws_reject_max_ms" else percentile(lats, float(kind[len("ws_reject_p"):-3]))
+        return (round(v, 3) if v != float("inf") else None), n, detail | {"p50_ms": percentile(lats, 50)}
+    if kind == "ws_resubscribed_s":
+        worst, n, missing = 0.0, 0, 0
+        for s in subs:
+            conn = next((e for e in s["events"] if e["kind"] == "connected" and e["t"] >= t_from), None)
+            tick = next((e for e in s["events"] if conn and e["kind"] == "tick" and e["t"] >= conn["t"]), None)
+            if tick is None:
+                missing += 1
+                continue
+            n += 1
+            worst = max(worst, tick["t"] - t_from)
+        detail = {"subscribers": len(subs), "never_resubscribed": missing}
+        return (None if missing or not n else round(worst, 3)), n, detail
+    raise ValueError(f"unknown metric {kind}")
 
 
 # ---------------------------------------------------------------- one experiment
@@ -575,6 +1037,20 @@ async def run_experiment(spec, outdir):
         if errs:
             raise RuntimeError(f"stack not restorable before the experiment: {errs}")
         await reset_gateways()
+        # Instances the gateways list as healthy: every experiment waits (up to 20 s) for it
+        # after the restore; for those about instances (11-14, "settle_instances": "required")
+        # a stack that does not get there is a failure, for the others a recorded warning.
+        try:
+            await wait_instances_settled(20 if spec.get("settle_instances") == "required" else 5)
+        except RuntimeError as e:
+            if spec.get("settle_instances") == "required":
+                raise
+            result["warning"] = str(e)
+            log(f"  warning: {e}")
+        for svc in SCALE:
+            await asyncio.to_thread(record_ips, ctx, svc, None)
+        await prefetch(spec, ctx)
+        result["instances_at_start"] = dict(ctx.get("ips", {}))
         await setup_steps(spec.get("setup"), ctx)
         plan = json.loads(fill(json.dumps(spec["load"]), ctx))
         ph = spec["phases"]
@@ -592,6 +1068,7 @@ async def run_experiment(spec, outdir):
         ctx["wall0"] = time.time() + 0.2
         ev = result["events"]
         sampler = Sampler(spec.get("sample_resources", []), t0)
+        up_sampler = UpstreamSampler(spec.get("sample_upstreams", []), t0)
 
         async def fault_script():
             nonlocal injected
@@ -612,9 +1089,18 @@ async def run_experiment(spec, outdir):
 
         await asyncio.to_thread(scrape_all, ctx, "start")
         sampler.start()
+        up_sampler.start()
         fault_task = asyncio.create_task(fault_script())
+        subs_task = None
+        if spec.get("subscribers"):
+            subs_task = asyncio.create_task(
+                wsclient.run_subscribers(spec["subscribers"], PORTS, t0, plan["duration_s"]))
         records = await loadgen.run_load(plan, PORTS, t0)
         await fault_task
+        if subs_task:
+            ctx["subs"] = await subs_task
+        await up_sampler.stop()
+        ctx["upstream_samples"] = up_sampler.samples
         if sampler.services:
             # Keep sampling after the load has stopped and its connections are closed: the
             # "end" resource figures are taken from there.
@@ -628,6 +1114,12 @@ async def run_experiment(spec, outdir):
             result["expectations"].append(evaluate(exp, records, ev, end, ctx))
         result["figures"] = summarize(records, ev, end)
         result["resources"] = sampler.samples
+        if ctx.get("subs"):
+            result["subscribers"] = summarize_subs(ctx["subs"], ev, end)
+            (outdir / f"{name}.ws.jsonl").write_text("\n".join(json.dumps(s) for s in ctx["subs"]) + "\n")
+        if up_sampler.samples:
+            (outdir / f"{name}.upstreams.jsonl").write_text("\n".join(json.dumps(s) for s in up_sampler.samples) + "\n")
+        result["instances"] = {"first_seen": ctx.get("ips", {}), "latest": ctx.get("ips_latest", {})}
         (outdir / f"{name}.requests.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
         report.timeline_svg(outdir / f"{name}.svg", spec["title"], records, ev, end,
                             sampler.samples)
@@ -659,9 +1151,26 @@ async def run_experiment(spec, outdir):
 
 def _alive(service):
     try:
-        return health(service)[0] == "running" and not inspect(service)["State"].get("Paused")
+        return health(service)[0][0] == "running" and not inspect(service)["State"].get("Paused")
     except Exception:
         return False
+
+
+def summarize_subs(subs, ev, end):
+    """Per group and phase: subscribers, events by kind, ends by close code."""
+    out = {}
+    for w in ("steady", "fault", "recovery", "all"):
+        a, b = window_bounds(w, ev, end)
+        for s in subs:
+            g = out.setdefault(s["group"], {}).setdefault(w, {"subscribers": 0, "events": {}, "ends": {}})
+            g["subscribers"] += 1
+            for e in s["events"]:
+                if a <= e["t"] < b:
+                    g["events"][e["kind"]] = g["events"][e["kind"]] + 1 if e["kind"] in g["events"] else 1
+                    if e["kind"] == "end":
+                        k = str(e["code"]) if e["code"] is not None else e["how"]
+                        g["ends"][k] = g["ends"].get(k, 0) + 1
+    return out
 
 
 def summarize(records, ev, end):
