@@ -261,9 +261,9 @@ def check_gateway(objs: list[dict], gateway_bin: str | None) -> None:
             fail(f"{where}: no containerPort named {name}")
         elif got != listen[label]:
             fail(f"{where}: containerPort {name}={got} but the gateway listens on {listen[label]} ([{label}] port)")
-    admin_routes = source_text("src/routes/admin.rs")
-    public_routes = "\n".join(p.read_text() for p in sorted(ROOT.glob("src/routes/**/*.rs"))
-                              if p.name != "admin.rs")
+    # The admin listener's routes live in src/server/admin.rs, the public ones in src/routes.
+    admin_routes = source_text("src/server/admin.rs")
+    public_routes = source_text("src/routes/**/*.rs")
     for probe_key, want_path, want_label in (("readinessProbe", "/ready", "admin"),
                                              ("livenessProbe", "/health", "server")):
         probe = ctr.get(probe_key, {}).get("httpGet")
