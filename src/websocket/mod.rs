@@ -108,7 +108,6 @@ where
         if close_to_client && close_from_client {
             break;
         }
-        let now = Instant::now();
         let mut wake = client_heard + settings.idle_timeout;
         if !pinged {
             wake = wake.min(client_heard + settings.idle_timeout / 2);
