@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue};
 
-use super::metrics::{method_label, record_request, status_class};
+use super::metrics::{method_label, record_error, record_request, status_class};
 use super::otlp::{Exporter, Kind, SpanRecord, Value};
 use crate::error::{ErrorReply, GatewayError};
 
@@ -137,10 +137,7 @@ where
         start.elapsed().as_secs_f64(),
     );
     if !reason.is_empty() {
-        // Errors only (a lookup per error, none per success): the reason the client read.
-        metrics::counter!("gateway_errors_total",
-            "route" => route.as_deref().unwrap_or("unmatched").to_string(), "reason" => reason)
-        .increment(1);
+        record_error(route.as_deref().unwrap_or("unmatched"), reason);
     }
     let log = tracing::enabled!(target: "access", tracing::Level::INFO);
     if log || spans.is_some() {
@@ -159,7 +156,7 @@ where
             reason,
             remote,
             request_id: rid.clone(),
-            trace: trace.clone(),
+            trace,
         };
         resp = resp.map(|body| {
             Body::new(LoggedBody {
@@ -214,9 +211,7 @@ impl PendingLine {
         };
         line.write(std::time::SystemTime::now());
     }
-}
 
-impl PendingLine {
     /// The request's span: the gateway's hop in the trace (`trace.rs`).
     fn export(&self, exporter: &Exporter, bytes: u64) {
         let elapsed = self.start.elapsed();

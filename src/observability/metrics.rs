@@ -141,13 +141,44 @@ pub fn record_request(route: &str, method: &'static str, status: &'static str, s
     });
 }
 
+/// The `gateway_errors_total` counters of one route, by reason (a handful at most: a short
+/// list beats a map).
+type ErrorSeries = Vec<(&'static str, Option<metrics::Counter>)>;
+
+thread_local! {
+    static ERROR_SERIES: std::cell::RefCell<RouteSlots<ErrorSeries>> =
+        std::cell::RefCell::default();
+}
+
+/// Counts one answer the gateway made itself in `gateway_errors_total{route,reason}`, with the
+/// handle kept per thread like the request series (a 429 storm must not build label strings
+/// and search the registry per request).
+pub fn record_error(route: &str, reason: &'static str) {
+    let register = || {
+        metrics::counter!("gateway_errors_total",
+            "route" => route.to_string(), "reason" => reason)
+    };
+    ERROR_SERIES.with(|cache| {
+        with_route_slot(cache, route, |series: &mut ErrorSeries| {
+            let i = series
+                .iter()
+                .position(|(r, _)| *r == reason)
+                .unwrap_or_else(|| {
+                    series.push((reason, None));
+                    series.len() - 1
+                });
+            with_kept(&mut series[i].1, register, |c| c.increment(1));
+        })
+    });
+}
+
 /// Runs `f` on the metric handle kept in `slot`, registering it with `register` the first
 /// time, so that recording costs atomic adds instead of building labels and searching the
 /// registry. Before the recorder is installed a registered handle would stay a no-op for
 /// ever, so none is kept then: `f` gets a fresh one each time.
 ///
-/// The one way the gateway caches metric handles: request series (here), attempt series
-/// (`upstream::pipeline`) and cache outcomes (`upstream::cache`).
+/// The one way the gateway caches metric handles: request and error series (here), attempt
+/// series (`upstream::pipeline`) and cache outcomes (`upstream::cache`).
 pub fn with_kept<T, R>(
     slot: &mut Option<T>,
     register: impl FnOnce() -> T,

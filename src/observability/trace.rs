@@ -60,13 +60,24 @@ fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     Some((trace, parent, flags))
 }
 
+/// The trace id, parent span id and flags of `headers`' `traceparent`, when well-formed.
+fn traceparent_of(headers: &HeaderMap) -> Option<([u8; 16], [u8; 8], u8)> {
+    headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent)
+}
+
+/// The trace id and span id a request forwarded upstream names as its parent (the
+/// gateway's span, as [`TraceContext::forward`] set it): what an attempt's span hangs from.
+pub fn forwarded_parent(headers: &HeaderMap) -> Option<([u8; 16], [u8; 8])> {
+    traceparent_of(headers).map(|(trace, parent, _)| (trace, parent))
+}
+
 impl TraceContext {
     /// The request's trace: continued from its `traceparent`, or new.
     pub fn continue_or_start(headers: &HeaderMap) -> TraceContext {
-        let given = headers
-            .get(&TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent);
+        let given = traceparent_of(headers);
         let (trace_id, parent_id, flags) = match given {
             Some((trace, parent, flags)) => (trace, Some(parent), flags),
             None => (rand::random::<[u8; 16]>(), None, 0x01),

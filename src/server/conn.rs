@@ -387,10 +387,10 @@ async fn tls_accept(
     }
 }
 
-/// Serves `io` with `protocol` until the connection closes.
 /// The HTTP/2 connection `run` drives (hyper's, on tokio).
 type Http2Conn<I, S> = hyper::server::conn::http2::Connection<TokioIo<I>, S, TokioExecutor>;
 
+/// Serves `io` with `protocol` until the connection closes.
 async fn run<I, S, B>(
     io: I,
     protocol: Protocol,

@@ -243,13 +243,7 @@ fn prepare(
     let app = runtime
         .block_on(super::build_state(next, shutdown, Some(&current.app)))
         .map_err(ReloadError::Failed)?;
-    let live = Live {
-        cors: Cors::new(&app.config.cors),
-        conn: ConnSettings::from_config(&app.config),
-        loaded_at: SystemTime::now(),
-        sha256: fingerprint(&app.config),
-        app,
-    };
+    let live = Live::of(app);
     Ok(Prepared {
         live,
         cert,
@@ -259,6 +253,19 @@ fn prepare(
     })
 }
 
+impl Live {
+    /// What requests read for `app`, loaded now.
+    fn of(app: Arc<AppState>) -> Live {
+        Live {
+            cors: Cors::new(&app.config.cors),
+            conn: ConnSettings::from_config(&app.config),
+            loaded_at: SystemTime::now(),
+            sha256: fingerprint(&app.config),
+            app,
+        }
+    }
+}
+
 impl Gateway {
     pub(crate) fn new(
         app: Arc<AppState>,
@@ -266,18 +273,10 @@ impl Gateway {
         certs: Option<Arc<CertStore>>,
         shutdown: watch::Receiver<bool>,
     ) -> Gateway {
-        let cfg = &app.config;
-        let sha256 = fingerprint(cfg);
-        report_info(None, &sha256);
-        let live = Live {
-            cors: Cors::new(&cfg.cors),
-            conn: ConnSettings::from_config(cfg),
-            loaded_at: SystemTime::now(),
-            sha256,
-            app: app.clone(),
-        };
+        let live = Live::of(app);
+        report_info(None, &live.sha256);
         Gateway {
-            started: cfg.clone(),
+            started: live.app.config.clone(),
             live: ArcSwap::from_pointee(live),
             source,
             certs,

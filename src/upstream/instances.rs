@@ -113,6 +113,18 @@ struct Health {
     failures: u64,
 }
 
+impl Health {
+    /// Back in rotation with a clean slate (its time ran out, or its probe passed); the
+    /// doubling of the next ejection counts from `now`.
+    fn end_ejection(&mut self, now: Instant) {
+        self.ejected_until = None;
+        self.consecutive_failures = 0;
+        self.biased_until = None;
+        self.window.clear();
+        self.returned_at = Some(now);
+    }
+}
+
 /// One address of an upstream.
 #[derive(Debug)]
 pub struct Instance {
@@ -258,10 +270,7 @@ impl Instance {
             if now < until || self.probe_url.is_some() {
                 return Availability::No;
             }
-            h.ejected_until = None;
-            h.consecutive_failures = 0;
-            h.window.clear();
-            h.returned_at = Some(now);
+            h.end_ejection(now);
             return Availability::Returned;
         }
         match h.biased_until {
@@ -699,11 +708,7 @@ impl InstanceSet {
             if h.ejected_until.is_none() {
                 return;
             }
-            h.ejected_until = None;
-            h.consecutive_failures = 0;
-            h.biased_until = None;
-            h.window.clear();
-            h.returned_at = Some(Instant::now());
+            h.end_ejection(Instant::now());
         }
         tracing::info!(upstream = %self.upstream, instance = %instance.addr, "instance passed its probe; back in rotation");
         self.report();

@@ -57,16 +57,6 @@ struct RecordAttempt {
 /// The span exporter a pipeline reports to, swapped by a reload.
 type SpanSink = Arc<arc_swap::ArcSwapOption<Exporter>>;
 
-/// The trace id and parent span id of a `traceparent` value (the gateway's request span).
-fn trace_of(req: &Request) -> Option<([u8; 16], [u8; 8])> {
-    let v = req.headers().get("traceparent")?.to_str().ok()?;
-    let mut parts = v.split('-').skip(1);
-    let (mut trace, mut parent) = ([0u8; 16], [0u8; 8]);
-    hex::decode_to_slice(parts.next()?, &mut trace).ok()?;
-    hex::decode_to_slice(parts.next()?, &mut parent).ok()?;
-    Some((trace, parent))
-}
-
 impl RecordAttempt {
     fn record(&self, outcome: Outcome, seconds: f64) {
         let label = outcome.label();
@@ -102,9 +92,12 @@ impl Middleware for RecordAttempt {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let call = Call::of(extensions)?.clone();
+        // Spans only when exporting: no header parsing or wall-clock read otherwise.
         let exporter = self.spans.load_full();
-        let traced = exporter.as_ref().and_then(|_| trace_of(&req));
-        let wall_start = std::time::SystemTime::now();
+        let traced = exporter.as_ref().and_then(|_| {
+            crate::observability::trace::forwarded_parent(req.headers())
+                .map(|ids| (ids, std::time::SystemTime::now()))
+        });
         let started = Instant::now();
         let result = next.run(req, extensions).await;
         let elapsed = started.elapsed();
@@ -117,7 +110,7 @@ impl Middleware for RecordAttempt {
             .get::<Chosen>()
             .map(|c| c.0.addr.clone())
             .unwrap_or_else(|| Arc::from(""));
-        if let (Some(exporter), Some((trace_id, parent))) = (exporter, traced) {
+        if let (Some(exporter), Some(((trace_id, parent), wall_start))) = (exporter, traced) {
             let mut attributes = vec![
                 ("upstream", otlp::Value::Str(self.upstream.to_string())),
                 ("server.address", otlp::Value::Str(instance.to_string())),
