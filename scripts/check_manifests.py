@@ -109,6 +109,9 @@ def unlisted_files(kdir: Path) -> None:
     """A manifest in the folder that the kustomization does not apply is a mistake."""
     k = yaml.safe_load((kdir / "kustomization.yaml").read_text())
     listed = set(k.get("resources", []))
+    # Files a generator turns into a ConfigMap (the alert rules) are listed there instead.
+    for gen in k.get("configMapGenerator", []):
+        listed.update(f.split("=", 1)[-1] for f in gen.get("files", []))
     for path in sorted(kdir.glob("*.y*ml")):
         if path.name != "kustomization.yaml" and path.name not in listed:
             fail(f"{path.name} is not listed in kustomization.yaml resources")
@@ -457,6 +460,32 @@ def choose_gateway_bin(given: str | None) -> str | None:
     return str(path)
 
 
+# ------------------------------------------------------------------ the alert rules
+
+RULES = ROOT / "docker/prometheus/gateway-alerts.yml"
+
+
+def check_alert_rules(objs: list[dict]) -> None:
+    """The ConfigMap of alert rules carries exactly docker/prometheus/gateway-alerts.yml (the
+    file scripts/check-alerts checks with promtool), and parses as a rule file."""
+    cms = [o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("gateway-alert-rules")]
+    if not cms:
+        fail("no ConfigMap gateway-alert-rules (configMapGenerator in kustomization.yaml)")
+        return
+    data = cms[0].get("data", {})
+    if list(data) != ["gateway-alerts.yml"]:
+        fail(f"ConfigMap gateway-alert-rules: keys {sorted(data)}, expected gateway-alerts.yml")
+        return
+    if data["gateway-alerts.yml"] != RULES.read_text():
+        fail("ConfigMap gateway-alert-rules differs from docker/prometheus/gateway-alerts.yml: "
+             "cp docker/prometheus/gateway-alerts.yml deploy/kubernetes/gateway-alert-rules.yml")
+        return
+    groups = yaml.safe_load(data["gateway-alerts.yml"]).get("groups", [])
+    alerts = sum(1 for g in groups for r in g.get("rules", []) if "alert" in r)
+    note(f"alert rules: ConfigMap {cms[0]['metadata']['name']} = docker/prometheus/gateway-alerts.yml "
+         f"({len(groups)} groups, {alerts} alerts; promtool checks them in scripts/check-alerts)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", nargs="?", default=str(ROOT / "deploy/kubernetes"))
@@ -474,6 +503,7 @@ def main() -> int:
         versions = validate_schemas(objs)
         print(f"schemas: {len(objs)} objects x Kubernetes {', '.join(versions)} (strict)")
         check_gateway(objs, args.gateway_bin)
+        check_alert_rules(objs)
     for n in notes:
         print(f"note: {n}")
     for e in errors:
