@@ -104,6 +104,53 @@ def sim_ports(service):
     return out
 
 
+def kernel_cpu_quota(cid):
+    """The CPU quota the kernel enforces on a container, in microseconds per period (-1: no
+    cap), read from its cgroup; None when no cgroup file is found. This, not `docker
+    inspect`, is the truth: on Docker 20.10 with cgroup v1, `docker update --cpus 0` leaves
+    the cap in place (NanoCpus and cpu.cfs_quota_us unchanged), and after `--cpu-quota -1`
+    lifts it, NanoCpus still reads the old value."""
+    for path in (f"/sys/fs/cgroup/cpu/docker/{cid}/cpu.cfs_quota_us",
+                 f"/sys/fs/cgroup/cpu,cpuacct/docker/{cid}/cpu.cfs_quota_us"):
+        try:
+            with open(path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    # cgroup v2: "max 100000" or "5000 100000".
+    for path in (f"/sys/fs/cgroup/docker/{cid}/cpu.max",
+                 f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.max"):
+        try:
+            with open(path) as f:
+                quota = f.read().split()[0]
+            return -1 if quota == "max" else int(quota)
+        except (OSError, ValueError, IndexError):
+            pass
+    return None
+
+
+def cpu_capped(info):
+    """Whether a container (its `docker inspect` entry) runs under a CPU cap: the kernel's
+    quota when readable, else the inspect fields (which may report a lifted cap as still set,
+    so at worst the cap is lifted once more)."""
+    quota = kernel_cpu_quota(info["Id"])
+    if quota is not None:
+        return quota > 0
+    host = info["HostConfig"]
+    if (host.get("CpuQuota") or 0) > 0:
+        return True
+    return bool(host.get("NanoCpus")) and host.get("CpuQuota") != -1
+
+
+def uncap_cpu(cid):
+    """Lifts a container's CPU cap for real: `--cpu-quota -1` (`--cpus 0` does not, see
+    kernel_cpu_quota), then checks the kernel agrees."""
+    sh("docker", "update", "--cpu-quota", "-1", cid)
+    quota = kernel_cpu_quota(cid)
+    if quota is not None and quota > 0:
+        raise RuntimeError(f"CPU cap still in place after --cpu-quota -1 (cfs quota {quota} us)")
+
+
 def compose_cmd():
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
@@ -184,6 +231,9 @@ async def run_step(step, ctx):
             if action == "connect":
                 return ["docker", "network", "connect", "--alias", alias, network(), cid]
             if action == "update_cpus":
+                # `cpus: 0` means "no cap": `--cpus 0` would leave the current one in place.
+                if float(step["cpus"]) <= 0:
+                    return ["docker", "update", "--cpu-quota", "-1", cid]
                 return ["docker", "update", "--cpus", str(step["cpus"]), cid]
             if action in ("kill", "stop", "start", "restart", "pause", "unpause"):
                 args = ["docker", action]
@@ -194,6 +244,11 @@ async def run_step(step, ctx):
                 return args + [cid]
             raise ValueError(f"unknown docker action {action}")
         await asyncio.gather(*(asyncio.to_thread(sh, *args_for(c)) for c in cids))
+        if action == "update_cpus" and float(step["cpus"]) <= 0:
+            for c in cids:
+                quota = await asyncio.to_thread(kernel_cpu_quota, c)
+                if quota is not None and quota > 0:
+                    raise RuntimeError(f"{svc}: CPU cap still in place (cfs quota {quota} us)")
         if action in ("start", "restart", "connect"):
             ctx.get("sim_ports", {}).pop(svc, None)  # a restarted container may get another host port
         return f"docker {action} {svc}" + (f" ({len(cids)} instances)" if len(cids) > 1 else "")
@@ -291,8 +346,8 @@ async def restore_all():
                     await asyncio.to_thread(sh, "docker", "start", cid)
                 if network() not in info["NetworkSettings"]["Networks"]:
                     await asyncio.to_thread(sh, "docker", "network", "connect", "--alias", svc, network(), cid)
-                if info["HostConfig"].get("NanoCpus"):
-                    await asyncio.to_thread(sh, "docker", "update", "--cpus", "0", cid)
+                if cpu_capped(info):
+                    await asyncio.to_thread(uncap_cpu, cid)
             except Exception as e:
                 errors.append(f"{svc} {info.get('Name')}: {e}")
     try:
@@ -536,11 +591,15 @@ def breaker_state(b):
 def window_bounds(name, ev, end):
     """Phase boundaries in seconds from load start. The fault window runs from the start of
     the inject steps (a `docker kill` bites while the command is still returning) to the
-    start of the remove steps; recovery from the end of the remove steps to the end of the
-    load."""
+    start of the remove steps: the time the fault is held as injected. While the remove
+    steps run (`removing`: a `docker start` boots the container, a scale-up starts several)
+    the fault is being lifted, neither held nor gone, so neither window judges it; recovery
+    runs from the end of the remove steps to the end of the load. The charts draw these
+    same windows (report.py)."""
     return {
         "steady": (0.0, ev["inject_start"]),
         "fault": (ev["inject_start"], ev["remove_start"]),
+        "removing": (ev["remove_start"], ev["remove_end"]),
         "recovery": (ev["remove_end"], end),
         "all": (0.0, end),
     }[name]
@@ -1176,7 +1235,7 @@ def summarize_subs(subs, ev, end):
 def summarize(records, ev, end):
     """Per-phase figures: counts by status / reason / cache, latency percentiles."""
     out = {}
-    for w in ("steady", "fault", "recovery", "all"):
+    for w in ("steady", "fault", "removing", "recovery", "all"):
         a, b = window_bounds(w, ev, end)
         rs = [r for r in records if a <= r["t"] < b]
         by_status, by_reason, by_cache, by_req = {}, {}, {}, {}

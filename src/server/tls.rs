@@ -173,8 +173,21 @@ pub struct CertStore {
     serial: ArcSwap<String>,
 }
 
+/// Exports the served certificate's notAfter (`gateway_tls_certificate_expiry_timestamp_seconds`,
+/// what the certificate-expiry alerts read); called wherever a certificate starts being served.
+fn report_expiry(cert: &LoadedCert) {
+    if let Some(secs) = cert
+        .not_after
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+    {
+        metrics::gauge!("gateway_tls_certificate_expiry_timestamp_seconds")
+            .set(secs.as_secs() as f64);
+    }
+}
+
 impl CertStore {
     pub fn new(cert: &LoadedCert) -> Arc<CertStore> {
+        report_expiry(cert);
         Arc::new(CertStore {
             current: ArcSwap::new(cert.key.clone()),
             serial: ArcSwap::from_pointee(cert.serial.clone()),
@@ -183,6 +196,7 @@ impl CertStore {
 
     /// New handshakes present `cert` from now on; established connections keep theirs.
     pub fn replace(&self, cert: &LoadedCert) {
+        report_expiry(cert);
         self.current.store(cert.key.clone());
         self.serial.store(Arc::new(cert.serial.clone()));
     }
