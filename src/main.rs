@@ -155,8 +155,10 @@ fn main() -> ExitCode {
             };
             run(async move {
                 let demo = start_demo(cfg, ports, faults).await?;
+                // Installed before the banner says the demo is up (see `signal`).
+                let stop = deltastream_gateway::server::signal();
                 println!("{}", demo.banner());
-                deltastream_gateway::server::signal().await;
+                stop.await;
                 // The same lines as `serve`, so a script or a reader sees the drain.
                 tracing::info!("shutdown signal received; draining in-flight requests");
                 demo.shutdown().await;

@@ -509,25 +509,38 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-pub async fn signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves when SIGINT or SIGTERM arrives. The handlers are installed when this is CALLED,
+/// not when it is first polled: a process that announces it is up and only then starts
+/// waiting would die of a SIGTERM sent in between (the default action), with no drain.
+pub fn signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (int, term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(int) => {}
+                _ = wait(term) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -551,6 +564,8 @@ pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
             )
         })?;
     let running = start_with_source(cfg, source, public, admin).await?;
+    // Before the line that says we are up: a SIGTERM from then on drains.
+    let stop = signal();
     tracing::info!(addr = %running.addr, admin = %running.admin_addr, tls = running.gateway.certs.is_some(), "gateway listening");
     #[cfg(unix)]
     {
@@ -567,7 +582,7 @@ pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
             }
         });
     }
-    signal().await;
+    stop.await;
     tracing::info!("shutdown signal received; draining in-flight requests");
     running.shutdown().await;
     tracing::info!("gateway stopped");
