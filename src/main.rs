@@ -333,6 +333,9 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    // Dropping the runtime would wait for every blocking task (a DNS lookup that hangs, a
+    // file read): the shutdown deadline holds whatever is still running.
+    rt.shutdown_timeout(deltastream_gateway::server::HARD_STOP_AFTER_GRACE);
     deltastream_gateway::observability::flush_logs();
     code
 }
