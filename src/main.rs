@@ -155,8 +155,10 @@ fn main() -> ExitCode {
             };
             run(async move {
                 let demo = start_demo(cfg, ports, faults).await?;
+                // Installed before the banner says the demo is up (see `signal`).
+                let stop = deltastream_gateway::server::signal();
                 println!("{}", demo.banner());
-                deltastream_gateway::server::signal().await;
+                stop.await;
                 // The same lines as `serve`, so a script or a reader sees the drain.
                 tracing::info!("shutdown signal received; draining in-flight requests");
                 demo.shutdown().await;
@@ -331,6 +333,9 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    // Dropping the runtime would wait for every blocking task (a DNS lookup that hangs, a
+    // file read): the shutdown deadline holds whatever is still running.
+    rt.shutdown_timeout(deltastream_gateway::server::HARD_STOP_AFTER_GRACE);
     deltastream_gateway::observability::flush_logs();
     code
 }

@@ -1,10 +1,11 @@
-//! Listeners (public, optionally TLS, an optional http->https redirect, admin), the
-//! connection loop, graceful shutdown, and the live configuration a reload swaps (`reload`).
+//! Listeners (public, optionally TLS, an optional http->https redirect, admin), graceful
+//! shutdown, and the live configuration a reload swaps (`reload`).
 //!
-//! The public listener runs its own accept loop on hyper-util rather than `axum::serve`
-//! because three protections live at the connection level: a header-read timeout
-//! (slowloris), a cap on the request-head size (431), and a bound on concurrent connections
-//! with an idle timeout (see `conn`).
+//! Every listener runs the same accept loop (`listener`) on hyper rather than `axum::serve`,
+//! because the protections live at the connection level (`conn`): a header-read timeout
+//! (slowloris), a cap on the request-head size (431), a bound on concurrent connections with
+//! an idle timeout, and a close that does not wait for what is not in flight. Stopping has
+//! one deadline, `shutdown_grace`, whatever is still open.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::watch;
 
 use crate::auth::TokenVerifier;
 use crate::config::{parse_cidr, Config, ConfigErrors};
@@ -28,7 +29,9 @@ pub mod admin;
 mod conn;
 mod cors;
 pub mod fds;
+mod listener;
 pub mod memory;
+mod redirect;
 pub mod reload;
 pub mod tls;
 
@@ -252,21 +255,10 @@ async fn start_inner(
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-    // Idle connections must never be what kills the process: under a cgroup memory limit the
-    // cap is lowered until base + cache + every connection fit (issue 18: a 64 MiB replica
-    // was OOM-killed at ~2,400 idle connections with the cap at 10,000).
-    let (max_connections, lowered) = memory::connection_cap(
-        cfg.limits.max_connections,
-        memory::cgroup_memory_limit(),
-        cfg.cache.max_bytes.0,
-    );
-    if let Some(why) = lowered {
-        tracing::warn!("{why}");
-    }
     let grace = cfg.server.shutdown_grace.0;
     let watch_config = cfg.server.watch_config;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
-    fds::raise_limit(&cfg);
+    let caps = listener_caps(&cfg);
     // TLS: the certificate (a reload may replace it) and the acceptor built on it.
     let (certs, acceptor) = match &cfg.server.tls {
         Some(t) => {
@@ -281,7 +273,7 @@ async fn start_inner(
         None => (None, None),
     };
     let redirect = match &cfg.server.redirect_http {
-        Some(r) => Some(
+        Some(r) => Some((
             TcpListener::bind((cfg.server.host, r.port))
                 .await
                 .map_err(|e| {
@@ -290,33 +282,74 @@ async fn start_inner(
                         cfg.server.host, r.port
                     )
                 })?,
-        ),
+            redirect::Redirect::new(r, addr.port()),
+        )),
         None => None,
     };
-    let redirect_addr = redirect.as_ref().and_then(|l| l.local_addr().ok());
+    let redirect_addr = redirect.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let (tx, rx) = watch::channel(false);
     let state = build_state(cfg, rx.clone(), None).await?;
     let gateway = Arc::new(Gateway::new(state, source, certs, rx.clone()));
-    let admin_router = admin::router(gateway.clone());
 
-    let mut admin_rx = rx.clone();
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(admin, admin_router)
-            .with_graceful_shutdown(async move {
-                let _ = admin_rx.wait_for(|s| *s).await;
-            })
-            .await;
+    // Every listener takes the connection limits of the live configuration.
+    let settings = {
+        let gw = gateway.clone();
+        move || gw.live_full().conn.clone()
+    };
+    let admin_router = admin::router(gateway.clone());
+    let admin_task = tokio::spawn(listener::run(
+        listener::Listener {
+            socket: admin,
+            name: "admin",
+            max_connections: caps.admin,
+            tls: None,
+        },
+        settings.clone(),
+        move |_peer| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
+        grace,
+        rx.clone(),
+    ));
+    let redirect_task = redirect.map(|(socket, answers)| {
+        let answers = Arc::new(answers);
+        tokio::spawn(listener::run(
+            listener::Listener {
+                socket,
+                name: "redirect",
+                max_connections: caps.redirect,
+                tls: None,
+            },
+            settings.clone(),
+            move |_peer| {
+                let answers = answers.clone();
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    std::future::ready(Ok::<_, Infallible>(answers.answer(&req)))
+                })
+            },
+            grace,
+            rx.clone(),
+        ))
     });
-    if let Some(listener) = redirect {
-        tokio::spawn(redirect_loop(listener, addr.port(), rx.clone()));
-    }
     if watch_config {
         tokio::spawn(watch_file(gateway.clone(), rx.clone()));
     }
+    let public = listener::Listener {
+        socket: public,
+        name: "public",
+        max_connections: caps.public,
+        tls: acceptor,
+    };
     let gw = gateway.clone();
     let task = tokio::spawn(async move {
-        accept_loop(public, gw, acceptor, max_connections, grace, rx).await;
-        let _ = admin_task.await;
+        let deadline = serve_public(public, gw, settings, grace, rx).await;
+        // The other listeners drained against the same moment; past it, whatever is still
+        // open is dropped with the runtime (see `serve`).
+        let _ = tokio::time::timeout_at(deadline, async {
+            let _ = admin_task.await;
+            if let Some(t) = redirect_task {
+                let _ = t.await;
+            }
+        })
+        .await;
     });
     Ok(Running {
         addr,
@@ -328,43 +361,42 @@ async fn start_inner(
     })
 }
 
-/// `[server.redirect_http]`: every request gets 308 to the same path on https (the host the
-/// client named, the public listener's port).
-async fn redirect_loop(
-    listener: TcpListener,
-    https_port: u16,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let app = axum::Router::new().fallback(move |req: axum::extract::Request| async move {
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string())
-            .filter(|h| !h.is_empty() && !h.contains(['/', '@', '\\']))
-            .unwrap_or_else(|| "localhost".into());
-        let port = if https_port == 443 {
-            String::new()
-        } else {
-            format!(":{https_port}")
-        };
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string());
-        let location = format!("https://{host}{port}{target}");
-        let mut resp = http::Response::new(Body::empty());
-        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-        if let Ok(v) = http::HeaderValue::from_str(&location) {
-            resp.headers_mut().insert(http::header::LOCATION, v);
+/// Each listener's connection cap: as configured, lowered (each listener keeping its own
+/// share, see `ListenerCaps::fit`) so that idle connections can neither get the process
+/// killed under a cgroup memory limit (issue 18: a 64 MiB replica was OOM-killed at ~2,400
+/// idle connections with the cap at 10,000) nor use up its descriptors (issue 23: idle
+/// connections to the redirect port made the TLS port fail with EMFILE).
+fn listener_caps(cfg: &Config) -> listener::ListenerCaps {
+    let mut caps = listener::ListenerCaps::configured(cfg);
+    let memory_limit = memory::cgroup_memory_limit();
+    let cache = cfg.cache.max_bytes.0;
+    if let Some(fitted) = memory::connection_budget(memory_limit, cache).and_then(|b| caps.fit(b)) {
+        tracing::warn!(
+            "connection caps lowered to fit the memory limit of {} MiB ({} MiB base + \
+             cache.max_bytes {} MiB + {} KiB per connection): {}; past a cap, connections \
+             wait in the accept queue instead of killing the process",
+            memory_limit.unwrap_or_default() >> 20,
+            memory::BASE_BYTES >> 20,
+            cache >> 20,
+            memory::BYTES_PER_CONNECTION >> 10,
+            caps.lowered_to(&fitted)
+        );
+        caps = fitted;
+    }
+    if let Some(limit) = fds::raise_limit(cfg) {
+        if let Some(fitted) = caps.fit(fds::connection_budget(limit)) {
+            tracing::warn!(
+                "connection caps lowered to fit the open-file limit of {limit} (half of it above \
+                 {} for listener connections, the other half for the upstream connections they \
+                 lead to): {}; past a cap, connections wait in the accept queue instead of \
+                 failing every listener with EMFILE",
+                fds::RESERVED,
+                caps.lowered_to(&fitted)
+            );
+            caps = fitted;
         }
-        resp
-    });
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await;
+    }
+    caps
 }
 
 /// `[server] watch_config`: reloads when the configuration file's modification time or size
@@ -394,64 +426,33 @@ async fn watch_file(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// The public listener: the application on every connection, then, at shutdown, the drain
+/// and the WebSocket relays' closes, all by one deadline (returned).
+async fn serve_public(
+    public: listener::Listener,
     gateway: Arc<Gateway>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    max_connections: usize,
+    settings: impl Fn() -> conn::ConnSettings,
     grace: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    shutdown: watch::Receiver<bool>,
+) -> tokio::time::Instant {
     // The public application, outermost first: the access layer (request id, panic guard,
     // metrics, the log line: outermost so even CORS preflights and panics get a request id
     // and a log line) -> CORS (header values computed once per configuration) -> the
     // generic handler. Composed by hand, not with axum's `Router` + `from_fn`: with one
     // fallback handler those only added a route lookup, a boxed service and boxed futures per
     // request. Each request takes the live configuration once and finishes on it.
-    let slots = Arc::new(Semaphore::new(max_connections));
-    // Asks idle connections to close when a client is waiting for a slot.
-    let shed = Arc::new(Notify::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
-        // At the cap, this one client waits (the rest queue in the kernel's backlog, costing
-        // us nothing) while connections idle for a while are asked to close.
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let waited = loop {
-                    shed.notify_waiters();
-                    tokio::select! {
-                        p = slots.clone().acquire_owned() => break p.ok(),
-                        _ = tokio::time::sleep(conn::SHED_AFTER_IDLE / 4) => {}
-                        _ = stopped(&mut shutdown) => break None,
-                    }
-                };
-                match waited {
-                    Some(p) => p,
-                    None => break,
-                }
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let settings = gateway.live_full().conn.clone();
-        let gw = gateway.clone();
-        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+    let tls = public.tls.is_some();
+    let gw = gateway.clone();
+    let make_service = move |peer: SocketAddr| {
+        let gw = gw.clone();
+        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let live = gw.live_full();
             async move {
                 let req = req.map(Body::new);
                 let spans = live.app.spans.clone();
-                let resp = access(Some(peer), req, spans, |req, rid| async move {
+                // HSTS means something over TLS only (RFC 6797 section 8.1).
+                let hsts = live.hsts.clone().filter(|_| tls);
+                let mut resp = access(Some(peer), req, spans, |req, rid| async move {
                     // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
                     if req.method() == http::Method::OPTIONS {
                         return (live.cors.preflight(req.headers()), RouteInfo::default());
@@ -462,46 +463,28 @@ async fn accept_loop(
                     // ~4.5 KB since the big parts (the upstream call, token verification)
                     // are boxed where they are awaited; boxing it whole here cost every
                     // request, cache hits included, an 11.8 KB allocation and copy.
-                    let (mut resp, info) = routes::handle(live.app.clone(), req, rid, peer).await;
+                    let (mut resp, info) =
+                        routes::handle(live.app.clone(), req, rid, peer, tls).await;
                     live.cors.apply(origin, resp.headers_mut());
                     (resp, info)
                 })
                 .await;
+                if let Some(v) = hsts {
+                    resp.headers_mut()
+                        .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+                }
                 Ok::<_, Infallible>(resp)
             }
-        });
-        let conn = conn::serve(
-            stream,
-            svc,
-            settings,
-            tls.clone(),
-            shutdown.clone(),
-            shed.clone(),
-        );
-        tokio::spawn(async move {
-            conn.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    // Every connection holds a slot until it is closed: having them all back means drained.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(grace, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "shutdown grace period over; closing remaining connections"
-        );
-    }
-    // Upgraded connections left the accept loop's count: their relays close them (1001)
-    // when told to stop, within their close timeout; wait for that, within the grace.
+        })
+    };
+    let deadline = listener::run(public, settings, make_service, grace, shutdown).await;
+    // Upgraded connections left the listener's count: their relays close them (1001) when
+    // told to stop, within their close timeout; wait for that, by the same deadline.
     let app = gateway.current();
-    let deadline = tokio::time::Instant::now() + grace;
     while app.ws_connections.open() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    deadline
 }
 
 /// Resolves once shutdown was requested (the watch guard is not held across awaits).
@@ -509,27 +492,43 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-pub async fn signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves when SIGINT or SIGTERM arrives. The handlers are installed when this is CALLED,
+/// not when it is first polled: a process that announces it is up and only then starts
+/// waiting would die of a SIGTERM sent in between (the default action), with no drain.
+pub fn signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (int, term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(int) => {}
+                _ = wait(term) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
+
+/// How long after `shutdown_grace` `serve` returns whatever has not finished.
+pub const HARD_STOP_AFTER_GRACE: Duration = Duration::from_secs(1);
 
 /// `serve`: binds from the config, runs until SIGTERM/SIGINT, drains, returns; SIGHUP
 /// reloads the configuration from `source`.
@@ -551,7 +550,11 @@ pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
             )
         })?;
     let running = start_with_source(cfg, source, public, admin).await?;
-    tracing::info!(addr = %running.addr, admin = %running.admin_addr, tls = running.gateway.certs.is_some(), "gateway listening");
+    // Before the line that says we are up: a SIGTERM from then on drains.
+    let stop = signal();
+    tracing::info!(addr = %running.addr, admin = %running.admin_addr,
+        redirect = running.redirect_addr.map(|a| a.to_string()),
+        tls = running.gateway.certs.is_some(), "gateway listening");
     #[cfg(unix)]
     {
         let gateway = running.gateway.clone();
@@ -567,9 +570,17 @@ pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
             }
         });
     }
-    signal().await;
+    stop.await;
     tracing::info!("shutdown signal received; draining in-flight requests");
-    running.shutdown().await;
+    // One hard deadline whatever is open: the listeners drain within the grace, and this
+    // bounds anything else (the runtime then drops what is left; see main's `run`).
+    let grace = running.gateway.current().config.server.shutdown_grace.0;
+    if tokio::time::timeout(grace + HARD_STOP_AFTER_GRACE, running.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; stopping with connections still open");
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }

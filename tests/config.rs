@@ -329,3 +329,28 @@ fn check_config_names_the_line_and_column_of_a_toml_syntax_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 3, column"), "{stderr}");
 }
+
+#[test]
+fn listener_settings_are_checked_and_named_by_field() {
+    let e = errors_of(
+        &std::fs::read_to_string("tests/fixtures/config/invalid_listeners.toml").unwrap(),
+    );
+    let joined = e.join("\n");
+    for want in [
+        "server.tls.hsts.preload: needs include_subdomains = true and max_age of at least 365 days",
+        "server.redirect_http.host: \"evil.example?\" is not a DNS name",
+        "server.redirect_http.max_connections: must be at least 1",
+        "admin.max_connections: must be at least 1",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+    }
+    // Unknown keys in the new sections are errors too.
+    let e = errors_of("[admin]\nmax_conections = 5\n");
+    assert!(e.iter().any(|m| m.contains("max_conections")), "{e:?}");
+    // The defaults: HSTS off, the admin listener's own cap, no configured redirect host.
+    let cfg = Config::embedded();
+    assert_eq!(cfg.admin.max_connections, 64);
+    assert!(cfg.server.tls.is_none() && cfg.server.redirect_http.is_none());
+    let r: deltastream_gateway::config::RedirectConfig = toml::from_str("port = 8080").unwrap();
+    assert_eq!((r.host, r.max_connections), (None, 1024));
+}

@@ -10,52 +10,11 @@ use deltastream_gateway::config::{BreakerConfig, Config, Dur};
 use deltastream_gateway::server::{
     check_with_warnings, start_with_source, tls::certificate_serial, ConfigSource, Running,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SerialNumber};
 use serde_json::Value;
 use support::gateway::client;
+use support::tls::Ca;
 use support::{refused_addr, FakeUpstream};
 use tokio::net::TcpListener;
-
-/// A test CA and leaves for 127.0.0.1 / localhost signed by it.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// (certificate PEM, key PEM) of a leaf with this serial; `expired` puts notAfter in 2020.
-    fn leaf(&self, serial: u8, expired: bool) -> (String, String) {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.serial_number = Some(SerialNumber::from(vec![serial]));
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// A client that trusts only this CA (and reports the peer certificate).
-    fn client(&self, http2: bool) -> reqwest::Client {
-        let ca = reqwest::Certificate::from_pem(self.issuer.pem().as_bytes()).unwrap();
-        let mut b = reqwest::Client::builder()
-            .tls_certs_only([ca])
-            .tls_info(true);
-        if !http2 {
-            b = b.http1_only();
-        }
-        b.build().unwrap()
-    }
-}
 
 /// The serial of the certificate the server presented for this response.
 fn served_serial(r: &reqwest::Response) -> String {

@@ -42,7 +42,15 @@ fuzz_target!(|input: (u8, [u8; 4], &[u8])| {
         assert_eq!(ip, peer_ip.to_canonical(), "untrusted peer chose its key");
     }
     let rid = HeaderValue::from_static("fuzz");
-    let out = upstream_headers(headers, peer_ip, is_trusted, &rid, &HeaderPolicy::default());
+    let tls = kind & 0x80 != 0;
+    let out = upstream_headers(
+        headers,
+        peer_ip,
+        is_trusted,
+        tls,
+        &rid,
+        &HeaderPolicy::default(),
+    );
     for name in out.keys() {
         let folded = name.as_str().replace('_', "-");
         assert!(!folded.starts_with("x-user-"), "{name} forwarded");
@@ -69,6 +77,8 @@ fuzz_target!(|input: (u8, [u8; 4], &[u8])| {
     assert_eq!(out.get_all("x-forwarded-for").iter().count(), 1);
     if !is_trusted {
         assert_eq!(out["x-forwarded-for"], peer_ip.to_string().as_str());
+        let scheme = if tls { "https" } else { "http" };
+        assert_eq!(out["x-forwarded-proto"], scheme, "the scheme is the connection's");
         for name in out.keys() {
             let folded = name.as_str().replace('_', "-");
             for h in deltastream_gateway::config::DEFAULT_STRIP_FROM_UNTRUSTED {

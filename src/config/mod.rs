@@ -29,8 +29,9 @@ pub use ratelimit::{
 };
 pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind};
 pub use server::{
-    AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, LimitsConfig, RedirectConfig,
-    ServerConfig, TlsConfig, WebSocketConfig, DEFAULT_STRIP_FROM_UNTRUSTED,
+    parse_host_port, AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, HstsConfig,
+    LimitsConfig, RedirectConfig, ServerConfig, TlsConfig, WebSocketConfig,
+    DEFAULT_STRIP_FROM_UNTRUSTED,
 };
 pub use telemetry::TracingConfig;
 pub use types::{join, ByteSize, Dur, FieldError};
@@ -312,6 +313,7 @@ impl Config {
                 ));
             }
         }
+        self.server.validate_listeners(&self.admin, errors);
         self.tracing.validate(errors);
         let ws = &self.websocket;
         for (field, zero) in [

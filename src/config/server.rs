@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{ByteSize, Dur};
+use super::types::{ByteSize, Dur, FieldError};
 
 /// Headers that claim something about the client or the request's routing which only a
 /// proxy in front of us could know: from a peer that is not a trusted proxy they are lies an
@@ -77,10 +77,54 @@ pub struct TlsConfig {
     /// Lowest protocol version accepted: `"1.2"` or `"1.3"`.
     #[serde(default = "default_min_tls")]
     pub min_version: String,
+    /// `Strict-Transport-Security` on every response over TLS (never over plain HTTP, where
+    /// browsers must ignore it); absent: not sent.
+    #[serde(default)]
+    pub hsts: Option<HstsConfig>,
 }
 
 fn default_min_tls() -> String {
     "1.2".into()
+}
+
+/// `[server.tls.hsts]`: what browsers are told to remember (RFC 6797).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HstsConfig {
+    /// How long a browser goes to https by itself; `0s` tells browsers to forget it.
+    pub max_age: Dur,
+    /// The rule covers every subdomain too.
+    pub include_subdomains: bool,
+    /// Consent to browsers' built-in preload lists (needs `include_subdomains` and a
+    /// `max_age` of at least a year, as the lists require).
+    pub preload: bool,
+}
+
+/// What the preload lists require of `max_age` (hstspreload.org).
+pub const HSTS_PRELOAD_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(31_536_000);
+
+impl Default for HstsConfig {
+    fn default() -> Self {
+        HstsConfig {
+            max_age: Dur::from_secs(31_536_000),
+            include_subdomains: false,
+            preload: false,
+        }
+    }
+}
+
+impl HstsConfig {
+    /// The header value, e.g. `max-age=31536000; includeSubDomains`.
+    pub fn header_value(&self) -> String {
+        let mut v = format!("max-age={}", self.max_age.0.as_secs());
+        if self.include_subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        v
+    }
 }
 
 /// `[server.redirect_http]`: a plain listener that only redirects to https.
@@ -88,6 +132,19 @@ fn default_min_tls() -> String {
 #[serde(deny_unknown_fields)]
 pub struct RedirectConfig {
     pub port: u16,
+    /// The host (`name` or `name:port`) every redirect names. Absent: the host the client
+    /// asked for, if it is a valid DNS name or IP literal (else 400), with the public
+    /// listener's port.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Concurrent connections on this listener; further ones wait in the accept queue while
+    /// idle ones are shed. Its own cap, so a flood here cannot take the public listener's.
+    #[serde(default = "default_redirect_connections")]
+    pub max_connections: usize,
+}
+
+fn default_redirect_connections() -> usize {
+    1024
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -97,6 +154,9 @@ pub struct AdminConfig {
     pub host: IpAddr,
     /// `ADMIN_PORT`; 0 picks a free port (tests).
     pub port: u16,
+    /// Concurrent connections on the admin listener. Its own cap, so the operator's scrape
+    /// and `/ready` get through while the public listener is full, and the other way round.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -104,6 +164,7 @@ impl Default for AdminConfig {
         AdminConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 9000,
+            max_connections: 64,
         }
     }
 }
@@ -231,5 +292,161 @@ impl Default for WebSocketConfig {
             max_lifetime: None,
             close_timeout: Dur::from_secs(1),
         }
+    }
+}
+
+/// A `host[:port]` that may appear in an `https://` URL the gateway writes: a DNS name
+/// (letters, digits and `-` in dot-separated labels of 1-63 characters, at most 253 in all),
+/// an IPv4 address, or a bracketed IPv6 address; the port 1-65535. Stricter than RFC 3986's
+/// reg-name on purpose: https can only reach DNS names and IP addresses, and the rest of
+/// reg-name (`%`, `!$&'()*+,;=`) is what URL parsers disagree about. A last label made of
+/// digits must be a whole IPv4 address (browsers read `1.2.3` as one).
+pub fn parse_host_port(text: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']')?;
+        inner.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (&text[..inner.len() + 2], port)
+    } else {
+        match text.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().ok().filter(|p| *p != 0)?)
+        }
+        Some(_) => return None,
+    };
+    if host.starts_with('[') || host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Some((host, port));
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let last_numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    (host.len() <= 253 && host.split('.').all(label_ok) && !last_numeric).then_some((host, port))
+}
+
+impl ServerConfig {
+    /// The listener settings' own rules (`[server.tls.hsts]`, `[server.redirect_http]`,
+    /// `[admin]`).
+    pub(super) fn validate_listeners(&self, admin: &AdminConfig, errors: &mut Vec<FieldError>) {
+        if admin.max_connections == 0 {
+            errors.push(FieldError::new(
+                "admin.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if let Some(hsts) = self.tls.as_ref().and_then(|t| t.hsts.as_ref()) {
+            if hsts.preload && (!hsts.include_subdomains || hsts.max_age.0 < HSTS_PRELOAD_MIN_AGE) {
+                errors.push(FieldError::new(
+                    "server.tls.hsts.preload",
+                    "needs include_subdomains = true and max_age of at least 365 days \
+                     (what the preload lists require)",
+                ));
+            }
+        }
+        if let Some(redirect) = &self.redirect_http {
+            if redirect.max_connections == 0 {
+                errors.push(FieldError::new(
+                    "server.redirect_http.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            if let Some(host) = &redirect.host {
+                if parse_host_port(host).is_none() {
+                    errors.push(FieldError::new(
+                        "server.redirect_http.host",
+                        format!(
+                            "{host:?} is not a DNS name, IPv4 address or [IPv6] address with an optional :port"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_hosts_are_dns_names_or_ip_literals_with_an_optional_port() {
+        for ok in [
+            "example.com",
+            "gw.example.com:8443",
+            "localhost",
+            "127.0.0.1",
+            "127.0.0.1:443",
+            "[::1]",
+            "[2001:db8::1]:8443",
+            "a-b.c1",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(parse_host_port(ok).is_some(), "{ok}");
+        }
+        assert_eq!(
+            parse_host_port("gw.example:8443"),
+            Some(("gw.example", Some(8443)))
+        );
+        assert_eq!(parse_host_port("[::1]:9"), Some(("[::1]", Some(9))));
+        for bad in [
+            "",
+            "evil.example?",
+            "evil.example/",
+            "evil.example#",
+            "user@evil.example",
+            "evil.example\\",
+            "evil.example:",
+            "evil.example:0",
+            "evil.example:65536",
+            "evil.example:80:80",
+            "evil.example:+80",
+            "evil example",
+            "evil.example.",
+            "-evil.example",
+            "evil-.example",
+            "a..b",
+            "1.2.3",
+            "1.2.3.4.5",
+            "[::1",
+            "[::1]x",
+            "[fe80::1%eth0]",
+            "[not-ip]",
+            "%65vil.example",
+            "evil.example;x",
+            "evil_host.example",
+            "\u{e9}vil.example",
+        ] {
+            assert!(parse_host_port(bad).is_none(), "{bad:?} accepted");
+        }
+        assert!(parse_host_port(&format!("{}.example", "a".repeat(64))).is_none());
+        assert!(parse_host_port(&["a"; 130].join(".")).is_none());
+    }
+
+    #[test]
+    fn hsts_header_values() {
+        let mut h = HstsConfig::default();
+        assert_eq!(h.header_value(), "max-age=31536000");
+        h.include_subdomains = true;
+        h.preload = true;
+        h.max_age = Dur::from_secs(63_072_000);
+        assert_eq!(
+            h.header_value(),
+            "max-age=63072000; includeSubDomains; preload"
+        );
     }
 }

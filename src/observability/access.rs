@@ -52,7 +52,7 @@ fn client_request_id(v: &HeaderValue) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
 }
 
-fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     let n: u128 = rand::random();
     let mut buf = [0u8; 32];
     hex::encode_to_slice(n.to_be_bytes(), &mut buf).expect("32 hex chars for 16 bytes");

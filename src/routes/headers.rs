@@ -143,11 +143,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Request headers for the upstream: the client's minus hop-by-hop, `Host` (set from the
 /// upstream URL by the client) and `Content-Length` (set from the body), minus `_` twins of
 /// anything the gateway sets or strips and, from untrusted peers, minus the claims in
-/// `policy`; with forwarding headers that cannot be spoofed by an untrusted peer.
+/// `policy`; with forwarding headers that cannot be spoofed by an untrusted peer
+/// (`X-Forwarded-Proto` is the scheme the request arrived with: `https` when `tls`).
 pub fn upstream_headers(
     mut headers: HeaderMap,
     peer: IpAddr,
     peer_trusted: bool,
+    tls: bool,
     request_id: &HeaderValue,
     policy: &HeaderPolicy,
 ) -> HeaderMap {
@@ -174,6 +176,7 @@ pub fn upstream_headers(
         headers.remove(name);
     }
     let peer_value = ip_header_value(peer);
+    let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
     if peer_trusted {
         // A trusted proxy's chain is kept and our peer appended (what nginx's
         // $proxy_add_x_forwarded_for does).
@@ -186,12 +189,12 @@ pub fn upstream_headers(
             None => headers.insert(X_FORWARDED_FOR.clone(), peer_value),
         };
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), scheme);
         }
     } else {
         // From anyone else these headers are claims we cannot check: replace them.
         headers.insert(X_FORWARDED_FOR.clone(), peer_value);
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), scheme);
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     headers
@@ -245,6 +248,7 @@ mod tests {
             h.clone(),
             "1.2.3.4".parse().unwrap(),
             false,
+            false,
             &rid,
             &HeaderPolicy::default(),
         );
@@ -270,6 +274,7 @@ mod tests {
             h,
             "1.2.3.4".parse().unwrap(),
             true,
+            false,
             &rid,
             &HeaderPolicy::default(),
         );
@@ -283,7 +288,7 @@ mod tests {
         let policy = HeaderPolicy::new(&["X_Tenant".to_string()]);
         let rid = HeaderValue::from_static("rid");
         let h = map(&[("x-tenant", "a"), ("x_tenant", "b"), ("x-real-ip", "kept")]);
-        let out = upstream_headers(h, "1.2.3.4".parse().unwrap(), false, &rid, &policy);
+        let out = upstream_headers(h, "1.2.3.4".parse().unwrap(), false, false, &rid, &policy);
         assert!(!out.contains_key("x-tenant") && !out.contains_key("x_tenant"));
         assert!(out.contains_key("x-real-ip"));
     }

@@ -139,6 +139,8 @@ pub struct RequestCtx<'a> {
     pub peer: SocketAddr,
     /// The peer is a trusted proxy: its forwarding headers are kept and believed.
     pub peer_trusted: bool,
+    /// The request arrived over TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
     /// The client as far as trusted proxies let us tell: the rate-limit and failure key.
     pub client_ip: IpAddr,
     /// The route's label for logs and metrics (the template, never the raw path).
@@ -157,6 +159,7 @@ impl<'a> RequestCtx<'a> {
         app: &AppState,
         request_id: &'a HeaderValue,
         peer: SocketAddr,
+        tls: bool,
         headers: &HeaderMap,
     ) -> Self {
         // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 proxies.
@@ -165,6 +168,7 @@ impl<'a> RequestCtx<'a> {
             request_id,
             peer,
             peer_trusted: app.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+            tls,
             client_ip: client_ip(peer, headers, &app.trusted_proxies),
             label: None,
             route: None,
@@ -195,15 +199,17 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
 }
 
 /// The single entry point for every public request: `rid` is its request id, `peer` the TCP
-/// peer. Returns the response and, for the access log, the route and upstream it took.
+/// peer, `tls` whether it came over TLS. Returns the response and, for the access log, the
+/// route and upstream it took.
 pub async fn handle(
     app: Arc<AppState>,
     req: Request,
     rid: HeaderValue,
     peer: SocketAddr,
+    tls: bool,
 ) -> (Response, RouteInfo) {
     let app = &*app;
-    let mut ctx = RequestCtx::new(app, &rid, peer, req.headers());
+    let mut ctx = RequestCtx::new(app, &rid, peer, tls, req.headers());
     let result = phases(app, req, &mut ctx).await;
     let resp = respond(result, &ctx);
     let info = ctx.route_info(app);

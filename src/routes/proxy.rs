@@ -275,6 +275,7 @@ fn upstream_request(
         client_headers,
         ctx.peer.ip().to_canonical(),
         ctx.peer_trusted,
+        ctx.tls,
         ctx.request_id,
         policy,
     );

@@ -254,6 +254,7 @@ pub(super) async fn connect(
         parts.headers,
         ctx.peer.ip().to_canonical(),
         ctx.peer_trusted,
+        ctx.tls,
         ctx.request_id,
         &app.header_policy,
     );

@@ -13,6 +13,22 @@
 //! Closing is always graceful: an HTTP/1 request in flight still gets its response, HTTP/2
 //! gets GOAWAY and its open streams finish.
 //!
+//! On HTTP/2, bytes are not the measure: a client can keep a connection's bytes moving with
+//! PING, SETTINGS or WINDOW_UPDATE frames alone. There idleness counts from the last frame
+//! that carries a request or a response (HEADERS, CONTINUATION, DATA with a payload or the end
+//! of a stream) or the end of a request ([`FrameWatch`]), so a connection that only sends
+//! control frames is idle for the idle timeout and for shedding. h2 itself keeps one PONG and
+//! one SETTINGS acknowledgement pending at a time and stops reading until they are written,
+//! which bounds what a flood of them costs in memory, but not in CPU: PING and SETTINGS beyond
+//! a per-connection budget ([`H2_CONTROL_BURST`], refilled at [`H2_CONTROL_PER_SEC`]) close the
+//! connection (gRPC servers answer more than one PING per 5 minutes without a stream with
+//! GOAWAY; this is far more lenient).
+//!
+//! A close (shutdown, idleness, shedding) waits for what is in flight (a request being handled
+//! or a response body being sent), within `close_grace`, and for nothing else: a half-sent
+//! head or an HTTP/2 client that never acknowledges the GOAWAY's PING is dropped
+//! [`CLOSE_FLUSH`] after nothing is in flight.
+//!
 //! An HTTP/1 keep-alive connection that waits for its next request is closed after
 //! `header_read_timeout`, before `idle_timeout`: hyper starts the header-read timer as soon as
 //! a response is written (hyperium/hyper#3828) and has no separate keep-alive timeout. Raising
@@ -20,7 +36,7 @@
 //! is kept.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,6 +49,15 @@ use tokio::time::Instant;
 
 /// At capacity, connections idle at least this long are closed to make room.
 pub const SHED_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// HTTP/2 PING and SETTINGS frames a client may send at once...
+pub const H2_CONTROL_BURST: f64 = 100.0;
+/// ...and on average per second after that; beyond, the connection is closed.
+pub const H2_CONTROL_PER_SEC: f64 = 10.0;
+
+/// After a close was asked for, how long a connection with nothing in flight keeps its socket
+/// (to flush a GOAWAY or a last response) before it is dropped.
+pub const CLOSE_FLUSH: Duration = Duration::from_millis(250);
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -52,6 +77,8 @@ pub struct ConnSettings {
 
 /// `Activity::write_blocked_ms` when no write is waiting for the client.
 const NOT_BLOCKED: u64 = u64::MAX;
+/// `Activity::work_ms` on an HTTP/1 connection (its idleness is measured in bytes).
+const NOT_H2: u64 = u64::MAX;
 
 impl ConnSettings {
     /// The connection limits of a configuration (`[limits]`; the close grace is the
@@ -75,6 +102,14 @@ struct Activity {
     /// Set when a write finds the socket full, cleared when a write gets through: how long
     /// the client has left us unable to send ([`ConnSettings::send_timeout`]).
     write_blocked_ms: AtomicU64,
+    /// HTTP/2: when a stream last did work, which idleness is measured from there (control
+    /// frames move bytes but do no work); [`NOT_H2`] on HTTP/1.
+    work_ms: AtomicU64,
+    /// Requests being handled or whose response body is still being sent: what a graceful
+    /// close waits for.
+    in_flight: AtomicUsize,
+    /// Woken when `in_flight` falls to zero (a closing connection waits for it).
+    all_done: Notify,
 }
 
 impl Activity {
@@ -83,7 +118,20 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             write_blocked_ms: AtomicU64::new(NOT_BLOCKED),
+            work_ms: AtomicU64::new(NOT_H2),
+            in_flight: AtomicUsize::new(0),
+            all_done: Notify::new(),
         })
+    }
+    /// From now on idleness counts from stream work, not bytes (HTTP/2).
+    fn start_h2(&self) {
+        self.work_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// A stream did work (HTTP/2; nothing to note on HTTP/1, where every byte counts).
+    fn worked(&self) {
+        if self.work_ms.load(Ordering::Relaxed) != NOT_H2 {
+            self.work_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
     }
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -115,8 +163,111 @@ impl Activity {
         (since != NOT_BLOCKED).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
     fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
+        let last = match self.work_ms.load(Ordering::Relaxed) {
+            NOT_H2 => self.last_ms.load(Ordering::Relaxed),
+            work => work,
+        };
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// One request in flight on a connection, from the service call to the end of its response
+/// body (or its drop).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.worked();
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_done.notify_waiters();
+        }
+        self.0.worked();
+    }
+}
+
+/// The connection's service, counting its requests in flight.
+struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<http::Request<hyper::body::Incoming>> for Counted<S>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+{
+    type Response = http::Response<CountedBody<B>>;
+    type Error = S::Error;
+    type Future = CountedCall<S::Future>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        CountedCall {
+            guard: Some(InFlight::new(self.activity.clone())),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A counted request until its response is ready; then its body carries the count.
+    struct CountedCall<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> std::future::Future for CountedCall<F>
+where
+    F: std::future::Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<CountedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|inner| CountedBody { inner, guard })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body, counted in flight until it has ended.
+    struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+            this.guard.take();
+        }
+        frame
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -164,6 +315,219 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
         this.activity.wrote(&r);
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// What one stretch of HTTP/2 bytes held.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FramesSeen {
+    /// A frame of a request or response: HEADERS, CONTINUATION, PUSH_PROMISE, or DATA with a
+    /// payload or the end of its stream (an empty DATA frame is no work).
+    work: bool,
+    /// PING and SETTINGS frames that ask for an acknowledgement.
+    control: u32,
+}
+
+/// Follows HTTP/2 frame boundaries through one direction of a connection, looking only at the
+/// 9-byte frame headers (payloads are skipped, however the reads split them).
+struct FrameScan {
+    /// Bytes of the client connection preface still to pass (it is not a frame).
+    preface_left: usize,
+    /// The frame header being assembled, `head_len` bytes of it so far.
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    payload_left: usize,
+}
+
+impl FrameScan {
+    fn new(preface: usize) -> FrameScan {
+        FrameScan {
+            preface_left: preface,
+            head: [0; 9],
+            head_len: 0,
+            payload_left: 0,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) -> FramesSeen {
+        let mut seen = FramesSeen::default();
+        // Each turn consumes at least one byte or ends.
+        while !data.is_empty() {
+            let skip = if self.preface_left > 0 {
+                &mut self.preface_left
+            } else {
+                &mut self.payload_left
+            };
+            if *skip > 0 {
+                let n = (*skip).min(data.len());
+                *skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (9 - self.head_len).min(data.len());
+            self.head[self.head_len..self.head_len + n].copy_from_slice(&data[..n]);
+            self.head_len += n;
+            data = &data[n..];
+            if self.head_len < 9 {
+                break;
+            }
+            self.head_len = 0;
+            let h = self.head;
+            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            let (kind, flags) = (h[3], h[4]);
+            const DATA: u8 = 0;
+            const HEADERS: u8 = 1;
+            const SETTINGS: u8 = 4;
+            const PUSH_PROMISE: u8 = 5;
+            const PING: u8 = 6;
+            const CONTINUATION: u8 = 9;
+            // END_STREAM on DATA, ACK on SETTINGS and PING: the same bit.
+            let flag_1 = flags & 1 == 1;
+            match kind {
+                DATA => seen.work |= len > 0 || flag_1,
+                HEADERS | CONTINUATION | PUSH_PROMISE => seen.work = true,
+                SETTINGS | PING if !flag_1 => seen.control += 1,
+                _ => {}
+            }
+            self.payload_left = len;
+        }
+        seen
+    }
+}
+
+/// A token bucket over a connection's PING and SETTINGS frames.
+struct ControlBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl ControlBudget {
+    fn new() -> ControlBudget {
+        ControlBudget {
+            tokens: H2_CONTROL_BURST,
+            at: Instant::now(),
+        }
+    }
+    /// Takes `n` frames from the budget; false once it is overdrawn.
+    fn spend(&mut self, n: u32) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * H2_CONTROL_PER_SEC;
+        self.tokens = (self.tokens + refill).min(H2_CONTROL_BURST) - f64::from(n);
+        self.at = now;
+        self.tokens >= 0.0
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 connection's plaintext, watched frame by frame: stream work keeps it from
+    /// being idle, control frames do not, and too many PING / SETTINGS end it.
+    struct FrameWatch<S> {
+        #[pin]
+        inner: S,
+        activity: Arc<Activity>,
+        reads: FrameScan,
+        writes: FrameScan,
+        budget: ControlBudget,
+        flooded: bool,
+    }
+}
+
+impl<S> FrameWatch<S> {
+    fn new(inner: S, activity: Arc<Activity>) -> FrameWatch<S> {
+        activity.start_h2();
+        FrameWatch {
+            inner,
+            activity,
+            reads: FrameScan::new(H2_PREFACE.len()),
+            writes: FrameScan::new(0),
+            budget: ControlBudget::new(),
+            flooded: false,
+        }
+    }
+}
+
+/// What the connection's reads fail with once its control-frame budget is spent.
+fn control_flood() -> std::io::Error {
+    std::io::Error::other("HTTP/2 PING/SETTINGS flood")
+}
+
+impl<S: AsyncRead> AsyncRead for FrameWatch<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        if *this.flooded {
+            return Poll::Ready(Err(control_flood()));
+        }
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            let seen = this.reads.feed(&buf.filled()[before..]);
+            if seen.work {
+                this.activity.worked();
+            }
+            if seen.control > 0 && !this.budget.spend(seen.control) {
+                *this.flooded = true;
+                metrics::counter!("gateway_connections_closed_total", "reason" => "h2_control_flood")
+                    .increment(1);
+                tracing::info!("HTTP/2 PING/SETTINGS flood; connection closed");
+                return Poll::Ready(Err(control_flood()));
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for FrameWatch<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if this.writes.feed(&buf[..n]).work {
+                this.activity.worked();
+            }
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            let mut left = n;
+            let mut work = false;
+            for b in bufs {
+                if left == 0 {
+                    break;
+                }
+                let k = left.min(b.len());
+                work |= this.writes.feed(&b[..k]).work;
+                left -= k;
+            }
+            if work {
+                this.activity.worked();
+            }
+        }
         r
     }
     fn is_write_vectored(&self) -> bool {
@@ -265,6 +629,10 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Activity::new();
+    let service = Counted {
+        inner: service,
+        activity: activity.clone(),
+    };
     let deadline = Instant::now() + settings.header_read_timeout;
     let Some(tls) = tls else {
         let protocol = tokio::select! {
@@ -388,14 +756,15 @@ async fn tls_accept(
 }
 
 /// The HTTP/2 connection `run` drives (hyper's, on tokio).
-type Http2Conn<I, S> = hyper::server::conn::http2::Connection<TokioIo<I>, S, TokioExecutor>;
+type Http2Conn<I, S> =
+    hyper::server::conn::http2::Connection<TokioIo<FrameWatch<I>>, S, TokioExecutor>;
 
 /// Serves `io` with `protocol` until the connection closes.
 async fn run<I, S, B>(
     io: I,
     protocol: Protocol,
     service: S,
-    activity: &Activity,
+    activity: &Arc<Activity>,
     settings: &ConnSettings,
     shutdown: &mut watch::Receiver<bool>,
     shed: &Notify,
@@ -410,9 +779,9 @@ async fn run<I, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let io = TokioIo::new(io);
     match protocol {
         Protocol::Http1 => {
+            let io = TokioIo::new(io);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_read_timeout)
@@ -427,6 +796,7 @@ async fn run<I, S, B>(
             drive(conn, close, activity, settings, shutdown, shed).await;
         }
         Protocol::Http2 => {
+            let io = TokioIo::new(FrameWatch::new(io, activity.clone()));
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
@@ -463,6 +833,24 @@ async fn drive<C: std::future::Future>(
     tokio::select! {
         _ = tokio::time::timeout(settings.close_grace, conn) => {}
         _ = write_stalled(activity, settings.send_timeout) => stalled(settings),
+        _ = settled(activity) => {}
+    }
+}
+
+/// Resolves once nothing has been in flight for [`CLOSE_FLUSH`]: what a graceful close owes
+/// is done.
+async fn settled(activity: &Activity) {
+    loop {
+        // Created before the check, so a drop to zero in between still wakes it.
+        let done = activity.all_done.notified();
+        if activity.in_flight.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(CLOSE_FLUSH).await;
+            if activity.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+        } else {
+            done.await;
+        }
     }
 }
 
@@ -474,4 +862,113 @@ fn stalled(settings: &ConnSettings) {
         send_timeout_ms = settings.send_timeout.as_millis() as u64,
         "client stopped reading; connection closed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Feeds `bytes` in pieces of `step` and adds up what was seen.
+    fn scan(bytes: &[u8], step: usize, preface: usize) -> FramesSeen {
+        let mut s = FrameScan::new(preface);
+        let mut total = FramesSeen::default();
+        for piece in bytes.chunks(step) {
+            let seen = s.feed(piece);
+            total.work |= seen.work;
+            total.control += seen.control;
+        }
+        total
+    }
+
+    #[test]
+    fn frame_headers_are_found_however_the_reads_split_them() {
+        // Control frames only, with payloads that look like frame headers.
+        let mut control = H2_PREFACE.to_vec();
+        control.extend(frame(4, 0, &[0, 3, 0, 0, 0, 100]));
+        control.extend(frame(6, 0, &[1, 0, 0, 0, 0, 0, 0, 0]));
+        control.extend(frame(6, 1, &[0; 8])); // a PING ack asks for nothing
+        control.extend(frame(4, 1, &[])); // nor does a SETTINGS ack
+        control.extend(frame(8, 0, &[0, 0, 1, 0])); // WINDOW_UPDATE
+        control.extend(frame(0, 0, &[])); // an empty DATA frame is no work
+        control.extend(frame(2, 0, &[0, 0, 0, 0, 16])); // PRIORITY
+        for step in 1..=control.len() {
+            assert_eq!(
+                scan(&control, step, H2_PREFACE.len()),
+                FramesSeen {
+                    work: false,
+                    control: 2
+                },
+                "split every {step} bytes"
+            );
+        }
+        for work in [
+            frame(1, 4, &[0x82, 0x86]),
+            frame(0, 0, b"hello"),
+            frame(0, 1, &[]),
+            frame(9, 4, &[0x84]),
+        ] {
+            let mut bytes = control.clone();
+            bytes.extend(&work);
+            for step in [1, 7, 9, 1000] {
+                assert!(scan(&bytes, step, H2_PREFACE.len()).work, "{work:?}");
+            }
+        }
+        // The write side has no preface: a server SETTINGS frame comes first.
+        assert_eq!(scan(&frame(4, 0, &[]), 3, 0).control, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_waits_for_requests_in_flight_and_nothing_else() {
+        let activity = Activity::new();
+        // Nothing in flight: settled after the flush time.
+        let started = Instant::now();
+        settled(&activity).await;
+        assert_eq!(started.elapsed(), CLOSE_FLUSH);
+        // A request in flight holds it, however long; its end releases it.
+        let request = InFlight::new(activity.clone());
+        let waiting = settled(&activity);
+        tokio::pin!(waiting);
+        assert!(tokio::time::timeout(Duration::from_secs(60), &mut waiting)
+            .await
+            .is_err());
+        drop(request);
+        let ended = Instant::now();
+        waiting.await;
+        assert_eq!(ended.elapsed(), CLOSE_FLUSH);
+        // On HTTP/2 a request's end is work; control frames are not (FrameWatch).
+        activity.start_h2();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(activity.idle_for(), Duration::from_secs(5));
+        drop(InFlight::new(activity.clone()));
+        assert_eq!(activity.idle_for(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_control_frame_budget_allows_a_burst_then_a_rate() {
+        let mut b = ControlBudget::new();
+        assert!(b.spend(H2_CONTROL_BURST as u32));
+        assert!(!b.spend(1), "past the burst");
+        let mut b = ControlBudget::new();
+        assert!(b.spend(H2_CONTROL_BURST as u32));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            b.spend(H2_CONTROL_PER_SEC as u32),
+            "refilled after a second"
+        );
+        assert!(!b.spend(1));
+        // A PING every 100 ms for an hour never runs out.
+        let mut b = ControlBudget::new();
+        for _ in 0..36_000 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            assert!(b.spend(1));
+        }
+    }
 }

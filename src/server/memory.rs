@@ -93,35 +93,14 @@ fn parse_limit(text: &str) -> Option<u64> {
     (v < 1 << 60).then_some(v)
 }
 
-/// The connection cap: the configured one, lowered so that `limit` (a cgroup memory limit)
-/// can hold the base, the cache's budget and every connection; never below 64. Returns the
-/// cap and, when the limit lowered it, why (for the log).
-pub fn connection_cap(
-    configured: usize,
-    limit: Option<u64>,
-    cache_bytes: u64,
-) -> (usize, Option<String>) {
-    let Some(limit) = limit else {
-        return (configured, None);
-    };
-    let room = limit.saturating_sub(BASE_BYTES + cache_bytes);
-    let fits = usize::try_from(room / BYTES_PER_CONNECTION)
-        .unwrap_or(usize::MAX)
-        .max(64);
-    if fits >= configured {
-        return (configured, None);
-    }
-    (
-        fits,
-        Some(format!(
-            "limits.max_connections lowered from {configured} to {fits}: the memory limit is {} MiB \
-             ({} MiB base + cache.max_bytes {} MiB + {} KiB per connection); past the cap, \
-             connections wait in the accept queue instead of killing the process",
-            limit >> 20,
-            BASE_BYTES >> 20,
-            cache_bytes >> 20,
-            BYTES_PER_CONNECTION >> 10
-        )),
+/// How many client connections, all listeners together, `limit` (a cgroup memory limit) can
+/// hold beside the base and the cache's budget; never below 64. `None` without a limit.
+pub fn connection_budget(limit: Option<u64>, cache_bytes: u64) -> Option<usize> {
+    let room = limit?.saturating_sub(BASE_BYTES + cache_bytes);
+    Some(
+        usize::try_from(room / BYTES_PER_CONNECTION)
+            .unwrap_or(usize::MAX)
+            .max(64),
     )
 }
 
@@ -130,17 +109,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_memory_limit_lowers_the_connection_cap_so_the_connections_fit() {
-        // No limit: as configured.
-        assert_eq!(connection_cap(10_000, None, 64 << 20), (10_000, None));
+    fn a_memory_limit_bounds_the_connections_so_they_fit() {
+        assert_eq!(connection_budget(None, 64 << 20), None);
         // A 64 MiB replica with an 8 MiB cache: (64 - 24 - 8) MiB / 32 KiB = 1,024.
-        let (cap, why) = connection_cap(10_000, Some(64 << 20), 8 << 20);
-        assert_eq!(cap, 1_024);
-        assert!(why.unwrap().contains("lowered from 10000 to 1024"));
-        // Ample memory: the configured cap stands.
-        assert_eq!(connection_cap(10_000, Some(4 << 30), 64 << 20).0, 10_000);
+        assert_eq!(connection_budget(Some(64 << 20), 8 << 20), Some(1_024));
+        assert_eq!(connection_budget(Some(4 << 30), 64 << 20), Some(128_256));
         // A cache budget as large as the limit leaves the floor, not zero.
-        assert_eq!(connection_cap(10_000, Some(64 << 20), 64 << 20).0, 64);
+        assert_eq!(connection_budget(Some(64 << 20), 64 << 20), Some(64));
     }
 
     #[test]

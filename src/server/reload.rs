@@ -63,6 +63,8 @@ pub(crate) struct Live {
     pub(crate) cors: Cors,
     /// The connection limits new connections get.
     pub(crate) conn: ConnSettings,
+    /// `Strict-Transport-Security` for responses over TLS (`[server.tls.hsts]`).
+    pub(crate) hsts: Option<http::HeaderValue>,
     /// When this configuration was loaded.
     loaded_at: SystemTime,
     /// SHA-256 of the effective configuration (as JSON), the `gateway_config_info` label.
@@ -157,6 +159,10 @@ fn restart_only(started: &Config, next: &Config) -> Vec<String> {
     );
     note("admin.host", started.admin.host != next.admin.host);
     note("admin.port", started.admin.port != next.admin.port);
+    note(
+        "admin.max_connections",
+        started.admin.max_connections != next.admin.max_connections,
+    );
     note(
         "limits.max_connections",
         started.limits.max_connections != next.limits.max_connections,
@@ -259,6 +265,13 @@ impl Live {
         Live {
             cors: Cors::new(&app.config.cors),
             conn: ConnSettings::from_config(&app.config),
+            hsts: app
+                .config
+                .server
+                .tls
+                .as_ref()
+                .and_then(|t| t.hsts.as_ref())
+                .and_then(|h| http::HeaderValue::from_str(&h.header_value()).ok()),
             loaded_at: SystemTime::now(),
             sha256: fingerprint(&app.config),
             app,

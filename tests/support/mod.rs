@@ -5,3 +5,4 @@ pub mod gateway;
 pub use fake_upstream::{refused_addr, FakeUpstream, Recorded, Step};
 pub mod raw;
 pub mod redis;
+pub mod tls;
