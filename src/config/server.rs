@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{ByteSize, Dur};
+use super::types::{ByteSize, Dur, FieldError};
 
 /// Headers that claim something about the client or the request's routing which only a
 /// proxy in front of us could know: from a peer that is not a trusted proxy they are lies an
@@ -97,13 +97,35 @@ pub struct AdminConfig {
     pub host: IpAddr,
     /// `ADMIN_PORT`; 0 picks a free port (tests).
     pub port: u16,
+    /// `CONFIG_FINGERPRINT_KEY`: when set (the same on every replica), the configuration
+    /// fingerprint is an HMAC under this key and covers the secrets too; unset, it is a hash
+    /// of the redacted configuration (see `config::redact::fingerprint`).
+    pub fingerprint_key: Option<String>,
 }
+
+/// Shortest accepted `admin.fingerprint_key`: a short key could be guessed, and with it the
+/// fingerprint would test guesses of the secrets again.
+pub const MIN_FINGERPRINT_KEY_LEN: usize = 16;
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 9000,
+            fingerprint_key: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub(crate) fn validate(&self, errors: &mut Vec<FieldError>) {
+        if let Some(key) = &self.fingerprint_key {
+            if key.len() < MIN_FINGERPRINT_KEY_LEN {
+                errors.push(FieldError::new(
+                    "admin.fingerprint_key",
+                    format!("must be at least {MIN_FINGERPRINT_KEY_LEN} characters (a short key can be guessed)"),
+                ));
+            }
         }
     }
 }
