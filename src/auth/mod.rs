@@ -89,21 +89,23 @@ const REJECTED_CAPACITY: u64 = 100_000;
 /// its ASCII letters and digits, lowercase. CGI/WSGI read `_` as `-`, PHP reads `.` as `_`,
 /// and some frameworks drop separators altogether, so `X-User-Id`, `X_User.Id` and `XUserId`
 /// are one name to some upstream; every name the gateway asserts, strips or refuses is
-/// compared in this form. No allocation for names up to 128 letters.
+/// compared in this form. No allocation for names up to 64 letters.
 pub fn with_name_letters<R>(name: &str, f: impl FnOnce(&[u8]) -> R) -> R {
-    let mut buf = [0u8; 128];
+    let bytes = name.as_bytes();
+    let mut buf = [0u8; 64];
+    if bytes.len() > buf.len() {
+        let long: Vec<u8> = bytes
+            .iter()
+            .filter(|b| b.is_ascii_alphanumeric())
+            .map(u8::to_ascii_lowercase)
+            .collect();
+        return f(&long);
+    }
+    // Every byte is written, only letters and digits advance: no branch per byte.
     let mut len = 0;
-    for b in name.bytes().filter(u8::is_ascii_alphanumeric) {
-        let Some(slot) = buf.get_mut(len) else {
-            let long: Vec<u8> = name
-                .bytes()
-                .filter(u8::is_ascii_alphanumeric)
-                .map(|b| b.to_ascii_lowercase())
-                .collect();
-            return f(&long);
-        };
-        *slot = b.to_ascii_lowercase();
-        len += 1;
+    for &b in bytes {
+        buf[len] = b.to_ascii_lowercase();
+        len += usize::from(b.is_ascii_alphanumeric());
     }
     f(&buf[..len])
 }
@@ -120,7 +122,12 @@ pub fn letters_are(letters: &[u8], name: &str) -> bool {
 /// `xuser` and go on. Only the gateway may assert identity. `X-Username` is in the class: to
 /// an upstream that compares letters it is `X-User-Name`.
 pub fn is_identity_header(name: &str) -> bool {
-    with_name_letters(name, |l| l.len() > 5 && l.starts_with(b"xuser"))
+    with_name_letters(name, is_identity_letters)
+}
+
+/// [`is_identity_header`] for a name already folded by [`with_name_letters`].
+pub fn is_identity_letters(letters: &[u8]) -> bool {
+    letters.len() > 5 && letters.starts_with(b"xuser")
 }
 
 /// Removes every client-supplied `X-User-*` header, in any spelling (see

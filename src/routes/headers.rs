@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Version};
 
-use crate::auth::{is_identity_header, letters_are, with_name_letters};
+use crate::auth::{is_identity_letters, letters_are, with_name_letters};
 use crate::config::DEFAULT_STRIP_FROM_UNTRUSTED;
 use crate::error::GatewayError;
 use crate::observability::access::X_REQUEST_ID;
@@ -26,16 +26,36 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// A header name and its letters (see [`with_name_letters`]), written out so the request path
+/// compares slices (a unit test checks that they agree).
+type Spelled = (&'static str, &'static [u8]);
+
 /// Names whose other spellings would let a client override how the gateway framed the body.
-const FRAMING: &[&str] = &["transfer-encoding", "content-length", "host"];
+const FRAMING: &[Spelled] = &[
+    ("transfer-encoding", b"transferencoding"),
+    ("content-length", b"contentlength"),
+    ("host", b"host"),
+];
 
 /// Names the gateway itself sets on the upstream request: another spelling from the client
 /// must not arrive beside them.
-const GATEWAY_SET: &[&str] = &["x-forwarded-for", "x-forwarded-proto", "x-request-id"];
+const GATEWAY_SET: &[Spelled] = &[
+    ("x-forwarded-for", b"xforwardedfor"),
+    ("x-forwarded-proto", b"xforwardedproto"),
+    ("x-request-id", b"xrequestid"),
+];
 
-/// The entry of `list` whose letters are `letters`, if any.
-fn spelled_as<'a>(list: &[&'a str], letters: &[u8]) -> Option<&'a str> {
-    list.iter().copied().find(|c| letters_are(letters, c))
+/// Answered at the edge, never forwarded in any spelling.
+const EXPECT: Spelled = ("expect", b"expect");
+
+/// One `Authorization` is all a request may carry, in any spelling.
+const AUTHORIZATION: Spelled = ("authorization", b"authorization");
+
+/// The name in `list` whose letters are `letters`, if any.
+fn spelled_as(list: &[Spelled], letters: &[u8]) -> Option<&'static str> {
+    list.iter()
+        .find(|(_, l)| *l == letters)
+        .map(|(name, _)| *name)
 }
 
 /// How many values `headers` has for `name` in all its spellings (`Authorization` and
@@ -105,9 +125,6 @@ pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), G
         (None, None) if version == Version::HTTP_11 => return bad("missing Host header"),
         _ => {}
     }
-    if count_spellings(headers, "authorization") > 1 {
-        return bad("more than one Authorization header");
-    }
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
     if let Some(first) = codings.next() {
         let chunked = first
@@ -117,12 +134,25 @@ pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), G
             return bad("unsupported Transfer-Encoding (only \"chunked\" is accepted)");
         }
     }
+    // One pass, one fold per name: framing twins, and Authorization in every spelling.
+    let mut authorizations = 0;
     for name in headers.keys() {
-        let name = name.as_str();
-        let twin = with_name_letters(name, |l| spelled_as(FRAMING, l).is_some_and(|c| c != name));
+        let raw = name.as_str();
+        let (twin, authorization) = with_name_letters(raw, |l| {
+            (
+                spelled_as(FRAMING, l).is_some_and(|c| c != raw),
+                l == AUTHORIZATION.1,
+            )
+        });
         if twin {
             return bad("framing header in another spelling");
         }
+        if authorization {
+            authorizations += headers.get_all(name).iter().count();
+        }
+    }
+    if authorizations > 1 {
+        return bad("more than one Authorization header");
     }
     for expect in headers.get_all(header::EXPECT) {
         if !expect
@@ -183,16 +213,16 @@ pub fn upstream_headers(
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         let raw = name.as_str();
-        let remove = is_identity_header(raw)
-            || with_name_letters(raw, |letters| {
-                let twin = |canonical: &str| canonical != raw;
-                spelled_as(GATEWAY_SET, letters).is_some_and(twin)
-                    || spelled_as(FRAMING, letters).is_some_and(twin)
-                    || spelled_as(&["expect"], letters).is_some()
-                    || policy
-                        .untrusted_claim(letters)
-                        .is_some_and(|canonical| !peer_trusted || twin(canonical))
-            });
+        let remove = with_name_letters(raw, |letters| {
+            let twin = |canonical: &str| canonical != raw;
+            is_identity_letters(letters)
+                || letters == EXPECT.1
+                || spelled_as(GATEWAY_SET, letters).is_some_and(twin)
+                || spelled_as(FRAMING, letters).is_some_and(twin)
+                || policy
+                    .untrusted_claim(letters)
+                    .is_some_and(|canonical| !peer_trusted || twin(canonical))
+        });
         if remove {
             doomed.push(name.clone());
         }
@@ -303,6 +333,17 @@ mod tests {
         assert!(out.contains_key("true-client-ip"));
         assert!(!out.contains_key("x_real_ip"));
         assert!(!out.contains_key("x_user_id"));
+    }
+
+    #[test]
+    fn the_written_out_letters_are_the_names_letters() {
+        let all = FRAMING
+            .iter()
+            .chain(GATEWAY_SET)
+            .chain([&EXPECT, &AUTHORIZATION]);
+        for (name, letters) in all {
+            assert!(with_name_letters(name, |l| l == *letters), "{name}");
+        }
     }
 
     #[test]
