@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-request decisions: route matching, the in-process rate-limit
-//! decision and cache-key construction. `cargo bench --bench hot_path`.
+//! decision, cache-key construction, the access line and the headers a request forwards.
+//! `cargo bench --bench hot_path`.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -137,11 +138,57 @@ fn access_lines(c: &mut Criterion) {
     });
 }
 
+/// The request headers of a typical browser or SDK call, made fit to forward (every name
+/// matched against the identity, gateway-set, framing and strip lists).
+fn forwarded_headers(c: &mut Criterion) {
+    use deltastream_gateway::routes::headers::{
+        check_request_head, upstream_headers, HeaderPolicy,
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("host", "api.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/120.0",
+        ),
+        ("accept", "application/json"),
+        ("accept-language", "en-GB,en;q=0.5"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("referer", "https://app.example.com/dashboard"),
+        ("origin", "https://app.example.com"),
+        ("connection", "keep-alive"),
+        ("sec-fetch-mode", "cors"),
+        ("x-request-id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ] {
+        headers.insert(
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        );
+    }
+    let policy = HeaderPolicy::default();
+    let rid = http::HeaderValue::from_static("rid");
+    let peer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    c.bench_function("forwarded_headers/typical", |b| {
+        b.iter_batched(
+            || headers.clone(),
+            |h| {
+                let checked = check_request_head(http::Version::HTTP_11, &h).is_ok();
+                (
+                    checked,
+                    upstream_headers(h, peer, false, false, &rid, &policy),
+                )
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 criterion_group!(
     benches,
     route_matching,
     rate_limit_decisions,
     cache_keys,
-    access_lines
+    access_lines,
+    forwarded_headers
 );
 criterion_main!(benches);

@@ -56,6 +56,8 @@ pub enum GatewayError {
         limit: u64,
     },
     BadRequest(Cow<'static, str>),
+    /// An `Expect` the gateway cannot meet (anything but `100-continue`, RFC 9110 10.1.1).
+    ExpectationFailed,
     /// The client did not send its whole body within the route's deadline (slow-body
     /// attacks would otherwise hold a connection and a handler forever).
     RequestTimeout,
@@ -200,6 +202,13 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 Cow::Borrowed(&**msg),
+                None,
+                H::None,
+            ),
+            E::ExpectationFailed => (
+                StatusCode::EXPECTATION_FAILED,
+                "expectation_failed",
+                Cow::Borrowed("Unsupported Expect header (only 100-continue is supported)"),
                 None,
                 H::None,
             ),

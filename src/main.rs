@@ -37,6 +37,8 @@ Environment variables (override the config file):
   SOCKET_SERVICE_URL      upstreams.socket.url (WebSocket routes) [default: http://socket:8002]
   REDIS_URL               rate_limit.redis_url [default: unset: the in-process limiter]
   JWT_SECRET              auth.jwt_secret (local verification) [default: unset]
+  CONFIG_FINGERPRINT_KEY  admin.fingerprint_key: the config fingerprint covers the secrets
+                          [default: unset: a hash of the redacted configuration]
   GATEWAY_CONFIG          same as --config [default: unset: the embedded route table]
   GATEWAY_WORKER_THREADS  tokio worker threads; 1 = current-thread runtime [default: one per core]
   RUST_LOG                log filter (tracing env-filter syntax) [default: info]
@@ -224,7 +226,8 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     })
 }
 
-/// A few lines describing the effective configuration, for `check-config` and startup.
+/// A few lines describing the effective configuration, for `check-config` and startup; the
+/// user information of every URL in it masked, whichever field it came from.
 fn summary(cfg: &Config) -> String {
     let tls = match &cfg.server.tls {
         Some(t) => format!(" (TLS {}+, h2 and http/1.1)", t.min_version),
@@ -294,7 +297,7 @@ fn summary(cfg: &Config) -> String {
             }
         ));
     }
-    s
+    redact_url(&s)
 }
 
 /// The runtime: multi-threaded (one worker per core) unless `GATEWAY_WORKER_THREADS` says

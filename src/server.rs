@@ -141,8 +141,16 @@ pub async fn build_state(
             Some(p) => (p.limiter.clone(), p.auth_guard.clone()),
             None => {
                 let limiter = crate::ratelimit::RateLimiter::new(&effective).await;
+                let policy = failure_policy.and_then(|name| {
+                    let cfg = effective.policies.iter().find(|p| p.name == name)?;
+                    Some(crate::auth::guard::FailurePolicy {
+                        id: limiter.policy(name)?,
+                        limit: u32::try_from(cfg.limit).unwrap_or(u32::MAX),
+                        window: cfg.window.0,
+                    })
+                });
                 let guard = Arc::new(crate::auth::guard::FailureGuard::new(
-                    failure_policy.and_then(|p| limiter.policy(p)),
+                    policy,
                     crate::config::ratelimit::MAX_WINDOW,
                 ));
                 (limiter, guard)

@@ -85,19 +85,53 @@ pub struct TokenVerifier {
 /// tokens evicts older ones rather than growing memory.
 const REJECTED_CAPACITY: u64 = 100_000;
 
-/// `X-User-*` in any spelling: only the gateway may assert identity. CGI/WSGI/PHP
-/// upstreams read `_` in a header name as `-`, so `X_User_Id` is `X-User-Id` to them.
-pub fn is_identity_header(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() > 7
-        && b[0] == b'x'
-        && matches!(b[1], b'-' | b'_')
-        && &b[2..6] == b"user"
-        && matches!(b[6], b'-' | b'_')
+/// Calls `f` with a header name as an upstream that ignores punctuation and case reads it:
+/// its ASCII letters and digits, lowercase. CGI/WSGI read `_` as `-`, PHP reads `.` as `_`,
+/// and some frameworks drop separators altogether, so `X-User-Id`, `X_User.Id` and `XUserId`
+/// are one name to some upstream; every name the gateway asserts, strips or refuses is
+/// compared in this form. No allocation for names up to 64 letters.
+pub fn with_name_letters<R>(name: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    let bytes = name.as_bytes();
+    let mut buf = [0u8; 64];
+    if bytes.len() > buf.len() {
+        let long: Vec<u8> = bytes
+            .iter()
+            .filter(|b| b.is_ascii_alphanumeric())
+            .map(u8::to_ascii_lowercase)
+            .collect();
+        return f(&long);
+    }
+    // Every byte is written, only letters and digits advance: no branch per byte.
+    let mut len = 0;
+    for &b in bytes {
+        buf[len] = b.to_ascii_lowercase();
+        len += usize::from(b.is_ascii_alphanumeric());
+    }
+    f(&buf[..len])
 }
 
-/// Removes every client-supplied `X-User-*` header, in any `-`/`_` spelling (see
-/// `routes::headers`): only the gateway may assert identity.
+/// Whether `letters` (see [`with_name_letters`]) are the letters of `name`.
+pub fn letters_are(letters: &[u8], name: &str) -> bool {
+    name.bytes()
+        .filter(u8::is_ascii_alphanumeric)
+        .map(|b| b.to_ascii_lowercase())
+        .eq(letters.iter().copied())
+}
+
+/// `X-User-*` in any spelling (see [`with_name_letters`]): a name whose letters start with
+/// `xuser` and go on. Only the gateway may assert identity. `X-Username` is in the class: to
+/// an upstream that compares letters it is `X-User-Name`.
+pub fn is_identity_header(name: &str) -> bool {
+    with_name_letters(name, is_identity_letters)
+}
+
+/// [`is_identity_header`] for a name already folded by [`with_name_letters`].
+pub fn is_identity_letters(letters: &[u8]) -> bool {
+    letters.len() > 5 && letters.starts_with(b"xuser")
+}
+
+/// Removes every client-supplied `X-User-*` header, in any spelling (see
+/// [`is_identity_header`]): only the gateway may assert identity.
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
     let spoofed: Vec<HeaderName> = headers
         .keys()
@@ -411,6 +445,9 @@ mod tests {
         h.insert("x-user-role", HeaderValue::from_static("admin"));
         h.insert("x_user_id", HeaderValue::from_static("2"));
         h.insert("x-user_email", HeaderValue::from_static("c@d"));
+        h.insert("x-user.id", HeaderValue::from_static("3"));
+        h.insert("x-userid", HeaderValue::from_static("4"));
+        h.insert("xuserid", HeaderValue::from_static("5"));
         h.insert("x-other", HeaderValue::from_static("keep"));
         strip_identity_headers(&mut h);
         assert_eq!(h.len(), 1);
@@ -425,10 +462,27 @@ mod tests {
             "x_user_id",
             "x_user-email",
             "x-user-role",
+            "x-user.id",
+            "x.user.id",
+            "x-userid",
+            "xuserid",
+            "x-user--id",
+            "x-use-rid-",
+            "x-user.email",
+            // Letters only: `X-Username` is `X-User-Name`, `X-Users-Id` is `X-User-SId`.
+            "x-username",
+            "x-users-id",
         ] {
             assert!(is_identity_header(n), "{n}");
         }
-        for n in ["x-user", "x-users-id", "x-username", "y-user-id", "x-user-"] {
+        for n in [
+            "x-user",
+            "y-user-id",
+            "x-user-",
+            "x-use",
+            "user-id",
+            "x-usr-id",
+        ] {
             assert!(!is_identity_header(n), "{n}");
         }
     }

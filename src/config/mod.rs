@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cache;
 pub mod defaults;
 pub mod ratelimit;
+pub mod redact;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
@@ -229,6 +230,9 @@ impl Config {
         if let Some(secret) = lookup("JWT_SECRET").filter(|s| !s.is_empty()) {
             self.auth.jwt_secret = Some(secret);
         }
+        if let Some(key) = lookup("CONFIG_FINGERPRINT_KEY").filter(|s| !s.is_empty()) {
+            self.admin.fingerprint_key = Some(key);
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -267,6 +271,7 @@ impl Config {
     fn validate_sections(&self, errors: &mut Vec<FieldError>) {
         self.cache.validate("cache", errors);
         self.rate_limit.validate("rate_limit", errors);
+        self.admin.validate(errors);
         let trim = self.server.memory_trim_interval.0;
         if !trim.is_zero() && trim < std::time::Duration::from_millis(100) {
             errors.push(FieldError::new(
@@ -448,15 +453,9 @@ impl Config {
     }
 }
 
-/// A URL with any password replaced, for logs and summaries.
+/// A URL (or a list of them) with any user information replaced, for logs and summaries.
 pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
+    redact::redact_userinfo(url).into_owned()
 }
 
 /// Parses `10.0.0.0/8` or a bare address (a /32 or /128).

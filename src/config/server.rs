@@ -157,7 +157,15 @@ pub struct AdminConfig {
     /// Concurrent connections on the admin listener. Its own cap, so the operator's scrape
     /// and `/ready` get through while the public listener is full, and the other way round.
     pub max_connections: usize,
+    /// `CONFIG_FINGERPRINT_KEY`: when set (the same on every replica), the configuration
+    /// fingerprint is an HMAC under this key and covers the secrets too; unset, it is a hash
+    /// of the redacted configuration (see `config::redact::fingerprint`).
+    pub fingerprint_key: Option<String>,
 }
+
+/// Shortest accepted `admin.fingerprint_key`: a short key could be guessed, and with it the
+/// fingerprint would test guesses of the secrets again.
+pub const MIN_FINGERPRINT_KEY_LEN: usize = 16;
 
 impl Default for AdminConfig {
     fn default() -> Self {
@@ -165,6 +173,20 @@ impl Default for AdminConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 9000,
             max_connections: 64,
+            fingerprint_key: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub(crate) fn validate(&self, errors: &mut Vec<FieldError>) {
+        if let Some(key) = &self.fingerprint_key {
+            if key.len() < MIN_FINGERPRINT_KEY_LEN {
+                errors.push(FieldError::new(
+                    "admin.fingerprint_key",
+                    format!("must be at least {MIN_FINGERPRINT_KEY_LEN} characters (a short key can be guessed)"),
+                ));
+            }
         }
     }
 }

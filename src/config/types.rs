@@ -153,10 +153,16 @@ pub struct FieldError {
 }
 
 impl FieldError {
+    /// The message's URLs lose their user information: errors reach logs, `check-config`'s
+    /// output and the admin API's reload answer.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
         FieldError {
             path: path.into(),
-            message: message.into(),
+            message: match super::redact::redact_userinfo(&message) {
+                std::borrow::Cow::Borrowed(_) => message,
+                std::borrow::Cow::Owned(masked) => masked,
+            },
         }
     }
 }

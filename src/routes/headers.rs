@@ -1,20 +1,22 @@
 //! Which request headers cross the gateway, and in what spelling.
 //!
-//! Upstreams built on CGI, WSGI or PHP conventions read a header name with `-` and `_` as the
-//! same name (`X-User-Id`, `X-User_Id` and `X_User_Id` all become `HTTP_X_USER_ID`). So every
-//! header the gateway asserts, replaces or strips is matched in that folded spelling
-//! ([`cgi_name`]): a client cannot slip `X_User_Id` or `X_Forwarded_For` past a strip that only
-//! knows `x-user-id`. Framing headers spelled with `_` (`Transfer_Encoding`, `Content_Length`)
-//! are refused outright (400): no honest client sends them, and an upstream that folds them
-//! would frame the body differently from the gateway.
+//! Upstreams disagree about what a header name is: CGI/WSGI read `-` and `_` as the same
+//! character (`X-User_Id` becomes `HTTP_X_USER_ID`), PHP also reads `.` as `_`, and some
+//! frameworks drop separators and case altogether (`X-UserId`). So every header the gateway
+//! asserts, replaces, strips or counts is matched by its letters and digits only, ignoring
+//! case ([`with_name_letters`]): a client cannot slip `X_User.Id` or `X-Forwarded.For` past a
+//! strip that only knows `x-user-id`. Framing headers in another spelling (`Transfer_Encoding`,
+//! `Content.Length`) are refused outright (400): no honest client sends them, and an upstream
+//! that folds them would frame the body differently from the gateway. The `Expect` header is
+//! answered here and never forwarded (see [`check_request_head`]).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Version};
 
-use crate::auth::is_identity_header;
+use crate::auth::{is_identity_letters, letters_are, with_name_letters};
 use crate::config::DEFAULT_STRIP_FROM_UNTRUSTED;
 use crate::error::GatewayError;
 use crate::observability::access::X_REQUEST_ID;
@@ -24,27 +26,54 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Names whose `_` spelling would let a client override how the gateway framed the body.
-const FRAMING: &[&str] = &["transfer-encoding", "content-length", "host"];
+/// A header name and its letters (see [`with_name_letters`]), written out so the request path
+/// compares slices (a unit test checks that they agree).
+type Spelled = (&'static str, &'static [u8]);
 
-/// Names the gateway itself sets on the upstream request: a folded twin from the client must
-/// not arrive beside them.
-const GATEWAY_SET: &[&str] = &["x-forwarded-for", "x-forwarded-proto", "x-request-id"];
+/// Names whose other spellings would let a client override how the gateway framed the body.
+const FRAMING: &[Spelled] = &[
+    ("transfer-encoding", b"transferencoding"),
+    ("content-length", b"contentlength"),
+    ("host", b"host"),
+];
 
-/// The header name as CGI-style upstreams see it: lowercase (HeaderName already is) with
-/// `_` read as `-`. Borrowed unless the name has an `_`.
-pub fn cgi_name(name: &str) -> std::borrow::Cow<'_, str> {
-    if name.contains('_') {
-        std::borrow::Cow::Owned(name.replace('_', "-"))
-    } else {
-        std::borrow::Cow::Borrowed(name)
-    }
+/// Names the gateway itself sets on the upstream request: another spelling from the client
+/// must not arrive beside them.
+const GATEWAY_SET: &[Spelled] = &[
+    ("x-forwarded-for", b"xforwardedfor"),
+    ("x-forwarded-proto", b"xforwardedproto"),
+    ("x-request-id", b"xrequestid"),
+];
+
+/// Answered at the edge, never forwarded in any spelling.
+const EXPECT: Spelled = ("expect", b"expect");
+
+/// One `Authorization` is all a request may carry, in any spelling.
+const AUTHORIZATION: Spelled = ("authorization", b"authorization");
+
+/// The name in `list` whose letters are `letters`, if any.
+fn spelled_as(list: &[Spelled], letters: &[u8]) -> Option<&'static str> {
+    list.iter()
+        .find(|(_, l)| *l == letters)
+        .map(|(name, _)| *name)
 }
 
-/// The configured strip list, folded once (`[headers] strip_from_untrusted`).
+/// How many values `headers` has for `name` in all its spellings (`Authorization` and
+/// `Authori_zation` are one name to an upstream that folds them).
+pub fn count_spellings(headers: &HeaderMap, name: &str) -> usize {
+    headers
+        .keys()
+        .filter(|k| with_name_letters(k.as_str(), |l| letters_are(l, name)))
+        .map(|k| headers.get_all(k).iter().count())
+        .sum()
+}
+
+/// The configured strip list (`[headers] strip_from_untrusted`), by letters.
 #[derive(Clone, Debug)]
 pub struct HeaderPolicy {
-    strip_from_untrusted: HashSet<String, foldhash::fast::FixedState>,
+    /// Letters of each listed name -> the name as configured (lowercase): from a trusted
+    /// peer that exact name crosses, other spellings of it do not.
+    strip_from_untrusted: HashMap<Box<[u8]>, String, foldhash::fast::FixedState>,
 }
 
 impl HeaderPolicy {
@@ -52,13 +81,18 @@ impl HeaderPolicy {
         HeaderPolicy {
             strip_from_untrusted: strip_from_untrusted
                 .iter()
-                .map(|n| cgi_name(&n.to_ascii_lowercase()).into_owned())
+                .map(|n| {
+                    let canonical = n.to_ascii_lowercase().replace('_', "-");
+                    let letters = with_name_letters(&canonical, |l| Box::<[u8]>::from(l));
+                    (letters, canonical)
+                })
                 .collect(),
         }
     }
 
-    fn untrusted_claim(&self, folded: &str) -> bool {
-        self.strip_from_untrusted.contains(folded)
+    /// The configured name `letters` spell, if they spell one.
+    fn untrusted_claim(&self, letters: &[u8]) -> Option<&str> {
+        self.strip_from_untrusted.get(letters).map(String::as_str)
     }
 }
 
@@ -74,10 +108,15 @@ impl Default for HeaderPolicy {
 
 /// Request-head rules the HTTP parser leaves to us, checked before routing (400 each):
 /// - RFC 9112 section 3.2: an HTTP/1.1 request without `Host`, or any request with two;
-/// - two `Authorization` headers (which one would the upstream believe?);
+/// - two `Authorization` headers, in any spelling (which one would the upstream believe?);
 /// - a `Transfer-Encoding` other than exactly `chunked` (hyper decodes `gzip, chunked` as
 ///   chunked; an upstream that honours the other coding would read another body);
-/// - a framing header spelled with `_` (see the module docs).
+/// - a framing header in another spelling (see the module docs);
+/// - an `Expect` other than `100-continue` (417): RFC 9110 section 10.1.1 lets a server refuse
+///   an expectation it cannot meet. `100-continue` itself is answered at the edge: hyper
+///   sends `100 Continue` when the gateway starts reading the body, and not at all when the
+///   request is refused from its head (413, 401, 429), so the client never sends that body;
+///   the header is never forwarded (the upstream gets the whole body at once).
 pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
     let bad = |why: &'static str| Err(GatewayError::BadRequest(why.into()));
     let mut hosts = headers.get_all(header::HOST).iter();
@@ -85,14 +124,6 @@ pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), G
         (_, Some(_)) => return bad("more than one Host header"),
         (None, None) if version == Version::HTTP_11 => return bad("missing Host header"),
         _ => {}
-    }
-    if headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        return bad("more than one Authorization header");
     }
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
     if let Some(first) = codings.next() {
@@ -103,10 +134,32 @@ pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), G
             return bad("unsupported Transfer-Encoding (only \"chunked\" is accepted)");
         }
     }
+    // One pass, one fold per name: framing twins, and Authorization in every spelling.
+    let mut authorizations = 0;
     for name in headers.keys() {
-        let name = name.as_str();
-        if name.contains('_') && FRAMING.contains(&&*cgi_name(name)) {
-            return bad("framing header spelled with '_'");
+        let raw = name.as_str();
+        let (twin, authorization) = with_name_letters(raw, |l| {
+            (
+                spelled_as(FRAMING, l).is_some_and(|c| c != raw),
+                l == AUTHORIZATION.1,
+            )
+        });
+        if twin {
+            return bad("framing header in another spelling");
+        }
+        if authorization {
+            authorizations += headers.get_all(name).iter().count();
+        }
+    }
+    if authorizations > 1 {
+        return bad("more than one Authorization header");
+    }
+    for expect in headers.get_all(header::EXPECT) {
+        if !expect
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+        {
+            return Err(GatewayError::ExpectationFailed);
         }
     }
     Ok(())
@@ -141,10 +194,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Request headers for the upstream: the client's minus hop-by-hop, `Host` (set from the
-/// upstream URL by the client) and `Content-Length` (set from the body), minus `_` twins of
-/// anything the gateway sets or strips and, from untrusted peers, minus the claims in
-/// `policy`; with forwarding headers that cannot be spoofed by an untrusted peer
-/// (`X-Forwarded-Proto` is the scheme the request arrived with: `https` when `tls`).
+/// upstream URL by the client), `Content-Length` (set from the body) and `Expect` (answered
+/// at the edge), minus other spellings of anything the gateway sets or strips and, from
+/// untrusted peers, minus the claims in `policy` in every spelling; with forwarding headers
+/// that cannot be spoofed by an untrusted peer (`X-Forwarded-Proto` is the scheme the request
+/// arrived with: `https` when `tls`).
 pub fn upstream_headers(
     mut headers: HeaderMap,
     peer: IpAddr,
@@ -156,18 +210,21 @@ pub fn upstream_headers(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::EXPECT);
     // One pass over the names; nothing is allocated unless something must go.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         let raw = name.as_str();
-        let folded = cgi_name(raw);
-        let twin = raw.contains('_');
-        let remove = is_identity_header(raw)
-            || (twin
-                && (GATEWAY_SET.contains(&&*folded)
-                    || FRAMING.contains(&&*folded)
-                    || policy.untrusted_claim(&folded)))
-            || (!peer_trusted && policy.untrusted_claim(&folded));
+        let remove = with_name_letters(raw, |letters| {
+            let twin = |canonical: &str| canonical != raw;
+            is_identity_letters(letters)
+                || letters == EXPECT.1
+                || spelled_as(GATEWAY_SET, letters).is_some_and(twin)
+                || spelled_as(FRAMING, letters).is_some_and(twin)
+                || policy
+                    .untrusted_claim(letters)
+                    .is_some_and(|canonical| !peer_trusted || twin(canonical))
+        });
         if remove {
             doomed.push(name.clone());
         }
@@ -281,6 +338,100 @@ mod tests {
         assert!(out.contains_key("true-client-ip"));
         assert!(!out.contains_key("x_real_ip"));
         assert!(!out.contains_key("x_user_id"));
+    }
+
+    #[test]
+    fn the_written_out_letters_are_the_names_letters() {
+        let all = FRAMING
+            .iter()
+            .chain(GATEWAY_SET)
+            .chain([&EXPECT, &AUTHORIZATION]);
+        for (name, letters) in all {
+            assert!(with_name_letters(name, |l| l == *letters), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_spelling_with_the_same_letters_is_one_name() {
+        let h = map(&[
+            ("x-user.id", "1"),
+            ("x-userid", "2"),
+            ("xuseremail", "3"),
+            ("x-forwarded.for", "6.6.6.6"),
+            ("xforwardedproto", "https"),
+            ("x.request.id", "forged"),
+            ("x.real.ip", "6.6.6.6"),
+            ("xoriginalurl", "/admin"),
+            ("ex_pect", "100-continue"),
+            ("expect", "100-continue"),
+            ("x-keep", "yes"),
+        ]);
+        let rid = HeaderValue::from_static("rid");
+        let policy = HeaderPolicy::default();
+        let out = upstream_headers(
+            h.clone(),
+            "1.2.3.4".parse().unwrap(),
+            false,
+            false,
+            &rid,
+            &policy,
+        );
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-keep",
+                "x-request-id"
+            ],
+            "{out:?}"
+        );
+        // From a trusted proxy the listed claims cross in their own spelling only.
+        let trusted = map(&[("x-real-ip", "10.0.0.1"), ("x_real.ip", "6.6.6.6")]);
+        let out = upstream_headers(
+            trusted,
+            "1.2.3.4".parse().unwrap(),
+            true,
+            false,
+            &rid,
+            &policy,
+        );
+        assert_eq!(out.get_all("x-real-ip").iter().count(), 1);
+        assert!(!out.contains_key("x_real.ip"));
+        // Two Authorization headers in different spellings, framing headers in another
+        // spelling, and expectations other than 100-continue are refused.
+        for refused in [
+            map(&[
+                ("host", "a"),
+                ("authorization", "x"),
+                ("authori_zation", "y"),
+            ]),
+            map(&[
+                ("host", "a"),
+                ("authorization", "x"),
+                ("Authorization.", "y"),
+            ]),
+            map(&[("host", "a"), ("content.length", "5")]),
+            map(&[("host", "a"), ("contentlength", "5")]),
+            map(&[("host", "a"), ("transfer.encoding", "chunked")]),
+            map(&[("host", "a"), ("ho-st", "b")]),
+        ] {
+            assert!(matches!(
+                check_request_head(Version::HTTP_11, &refused),
+                Err(GatewayError::BadRequest(_))
+            ));
+        }
+        assert!(matches!(
+            check_request_head(
+                Version::HTTP_11,
+                &map(&[("host", "a"), ("expect", "x-other")])
+            ),
+            Err(GatewayError::ExpectationFailed)
+        ));
+        let continue_ok = map(&[("host", "a"), ("expect", "100-Continue")]);
+        assert!(check_request_head(Version::HTTP_11, &continue_ok).is_ok());
     }
 
     #[test]

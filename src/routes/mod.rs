@@ -314,8 +314,9 @@ async fn identity(
 }
 
 /// The request's bearer token, verified: a recently verified token at once; otherwise, unless
-/// this client is blocked for failed verifications, by the verifier, counting a rejection
-/// against the client (`auth.failure_policy`).
+/// this client is blocked for failed verifications, by the verifier under a permit of the
+/// client's failure budget (so concurrent requests cannot start more verifications than the
+/// failures it has left), counting a rejection against the client (`auth.failure_policy`).
 async fn verify_token(
     app: &AppState,
     headers: &HeaderMap,
@@ -326,8 +327,15 @@ async fn verify_token(
         return Ok(identity);
     }
     app.auth_guard.check(ctx.client_ip)?;
+    let verification = app
+        .auth_guard
+        .admit(ctx.client_ip, app.config.auth.verify_timeout.0)
+        .await?;
+    // Blocked by the shared count while this one waited for its permit.
+    app.auth_guard.check(ctx.client_ip)?;
     match app.verifier.verify(token).await {
         Err(GatewayError::InvalidToken) => {
+            app.auth_guard.rejected(ctx.client_ip, verification);
             let route = ctx.label.as_deref().unwrap_or("");
             app.auth_guard
                 .failed(&app.limiter, ctx.client_ip, headers, route)

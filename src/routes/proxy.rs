@@ -109,6 +109,19 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<By
     }
 }
 
+/// A non-zero `Content-Length` (a chunked body is judged once read: it may be empty).
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+fn get_body_refused() -> GatewayError {
+    GatewayError::BadRequest("a GET or HEAD request must not have a body".into())
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -134,6 +147,14 @@ pub async fn forward(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let up = app.upstream_of(route)?;
+    // A GET or HEAD body is refused, declared (before reading it; with `Expect: 100-continue`
+    // the client never sends it) or found. RFC 9110 9.3.1: it has no defined semantics, so no
+    // cache key can account for it, and an upstream that ignores a GET's `Content-Length`
+    // reads the body as the next request on a pooled connection.
+    let bodiless = matches!(parts.method, Method::GET | Method::HEAD);
+    if bodiless && declares_body(&parts.headers) {
+        return Err(get_body_refused());
+    }
     // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
     let body = tokio::time::timeout(
         route.deadline,
@@ -141,6 +162,9 @@ pub async fn forward(
     )
     .await
     .map_err(|_| GatewayError::RequestTimeout)??;
+    if bodiless && !body.is_empty() {
+        return Err(get_body_refused());
+    }
     // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
     let uri = parts.uri.clone();
     let target = Target {
@@ -203,12 +227,16 @@ async fn from_cache(
             Method::HEAD => Method::GET,
             ref m => m.clone(),
         };
+        // The response fills an entry every client shares: its own validators must not
+        // turn it into a 304 (the rest of the request's conditions bypass the cache).
+        let mut headers = parts.headers.clone();
+        cache::strip_validators(&mut headers);
         let req = upstream_request(
             up,
             upstream_method,
             &parts.method,
             target,
-            parts.headers.clone(),
+            headers,
             body,
             ctx,
             &app.header_policy,

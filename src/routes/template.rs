@@ -3,8 +3,10 @@
 //!
 //! Matching works on the raw (still percent-encoded) path, one segment per parameter, so a
 //! parameter can never contain a `/`. A parameter is then checked in its decoded form:
-//! an encoded slash or backslash, a dot segment, a control character, or a second layer of
-//! percent-encoding is refused (400) rather than forwarded, so nothing a client sends can make
+//! an encoded slash or backslash, a dot segment (also `..;x` and `.%2e%3Bx`: servlet
+//! containers drop a `;` path parameter before resolving dots), a control character, or a
+//! second layer of percent-encoding (`%252e`, which an upstream that decodes twice reads as
+//! `.`) is refused (400) rather than forwarded, so nothing a client sends can make
 //! the upstream see a path outside the rewrite template. Accepted parameters are forwarded
 //! exactly as the client encoded them.
 
@@ -129,6 +131,14 @@ fn is_path_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b)
 }
 
+/// `.` or `..` as an upstream resolves it: the segment up to its first `;` (decoded, so `%3B`
+/// counts), because Tomcat, Jetty and other servlet containers drop `;` path parameters
+/// before resolving dot segments and read `..;x` as `..`.
+fn is_dot_segment(decoded: &str) -> bool {
+    let name = decoded.split(';').next().unwrap_or(decoded);
+    name == "." || name == ".."
+}
+
 /// Why a parameter value was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadParam(pub &'static str);
@@ -143,7 +153,7 @@ pub fn check_param(raw: &str) -> Result<(), BadParam> {
     let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode_str(raw).into();
     let decoded =
         std::str::from_utf8(&decoded).map_err(|_| BadParam("path parameter is not valid UTF-8"))?;
-    if decoded == "." || decoded == ".." {
+    if is_dot_segment(decoded) {
         return Err(BadParam("path parameter is a dot segment"));
     }
     if decoded.contains(['/', '\\']) {
@@ -202,12 +212,43 @@ mod tests {
     #[test]
     fn params_that_try_to_escape_are_refused() {
         for bad in [
-            "..", ".", "%2e%2e", "%2E.", "a%2Fb", "%2f", "a%5Cb", "%252F", "%00", "a%0Db", "a\\b",
-            "%ff", "a b",
+            "..",
+            ".",
+            "%2e%2e",
+            "%2E.",
+            "a%2Fb",
+            "%2f",
+            "a%5Cb",
+            "%252F",
+            "%00",
+            "a%0Db",
+            "a\\b",
+            "%ff",
+            "a b",
+            "..;",
+            "..;x=1",
+            "%2e%2e;",
+            ".%2e;",
+            "%2E%2E;",
+            ".;",
+            "..%3B",
+            "..%3bjsessionid=1",
+            "%252e%252e",
+            "%u002e",
         ] {
             assert!(check_param(bad).is_err(), "{bad} accepted");
         }
-        for good in ["NIFTY", "BANK%20NIFTY", "a.b", "x~y", "caf%C3%A9"] {
+        for good in [
+            "NIFTY",
+            "BANK%20NIFTY",
+            "a.b",
+            "x~y",
+            "caf%C3%A9",
+            "...",
+            "a;..",
+            "..a;",
+            ";..",
+        ] {
             assert_eq!(check_param(good), Ok(()), "{good} refused");
         }
     }

@@ -3,8 +3,9 @@
 //!
 //! Phases, around the common ones (`mod.rs`):
 //! - [`prepare`] (before identity): the handshake is checked (GET, `Upgrade: websocket`,
-//!   `Connection: upgrade`, a 16-byte `Sec-WebSocket-Key`, version 13: else a JSON 400, or
-//!   426 with `Sec-WebSocket-Version: 13`); the `Origin` must be one of the CORS origins; a
+//!   `Connection: upgrade`, a 16-byte `Sec-WebSocket-Key`, version 13, none of key, version
+//!   and `Origin` repeated in any spelling: else a JSON 400, or 426 with
+//!   `Sec-WebSocket-Version: 13`); the `Origin` must be one of the CORS origins; a
 //!   browser's token (`Sec-WebSocket-Protocol: bearer, <token>` or `?access_token=`) becomes
 //!   the `Authorization` the identity phase reads, and leaves the protocol list and the query.
 //! - identity and rate limit (policy `ws`) as for any route.
@@ -128,6 +129,15 @@ pub(super) fn prepare(app: &AppState, parts: &mut Parts) -> Result<Handshake, Ga
     }
     if !header_has_token(parts, &header::CONNECTION, "upgrade") {
         return Err(bad("WebSocket handshake without Connection: upgrade"));
+    }
+    // The checks below read one value; the upstream must not be handed another (RFC 6455
+    // 4.2.1 allows each once). Counted in every spelling, like every header we check.
+    for name in ["sec-websocket-key", "sec-websocket-version", "origin"] {
+        if super::headers::count_spellings(&parts.headers, name) > 1 {
+            return Err(bad(
+                "WebSocket handshake with a repeated Sec-WebSocket-Key, Sec-WebSocket-Version or Origin",
+            ));
+        }
     }
     let version = parts.headers.get(&SEC_WEBSOCKET_VERSION);
     if version.is_none_or(|v| v.as_bytes() != b"13") {

@@ -25,13 +25,12 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::conn::ConnSettings;
 use super::cors::Cors;
 use super::tls::CertStore;
-use crate::config::{redact_url, Config, ConfigErrors};
+use crate::config::{redact, Config, ConfigErrors};
 use crate::routes::AppState;
 
 /// Where the configuration comes from.
@@ -67,7 +66,8 @@ pub(crate) struct Live {
     pub(crate) hsts: Option<http::HeaderValue>,
     /// When this configuration was loaded.
     loaded_at: SystemTime,
-    /// SHA-256 of the effective configuration (as JSON), the `gateway_config_info` label.
+    /// The effective configuration's fingerprint (`config::redact::fingerprint`), the
+    /// `gateway_config_info` label.
     sha256: String,
 }
 
@@ -106,11 +106,6 @@ pub struct Gateway {
     shutdown: watch::Receiver<bool>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
-}
-
-/// SHA-256 of the configuration as JSON: the same configuration always has the same hash.
-fn fingerprint(cfg: &Config) -> String {
-    hex::encode(Sha256::digest(serde_json::to_vec(cfg).unwrap_or_default()))
 }
 
 fn report_info(old: Option<&str>, new: &str) {
@@ -164,6 +159,10 @@ fn restart_only(started: &Config, next: &Config) -> Vec<String> {
         started.admin.max_connections != next.admin.max_connections,
     );
     note(
+        "admin.fingerprint_key",
+        started.admin.fingerprint_key != next.admin.fingerprint_key,
+    );
+    note(
         "limits.max_connections",
         started.limits.max_connections != next.limits.max_connections,
     );
@@ -205,16 +204,6 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
     keys.sort();
     keys.dedup();
     keys
-}
-
-/// The configuration with its secrets replaced, for `/admin/config`.
-fn redacted(cfg: &Config) -> Config {
-    let mut cfg = cfg.clone();
-    if cfg.auth.jwt_secret.is_some() {
-        cfg.auth.jwt_secret = Some("***".into());
-    }
-    cfg.rate_limit.redis_url = cfg.rate_limit.redis_url.as_deref().map(redact_url);
-    cfg
 }
 
 /// A checked and built configuration, ready to swap in.
@@ -273,7 +262,7 @@ impl Live {
                 .and_then(|t| t.hsts.as_ref())
                 .and_then(|h| http::HeaderValue::from_str(&h.header_value()).ok()),
             loaded_at: SystemTime::now(),
-            sha256: fingerprint(&app.config),
+            sha256: redact::fingerprint(&app.config),
             app,
         }
     }
@@ -414,7 +403,7 @@ impl Gateway {
                 None => "given at start (no reload source)".to_string(),
             },
             "tls_certificate_serial": self.certs.as_ref().map(|c| c.serial()),
-            "config": redacted(&live.app.config),
+            "config": redact::redacted_json(&live.app.config),
         })
     }
 

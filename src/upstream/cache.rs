@@ -21,8 +21,10 @@
 //! expiry only reclaims memory.
 //!
 //! Not done, on purpose: conditional revalidation (ETag / `If-None-Match`: an expired entry is
-//! simply fetched again), `Expires`, the upstream's `Age`, range requests, and the response's
-//! own `stale-if-error` directive (the route's window applies).
+//! simply fetched again, and a client's validators are stripped from the fetch that fills an
+//! entry), `Expires`, the upstream's `Age`, range requests (they bypass the cache, see
+//! `rules::request_is_cacheable`), and the response's own `stale-if-error` directive (the
+//! route's window applies).
 
 mod flight;
 mod key;
@@ -44,7 +46,7 @@ use tokio::time::Instant;
 use crate::config::{CacheConfig, RouteCachePolicy};
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 pub use key::CacheKey;
-pub use rules::request_is_cacheable;
+pub use rules::{request_is_cacheable, strip_validators};
 
 use flight::{Flights, Role};
 use key::{Resource, Variant, Vary};

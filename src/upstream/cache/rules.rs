@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, PRAGMA, SET_COOKIE};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, COOKIE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, PRAGMA, RANGE, SET_COOKIE,
+};
 use http::{HeaderMap, Method, StatusCode};
 
 use super::key::Vary;
@@ -14,6 +17,11 @@ use crate::config::RouteCachePolicy;
 /// Only GET and HEAD. Requests with `Authorization` or `Cookie` are personal: they are never
 /// answered from, nor stored into, the shared cache. A request `Cache-Control: no-cache` or
 /// `no-store` (or `Pragma: no-cache`) asks for an answer from the origin, so it bypasses too.
+/// So does one whose answer depends on what the cache key does not hold and the gateway does
+/// not evaluate: `Range` / `If-Range` (a 206) and `If-Match` / `If-Unmodified-Since` (a 412);
+/// shared through a single flight, such an answer would reach clients that did not ask for
+/// it. (`If-None-Match` / `If-Modified-Since` are stripped from the fetch instead, see
+/// [`strip_validators`].)
 pub fn request_is_cacheable(method: &Method, headers: &HeaderMap) -> bool {
     if method != Method::GET && method != Method::HEAD {
         return false;
@@ -22,7 +30,13 @@ pub fn request_is_cacheable(method: &Method, headers: &HeaderMap) -> bool {
     // every cache hit.
     let mut cache_control = false;
     for (name, value) in headers {
-        if name == AUTHORIZATION || name == COOKIE {
+        if name == AUTHORIZATION
+            || name == COOKIE
+            || name == RANGE
+            || name == IF_RANGE
+            || name == IF_MATCH
+            || name == IF_UNMODIFIED_SINCE
+        {
             return false;
         }
         if name == PRAGMA && value.to_str().is_ok_and(|v| has_token(v, "no-cache")) {
@@ -35,6 +49,15 @@ pub fn request_is_cacheable(method: &Method, headers: &HeaderMap) -> bool {
         return !(cc.no_cache || cc.no_store);
     }
     true
+}
+
+/// Removes the client's validators from a request whose answer fills the shared cache: with
+/// them the upstream may answer 304, which is no entry, and which a single flight would hand
+/// to clients that sent no validator. The client gets the full answer instead (as nginx's
+/// `proxy_cache` does); the gateway does not revalidate entries.
+pub fn strip_validators(headers: &mut HeaderMap) {
+    headers.remove(IF_NONE_MATCH);
+    headers.remove(IF_MODIFIED_SINCE);
 }
 
 fn has_token(list: &str, token: &str) -> bool {
@@ -222,6 +245,22 @@ mod tests {
         assert!(!request_is_cacheable(
             &Method::GET,
             &headers(&[("pragma", "no-cache")])
+        ));
+        for conditional in [
+            ("range", "bytes=0-1"),
+            ("if-range", "\"v1\""),
+            ("if-match", "\"v1\""),
+            ("if-unmodified-since", "Sat, 01 Jan 2000 00:00:00 GMT"),
+        ] {
+            assert!(
+                !request_is_cacheable(&Method::GET, &headers(&[conditional])),
+                "{conditional:?}"
+            );
+        }
+        // Validators are stripped from the fill instead: the request still uses the cache.
+        assert!(request_is_cacheable(
+            &Method::GET,
+            &headers(&[("if-none-match", "\"v1\"")])
         ));
         assert!(request_is_cacheable(
             &Method::GET,
