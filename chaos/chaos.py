@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -33,8 +34,10 @@ PROJECT = os.environ.get("COMPOSE_PROJECT_NAME", "deltastream-chaos")
 # Published on the host's 127.0.0.1 by chaos/docker-compose.chaos.yml. The simulators' ports
 # (their /_faults) are looked up per container (sim_ports): storage runs as several instances,
 # each on an ephemeral loopback port.
-PORTS = {"gateway-1": 8000, "gateway-2": 8010}
 ADMIN_PORTS = {"gateway-1": 9000, "gateway-2": 9010}
+# Load targets: the public listeners, and the admin listeners as "<gateway>-admin" (/ready).
+PORTS = {"gateway-1": 8000, "gateway-2": 8010,
+         **{f"{g}-admin": p for g, p in ADMIN_PORTS.items()}}
 SERVICES = ["gateway-1", "gateway-2", "auth", "storage", "analytics", "socket", "redis"]
 SIM_PORTS = {"auth": 8001, "socket": 8002, "storage": 8003, "analytics": 8004}
 SIMS = list(SIM_PORTS)
@@ -234,6 +237,13 @@ async def run_step(step, ctx):
                 # `cpus: 0` means "no cap": `--cpus 0` would leave the current one in place.
                 if float(step["cpus"]) <= 0:
                     return ["docker", "update", "--cpu-quota", "-1", cid]
+                if "period_us" in step:
+                    # A short CFS period: a container at its quota waits at most one period
+                    # (the default 100 ms period would stall every answer, /health too, by up
+                    # to 100 ms, whatever the process does).
+                    period = int(step["period_us"])
+                    return ["docker", "update", "--cpu-period", str(period),
+                            "--cpu-quota", str(max(1000, int(float(step["cpus"]) * period))), cid]
                 return ["docker", "update", "--cpus", str(step["cpus"]), cid]
             if action in ("kill", "stop", "start", "restart", "pause", "unpause"):
                 args = ["docker", action]
@@ -579,6 +589,40 @@ class UpstreamSampler:
             await asyncio.wait([self.task], timeout=5)
 
 
+class HealthSampler:
+    """Polls Docker's health status (the compose health check: `probe /health` every 2 s) of
+    some services every `every_s` while the load runs: a saturated replica that its
+    orchestrator would mark unhealthy, and restart, shows up here."""
+
+    def __init__(self, services, t0, every_s=0.5):
+        self.services, self.t0, self.every = services, t0, every_s
+        self.samples = []  # {"t", "service", "status", "health"}
+        self.task = None
+        self.stopped = False
+
+    async def loop(self):
+        while not self.stopped:
+            for svc in self.services:
+                try:
+                    for status, h in await asyncio.to_thread(health, svc):
+                        self.samples.append({"t": round(time.monotonic() - self.t0, 3), "service": svc,
+                                             "status": status, "health": h})
+                except Exception as e:
+                    self.samples.append({"t": round(time.monotonic() - self.t0, 3), "service": svc,
+                                         "status": f"error:{type(e).__name__}", "health": None})
+            await asyncio.sleep(self.every)
+
+    def start(self):
+        if self.services:
+            self.task = asyncio.create_task(self.loop())
+
+    async def stop(self):
+        self.stopped = True
+        if self.task:
+            self.task.cancel()
+            await asyncio.wait([self.task], timeout=5)
+
+
 def breaker_state(b):
     """The breaker's state from /admin/upstreams, as a word (closed, open, half_open)."""
     if isinstance(b, dict):
@@ -733,6 +777,26 @@ def evaluate(exp, records, ev, end, ctx):
             value = round(value, 3)
         detail = {"lines": n, "max_ms": round(max(lats), 3) if lats else None,
                   "over_5ms": sum(1 for x in lats if x > 5.0)}
+    elif kind == "goodput_rps":
+        # Matching answers (e.g. status 200) COMPLETED per second within a window (`window`,
+        # default fault, from + `skip_s`): what a saturated upstream still delivers, whatever
+        # the offered rate. The other `select` filters (req, target) apply; the window is by
+        # completion, not by send time, so answers that waited past the window do not count.
+        a, b = window_bounds(exp.get("window", "fault"), ev, end)
+        a += exp.get("skip_s", 0)
+        pool = [r for r in records if matches(r, {k: v for k, v in sel.items() if k not in ("window", "skip_s", "until_s")})]
+        done = [r for r in pool if r["lat_ms"] is not None and matches(r, exp.get("match", {}))
+                and a <= r["t"] + r["lat_ms"] / 1000 < b]
+        n = len(done)
+        value = round(n / (b - a), 2) if b > a else None
+        detail = {"completed": n, "window_s": round(b - a, 3)}
+    elif kind == "unhealthy_samples":
+        # Docker health samples (HealthSampler) of `service` not "healthy" from event `from`.
+        t_ev = ev.get(exp.get("from"), 0.0) if exp.get("from") else 0.0
+        mine = [x for x in ctx.get("health_samples", []) if x["service"] == exp["service"] and x["t"] >= t_ev]
+        bad = [x for x in mine if x["health"] != "healthy"]
+        value, n = len(bad), len(mine)
+        detail = {"first_bad": bad[0] if bad else None}
     elif kind == "seconds_to_first":
         # Seconds from an event to the completion of the first request matching `match`.
         t_ev = ev[exp.get("from", "remove_end")]
@@ -1087,7 +1151,7 @@ async def run_experiment(spec, outdir):
     log(f"=== {name}: {spec['title']}")
     ctx = {"vars": {"run": int(time.time())}, "scrapes": {}, "samples": {}}
     result = {"name": name, "title": spec["title"], "issue_item": spec.get("issue_item"),
-              "criteria_note": spec.get("note"), "events": {}, "steps": [], "expectations": [],
+              "criteria_note": spec.get("note"), "pending": spec.get("pending"), "events": {}, "steps": [], "expectations": [],
               "restore_errors": [], "pass": False}
     started = time.monotonic()
     injected = False
@@ -1095,6 +1159,15 @@ async def run_experiment(spec, outdir):
         errs = await restore_all()
         if errs:
             raise RuntimeError(f"stack not restorable before the experiment: {errs}")
+        if spec.get("fresh_gateways"):
+            # Restarting a container also restarts Docker's userland proxy of its published
+            # port, which keeps the splice pipes of a past flood (thousands of fds, up to its
+            # 20000-fd limit, past which it stops accepting for good): a flood starts from a
+            # fresh proxy, and from gateways with no state learned from a previous experiment.
+            gws = list(ADMIN_PORTS)
+            await asyncio.gather(*(asyncio.to_thread(sh, "docker", "restart", "-t", "3", container(g)) for g in gws))
+            await wait_healthy(gws, 60)
+            result["steps"].append({"t": "before", "step": f"docker restart {' '.join(gws)}"})
         await reset_gateways()
         # Instances the gateways list as healthy: every experiment waits (up to 20 s) for it
         # after the restore; for those about instances (11-14, "settle_instances": "required")
@@ -1110,10 +1183,21 @@ async def run_experiment(spec, outdir):
             await asyncio.to_thread(record_ips, ctx, svc, None)
         await prefetch(spec, ctx)
         result["instances_at_start"] = dict(ctx.get("ips", {}))
+        # The conditions the whole run happens in (e.g. a worker limit on storage): set before
+        # the steady-state check, lifted by the restore that follows every experiment.
+        for st in spec.get("environment", []):
+            result["steps"].append({"t": "environment", "step": await run_step(st, ctx)})
         await setup_steps(spec.get("setup"), ctx)
         plan = json.loads(fill(json.dumps(spec["load"]), ctx))
         ph = spec["phases"]
         plan["duration_s"] = ph["steady_s"] + ph["fault_s"] + ph["recovery_s"]
+        if "spike_rate" in plan:
+            # A demand spike is the fault: the main stream runs at spike_rate for the fault
+            # window and at rate before and after (streams with their own rate are unchanged).
+            a, b = ph["steady_s"], ph["steady_s"] + ph["fault_s"]
+            plan["segments"] = [{"from_s": 0, "to_s": a, "rate": plan["rate"]},
+                                {"from_s": a, "to_s": b, "rate": plan["spike_rate"]},
+                                {"from_s": b, "to_s": plan["duration_s"], "rate": plan["rate"]}]
         # Warm caches and connections, then demand a clean steady state.
         problems = await steady_state(plan, ctx)
         if problems:
@@ -1128,6 +1212,7 @@ async def run_experiment(spec, outdir):
         ev = result["events"]
         sampler = Sampler(spec.get("sample_resources", []), t0)
         up_sampler = UpstreamSampler(spec.get("sample_upstreams", []), t0)
+        health_sampler = HealthSampler(spec.get("sample_health", []), t0)
 
         async def fault_script():
             nonlocal injected
@@ -1149,6 +1234,7 @@ async def run_experiment(spec, outdir):
         await asyncio.to_thread(scrape_all, ctx, "start")
         sampler.start()
         up_sampler.start()
+        health_sampler.start()
         fault_task = asyncio.create_task(fault_script())
         subs_task = None
         if spec.get("subscribers"):
@@ -1160,6 +1246,8 @@ async def run_experiment(spec, outdir):
             ctx["subs"] = await subs_task
         await up_sampler.stop()
         ctx["upstream_samples"] = up_sampler.samples
+        await health_sampler.stop()
+        ctx["health_samples"] = health_sampler.samples
         if sampler.services:
             # Keep sampling after the load has stopped and its connections are closed: the
             # "end" resource figures are taken from there.
@@ -1169,6 +1257,10 @@ async def run_experiment(spec, outdir):
         await asyncio.to_thread(scrape_all, ctx, "end")
         ctx["samples"] = sampler.samples
         result["load"] = {"rate": plan["rate"], "duration_s": end, "requests": len(records)}
+        if "spike_rate" in plan:
+            result["load"]["spike_rate"] = plan["spike_rate"]
+        if health_sampler.samples:
+            result["container_health"] = health_sampler.samples
         for exp in spec["expectations"]:
             result["expectations"].append(evaluate(exp, records, ev, end, ctx))
         result["figures"] = summarize(records, ev, end)
@@ -1204,7 +1296,8 @@ async def run_experiment(spec, outdir):
             if e.get("informational"):
                 flag = "info"
             log(f"  [{flag}] {e['id']}: {e['value']} {e['op']} {e['target']} (n={e['n']})")
-        log(f"=== {name}: {'PASS' if result['pass'] else 'FAIL'} in {result['duration_s']}s")
+        log(f"=== {name}: {'PASS' if result['pass'] else 'FAIL'}"
+            f"{' (pending: does not decide the exit status)' if result['pending'] else ''} in {result['duration_s']}s")
     return result
 
 
@@ -1294,14 +1387,21 @@ async def main_async(args):
     finally:
         total = round(time.monotonic() - started, 1)
         meta = {"started": stamp, "duration_s": total, "project": PROJECT,
-                "experiments": len(results), "passed": sum(1 for r in results if r["pass"])}
+                "experiments": len(results), "passed": sum(1 for r in results if r["pass"]),
+                "pending": [r["name"] for r in results if r.get("pending")]}
         (outdir / "report.json").write_text(json.dumps({"run": meta, "results": results}, indent=2))
         (outdir / "summary.md").write_text(report.summary_md(meta, results))
         log(f"{meta['passed']}/{len(specs)} experiments passed in {total}s; report in {outdir}")
-    return 0 if results and all(r["pass"] for r in results) and len(results) == len(specs) else 1
+    # A pending experiment (its file says why: the behaviour it judges is not built yet) runs
+    # and is reported like any other, but only the others decide the exit status.
+    decided = [r for r in results if not r.get("pending")]
+    return 0 if results and all(r["pass"] for r in decided) and len(results) == len(specs) else 1
 
 
 def main():
+    # Overload experiments hold thousands of requests in flight, one connection each.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiments", nargs="*", help="names (default: all)")
     ap.add_argument("--reports", default=str(HERE / "reports"))

@@ -128,30 +128,68 @@ def _reason(status, headers, body):
         return None
 
 
+def arrivals(plan):
+    """Every scheduled request as (t, request, targets), in time order.
+
+    The main stream: the requests without a `rate` of their own, interleaved by weight, at
+    `rate` req/s, or piecewise by `segments` ([{"from_s", "to_s", "rate"}], e.g. a demand spike
+    in the middle of the run). A request with its own `rate` is a stream of its own at that
+    fixed rate for the whole run (health probes, logins at a steady pace): a spike of the
+    main stream does not multiply it.
+    """
+    duration = float(plan["duration_s"])
+    default_targets = plan.get("targets", ["gateway-1"])
+    slots, fixed = [], []
+    for req in plan["requests"]:
+        targets = req.get("targets") or ([req["target"]] if "target" in req else default_targets)
+        if "rate" in req:
+            fixed.append((req, targets))
+        else:
+            for _ in range(int(req.get("weight", 1))):
+                slots.append((req, targets))
+    out = []
+    segments = plan.get("segments") or [{"from_s": 0.0, "to_s": duration, "rate": plan["rate"]}]
+    k = 0
+    for seg in segments:
+        rate = float(seg["rate"])
+        start, end = float(seg["from_s"]), min(float(seg["to_s"]), duration)
+        if slots and rate > 0:
+            for j in range(int(rate * max(0.0, end - start))):
+                req, targets = slots[k % len(slots)]
+                out.append((start + j / rate, req, targets))
+                k += 1
+    for req, targets in fixed:
+        rate = float(req["rate"])
+        for j in range(int(rate * duration)):
+            out.append((j / rate, req, targets))
+    out.sort(key=lambda a: a[0])
+    return out
+
+
 async def run_load(plan, ports, t0, on_tick=None):
     """Drives `plan` and returns one record per scheduled request.
 
     plan: {"rate": req/s, "duration_s": s, "timeout_s": s, "max_in_flight": n,
-           "requests": [{"name", "path", "method"?, "headers"?, "body"?, "weight"?,
+           "max_in_flight_per_target"?: n,
+           "segments"?: [{"from_s", "to_s", "rate"}],
+           "requests": [{"name", "path", "method"?, "headers"?, "body"?, "weight"?, "rate"?,
                          "target"? | "targets"?}], "targets": [service, ...]}
     ports: service name -> published port. t0: monotonic time that is t = 0 in the records.
-    Requests are interleaved by weight, targets round-robin.
+    Requests are interleaved by weight (see `arrivals`), targets round-robin per request.
     """
-    rate = float(plan["rate"])
-    n = int(rate * float(plan["duration_s"]))
     timeout = float(plan.get("timeout_s", 10))
     cap = int(plan.get("max_in_flight", 2000))
-    default_targets = plan.get("targets", ["gateway-1"])
-    # Expand weights into a deterministic cycle of (request, target) slots.
-    slots = []
-    for req in plan["requests"]:
-        targets = req.get("targets") or ([req["target"]] if "target" in req else default_targets)
-        for _ in range(int(req.get("weight", 1))):
-            slots.append((req, targets))
+    # Per target as well (main stream): each request in flight is a connection, and through a
+    # published port every connection also costs Docker's userland proxy six fds (two sockets
+    # and a splice pipe per direction) against its 20000-fd limit; past it the proxy stops
+    # accepting for good (see chaos/README.md).
+    cap_per_target = int(plan.get("max_in_flight_per_target", cap))
+    schedule = arrivals(plan)
     target_rr = {}
     pools = {}
     records = []
     in_flight = 0
+    per_target = {}
     tasks = []
 
     async def one(i, req, target, t_sched):
@@ -160,10 +198,15 @@ async def run_load(plan, ports, t0, on_tick=None):
                "status": 0, "lat_ms": None, "err": None, "x_cache": None, "reason": None,
                "retry_after": None, "attempts": None}
         records.append(rec)
-        if in_flight >= cap:
+        # The per-target cap bounds the main stream only: probes and other fixed-rate streams
+        # are few, and a probe must reach a flooded replica to measure it.
+        capped = "rate" not in req
+        if in_flight >= cap or (capped and per_target.get(target, 0) >= cap_per_target):
             rec["err"] = "client_overload"
             return
         in_flight += 1
+        if capped:
+            per_target[target] = per_target.get(target, 0) + 1
         pool = pools.setdefault(target, Pool(ports[target]))
         start = time.monotonic()
         try:
@@ -184,13 +227,13 @@ async def run_load(plan, ports, t0, on_tick=None):
         finally:
             rec["lat_ms"] = round((time.monotonic() - start) * 1000, 3)
             in_flight -= 1
+            if capped:
+                per_target[target] -= 1
 
-    for i in range(n):
-        t_sched = i / rate
-        delay = t0 + t_sched - time.monotonic()
+    for i, (t_plan, req, targets) in enumerate(schedule):
+        delay = t0 + t_plan - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        req, targets = slots[i % len(slots)]
         k = target_rr.get(id(req), 0)
         target_rr[id(req)] = k + 1
         target = targets[k % len(targets)]

@@ -214,6 +214,10 @@ def _fmt(v):
     return str(v)
 
 
+def _result(r):
+    return ("PASS" if r["pass"] else "FAIL") + (" (pending)" if r.get("pending") else "")
+
+
 def summary_md(meta, results):
     lines = [f"# Chaos run {meta['started']}", "",
              f"{meta['passed']}/{meta['experiments']} experiments passed; suite took {meta['duration_s']} s.", "",
@@ -221,9 +225,11 @@ def summary_md(meta, results):
     for r in results:
         # The experiment's number, from its file name ("11-storage-instance-killed" -> 11).
         num = r["name"].split("-", 1)[0]
-        lines.append(f"| {num} | {r['name']} | {'PASS' if r['pass'] else 'FAIL'} | {r.get('duration_s', '')} s |")
+        lines.append(f"| {num} | {r['name']} | {_result(r)} | {r.get('duration_s', '')} s |")
     for r in results:
-        lines += ["", f"## {r['name']}: {'PASS' if r['pass'] else 'FAIL'}", "", r["title"], ""]
+        lines += ["", f"## {r['name']}: {_result(r)}", "", r["title"], ""]
+        if r.get("pending"):
+            lines += [f"Pending (does not decide the run's exit status): {r['pending']}", ""]
         if r.get("criteria_note"):
             lines += [r["criteria_note"], ""]
         if r.get("error"):

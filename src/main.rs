@@ -75,7 +75,9 @@ enum Command {
         /// storage upstream becomes that many instances.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         storage_instances: u16,
-        /// Enable the services' /_faults switches.
+        /// Enable the services' /_faults switches (latency, errors, hang, and the capacity
+        /// fault: {"workers": N, "backlog": M} serves N requests at once, the rest wait FIFO,
+        /// beyond M waiting a 503; see `sim --help`).
         #[arg(long)]
         faults: bool,
     },
@@ -89,8 +91,14 @@ enum Command {
         /// Listen address.
         #[arg(long, default_value = "0.0.0.0")]
         host: std::net::IpAddr,
-        /// Enable POST/GET/DELETE /_faults (latency, errors, hang) for chaos experiments;
-        /// the socket service adds POST /_faults/drop (close every WebSocket abruptly).
+        /// Enable POST/GET/DELETE /_faults for chaos experiments: {"latency_ms", "jitter_ms",
+        /// "error_rate", "error_status", "hang", "workers", "backlog"}. workers = N (0 =
+        /// unlimited) serves N requests at once, each holding its worker for latency_ms +
+        /// jitter, the rest waiting in a FIFO backlog like gunicorn sync workers (16 x 200 ms =
+        /// 80 req/s); past `backlog` waiting requests (null = unbounded) a 503 {"error":
+        /// "backlog full"} at once. /health and /_faults are never queued; GET /_faults also
+        /// shows "state": {busy, queued, served, refused}. The socket service adds POST
+        /// /_faults/drop (close every WebSocket abruptly).
         #[arg(long)]
         faults: bool,
         /// Seed of the synthetic market data.

@@ -540,13 +540,26 @@ async fn fault_switch_is_absent_without_the_flag() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// GET /_faults split into the setting and the capacity fault's `state`.
+async fn shown_faults(running: &Running) -> (Value, Value) {
+    let (status, mut body) = get(&running.url("/_faults")).await;
+    assert_eq!(status, StatusCode::OK);
+    let state = body
+        .as_object_mut()
+        .and_then(|fields| fields.remove("state"))
+        .expect("GET /_faults has a state");
+    (body, state)
+}
+
 #[tokio::test]
 async fn fault_settings_are_validated_shown_and_cleared() {
     let storage = start(Service::Storage, with_faults()).await;
-    let defaults = json!({"latency_ms": 0, "jitter_ms": 0, "error_rate": 0.0, "error_status": 503, "hang": false});
+    let defaults = json!({"latency_ms": 0, "jitter_ms": 0, "error_rate": 0.0, "error_status": 503,
+                          "hang": false, "workers": 0, "backlog": null});
+    let idle = json!({"busy": 0, "queued": 0, "served": 0, "refused": 0});
     assert_eq!(
-        get(&storage.url("/_faults")).await,
-        (StatusCode::OK, defaults.clone())
+        shown_faults(&storage).await,
+        (defaults.clone(), idle.clone())
     );
 
     for bad in [
@@ -556,26 +569,239 @@ async fn fault_settings_are_validated_shown_and_cleared() {
         json!({"error_status": 600}),
         json!({"latency": 100}),
         json!({"latency_ms": -1}),
+        json!({"workers": -1}),
+        json!({"workers": 100_001}),
+        json!({"backlog": 10}),
+        json!({"workers": 4, "backlog": 1_000_001}),
+        json!({"state": {"busy": 0}}),
     ] {
         let (status, body) = set_faults(&storage, bad.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
         assert!(!error_of(&body).is_empty(), "{bad}");
     }
-
-    let (status, active) = set_faults(&storage, json!({"latency_ms": 5, "error_rate": 0.25})).await;
-    assert_eq!(status, StatusCode::OK);
-    let expected = json!({"latency_ms": 5, "jitter_ms": 0, "error_rate": 0.25, "error_status": 503, "hang": false});
-    assert_eq!(active, expected);
     assert_eq!(
-        get(&storage.url("/_faults")).await,
-        (StatusCode::OK, expected)
+        shown_faults(&storage).await.0,
+        defaults,
+        "a rejected POST changes nothing"
     );
+
+    let (status, active) = set_faults(
+        &storage,
+        json!({"latency_ms": 5, "error_rate": 0.25, "workers": 16, "backlog": 100}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let expected = json!({"latency_ms": 5, "jitter_ms": 0, "error_rate": 0.25, "error_status": 503,
+                          "hang": false, "workers": 16, "backlog": 100});
+    assert_eq!(active, expected);
+    assert_eq!(shown_faults(&storage).await, (expected, idle.clone()));
 
     clear_faults(&storage).await;
+    assert_eq!(shown_faults(&storage).await, (defaults, idle));
+}
+
+/// Polls GET /_faults until its `state` satisfies `ready` (every 5 ms, 10 s at most).
+async fn wait_for_state(running: &Running, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, state) = shown_faults(running).await;
+        if ready(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached: {what}; last {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn count(state: &Value, field: &str) -> u64 {
+    state[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {state}"))
+}
+
+#[tokio::test]
+async fn capacity_fault_serves_two_at_a_time_in_three_waves() {
+    let storage = start(Service::Storage, with_faults()).await;
+    let (status, _) = set_faults(&storage, json!({"workers": 2, "latency_ms": 200})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let requests: Vec<_> = (0..6)
+        .map(|_| {
+            let request = client.get(storage.url("/products")).send();
+            tokio::spawn(async move {
+                let status = request.await.expect("response").status();
+                (status, started.elapsed())
+            })
+        })
+        .collect();
+
+    // Watch the counters while the waves run: never more than 2 in service.
+    let mut most_busy = 0;
+    let mut most_queued = 0;
+    loop {
+        let (_, state) = shown_faults(&storage).await;
+        most_busy = most_busy.max(count(&state, "busy"));
+        most_queued = most_queued.max(count(&state, "queued"));
+        assert!(count(&state, "busy") <= 2, "{state}");
+        if count(&state, "served") == 6 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{state}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(most_busy, 2, "both workers were used");
+    assert!(most_queued >= 1, "the rest waited in the backlog");
+
+    let mut finished = Vec::new();
+    for request in requests {
+        let (status, elapsed) = request.await.expect("task");
+        assert_eq!(status, StatusCode::OK);
+        finished.push(elapsed);
+    }
+    finished.sort();
+    // Service time is spent holding a worker: the k-th answer cannot come before wave
+    // k / 2 + 1 has ended (a lower bound only: a busy machine can make waves later, never
+    // earlier).
+    for (k, elapsed) in finished.iter().enumerate() {
+        let wave = k as u64 / 2 + 1;
+        assert!(
+            *elapsed >= Duration::from_millis(200 * wave),
+            "answer {k} after {elapsed:?}: all {finished:?}"
+        );
+    }
+    let (_, state) = shown_faults(&storage).await;
     assert_eq!(
-        get(&storage.url("/_faults")).await,
-        (StatusCode::OK, defaults)
+        state,
+        json!({"busy": 0, "queued": 0, "served": 6, "refused": 0})
     );
+}
+
+#[tokio::test]
+async fn capacity_fault_backlog_is_fifo_bounded_and_never_holds_health_or_the_switch() {
+    let storage = start(Service::Storage, with_faults()).await;
+    let client = reqwest::Client::new();
+    // The first request draws a 2 s service time; the setting is then shortened to 200 ms
+    // for those behind it, which get it when their turn comes. That leaves 2 s to line the
+    // others up, whatever the machine's load.
+    set_faults(
+        &storage,
+        json!({"workers": 1, "backlog": 2, "latency_ms": 2000}),
+    )
+    .await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |name: &'static str| {
+        let request = client.get(storage.url("/products")).send();
+        let order = order.clone();
+        tokio::spawn(async move {
+            let status = request.await.expect("response").status();
+            order.lock().expect("order").push(name);
+            status
+        })
+    };
+    let first = send("first");
+    wait_for_state(&storage, "first holds the worker", |s| {
+        count(s, "busy") == 1
+    })
+    .await;
+    set_faults(
+        &storage,
+        json!({"workers": 1, "backlog": 2, "latency_ms": 200}),
+    )
+    .await;
+    let second = send("second");
+    wait_for_state(&storage, "second waits", |s| count(s, "queued") == 1).await;
+    let third = send("third");
+    wait_for_state(&storage, "third waits", |s| count(s, "queued") == 2).await;
+
+    // The backlog is full: refused at once, with the JSON error body.
+    let (status, body) = get(&storage.url("/products")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, json!({"error": "backlog full"}));
+
+    // Health and the switch are not behind the workers: they answer while all are taken.
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(1000))
+        .build()
+        .expect("client");
+    for path in ["/health", "/_faults"] {
+        let response = quick.get(storage.url(path)).send().await.expect(path);
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let (_, state) = shown_faults(&storage).await;
+    assert_eq!(
+        (
+            count(&state, "busy"),
+            count(&state, "queued"),
+            count(&state, "refused")
+        ),
+        (1, 2, 1),
+        "{state}"
+    );
+
+    for request in [first, second, third] {
+        assert_eq!(request.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(*order.lock().expect("order"), ["first", "second", "third"]);
+    let (_, state) = shown_faults(&storage).await;
+    assert_eq!(
+        state,
+        json!({"busy": 0, "queued": 0, "served": 3, "refused": 1})
+    );
+}
+
+#[tokio::test]
+async fn capacity_fault_serves_abandoned_requests_and_clearing_releases_the_backlog() {
+    let storage = start(Service::Storage, with_faults()).await;
+    set_faults(&storage, json!({"workers": 1, "latency_ms": 2000})).await;
+
+    // A client that gives up does not free the worker: its request is still served, as one
+    // already in gunicorn's backlog is.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .expect("client");
+    let error = impatient
+        .get(storage.url("/products"))
+        .send()
+        .await
+        .expect_err("2 s of service time");
+    assert!(error.is_timeout(), "{error}");
+    let (_, state) = shown_faults(&storage).await;
+    assert_eq!(
+        count(&state, "busy"),
+        1,
+        "the abandoned request holds its worker: {state}"
+    );
+
+    let waiting = tokio::spawn(reqwest::get(storage.url("/products")));
+    wait_for_state(&storage, "a patient request waits", |s| {
+        count(s, "queued") == 1
+    })
+    .await;
+    // Clearing the fault lifts the worker limit: the waiting request is served at once (with
+    // the latency now in force, none), long before the abandoned one's 2 s are up.
+    clear_faults(&storage).await;
+    let released = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("released by DELETE")
+        .expect("task")
+        .expect("response");
+    assert_eq!(released.status(), StatusCode::OK);
+    let (_, state) = shown_faults(&storage).await;
+    assert_eq!(
+        (count(&state, "busy"), count(&state, "served")),
+        (1, 1),
+        "only the abandoned request is still in service: {state}"
+    );
+    wait_for_state(&storage, "the abandoned request served", |s| {
+        count(s, "busy") == 0 && count(s, "served") == 2
+    })
+    .await;
 }
 
 #[tokio::test]

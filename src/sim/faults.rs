@@ -6,10 +6,18 @@
 //! POST never silently keeps an old fault); `GET` shows it; `DELETE` clears it. The switch
 //! itself and `/health` are never affected.
 //!
-//! Order per request: wait while `hang` is on, then sleep `latency_ms` plus uniform jitter,
-//! then fail with probability `error_rate`. Requests parked by `hang` are released as soon as
-//! `hang` is turned off (or the server shuts down) and continue with whatever setting is then
-//! current, like a paused container that is resumed.
+//! Order per request: wait while `hang` is on; then take a place in line for one of `workers`
+//! (the capacity fault, see [`super::workers`]: 0 = unlimited; beyond `backlog` waiting
+//! requests, a 503 `{"error": "backlog full"}` at once); then, HOLDING the worker, sleep
+//! `latency_ms` plus uniform jitter and fail with probability `error_rate` or serve the
+//! request. So 16 workers x 200 ms serve 80 req/s at most, and a request whose client gave up
+//! is still served when its turn comes (a request in gunicorn's backlog is). Requests parked
+//! by `hang` are released as soon as `hang` is turned off (or the server shuts down) and
+//! continue with whatever setting is then current, like a paused container that is resumed;
+//! latency and errors are likewise drawn when a request gets its worker.
+//!
+//! `GET /_faults` shows the setting plus `state`: `busy` (holding a worker), `queued`
+//! (waiting for one), and the totals `served` and `refused` (backlog full) since start.
 //!
 //! The socket service's WebSocket handshake (`GET /ws`) is a request like any other. After
 //! the upgrade, `hang` and `latency_ms` + jitter also hold back every batch of ticks (see
@@ -30,11 +38,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::workers::{PoolState, WorkerPool};
 use super::{parse_json_body, ApiError};
 
 /// Longest latency or jitter accepted: long enough for any timeout test, short enough that a
 /// typo cannot park requests for days.
 const MAX_DELAY_MS: u64 = 3_600_000;
+
+/// Most workers accepted: far beyond any simulated service, small enough to catch a typo.
+const MAX_WORKERS: u32 = 100_000;
+
+/// Longest backlog bound accepted (an unbounded backlog is `null`).
+const MAX_BACKLOG: u32 = 1_000_000;
 
 /// The active fault setting, as posted and as returned.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +63,11 @@ pub struct FaultSettings {
     pub error_status: u16,
     /// Park requests without answering, to exercise client timeouts.
     pub hang: bool,
+    /// Requests served at once (each holds its worker for latency + jitter), the rest wait
+    /// in a FIFO backlog, as under gunicorn sync workers: the capacity fault. 0 = unlimited.
+    pub workers: u32,
+    /// Waiting requests beyond which new ones get a 503 at once; `None` = unbounded.
+    pub backlog: Option<u32>,
 }
 
 impl Default for FaultSettings {
@@ -58,6 +78,8 @@ impl Default for FaultSettings {
             error_rate: 0.0,
             error_status: 503,
             hang: false,
+            workers: 0,
+            backlog: None,
         }
     }
 }
@@ -77,6 +99,23 @@ impl FaultSettings {
                 "latency_ms and jitter_ms must be at most {MAX_DELAY_MS}"
             )));
         }
+        if self.workers > MAX_WORKERS {
+            return Err(ApiError::bad_request(format!(
+                "workers must be at most {MAX_WORKERS} (0 = unlimited)"
+            )));
+        }
+        if let Some(backlog) = self.backlog {
+            if self.workers == 0 {
+                return Err(ApiError::bad_request(
+                    "backlog needs workers > 0: without a worker limit nothing waits",
+                ));
+            }
+            if backlog > MAX_BACKLOG {
+                return Err(ApiError::bad_request(format!(
+                    "backlog must be at most {MAX_BACKLOG} (null = unbounded)"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -94,14 +133,25 @@ struct Switch {
 pub struct Faults {
     /// A watch channel rather than a mutex: parked requests need to be woken when it changes.
     switch: watch::Sender<Switch>,
+    /// The capacity fault's workers and backlog, resized by every setting change.
+    workers: WorkerPool,
 }
 
 impl Default for Faults {
     fn default() -> Faults {
         Faults {
             switch: watch::Sender::new(Switch::default()),
+            workers: WorkerPool::default(),
         }
     }
+}
+
+/// `GET /_faults`: the setting and what the capacity fault is doing right now.
+#[derive(Debug, Serialize)]
+struct FaultView {
+    #[serde(flatten)]
+    settings: FaultSettings,
+    state: PoolState,
 }
 
 impl Faults {
@@ -124,14 +174,21 @@ impl Faults {
             .with_state(self.clone())
     }
 
-    /// Lets every parked request continue; called when the server starts draining.
+    /// Lets every parked or queued request continue; called when the server starts draining.
     pub fn release_hung_requests(&self) {
         self.switch.send_modify(|switch| switch.draining = true);
+        self.workers.drain();
+    }
+
+    /// The capacity fault's occupancy and totals.
+    pub fn pool_state(&self) -> PoolState {
+        self.workers.state()
     }
 
     fn replace(&self, settings: FaultSettings) {
         tracing::warn!(?settings, "fault injection setting changed");
         self.switch.send_modify(|switch| switch.settings = settings);
+        self.workers.configure(settings.workers, settings.backlog);
     }
 
     async fn wait_while_hung(&self) {
@@ -167,24 +224,49 @@ fn jittered_latency(settings: &FaultSettings) -> u64 {
 async fn inject(State(faults): State<Faults>, request: Request, next: Next) -> Response {
     faults.wait_while_hung().await;
 
-    let settings = faults.settings();
-    // Drawn before any await: the thread-local RNG must not be held across one.
-    let delay = jittered_latency(&settings);
-    let fail = settings.error_rate > 0.0 && rand::random::<f64>() < settings.error_rate;
+    // The place in line is taken on arrival, so the backlog is FIFO by arrival.
+    let ticket = match faults.workers.enter() {
+        Ok(ticket) => ticket,
+        Err(full) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": full.to_string()})),
+            )
+                .into_response()
+        }
+    };
+    // On a task of its own: when the client gives up (a gateway's timeout), the request still
+    // waits its turn and spends its worker's service time, as a request already accepted into
+    // gunicorn's backlog does. That wasted work is what makes a long queue in front of a
+    // saturated service so costly, and the simulator must not hide it.
+    let served = tokio::spawn(async move {
+        let _worker = ticket.worker().await;
+        let settings = faults.settings();
+        // Drawn before any await: the thread-local RNG must not be held across one.
+        let delay = jittered_latency(&settings);
+        let fail = settings.error_rate > 0.0 && rand::random::<f64>() < settings.error_rate;
 
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if fail {
+            let status = StatusCode::from_u16(settings.error_status)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return (status, Json(json!({"error": "injected fault"}))).into_response();
+        }
+        next.run(request).await
+    });
+    match served.await {
+        Ok(response) => response,
+        Err(join_error) => ApiError::internal(join_error).into_response(),
     }
-    if fail {
-        let status =
-            StatusCode::from_u16(settings.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return (status, Json(json!({"error": "injected fault"}))).into_response();
-    }
-    next.run(request).await
 }
 
-async fn show_faults(State(faults): State<Faults>) -> Json<FaultSettings> {
-    Json(faults.settings())
+async fn show_faults(State(faults): State<Faults>) -> Json<FaultView> {
+    Json(FaultView {
+        settings: faults.settings(),
+        state: faults.pool_state(),
+    })
 }
 
 async fn set_faults(

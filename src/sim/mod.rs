@@ -7,8 +7,9 @@
 //!   in-process, so it needs no running storage service and agrees with it exactly.
 //! - [`socket`]: WebSocket `/ws`: subscribe to products, receive live ticks replayed from the
 //!   same [`market`], so every streamed price is one the storage service also serves.
-//! - [`faults`]: opt-in `/_faults` switch (latency, errors, hang; dropped WebSockets) for
-//!   resilience tests.
+//! - [`faults`]: opt-in `/_faults` switch (latency, errors, hang, a worker limit with a FIFO
+//!   backlog; dropped WebSockets) for resilience and overload tests.
+//! - [`workers`]: the worker limit and backlog behind `/_faults`' capacity fault.
 //!
 //! Every error body is JSON `{"error": "..."}`, like the services the gateway was written for.
 
@@ -19,6 +20,7 @@ pub mod faults;
 pub mod market;
 pub mod socket;
 pub mod storage;
+pub mod workers;
 
 use std::future::Future;
 use std::str::FromStr;
