@@ -36,7 +36,10 @@ pub use server::{
 };
 pub use telemetry::TracingConfig;
 pub use types::{join, ByteSize, Dur, FieldError};
-pub use upstream::{BalancerKind, BreakerConfig, EjectionConfig, RetryConfig, UpstreamConfig};
+pub use upstream::{
+    BalancerKind, BreakerConfig, DoublingBackoff, EjectionConfig, RetryConfig, TripRule,
+    UpstreamConfig,
+};
 
 /// The whole gateway configuration, after defaults and overrides.
 #[derive(Clone, Debug, Deserialize, Serialize)]
