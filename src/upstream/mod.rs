@@ -18,15 +18,20 @@
 //!   one call share through the request's `Extensions`.
 //! - [`pipeline`]: the composition and [`Pipeline::send`].
 //! - [`retry`]: the retry loop, its decisions, the retry budget and `Retry-After` handling.
-//! - [`breaker`]: the per-upstream circuit breaker, its middleware and health probe.
+//! - [`breaker`]: the service circuit breaker: state machine, layer, health probe.
+//! - `trip`: the one trip rule (N failures in a row, or a failure rate over a window with a
+//!   minimum volume).
+//! - `backoff`: the one doubling backoff (the breaker's open time).
 //! - [`timeout`]: the per-attempt timeout middleware.
 //! - [`client`]: the pooled reqwest client of one upstream.
 //! - [`cache`]: the RFC 9111 response cache in front of the pipeline (routes opt in).
-//! - `window`: a bucketed sliding window on tokio's clock, shared by the budget and the breaker.
+//! - `window`: a bucketed sliding window on tokio's clock, shared by the budget and the trip
+//!   rule.
 //!
 //! Every clock read here is `tokio::time::Instant`, so `#[tokio::test(start_paused = true)]` can
 //! drive the breaker's open time, the failure-rate window and the retry budget.
 
+mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod cache;
@@ -37,6 +42,7 @@ pub mod instances;
 pub mod pipeline;
 pub mod retry;
 pub mod timeout;
+mod trip;
 mod window;
 
 pub use breaker::{

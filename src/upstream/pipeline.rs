@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::balancer::{Balancer, Chosen, Dispatch};
-use super::breaker::{Breaker, BreakerLayer, CallPermit, HealthCheck};
+use super::breaker::{any_instance_healthy, Breaker, BreakerLayer, CallPermit};
 use super::call::{
     error_chain, instant_after, Call, CallOptions, Delivered, Outcome, UpstreamError,
 };
@@ -355,30 +355,4 @@ impl Pipeline {
             Err(_elapsed) => Err(UpstreamError::Timeout { attempts }),
         }
     }
-}
-
-/// The breaker's health probe: healthy when any instance answers its probe URL with a 2xx
-/// within `timeout`.
-fn any_instance_healthy(
-    instances: std::sync::Weak<InstanceSet>,
-    timeout: std::time::Duration,
-) -> HealthCheck {
-    Arc::new(move || {
-        let instances = instances.clone();
-        Box::pin(async move {
-            let Some(set) = instances.upgrade() else {
-                return false;
-            };
-            for instance in set.active().iter() {
-                let Some(url) = instance.probe_url.clone() else {
-                    continue;
-                };
-                let answer = instance.client.get(url).timeout(timeout).send().await;
-                if matches!(answer, Ok(r) if r.status().is_success()) {
-                    return true;
-                }
-            }
-            false
-        })
-    })
 }
