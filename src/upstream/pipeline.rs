@@ -232,9 +232,7 @@ impl Pipeline {
             // Picks the instance (untried first), moves the request to it, and feeds its
             // load and health (ejection) with the attempt's outcome, timeouts included: so it
             // sits outside the attempt timeout.
-            .with(Balancer {
-                instances: instances.clone(),
-            })
+            .with(Balancer::new(instances.clone(), cfg.balancer))
             // Bounds one attempt until response headers, clamped to the deadline.
             .with(AttemptTimeout)
             // Innermost: sends on the chosen instance's pooled client.
