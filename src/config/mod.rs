@@ -505,4 +505,121 @@ mod tests {
         assert_eq!(line_column("ab\ncé\nx", 6), (2, 3));
         assert_eq!(line_column("", 10), (1, 1));
     }
+
+    /// Every section's own rules, each at its field path with its message: the paths
+    /// operators and `tests/config.rs` rely on, whichever `validate` checks them.
+    #[test]
+    fn every_section_names_the_field_paths_of_its_problems() {
+        let shown = |cfg: &Config| -> Vec<String> {
+            let mut all: Vec<String> = match cfg.validate() {
+                Ok(()) => Vec::new(),
+                Err(e) => e.0.iter().map(|f| f.to_string()).collect(),
+            };
+            all.sort();
+            all
+        };
+        let mut cfg = Config::embedded();
+        cfg.trusted_proxies = vec!["10.0.0.0/8".into(), "nope".into()];
+        cfg.server.memory_trim_interval = Dur::from_millis(10);
+        cfg.server.tls = Some(TlsConfig {
+            cert_file: "c.pem".into(),
+            key_file: "k.pem".into(),
+            min_version: "1.1".into(),
+            hsts: Some(HstsConfig {
+                preload: true,
+                ..HstsConfig::default()
+            }),
+        });
+        cfg.server.redirect_http = Some(RedirectConfig {
+            port: cfg.server.port,
+            host: Some("evil.example?".into()),
+            max_connections: 0,
+        });
+        cfg.admin.max_connections = 0;
+        cfg.admin.fingerprint_key = Some("short".into());
+        cfg.cors.allowed_methods = vec!["GET".into(), "GE T".into()];
+        cfg.cors.allowed_origins = vec!["*".into(), "https://a.example".into(), "b\u{7f}".into()];
+        cfg.cors.allow_credentials = true;
+        cfg.limits.max_body = ByteSize(0);
+        cfg.limits.max_header_bytes = ByteSize(100);
+        cfg.limits.max_connections = 0;
+        cfg.limits.send_timeout = Dur::from_secs(0);
+        cfg.limits.header_read_timeout = Dur::from_secs(0);
+        cfg.auth.upstream = "nowhere".into();
+        cfg.auth.verify_path = "verify".into();
+        cfg.auth.verify_timeout = Dur::from_secs(0);
+        cfg.auth.failure_policy = "no_such_policy".into();
+        cfg.errors.timeout_status = 502;
+        cfg.headers.strip_from_untrusted = vec!["x-ok".into(), "bad header".into()];
+        cfg.websocket.max_connections = 0;
+        cfg.websocket.max_connections_per_ip = 0;
+        cfg.websocket.idle_timeout = Dur::from_secs(0);
+        cfg.websocket.close_timeout = Dur::from_secs(0);
+        cfg.websocket.max_lifetime = Some(Dur::from_secs(0));
+        cfg.tracing.otlp_endpoint = Some("ftp://collector".into());
+        cfg.tracing.export_interval = Dur::from_secs(0);
+        cfg.tracing.max_batch = 0;
+        cfg.tracing.max_queue = 0;
+        let mut want = vec![
+            "trusted_proxies[1]: invalid CIDR or IP address \"nope\"",
+            "server.memory_trim_interval: must be 0s (off) or at least 100ms, got 10ms",
+            "server.tls.min_version: must be \"1.2\" or \"1.3\", got \"1.1\"",
+            "server.tls.hsts.preload: needs include_subdomains = true and max_age of at least 365 days (what the preload lists require)",
+            "server.redirect_http.port: must differ from server.port",
+            "server.redirect_http.max_connections: must be at least 1",
+            "server.redirect_http.host: \"evil.example?\" is not a DNS name, IPv4 address or [IPv6] address with an optional :port",
+            "admin.max_connections: must be at least 1",
+            "admin.fingerprint_key: must be at least 16 characters (a short key can be guessed)",
+            "cors.allowed_methods[1]: invalid HTTP method \"GE T\"",
+            "cors.allowed_origins: \"*\" cannot be combined with explicit origins",
+            "cors.allow_credentials: cannot be true with allowed_origins = [\"*\"] (browsers reject it)",
+            "cors.allowed_origins[2]: invalid origin \"b\\u{7f}\"",
+            "limits.max_body: must be greater than 0",
+            "limits.max_header_bytes: must be at least 8KiB",
+            "limits.max_connections: must be at least 1",
+            "limits.send_timeout: must be greater than 0",
+            "limits.header_read_timeout: must be greater than 0",
+            "auth.upstream: no upstream named \"nowhere\"",
+            "auth.verify_path: must start with '/'",
+            "auth.failure_policy: no rate-limit policy named \"no_such_policy\" (\"\" turns it off)",
+            "auth.verify_timeout: must be greater than 0",
+            "errors.timeout_status: must be 503 or 504, not 502",
+            "headers.strip_from_untrusted[1]: invalid header name \"bad header\"",
+            "websocket.max_connections: must be greater than 0",
+            "websocket.max_connections_per_ip: must be greater than 0",
+            "websocket.idle_timeout: must be greater than 0",
+            "websocket.close_timeout: must be greater than 0",
+            "websocket.max_lifetime: must be greater than 0",
+            "tracing.otlp_endpoint: \"ftp://collector\" is not an http(s) URL",
+            "tracing.export_interval: must be greater than 0",
+            "tracing.max_batch: must be greater than 0",
+            "tracing.max_queue: must be greater than 0",
+        ];
+        want.sort();
+        assert_eq!(shown(&cfg), want);
+
+        // The other branches: a redirect without TLS, local JWTs without their key.
+        let mut cfg = Config::embedded();
+        cfg.server.redirect_http = Some(RedirectConfig {
+            port: 8080,
+            host: None,
+            max_connections: 1,
+        });
+        cfg.auth.mode = AuthMode::Local;
+        cfg.auth.jwt_algorithm = JwtAlgorithm::RS256;
+        assert_eq!(
+            shown(&cfg),
+            [
+                "auth.jwt_public_key_file: required for RS256",
+                "server.redirect_http: redirects to https need [server.tls]",
+            ]
+        );
+        cfg.auth.jwt_algorithm = JwtAlgorithm::HS256;
+        cfg.server.redirect_http = None;
+        assert_eq!(
+            shown(&cfg),
+            ["auth.jwt_secret: required for mode = \"local\" with HS256 (or set JWT_SECRET)"]
+        );
+        assert_eq!(shown(&Config::embedded()), Vec::<String>::new());
+    }
 }
