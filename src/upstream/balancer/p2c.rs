@@ -79,7 +79,7 @@ mod tests {
 
     use super::*;
     use crate::config::UpstreamConfig;
-    use crate::upstream::instances::{test_set, InFlight};
+    use crate::upstream::instances::test_set;
 
     fn config() -> UpstreamConfig {
         UpstreamConfig {
@@ -115,7 +115,7 @@ mod tests {
         assert!(counts[1] > 1200 && counts[2] > 1200, "{counts:?}");
         // Calls in flight count: a busy instance loses every comparison with an idle one of
         // the same latency (and still beats the slow one): ~1/3 against ~2/3.
-        let _busy: Vec<InFlight> = (0..5).map(|_| all[1].start()).collect();
+        let _busy: Vec<_> = (0..5).map(|_| all[1].start()).collect();
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
             counts[p.pick(&s, &[]).unwrap().id as usize] += 1;

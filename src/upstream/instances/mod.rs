@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use health::Availability;
-pub(crate) use instance::{Endpoint, InFlight};
+pub(crate) use instance::Endpoint;
 pub use instance::{Instance, InstanceSnapshot, InstanceState};
 
 use crate::config::{EjectionConfig, UpstreamConfig};
