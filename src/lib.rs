@@ -16,9 +16,10 @@
 //! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process
 //!   fallback when Redis is down.
 //! * [`upstream`]: one `Pipeline` per upstream, composed in `Pipeline::new` (deadline and
-//!   bulkhead -> retry -> attempt record -> breaker -> attempt timeout -> pooled client), the
-//!   per-call state its layers share (`upstream::call`), and the response cache in front of it
-//!   (`upstream::cache`: store, single flight, stale-if-error, RFC 9111 rules).
+//!   bulkhead -> retry -> attempt record -> breaker -> balancer -> attempt timeout -> the
+//!   chosen instance's pooled client), the per-call state its layers share
+//!   (`upstream::call`), and the response cache in front of it (`upstream::cache`: store,
+//!   single flight, stale-if-error, RFC 9111 rules).
 //! * [`websocket`]: relays an upgraded WebSocket frame-aware but unbuffered, closing both
 //!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
 //!   its policies are `routes::websocket`.

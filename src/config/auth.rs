@@ -1,8 +1,10 @@
 //! `[auth]`: how bearer tokens are verified (remote or local), cached and rate-limited.
+//! Whether `upstream` and `failure_policy` name something that exists is checked where every
+//! section is visible (`Config::validate_references`).
 
 use serde::{Deserialize, Serialize};
 
-use super::types::Dur;
+use super::types::{join, Dur, FieldError};
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -56,6 +58,39 @@ impl Default for AuthConfig {
             jwt_algorithm: JwtAlgorithm::HS256,
             jwt_secret: None,
             jwt_public_key_file: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        match self.mode {
+            AuthMode::Remote => {
+                if !self.verify_path.starts_with('/') {
+                    errors.push(FieldError::new(
+                        join(path, "verify_path"),
+                        "must start with '/'",
+                    ));
+                }
+            }
+            AuthMode::Local => match self.jwt_algorithm {
+                JwtAlgorithm::HS256 if self.jwt_secret.as_deref().unwrap_or("").is_empty() => {
+                    errors.push(FieldError::new(
+                        join(path, "jwt_secret"),
+                        "required for mode = \"local\" with HS256 (or set JWT_SECRET)",
+                    ))
+                }
+                JwtAlgorithm::RS256 if self.jwt_public_key_file.is_none() => errors.push(
+                    FieldError::new(join(path, "jwt_public_key_file"), "required for RS256"),
+                ),
+                JwtAlgorithm::HS256 | JwtAlgorithm::RS256 => {}
+            },
+        }
+        if self.verify_timeout.0.is_zero() {
+            errors.push(FieldError::new(
+                join(path, "verify_timeout"),
+                "must be greater than 0",
+            ));
         }
     }
 }

@@ -1,6 +1,12 @@
 //! Configuration: raw serde types, the embedded DeltaStream default, validation that names the
 //! field path of every problem, and environment overrides.
 //!
+//! Every section type checks its own fields with `validate(&self, path, errors)` beside its
+//! definition (`upstream.rs` shows the shape: a subsection is checked at `join(path, name)`).
+//! [`Config::validate`] checks the top-level fields, calls every section's `validate`, and
+//! itself checks only what spans sections: names given in one section that must exist in
+//! another, and duplicate route paths.
+//!
 //! Precedence, lowest first: the embedded default (the DeltaStream route table, so `serve`
 //! runs with zero files) -> the `--config` TOML file -> environment variables.
 //! With `inherit_defaults = true` (the default) a file *extends* the embedded table: an
@@ -36,7 +42,10 @@ pub use server::{
 };
 pub use telemetry::TracingConfig;
 pub use types::{join, ByteSize, Dur, FieldError};
-pub use upstream::{BalancerKind, BreakerConfig, EjectionConfig, RetryConfig, UpstreamConfig};
+pub use upstream::{
+    BalancerKind, BreakerConfig, DoublingBackoff, EjectionConfig, RetryConfig, TripRule,
+    UpstreamConfig,
+};
 
 /// The whole gateway configuration, after defaults and overrides.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -240,13 +249,32 @@ impl Config {
         }
     }
 
-    /// Checks everything serde cannot: references between sections, templates, ranges.
+    /// Checks everything serde cannot: ranges, formats, templates, references between
+    /// sections. Every problem is reported, each at its field path.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         if self.service_name.trim().is_empty() {
             errors.push(FieldError::new("service_name", "must not be empty"));
         }
-        self.validate_sections(&mut errors);
+        for (i, cidr) in self.trusted_proxies.iter().enumerate() {
+            if parse_cidr(cidr).is_none() {
+                errors.push(FieldError::new(
+                    format!("trusted_proxies[{i}]"),
+                    format!("invalid CIDR or IP address {cidr:?}"),
+                ));
+            }
+        }
+        self.server.validate("server", &mut errors);
+        self.admin.validate("admin", &mut errors);
+        self.cors.validate("cors", &mut errors);
+        self.limits.validate("limits", &mut errors);
+        self.auth.validate("auth", &mut errors);
+        self.errors.validate("errors", &mut errors);
+        self.headers.validate("headers", &mut errors);
+        self.websocket.validate("websocket", &mut errors);
+        self.cache.validate("cache", &mut errors);
+        self.rate_limit.validate("rate_limit", &mut errors);
+        self.tracing.validate("tracing", &mut errors);
         for (name, u) in &self.upstreams {
             u.validate(&format!("upstreams.{name}"), &mut errors);
         }
@@ -261,6 +289,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_references(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -268,167 +297,20 @@ impl Config {
         }
     }
 
-    fn validate_sections(&self, errors: &mut Vec<FieldError>) {
-        self.cache.validate("cache", errors);
-        self.rate_limit.validate("rate_limit", errors);
-        self.admin.validate(errors);
-        let trim = self.server.memory_trim_interval.0;
-        if !trim.is_zero() && trim < std::time::Duration::from_millis(100) {
-            errors.push(FieldError::new(
-                "server.memory_trim_interval",
-                format!(
-                    "must be 0s (off) or at least 100ms, got {}",
-                    self.server.memory_trim_interval
-                ),
-            ));
-        }
-        if self.limits.max_body.0 == 0 {
-            errors.push(FieldError::new("limits.max_body", "must be greater than 0"));
-        }
-        if self.limits.max_header_bytes.0 < 8192 {
-            errors.push(FieldError::new(
-                "limits.max_header_bytes",
-                "must be at least 8KiB",
-            ));
-        }
-        if self.limits.max_connections == 0 {
-            errors.push(FieldError::new(
-                "limits.max_connections",
-                "must be at least 1",
-            ));
-        }
-        if let Some(tls) = &self.server.tls {
-            if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
-                errors.push(FieldError::new(
-                    "server.tls.min_version",
-                    format!("must be \"1.2\" or \"1.3\", got {:?}", tls.min_version),
-                ));
-            }
-        }
-        if let Some(redirect) = &self.server.redirect_http {
-            if self.server.tls.is_none() {
-                errors.push(FieldError::new(
-                    "server.redirect_http",
-                    "redirects to https need [server.tls]",
-                ));
-            } else if redirect.port == self.server.port && redirect.port != 0 {
-                errors.push(FieldError::new(
-                    "server.redirect_http.port",
-                    "must differ from server.port",
-                ));
-            }
-        }
-        self.server.validate_listeners(&self.admin, errors);
-        self.tracing.validate(errors);
-        let ws = &self.websocket;
-        for (field, zero) in [
-            ("websocket.max_connections", ws.max_connections == 0),
-            (
-                "websocket.max_connections_per_ip",
-                ws.max_connections_per_ip == 0,
-            ),
-            ("websocket.idle_timeout", ws.idle_timeout.0.is_zero()),
-            ("websocket.close_timeout", ws.close_timeout.0.is_zero()),
-            (
-                "websocket.max_lifetime",
-                ws.max_lifetime.is_some_and(|d| d.0.is_zero()),
-            ),
-        ] {
-            if zero {
-                errors.push(FieldError::new(field, "must be greater than 0"));
-            }
-        }
-        if self.limits.send_timeout.0.is_zero() {
-            errors.push(FieldError::new(
-                "limits.send_timeout",
-                "must be greater than 0",
-            ));
-        }
-        if self.limits.header_read_timeout.0.is_zero() {
-            errors.push(FieldError::new(
-                "limits.header_read_timeout",
-                "must be greater than 0",
-            ));
-        }
-        if !matches!(self.errors.timeout_status, 503 | 504) {
-            errors.push(FieldError::new(
-                "errors.timeout_status",
-                format!("must be 503 or 504, not {}", self.errors.timeout_status),
-            ));
-        }
-        for (i, cidr) in self.trusted_proxies.iter().enumerate() {
-            if parse_cidr(cidr).is_none() {
-                errors.push(FieldError::new(
-                    format!("trusted_proxies[{i}]"),
-                    format!("invalid CIDR or IP address {cidr:?}"),
-                ));
-            }
-        }
-        for (i, name) in self.headers.strip_from_untrusted.iter().enumerate() {
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                errors.push(FieldError::new(
-                    format!("headers.strip_from_untrusted[{i}]"),
-                    format!("invalid header name {name:?}"),
-                ));
-            }
-        }
-        for (i, m) in self.cors.allowed_methods.iter().enumerate() {
-            if http::Method::from_bytes(m.as_bytes()).is_err() {
-                errors.push(FieldError::new(
-                    format!("cors.allowed_methods[{i}]"),
-                    format!("invalid HTTP method {m:?}"),
-                ));
-            }
-        }
-        let wildcard = self.cors.allowed_origins.iter().any(|o| o == "*");
-        if wildcard && self.cors.allowed_origins.len() > 1 {
-            errors.push(FieldError::new(
-                "cors.allowed_origins",
-                "\"*\" cannot be combined with explicit origins",
-            ));
-        }
-        if wildcard && self.cors.allow_credentials {
-            errors.push(FieldError::new(
-                "cors.allow_credentials",
-                "cannot be true with allowed_origins = [\"*\"] (browsers reject it)",
-            ));
-        }
-        for (i, o) in self.cors.allowed_origins.iter().enumerate() {
-            if o != "*" && http::HeaderValue::from_str(o).is_err() {
-                errors.push(FieldError::new(
-                    format!("cors.allowed_origins[{i}]"),
-                    format!("invalid origin {o:?}"),
-                ));
-            }
-        }
+    /// What `[auth]` names elsewhere: the upstream that verifies tokens (when a route needs
+    /// one) and the rate-limit policy that counts failed verifications. (A route's own
+    /// references are `RouteConfig::validate`'s.)
+    fn validate_references(&self, errors: &mut Vec<FieldError>) {
         let a = &self.auth;
         let auth_needed = self
             .routes
             .iter()
             .any(|r| r.auth || r.kind == RouteKind::UserMe);
-        match a.mode {
-            AuthMode::Remote => {
-                if auth_needed && !self.upstreams.contains_key(&a.upstream) {
-                    errors.push(FieldError::new(
-                        "auth.upstream",
-                        format!("no upstream named {:?}", a.upstream),
-                    ));
-                }
-                if !a.verify_path.starts_with('/') {
-                    errors.push(FieldError::new("auth.verify_path", "must start with '/'"));
-                }
-            }
-            AuthMode::Local => match a.jwt_algorithm {
-                JwtAlgorithm::HS256 if a.jwt_secret.as_deref().unwrap_or("").is_empty() => errors
-                    .push(FieldError::new(
-                        "auth.jwt_secret",
-                        "required for mode = \"local\" with HS256 (or set JWT_SECRET)",
-                    )),
-                JwtAlgorithm::RS256 if a.jwt_public_key_file.is_none() => errors.push(
-                    FieldError::new("auth.jwt_public_key_file", "required for RS256"),
-                ),
-                _ => {}
-            },
+        if a.mode == AuthMode::Remote && auth_needed && !self.upstreams.contains_key(&a.upstream) {
+            errors.push(FieldError::new(
+                "auth.upstream",
+                format!("no upstream named {:?}", a.upstream),
+            ));
         }
         let failure_policy = a.failure_policy.as_str();
         if !failure_policy.is_empty()
@@ -442,12 +324,6 @@ impl Config {
             errors.push(FieldError::new(
                 "auth.failure_policy",
                 format!("no rate-limit policy named {failure_policy:?} (\"\" turns it off)"),
-            ));
-        }
-        if a.verify_timeout.0.is_zero() {
-            errors.push(FieldError::new(
-                "auth.verify_timeout",
-                "must be greater than 0",
             ));
         }
     }
@@ -501,5 +377,122 @@ mod tests {
         assert!(shown.contains("invalid TOML at line 3, column"), "{shown}");
         assert_eq!(line_column("ab\ncé\nx", 6), (2, 3));
         assert_eq!(line_column("", 10), (1, 1));
+    }
+
+    /// Every section's own rules, each at its field path with its message: the paths
+    /// operators and `tests/config.rs` rely on, whichever `validate` checks them.
+    #[test]
+    fn every_section_names_the_field_paths_of_its_problems() {
+        let shown = |cfg: &Config| -> Vec<String> {
+            let mut all: Vec<String> = match cfg.validate() {
+                Ok(()) => Vec::new(),
+                Err(e) => e.0.iter().map(|f| f.to_string()).collect(),
+            };
+            all.sort();
+            all
+        };
+        let mut cfg = Config::embedded();
+        cfg.trusted_proxies = vec!["10.0.0.0/8".into(), "nope".into()];
+        cfg.server.memory_trim_interval = Dur::from_millis(10);
+        cfg.server.tls = Some(TlsConfig {
+            cert_file: "c.pem".into(),
+            key_file: "k.pem".into(),
+            min_version: "1.1".into(),
+            hsts: Some(HstsConfig {
+                preload: true,
+                ..HstsConfig::default()
+            }),
+        });
+        cfg.server.redirect_http = Some(RedirectConfig {
+            port: cfg.server.port,
+            host: Some("evil.example?".into()),
+            max_connections: 0,
+        });
+        cfg.admin.max_connections = 0;
+        cfg.admin.fingerprint_key = Some("short".into());
+        cfg.cors.allowed_methods = vec!["GET".into(), "GE T".into()];
+        cfg.cors.allowed_origins = vec!["*".into(), "https://a.example".into(), "b\u{7f}".into()];
+        cfg.cors.allow_credentials = true;
+        cfg.limits.max_body = ByteSize(0);
+        cfg.limits.max_header_bytes = ByteSize(100);
+        cfg.limits.max_connections = 0;
+        cfg.limits.send_timeout = Dur::from_secs(0);
+        cfg.limits.header_read_timeout = Dur::from_secs(0);
+        cfg.auth.upstream = "nowhere".into();
+        cfg.auth.verify_path = "verify".into();
+        cfg.auth.verify_timeout = Dur::from_secs(0);
+        cfg.auth.failure_policy = "no_such_policy".into();
+        cfg.errors.timeout_status = 502;
+        cfg.headers.strip_from_untrusted = vec!["x-ok".into(), "bad header".into()];
+        cfg.websocket.max_connections = 0;
+        cfg.websocket.max_connections_per_ip = 0;
+        cfg.websocket.idle_timeout = Dur::from_secs(0);
+        cfg.websocket.close_timeout = Dur::from_secs(0);
+        cfg.websocket.max_lifetime = Some(Dur::from_secs(0));
+        cfg.tracing.otlp_endpoint = Some("ftp://collector".into());
+        cfg.tracing.export_interval = Dur::from_secs(0);
+        cfg.tracing.max_batch = 0;
+        cfg.tracing.max_queue = 0;
+        let mut want = vec![
+            "trusted_proxies[1]: invalid CIDR or IP address \"nope\"",
+            "server.memory_trim_interval: must be 0s (off) or at least 100ms, got 10ms",
+            "server.tls.min_version: must be \"1.2\" or \"1.3\", got \"1.1\"",
+            "server.tls.hsts.preload: needs include_subdomains = true and max_age of at least 365 days (what the preload lists require)",
+            "server.redirect_http.port: must differ from server.port",
+            "server.redirect_http.max_connections: must be at least 1",
+            "server.redirect_http.host: \"evil.example?\" is not a DNS name, IPv4 address or [IPv6] address with an optional :port",
+            "admin.max_connections: must be at least 1",
+            "admin.fingerprint_key: must be at least 16 characters (a short key can be guessed)",
+            "cors.allowed_methods[1]: invalid HTTP method \"GE T\"",
+            "cors.allowed_origins: \"*\" cannot be combined with explicit origins",
+            "cors.allow_credentials: cannot be true with allowed_origins = [\"*\"] (browsers reject it)",
+            "cors.allowed_origins[2]: invalid origin \"b\\u{7f}\"",
+            "limits.max_body: must be greater than 0",
+            "limits.max_header_bytes: must be at least 8KiB",
+            "limits.max_connections: must be at least 1",
+            "limits.send_timeout: must be greater than 0",
+            "limits.header_read_timeout: must be greater than 0",
+            "auth.upstream: no upstream named \"nowhere\"",
+            "auth.verify_path: must start with '/'",
+            "auth.failure_policy: no rate-limit policy named \"no_such_policy\" (\"\" turns it off)",
+            "auth.verify_timeout: must be greater than 0",
+            "errors.timeout_status: must be 503 or 504, not 502",
+            "headers.strip_from_untrusted[1]: invalid header name \"bad header\"",
+            "websocket.max_connections: must be greater than 0",
+            "websocket.max_connections_per_ip: must be greater than 0",
+            "websocket.idle_timeout: must be greater than 0",
+            "websocket.close_timeout: must be greater than 0",
+            "websocket.max_lifetime: must be greater than 0",
+            "tracing.otlp_endpoint: \"ftp://collector\" is not an http(s) URL",
+            "tracing.export_interval: must be greater than 0",
+            "tracing.max_batch: must be greater than 0",
+            "tracing.max_queue: must be greater than 0",
+        ];
+        want.sort();
+        assert_eq!(shown(&cfg), want);
+
+        // The other branches: a redirect without TLS, local JWTs without their key.
+        let mut cfg = Config::embedded();
+        cfg.server.redirect_http = Some(RedirectConfig {
+            port: 8080,
+            host: None,
+            max_connections: 1,
+        });
+        cfg.auth.mode = AuthMode::Local;
+        cfg.auth.jwt_algorithm = JwtAlgorithm::RS256;
+        assert_eq!(
+            shown(&cfg),
+            [
+                "auth.jwt_public_key_file: required for RS256",
+                "server.redirect_http: redirects to https need [server.tls]",
+            ]
+        );
+        cfg.auth.jwt_algorithm = JwtAlgorithm::HS256;
+        cfg.server.redirect_http = None;
+        assert_eq!(
+            shown(&cfg),
+            ["auth.jwt_secret: required for mode = \"local\" with HS256 (or set JWT_SECRET)"]
+        );
+        assert_eq!(shown(&Config::embedded()), Vec::<String>::new());
     }
 }

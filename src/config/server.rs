@@ -1,11 +1,12 @@
 //! The listener-side sections: `[server]`, `[admin]`, `[cors]`, `[limits]`, `[headers]`,
-//! `[errors]`, `[websocket]`.
+//! `[errors]`, `[websocket]`, each with its `validate(path, errors)`.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{ByteSize, Dur, FieldError};
+use super::types::{join, ByteSize, Dur, FieldError};
 
 /// Headers that claim something about the client or the request's routing which only a
 /// proxy in front of us could know: from a peer that is not a trusted proxy they are lies an
@@ -87,6 +88,20 @@ fn default_min_tls() -> String {
     "1.2".into()
 }
 
+impl TlsConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        if !matches!(self.min_version.as_str(), "1.2" | "1.3") {
+            errors.push(FieldError::new(
+                join(path, "min_version"),
+                format!("must be \"1.2\" or \"1.3\", got {:?}", self.min_version),
+            ));
+        }
+        if let Some(hsts) = &self.hsts {
+            hsts.validate(&join(path, "hsts"), errors);
+        }
+    }
+}
+
 /// `[server.tls.hsts]`: what browsers are told to remember (RFC 6797).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -114,6 +129,16 @@ impl Default for HstsConfig {
 }
 
 impl HstsConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        if self.preload && (!self.include_subdomains || self.max_age.0 < HSTS_PRELOAD_MIN_AGE) {
+            errors.push(FieldError::new(
+                join(path, "preload"),
+                "needs include_subdomains = true and max_age of at least 365 days \
+                 (what the preload lists require)",
+            ));
+        }
+    }
+
     /// The header value, e.g. `max-age=31536000; includeSubDomains`.
     pub fn header_value(&self) -> String {
         let mut v = format!("max-age={}", self.max_age.0.as_secs());
@@ -145,6 +170,29 @@ pub struct RedirectConfig {
 
 fn default_redirect_connections() -> usize {
     1024
+}
+
+impl RedirectConfig {
+    /// The listener's own rules; that it needs `[server.tls]` and its own port is
+    /// `ServerConfig::validate`'s to say.
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        if self.max_connections == 0 {
+            errors.push(FieldError::new(
+                join(path, "max_connections"),
+                "must be at least 1",
+            ));
+        }
+        if let Some(host) = &self.host {
+            if parse_host_port(host).is_none() {
+                errors.push(FieldError::new(
+                    join(path, "host"),
+                    format!(
+                        "{host:?} is not a DNS name, IPv4 address or [IPv6] address with an optional :port"
+                    ),
+                ));
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -179,11 +227,17 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
-    pub(crate) fn validate(&self, errors: &mut Vec<FieldError>) {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        if self.max_connections == 0 {
+            errors.push(FieldError::new(
+                join(path, "max_connections"),
+                "must be at least 1",
+            ));
+        }
         if let Some(key) = &self.fingerprint_key {
             if key.len() < MIN_FINGERPRINT_KEY_LEN {
                 errors.push(FieldError::new(
-                    "admin.fingerprint_key",
+                    join(path, "fingerprint_key"),
                     format!("must be at least {MIN_FINGERPRINT_KEY_LEN} characters (a short key can be guessed)"),
                 ));
             }
@@ -215,6 +269,40 @@ impl Default for CorsConfig {
             allowed_headers: vec!["*".into()],
             allow_credentials: false,
             max_age: Dur::from_secs(600),
+        }
+    }
+}
+
+impl CorsConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        for (i, m) in self.allowed_methods.iter().enumerate() {
+            if http::Method::from_bytes(m.as_bytes()).is_err() {
+                errors.push(FieldError::new(
+                    format!("{}[{i}]", join(path, "allowed_methods")),
+                    format!("invalid HTTP method {m:?}"),
+                ));
+            }
+        }
+        let wildcard = self.allowed_origins.iter().any(|o| o == "*");
+        if wildcard && self.allowed_origins.len() > 1 {
+            errors.push(FieldError::new(
+                join(path, "allowed_origins"),
+                "\"*\" cannot be combined with explicit origins",
+            ));
+        }
+        if wildcard && self.allow_credentials {
+            errors.push(FieldError::new(
+                join(path, "allow_credentials"),
+                "cannot be true with allowed_origins = [\"*\"] (browsers reject it)",
+            ));
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if o != "*" && http::HeaderValue::from_str(o).is_err() {
+                errors.push(FieldError::new(
+                    format!("{}[{i}]", join(path, "allowed_origins")),
+                    format!("invalid origin {o:?}"),
+                ));
+            }
         }
     }
 }
@@ -251,6 +339,37 @@ impl Default for LimitsConfig {
     }
 }
 
+impl LimitsConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        if self.max_body.0 == 0 {
+            errors.push(FieldError::new(
+                join(path, "max_body"),
+                "must be greater than 0",
+            ));
+        }
+        if self.max_header_bytes.0 < 8192 {
+            errors.push(FieldError::new(
+                join(path, "max_header_bytes"),
+                "must be at least 8KiB",
+            ));
+        }
+        if self.max_connections == 0 {
+            errors.push(FieldError::new(
+                join(path, "max_connections"),
+                "must be at least 1",
+            ));
+        }
+        for (field, zero) in [
+            ("send_timeout", self.send_timeout.0.is_zero()),
+            ("header_read_timeout", self.header_read_timeout.0.is_zero()),
+        ] {
+            if zero {
+                errors.push(FieldError::new(join(path, field), "must be greater than 0"));
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadersConfig {
@@ -271,6 +390,19 @@ impl Default for HeadersConfig {
     }
 }
 
+impl HeadersConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        for (i, name) in self.strip_from_untrusted.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                errors.push(FieldError::new(
+                    format!("{}[{i}]", join(path, "strip_from_untrusted")),
+                    format!("invalid header name {name:?}"),
+                ));
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ErrorsConfig {
@@ -282,6 +414,17 @@ impl Default for ErrorsConfig {
     fn default() -> Self {
         ErrorsConfig {
             timeout_status: 503,
+        }
+    }
+}
+
+impl ErrorsConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        if !matches!(self.timeout_status, 503 | 504) {
+            errors.push(FieldError::new(
+                join(path, "timeout_status"),
+                format!("must be 503 or 504, not {}", self.timeout_status),
+            ));
         }
     }
 }
@@ -313,6 +456,25 @@ impl Default for WebSocketConfig {
             idle_timeout: Dur::from_secs(60),
             max_lifetime: None,
             close_timeout: Dur::from_secs(1),
+        }
+    }
+}
+
+impl WebSocketConfig {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        for (field, zero) in [
+            ("max_connections", self.max_connections == 0),
+            ("max_connections_per_ip", self.max_connections_per_ip == 0),
+            ("idle_timeout", self.idle_timeout.0.is_zero()),
+            ("close_timeout", self.close_timeout.0.is_zero()),
+            (
+                "max_lifetime",
+                self.max_lifetime.is_some_and(|d| d.0.is_zero()),
+            ),
+        ] {
+            if zero {
+                errors.push(FieldError::new(join(path, field), "must be greater than 0"));
+            }
         }
     }
 }
@@ -362,41 +524,32 @@ pub fn parse_host_port(text: &str) -> Option<(&str, Option<u16>)> {
 }
 
 impl ServerConfig {
-    /// The listener settings' own rules (`[server.tls.hsts]`, `[server.redirect_http]`,
-    /// `[admin]`).
-    pub(super) fn validate_listeners(&self, admin: &AdminConfig, errors: &mut Vec<FieldError>) {
-        if admin.max_connections == 0 {
+    /// `[server]` with its `tls` (and `tls.hsts`) and `redirect_http` tables.
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let trim = self.memory_trim_interval.0;
+        if !trim.is_zero() && trim < Duration::from_millis(100) {
             errors.push(FieldError::new(
-                "admin.max_connections",
-                "must be at least 1",
+                join(path, "memory_trim_interval"),
+                format!(
+                    "must be 0s (off) or at least 100ms, got {}",
+                    self.memory_trim_interval
+                ),
             ));
         }
-        if let Some(hsts) = self.tls.as_ref().and_then(|t| t.hsts.as_ref()) {
-            if hsts.preload && (!hsts.include_subdomains || hsts.max_age.0 < HSTS_PRELOAD_MIN_AGE) {
-                errors.push(FieldError::new(
-                    "server.tls.hsts.preload",
-                    "needs include_subdomains = true and max_age of at least 365 days \
-                     (what the preload lists require)",
-                ));
-            }
+        if let Some(tls) = &self.tls {
+            tls.validate(&join(path, "tls"), errors);
         }
         if let Some(redirect) = &self.redirect_http {
-            if redirect.max_connections == 0 {
+            let at = join(path, "redirect_http");
+            if self.tls.is_none() {
+                errors.push(FieldError::new(&at, "redirects to https need [server.tls]"));
+            } else if redirect.port == self.port && redirect.port != 0 {
                 errors.push(FieldError::new(
-                    "server.redirect_http.max_connections",
-                    "must be at least 1",
+                    join(&at, "port"),
+                    "must differ from server.port",
                 ));
             }
-            if let Some(host) = &redirect.host {
-                if parse_host_port(host).is_none() {
-                    errors.push(FieldError::new(
-                        "server.redirect_http.host",
-                        format!(
-                            "{host:?} is not a DNS name, IPv4 address or [IPv6] address with an optional :port"
-                        ),
-                    ));
-                }
-            }
+            redirect.validate(&at, errors);
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Dur, FieldError};
+use super::types::{join, Dur, FieldError};
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -30,23 +30,23 @@ impl Default for TracingConfig {
 }
 
 impl TracingConfig {
-    pub(crate) fn validate(&self, errors: &mut Vec<FieldError>) {
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
         if let Some(url) = &self.otlp_endpoint {
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
                 _ => errors.push(FieldError::new(
-                    "tracing.otlp_endpoint",
+                    join(path, "otlp_endpoint"),
                     format!("{url:?} is not an http(s) URL"),
                 )),
             }
         }
         for (field, bad) in [
-            ("tracing.export_interval", self.export_interval.0.is_zero()),
-            ("tracing.max_batch", self.max_batch == 0),
-            ("tracing.max_queue", self.max_queue == 0),
+            ("export_interval", self.export_interval.0.is_zero()),
+            ("max_batch", self.max_batch == 0),
+            ("max_queue", self.max_queue == 0),
         ] {
             if bad {
-                errors.push(FieldError::new(field, "must be greater than 0"));
+                errors.push(FieldError::new(join(path, field), "must be greater than 0"));
             }
         }
     }

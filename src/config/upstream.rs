@@ -112,6 +112,53 @@ impl Default for EjectionConfig {
 }
 
 impl EjectionConfig {
+    /// When an instance is ejected: the keys `consecutive_failures`, `failure_rate`, `window`
+    /// and `min_calls`, counted over the instance's attempts.
+    pub fn trip_rule(&self) -> TripRule {
+        TripRule {
+            consecutive_failures: self.consecutive_failures,
+            failure_rate: self.failure_rate,
+            window: self.window,
+            min_calls: self.min_calls,
+        }
+    }
+
+    /// How long an ejection lasts: `base_time`, doubling per re-ejection up to `max_time`.
+    pub fn ejection_time(&self) -> DoublingBackoff {
+        DoublingBackoff {
+            base: self.base_time,
+            max: self.max_time,
+        }
+    }
+
+    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        self.trip_rule().validate(path, errors);
+        self.ejection_time()
+            .validate(path, ["base_time", "max_time"], errors);
+        if self.max_ejected_percent > 100 {
+            errors.push(FieldError::new(
+                join(path, "max_ejected_percent"),
+                format!("must be at most 100, got {}", self.max_ejected_percent),
+            ));
+        }
+    }
+}
+
+/// The one rule for "this has failed enough to take it out", shared by the service breaker
+/// (`[upstreams.X.breaker]`, over calls) and instance ejection (`[upstreams.X.ejection]`, over
+/// attempts): `consecutive_failures` failures in a row, or at least `failure_rate` of the
+/// outcomes in the last `window` once it holds `min_calls` (so 1 failure of 2 is no outage).
+/// Both sections spell it with the same keys; this is their common view, validated once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TripRule {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub window: Dur,
+    pub min_calls: u32,
+}
+
+impl TripRule {
+    /// `path` is the section holding the four keys.
     pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
         let mut bad =
             |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
@@ -136,20 +183,33 @@ impl EjectionConfig {
         if self.min_calls == 0 {
             bad("min_calls", "must be at least 1".into());
         }
-        if self.base_time.0.is_zero() {
-            bad("base_time", "must be greater than zero".into());
+    }
+}
+
+/// How long something that tripped stays out, shared by the breaker's open time and an
+/// instance's ejection: `base` the first time, doubling with each trip in a row, at most
+/// `max`. (Retry waits are another rule: full jitter under a cap, `RetryConfig`.)
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DoublingBackoff {
+    pub base: Dur,
+    pub max: Dur,
+}
+
+impl DoublingBackoff {
+    /// `keys` are the names of `base` and `max` in the section at `path`.
+    pub fn validate(&self, path: &str, keys: [&str; 2], errors: &mut Vec<FieldError>) {
+        let [base_key, max_key] = keys;
+        if self.base.0.is_zero() {
+            errors.push(FieldError::new(
+                join(path, base_key),
+                "must be greater than zero",
+            ));
         }
-        if self.max_time < self.base_time {
-            bad(
-                "max_time",
-                format!("must be at least base_time ({})", self.base_time),
-            );
-        }
-        if self.max_ejected_percent > 100 {
-            bad(
-                "max_ejected_percent",
-                format!("must be at most 100, got {}", self.max_ejected_percent),
-            );
+        if self.max < self.base {
+            errors.push(FieldError::new(
+                join(path, max_key),
+                format!("must be at least {base_key} ({})", self.base),
+            ));
         }
     }
 }
@@ -383,39 +443,31 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
+    /// When the breaker opens: the keys `consecutive_failures`, `failure_rate`, `window` and
+    /// `min_calls`, counted over the upstream's calls.
+    pub fn trip_rule(&self) -> TripRule {
+        TripRule {
+            consecutive_failures: self.consecutive_failures,
+            failure_rate: self.failure_rate,
+            window: self.window,
+            min_calls: self.min_calls,
+        }
+    }
+
+    /// How long it stays open: `open_base`, doubling per re-opening up to `open_max`.
+    pub fn open_time(&self) -> DoublingBackoff {
+        DoublingBackoff {
+            base: self.open_base,
+            max: self.open_max,
+        }
+    }
+
     pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        self.trip_rule().validate(path, errors);
+        self.open_time()
+            .validate(path, ["open_base", "open_max"], errors);
         let mut bad =
             |field: &str, message: String| errors.push(FieldError::new(join(path, field), message));
-        if self.consecutive_failures == 0 {
-            bad("consecutive_failures", "must be at least 1".into());
-        }
-        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
-            bad(
-                "failure_rate",
-                format!(
-                    "must be above 0.0 and at most 1.0, got {}",
-                    self.failure_rate
-                ),
-            );
-        }
-        if self.window.0 < Duration::from_millis(100) {
-            bad(
-                "window",
-                format!("must be at least 100ms, got {}", self.window),
-            );
-        }
-        if self.min_calls == 0 {
-            bad("min_calls", "must be at least 1".into());
-        }
-        if self.open_base.0.is_zero() {
-            bad("open_base", "must be greater than zero".into());
-        }
-        if self.open_max < self.open_base {
-            bad(
-                "open_max",
-                format!("must be at least open_base ({})", self.open_base),
-            );
-        }
         if self.half_open_probes == 0 {
             bad("half_open_probes", "must be at least 1".into());
         }
@@ -467,6 +519,46 @@ mod tests {
         );
         let mut errors = Vec::new();
         RetryConfig::default().validate("r", &mut errors);
+        assert!(errors.is_empty());
+    }
+
+    #[test]
+    fn ejection_checks_the_shared_rule_and_backoff_under_its_own_keys() {
+        let bad = EjectionConfig {
+            consecutive_failures: 0,
+            failure_rate: 0.0,
+            window: Dur::from_millis(10),
+            min_calls: 0,
+            base_time: Dur::from_secs(0),
+            max_ejected_percent: 101,
+            ..EjectionConfig::default()
+        };
+        let mut errors = Vec::new();
+        bad.validate("upstreams.storage.ejection", &mut errors);
+        let shown: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "upstreams.storage.ejection.consecutive_failures: must be at least 1",
+                "upstreams.storage.ejection.failure_rate: must be above 0.0 and at most 1.0, got 0",
+                "upstreams.storage.ejection.window: must be at least 100ms, got 10ms",
+                "upstreams.storage.ejection.min_calls: must be at least 1",
+                "upstreams.storage.ejection.base_time: must be greater than zero",
+                "upstreams.storage.ejection.max_ejected_percent: must be at most 100, got 101",
+            ]
+        );
+        let short = EjectionConfig {
+            max_time: Dur::from_secs(1),
+            ..EjectionConfig::default()
+        };
+        let mut errors = Vec::new();
+        short.validate("e", &mut errors);
+        assert_eq!(
+            errors[0].to_string(),
+            "e.max_time: must be at least base_time (10s)"
+        );
+        let mut errors = Vec::new();
+        EjectionConfig::default().validate("e", &mut errors);
         assert!(errors.is_empty());
     }
 

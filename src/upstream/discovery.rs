@@ -321,7 +321,7 @@ mod tests {
         resolver.set("storage", &[]);
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert!(addresses(&set).is_empty());
-        assert!(set.pick(&[]).is_none());
+        assert!(set.serving(tokio::time::Instant::now()).is_empty());
         // And fills again when it comes back.
         resolver.set("storage", &["10.0.0.5"]);
         tokio::time::sleep(Duration::from_secs(6)).await;

@@ -1,32 +1,44 @@
-//! Upstream calls: the response cache, the resilience pipeline and the pooled client, i.e.
-//! how one request reaches a backend service.
+//! Upstream calls: the response cache, the resilience pipeline and the pooled clients, i.e.
+//! how one request reaches an instance of a backend service.
 //!
 //! One [`Pipeline`] per upstream, composed in [`Pipeline::new`] (read that function first);
 //! every call to an upstream, token verification included, goes through it:
 //!
 //! ```text
 //! deadline + bulkhead (Pipeline::send)
-//!   -> retry (503 + connect errors, budget, backoff with full jitter, Retry-After)
+//!   -> retry (503 + connect errors, budget, backoff with full jitter, Retry-After; a retry
+//!      or hedge goes to another instance)
 //!   -> attempt record (one tracing event + metrics per attempt)
-//!   -> circuit breaker (fast `CircuitOpen` while open; admits per attempt, records one
+//!   -> service breaker (fast `CircuitOpen` while open; admits per attempt, records one
 //!      outcome per client call when the retries are done)
+//!   -> balancer (picks the instance: P2C by peak EWMA; feeds its load and health)
 //!   -> per-attempt timeout
-//!   -> the pooled reqwest client
+//!   -> the chosen instance's pooled reqwest client
 //! ```
 //!
 //! - [`call`]: the per-call types: options, results, outcomes, and the state the layers of
 //!   one call share through the request's `Extensions`.
 //! - [`pipeline`]: the composition and [`Pipeline::send`].
 //! - [`retry`]: the retry loop, its decisions, the retry budget and `Retry-After` handling.
-//! - [`breaker`]: the per-upstream circuit breaker, its middleware and health probe.
+//! - [`breaker`]: the service circuit breaker: state machine, layer, health probe.
+//! - [`balancer`]: the choice of instance per attempt (P2C / peak EWMA, round robin) and
+//!   the dispatch to its client.
+//! - [`instances`]: the upstream's instances: membership and passive health (ejection).
+//! - [`discovery`]: resolving the configured names into instances, again every interval,
+//!   and probing ejected instances.
+//! - `trip`: the one trip rule (N failures in a row, or a failure rate over a window with a
+//!   minimum volume) that the breaker and ejection share.
+//! - `backoff`: the one doubling backoff (breaker open time, ejection time).
 //! - [`timeout`]: the per-attempt timeout middleware.
-//! - [`client`]: the pooled reqwest client of one upstream.
+//! - [`client`]: the pooled reqwest client of one instance.
 //! - [`cache`]: the RFC 9111 response cache in front of the pipeline (routes opt in).
-//! - `window`: a bucketed sliding window on tokio's clock, shared by the budget and the breaker.
+//! - `window`: a bucketed sliding window on tokio's clock, shared by the budget and the trip
+//!   rule.
 //!
 //! Every clock read here is `tokio::time::Instant`, so `#[tokio::test(start_paused = true)]` can
-//! drive the breaker's open time, the failure-rate window and the retry budget.
+//! drive the breaker's open time, the failure-rate window, ejections and the retry budget.
 
+mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod cache;
@@ -37,6 +49,7 @@ pub mod instances;
 pub mod pipeline;
 pub mod retry;
 pub mod timeout;
+mod trip;
 mod window;
 
 pub use breaker::{

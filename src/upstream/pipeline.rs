@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::balancer::{Balancer, Chosen, Dispatch};
-use super::breaker::{Breaker, BreakerLayer, CallPermit, HealthCheck};
+use super::breaker::{any_instance_healthy, Breaker, BreakerLayer, CallPermit};
 use super::call::{
     error_chain, instant_after, Call, CallOptions, Delivered, Outcome, UpstreamError,
 };
@@ -232,9 +232,7 @@ impl Pipeline {
             // Picks the instance (untried first), moves the request to it, and feeds its
             // load and health (ejection) with the attempt's outcome, timeouts included: so it
             // sits outside the attempt timeout.
-            .with(Balancer {
-                instances: instances.clone(),
-            })
+            .with(Balancer::new(instances.clone(), cfg.balancer))
             // Bounds one attempt until response headers, clamped to the deadline.
             .with(AttemptTimeout)
             // Innermost: sends on the chosen instance's pooled client.
@@ -355,30 +353,4 @@ impl Pipeline {
             Err(_elapsed) => Err(UpstreamError::Timeout { attempts }),
         }
     }
-}
-
-/// The breaker's health probe: healthy when any instance answers its probe URL with a 2xx
-/// within `timeout`.
-fn any_instance_healthy(
-    instances: std::sync::Weak<InstanceSet>,
-    timeout: std::time::Duration,
-) -> HealthCheck {
-    Arc::new(move || {
-        let instances = instances.clone();
-        Box::pin(async move {
-            let Some(set) = instances.upgrade() else {
-                return false;
-            };
-            for instance in set.active().iter() {
-                let Some(url) = instance.probe_url.clone() else {
-                    continue;
-                };
-                let answer = instance.client.get(url).timeout(timeout).send().await;
-                if matches!(answer, Ok(r) if r.status().is_success()) {
-                    return true;
-                }
-            }
-            false
-        })
-    })
 }

@@ -249,7 +249,7 @@ impl RetryLayer {
         delay: Duration,
     ) -> reqwest_middleware::Result<Response> {
         // Each attempt gets a flag that marks it the loser of the race before it is dropped,
-        // so its instance is charged with a timeout (balancer.rs): a paused instance must
+        // so its instance is charged with a timeout (balancer/layer.rs): a paused instance must
         // be ejected, not silently outraced forever.
         let (first_lost, second_lost) = (Abandoned::default(), Abandoned::default());
         extensions.insert(first_lost.clone());

@@ -1,7 +1,6 @@
 //! The balancer and dispatch layers: each attempt picks an instance of the upstream
-//! (`instances.rs`: power of two choices by peak-EWMA cost, or round robin; untried ones
-//! first, so a retry or a hedge goes elsewhere), moves the request to it, and reports how
-//! the attempt went so the instance's load and health follow. The chain then ends in
+//! (`p2c.rs`), moves the request to it, and reports how the attempt went so the instance's
+//! load (`peak_ewma.rs`) and health (`instances/health.rs`) follow. The chain then ends in
 //! [`Dispatch`], which sends on the chosen instance's own pooled client.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +11,10 @@ use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 use tokio::time::Instant;
 
-use super::call::{Call, NoCall, NoInstance, Outcome};
-use super::instances::{Instance, InstanceSet};
+use super::p2c::Picker;
+use crate::config::BalancerKind;
+use crate::upstream::call::{Call, NoCall, NoInstance, Outcome};
+use crate::upstream::instances::{Instance, InstanceSet};
 
 /// The instance an attempt was sent to, in that attempt's extensions.
 #[derive(Clone, Debug)]
@@ -44,8 +45,13 @@ struct AttemptReport<'a> {
 impl AttemptReport<'_> {
     fn finish(mut self, outcome: Outcome) {
         self.done = true;
-        self.instances
-            .finish(&self.instance, outcome, self.started.elapsed());
+        // Only a success's latency is the instance's speed: a refused connection is fast.
+        if outcome.breaker_failure() == Some(false) {
+            self.instance
+                .load
+                .sample(self.started.elapsed(), Instant::now());
+        }
+        self.instances.finish(&self.instance, outcome);
     }
 }
 
@@ -57,14 +63,24 @@ impl Drop for AttemptReport<'_> {
                 .as_ref()
                 .is_some_and(|a| a.0.load(Ordering::Acquire))
         {
-            self.instances
-                .finish(&self.instance, Outcome::Timeout, self.started.elapsed());
+            self.instances.finish(&self.instance, Outcome::Timeout);
         }
     }
 }
 
+/// The balancer layer of one upstream.
 pub(crate) struct Balancer {
-    pub(crate) instances: Arc<InstanceSet>,
+    instances: Arc<InstanceSet>,
+    picker: Picker,
+}
+
+impl Balancer {
+    pub(crate) fn new(instances: Arc<InstanceSet>, kind: BalancerKind) -> Balancer {
+        Balancer {
+            instances,
+            picker: Picker::new(kind),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -81,7 +97,7 @@ impl Middleware for Balancer {
             self.instances.wait_resolved().await;
         }
         let instance = call
-            .with_tried(|tried| self.instances.pick(tried))
+            .with_tried(|tried| self.picker.pick(&self.instances, tried))
             .ok_or_else(|| reqwest_middleware::Error::middleware(NoInstance))?;
         call.tried_instance(instance.id);
         move_to(&mut req, &instance);

@@ -1,0 +1,20 @@
+//! The balancer: which instance of an upstream takes each attempt, and sending it there.
+//! Laid out as tower's `balance/p2c` and `load/peak_ewma`: the choice, and the load it
+//! compares, each in its own file.
+//!
+//! - `layer.rs`: the [`Balancer`] middleware (picks, moves the request to the instance,
+//!   reports the attempt's outcome to the instance's load and health) and [`Dispatch`], the
+//!   end of the chain that sends on the chosen instance's pooled client. Start reading here.
+//! - `p2c.rs`: the choice among the instances that may serve: untried ones first (a retry or
+//!   a hedge goes elsewhere), then power of two choices by peak-EWMA cost, or round robin.
+//! - `peak_ewma.rs`: each instance's load: peak-EWMA latency x calls in flight.
+//!
+//! Which instances may serve (membership, ejection, the pass-over after a failure) is the
+//! instance set's (`upstream/instances/`).
+
+mod layer;
+mod p2c;
+mod peak_ewma;
+
+pub(crate) use layer::{Abandoned, Balancer, Chosen, Dispatch};
+pub(crate) use peak_ewma::PeakEwma;
