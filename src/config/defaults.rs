@@ -37,7 +37,14 @@ fn query(name: &str, schema_type: &str, description: &str) -> ParamDoc {
         required: false,
         schema_type: schema_type.into(),
         description: description.into(),
+        format: None,
     }
+}
+
+/// A query parameter that is a string in `format` (`date`, `date-time`).
+fn formatted(format: &str, mut param: ParamDoc) -> ParamDoc {
+    param.format = Some(format.into());
+    param
 }
 
 fn doc(tag: &str, summary: &str, params: Vec<ParamDoc>) -> OpenApiDoc {
@@ -106,10 +113,21 @@ pub fn routes() -> Vec<RouteConfig> {
             "integer",
             "Number of ticks, newest first (default 100, max 1000)",
         ),
-        query("start", "string", "ISO-8601 start time (inclusive)"),
-        query("end", "string", "ISO-8601 end time (inclusive)"),
+        formatted(
+            "date-time",
+            query("start", "string", "RFC 3339 start time (inclusive)"),
+        ),
+        formatted(
+            "date-time",
+            query("end", "string", "RFC 3339 end time (inclusive)"),
+        ),
     ];
-    let expiry = || vec![query("expiry", "string", "Expiry date (YYYY-MM-DD)")];
+    let expiry = || {
+        vec![formatted(
+            "date",
+            query("expiry", "string", "Expiry date (YYYY-MM-DD)"),
+        )]
+    };
     let mut routes = vec![
         auth_post(
             "/api/auth/register",

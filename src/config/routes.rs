@@ -44,7 +44,14 @@ pub struct ParamDoc {
     pub schema_type: String,
     #[serde(default)]
     pub description: String,
+    /// OpenAPI format of a string parameter (`date`, `date-time`, ...): generated clients
+    /// take a typed value, and API fuzzers send well-formed ones.
+    #[serde(default)]
+    pub format: Option<String>,
 }
+
+/// Formats of string parameters that generators and validators know.
+const PARAM_FORMATS: &[&str] = &["date", "date-time", "email", "uuid", "uri", "byte"];
 
 fn default_param_type() -> String {
     "string".into()
@@ -251,6 +258,18 @@ impl RouteConfig {
                     format!("{path}.openapi.params[{i}].type"),
                     format!("unknown type {:?}", p.schema_type),
                 ));
+            }
+            if let Some(format) = &p.format {
+                if p.schema_type != "string" || !PARAM_FORMATS.contains(&format.as_str()) {
+                    errors.push(FieldError::new(
+                        format!("{path}.openapi.params[{i}].format"),
+                        format!(
+                            "{format:?} is not a format of a {} parameter (string formats: {})",
+                            p.schema_type,
+                            PARAM_FORMATS.join(", ")
+                        ),
+                    ));
+                }
             }
         }
         self.validate_responses(path, cfg, errors);

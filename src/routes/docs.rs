@@ -570,11 +570,15 @@ pub fn openapi(cfg: &Config) -> Value {
             if p.location == ParamLocation::Path {
                 continue;
             }
+            let mut schema = json!({"type": p.schema_type});
+            if let Some(format) = &p.format {
+                schema["format"] = json!(format);
+            }
             parameters.push(json!({
                 "name": p.name,
                 "in": "query",
                 "required": p.required,
-                "schema": {"type": p.schema_type},
+                "schema": schema,
                 "description": p.description,
             }));
         }
