@@ -478,6 +478,12 @@ fn schema_errors_name_the_route_field() {
         "{errors:?}"
     );
 
+    let errors = load_errors(
+        dir.path(),
+        "[routes.openapi.responses.200]\nschema_file = \"/dev/zero\"\n",
+    );
+    assert!(errors[0].contains("not a regular file"), "{errors:?}");
+
     write(
         dir.path(),
         "conf/bad.json",
@@ -566,5 +572,28 @@ fn operation_ids_are_unique_and_do_not_depend_on_the_table_order() {
             .join("\n")
             .contains("operation id \"get_things_id_a_b\" is also"),
         "{errors:?}"
+    );
+}
+
+/// The shipped example config documents its underlying route from a schema file; that file
+/// is the embedded table's schema, so the example's document promises what the default does.
+#[test]
+fn the_example_configs_schema_file_is_the_embedded_underlying_schema() {
+    let cfg = Config::from_file(Path::new("gateway.example.toml")).expect("example loads");
+    let route = cfg
+        .routes
+        .iter()
+        .find(|r| r.path == "/api/data/underlying/{product}")
+        .expect("the example's route");
+    let embedded = deltastream_gateway::config::responses::underlying();
+    assert_eq!(
+        route.openapi.responses["200"].schema, embedded["200"].schema,
+        "docs/schemas/underlying-ticks.json differs from the embedded table's schema"
+    );
+    let doc = openapi(&cfg);
+    assert_eq!(
+        doc["paths"]["/api/data/underlying/{product}"]["get"]["responses"]["200"]["content"]
+            ["application/json"]["schema"],
+        json!({"$ref": "#/components/schemas/UnderlyingTicks"})
     );
 }

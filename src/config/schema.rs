@@ -59,7 +59,7 @@ pub(super) fn load_schema_files(routes: &mut [RouteConfig], base: &Path) -> Vec<
                 continue;
             }
             let path = base.join(file);
-            let text = match std::fs::read_to_string(&path) {
+            let text = match read_bounded(&path) {
                 Ok(text) => text,
                 Err(e) => {
                     errors.push(FieldError::new(
@@ -93,6 +93,27 @@ pub(super) fn load_schema_files(routes: &mut [RouteConfig], base: &Path) -> Vec<
     }
     errors
 }
+
+/// A schema file's text: a regular file of at most [`MAX_SCHEMA_FILE`] bytes (a device
+/// such as /dev/zero, or a mistyped path to something huge, must not hang the load).
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_SCHEMA_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SCHEMA_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SCHEMA_FILE} bytes"
+        )));
+    }
+    Ok(text)
+}
+
+/// Far above any response schema; the document is built from these on every load.
+const MAX_SCHEMA_FILE: u64 = 1 << 20;
 
 /// Checks that `schema` is an OpenAPI 3.0 Schema Object, reporting under `at`; every `$ref`
 /// it holds is pushed to `refs` (with where it was) for the caller to resolve.
