@@ -153,14 +153,13 @@ pub fn check_schema(
     }
     match object.get("type") {
         None => {}
-        Some(Value::String(t)) if TYPES.contains(&t.as_str()) => {
-            if t == "array" && !object.contains_key("items") {
-                errors.push(FieldError::new(
-                    format!("{at}.items"),
-                    "an array schema needs items",
-                ));
-            }
+        Some(Value::String(t)) if t == "array" && !object.contains_key("items") => {
+            errors.push(FieldError::new(
+                format!("{at}.items"),
+                "an array schema needs items",
+            ));
         }
+        Some(Value::String(t)) if TYPES.contains(&t.as_str()) => {}
         Some(other) => errors.push(FieldError::new(
             format!("{at}.type"),
             format!(
