@@ -14,6 +14,7 @@ use deltastream_gateway::config::Config;
 use deltastream_gateway::demo::{start_demo, DemoPorts};
 use deltastream_gateway::routes::docs::openapi;
 use deltastream_gateway::server::check;
+use deltastream_gateway::sim::Service;
 use serde_json::{json, Value};
 use support::gateway::{client, config_with_upstreams, spawn};
 use support::refused_addr;
@@ -112,7 +113,7 @@ async fn the_demos_real_answers_match_the_documented_schemas_status_by_status() 
         storage_instances: 1,
     };
     let doc = openapi(&cfg);
-    let demo = start_demo(cfg, ports, false).await.expect("demo starts");
+    let demo = start_demo(cfg, ports, true).await.expect("demo starts");
     let gw = demo.gateway.url();
     let c = client();
     let mut seen = Vec::new();
@@ -339,8 +340,53 @@ async fn the_demos_real_answers_match_the_documented_schemas_status_by_status() 
         }
     }
     assert!(limited, "the auth policy never answered 429");
+
+    // The services' own failures pass through: storage overloaded (503, after the gateway's
+    // retries), analytics failing (500, not retried).
+    for (service, fault) in [
+        (
+            Service::Storage,
+            json!({"error_rate": 1.0, "error_status": 503}),
+        ),
+        (
+            Service::Analytics,
+            json!({"error_rate": 1.0, "error_status": 500}),
+        ),
+    ] {
+        let addr = demo
+            .services
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, a)| *a)
+            .expect("service");
+        let r = c
+            .post(format!("http://{addr}/_faults"))
+            .json(&fault)
+            .send()
+            .await
+            .expect("faults");
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    observe!(
+        "storage overloaded",
+        "get",
+        UNDERLYING,
+        c.get(format!("{gw}/api/data/underlying/NIFTY"))
+    );
+    observe!(
+        "analytics failing",
+        "get",
+        SURFACE,
+        // Past the cache, which still holds this surface.
+        c.get(format!("{gw}/api/analytics/volatility-surface/NIFTY"))
+            .header("cache-control", "no-cache")
+    );
+    let failures: Vec<_> = seen.iter().rev().take(2).collect();
+    assert_eq!(failures[1]["status"], 503, "{}", failures[1]);
+    assert_eq!(failures[1]["body"], json!({"error": "injected fault"}));
+    assert_eq!(failures[0]["status"], 500, "{}", failures[0]);
     let statuses: Vec<u64> = seen.iter().filter_map(|o| o["status"].as_u64()).collect();
-    for expected in [200, 201, 400, 401, 404, 409, 413, 417, 426, 429] {
+    for expected in [200, 201, 400, 401, 404, 409, 413, 417, 426, 429, 500, 503] {
         assert!(statuses.contains(&expected), "no {expected} observed");
     }
     demo.shutdown().await;

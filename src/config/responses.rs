@@ -101,11 +101,26 @@ fn session_example(message: &str) -> Value {
     })
 }
 
+/// A route's documented answers, plus the failures every service can answer on any route:
+/// its own 500, and a 503 when it is overloaded or failing, which the gateway passes through
+/// once its retries are spent (a generated client must parse those too, not raise).
 fn responses<const N: usize>(entries: [(&str, ResponseDoc); N]) -> BTreeMap<String, ResponseDoc> {
-    entries
+    let mut all: BTreeMap<String, ResponseDoc> = entries
         .into_iter()
         .map(|(status, doc)| (status.to_string(), doc))
-        .collect()
+        .collect();
+    all.insert(
+        "500".into(),
+        service_error("The service failed", "Internal server error"),
+    );
+    all.insert(
+        "503".into(),
+        service_error(
+            "The service is overloaded or failing, passed through after the gateway's retries",
+            "backlog full",
+        ),
+    );
+    all
 }
 
 const UNKNOWN_PRODUCT: &str = "Unknown product: NOPE";
@@ -376,8 +391,8 @@ pub fn volatility_surface() -> BTreeMap<String, ResponseDoc> {
 
 /// `/api/user/me` is answered by the gateway from the verified token (the `User` component).
 pub fn user_me() -> BTreeMap<String, ResponseDoc> {
-    responses([(
-        "200",
+    BTreeMap::from([(
+        "200".to_string(),
         ok(
             "The authenticated user",
             json!({"$ref": "#/components/schemas/User"}),
