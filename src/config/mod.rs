@@ -140,7 +140,7 @@ impl Config {
             let path = if path == "." { String::new() } else { path };
             FieldError::new(path, e.into_inner().message().to_string())
         })?;
-        let errors = schema::load_schema_files(&mut file.routes, dir);
+        let errors = routes::load_schema_files(&mut file.routes, dir);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }

@@ -146,6 +146,35 @@ impl Default for RouteConfig {
     }
 }
 
+/// Reads every `schema_file` of `routes` (relative to `base`, the config file's directory)
+/// into its `schema`; errors are numbered as the routes of that file.
+pub(super) fn load_schema_files(
+    routes: &mut [RouteConfig],
+    base: &std::path::Path,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    for (i, route) in routes.iter_mut().enumerate() {
+        for (status, doc) in &mut route.openapi.responses {
+            let Some(file) = &doc.schema_file else {
+                continue;
+            };
+            let field = format!("routes[{i}].openapi.responses.{status}.schema_file");
+            if doc.schema.is_some() {
+                errors.push(FieldError::new(
+                    field,
+                    "give schema or schema_file, not both",
+                ));
+                continue;
+            }
+            match schema::read_schema_file(&base.join(file)) {
+                Ok(schema) => doc.schema = Some(schema),
+                Err(why) => errors.push(FieldError::new(field, why)),
+            }
+        }
+    }
+    errors
+}
+
 impl RouteConfig {
     /// Everything but the templates, which `routes::table::RouteTable::build` parses and
     /// reports under the same field paths.

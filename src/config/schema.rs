@@ -6,7 +6,6 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::routes::RouteConfig;
 use super::types::FieldError;
 
 /// Components the document generator always defines; a route's schema may `$ref` them, and no
@@ -41,57 +40,23 @@ const UNSUPPORTED: &[&str] = &[
     "unevaluatedItems",
 ];
 
-/// Reads every `schema_file` of `routes` (relative to `base`, the config file's directory)
-/// into its `schema`. `index` gives a route's number in error paths.
-pub(super) fn load_schema_files(routes: &mut [RouteConfig], base: &Path) -> Vec<FieldError> {
-    let mut errors = Vec::new();
-    for (i, route) in routes.iter_mut().enumerate() {
-        for (status, doc) in &mut route.openapi.responses {
-            let Some(file) = &doc.schema_file else {
-                continue;
-            };
-            let field = format!("routes[{i}].openapi.responses.{status}.schema_file");
-            if doc.schema.is_some() {
-                errors.push(FieldError::new(
-                    field,
-                    "give schema or schema_file, not both",
-                ));
-                continue;
-            }
-            let path = base.join(file);
-            let text = match read_bounded(&path) {
-                Ok(text) => text,
-                Err(e) => {
-                    errors.push(FieldError::new(
-                        field,
-                        format!("cannot read {}: {e}", path.display()),
-                    ));
-                    continue;
-                }
-            };
-            match serde_json::from_str::<Value>(&text) {
-                Ok(mut schema) => {
-                    // Files written as JSON Schema documents usually declare their dialect;
-                    // the document states its own (OpenAPI 3.0), so the declaration goes.
-                    if let Some(object) = schema.as_object_mut() {
-                        object.remove("$schema");
-                    }
-                    doc.schema = Some(schema);
-                }
-                Err(e) => errors.push(FieldError::new(
-                    field,
-                    format!(
-                        "{} is not JSON: {} at line {}, column {}",
-                        path.display(),
-                        e,
-                        e.line(),
-                        e.column()
-                    ),
-                )),
-            }
-        }
+/// The schema in `path` (a `schema_file`), or why it cannot be used. A `$schema` dialect
+/// line is dropped: the document states its own (OpenAPI 3.0).
+pub fn read_schema_file(path: &Path) -> Result<Value, String> {
+    let text = read_bounded(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut schema: Value = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not JSON: {} at line {}, column {}",
+            path.display(),
+            e,
+            e.line(),
+            e.column()
+        )
+    })?;
+    if let Some(object) = schema.as_object_mut() {
+        object.remove("$schema");
     }
-    errors
+    Ok(schema)
 }
 
 /// A schema file's text: a regular file of at most [`MAX_SCHEMA_FILE`] bytes (a device
