@@ -331,7 +331,7 @@ fn responses(
         let mut response = Map::new();
         let description = match (up, gw) {
             (Some(u), Some(g)) => format!(
-                "{} (the service's own answer, ServiceError); or the gateway's: {} (Error)",
+                "The service's: {}; or the gateway's (Error): {}",
                 non_empty(&u.description, "The upstream's answer"),
                 g.description
             ),
