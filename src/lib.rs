@@ -24,9 +24,10 @@
 //!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
 //!   its policies are `routes::websocket`.
 //! * [`config`]: the ground floor: every settings type with its defaults and validation
-//!   (errors name the field), the embedded DeltaStream route table, env overrides, and what
-//!   of it may be shown (`config::redact`: secrets masked, the fingerprint). It imports
-//!   nothing from the modules above.
+//!   (errors name the field), the embedded DeltaStream route table (with `config::responses`:
+//!   what each route's service answers, for the OpenAPI document; `config::schema` reads and
+//!   checks response schemas), env overrides, and what of it may be shown (`config::redact`:
+//!   secrets masked, the fingerprint). It imports nothing from the modules above.
 //! * [`error`]: every error the gateway produces, mapped to a JSON response in one match.
 //! * [`sim`]: the simulated DeltaStream backends for the demo, the end-to-end tests and the
 //!   chaos suite.

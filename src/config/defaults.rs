@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::responses;
 use super::{
     Dur, OpenApiDoc, ParamDoc, ParamLocation, RouteCachePolicy, RouteConfig, RouteKind,
     UpstreamConfig,
@@ -36,7 +37,14 @@ fn query(name: &str, schema_type: &str, description: &str) -> ParamDoc {
         required: false,
         schema_type: schema_type.into(),
         description: description.into(),
+        format: None,
     }
+}
+
+/// A query parameter that is a string in `format` (`date`, `date-time`).
+fn formatted(format: &str, mut param: ParamDoc) -> ParamDoc {
+    param.format = Some(format.into());
+    param
 }
 
 fn doc(tag: &str, summary: &str, params: Vec<ParamDoc>) -> OpenApiDoc {
@@ -46,7 +54,17 @@ fn doc(tag: &str, summary: &str, params: Vec<ParamDoc>) -> OpenApiDoc {
         tags: vec![tag.into()],
         params,
         request_body: None,
+        responses: BTreeMap::new(),
     }
+}
+
+/// `openapi` documenting the upstream's `responses` (see [`responses`]).
+fn answering(
+    mut openapi: OpenApiDoc,
+    responses: BTreeMap<String, super::ResponseDoc>,
+) -> OpenApiDoc {
+    openapi.responses = responses;
+    openapi
 }
 
 fn proxy(path: &str, upstream: &str, upstream_path: &str, openapi: OpenApiDoc) -> RouteConfig {
@@ -60,8 +78,14 @@ fn proxy(path: &str, upstream: &str, upstream_path: &str, openapi: OpenApiDoc) -
     }
 }
 
-fn auth_post(path: &str, upstream_path: &str, summary: &str, body: &str) -> RouteConfig {
-    let mut openapi = doc("Authentication", summary, Vec::new());
+fn auth_post(
+    path: &str,
+    upstream_path: &str,
+    summary: &str,
+    body: &str,
+    responses: BTreeMap<String, super::ResponseDoc>,
+) -> RouteConfig {
+    let mut openapi = answering(doc("Authentication", summary, Vec::new()), responses);
     openapi.request_body = Some(body.into());
     RouteConfig {
         methods: vec!["POST".into()],
@@ -89,63 +113,91 @@ pub fn routes() -> Vec<RouteConfig> {
             "integer",
             "Number of ticks, newest first (default 100, max 1000)",
         ),
-        query("start", "string", "ISO-8601 start time (inclusive)"),
-        query("end", "string", "ISO-8601 end time (inclusive)"),
+        formatted(
+            "date-time",
+            query("start", "string", "RFC 3339 start time (inclusive)"),
+        ),
+        formatted(
+            "date-time",
+            query("end", "string", "RFC 3339 end time (inclusive)"),
+        ),
     ];
-    let expiry = || vec![query("expiry", "string", "Expiry date (YYYY-MM-DD)")];
+    let expiry = || {
+        vec![formatted(
+            "date",
+            query("expiry", "string", "Expiry date (YYYY-MM-DD)"),
+        )]
+    };
     let mut routes = vec![
         auth_post(
             "/api/auth/register",
             "/register",
             "Register a user",
             "register",
+            responses::register(),
         ),
         auth_post(
             "/api/auth/login",
             "/login",
             "Log in and get a token",
             "login",
+            responses::login(),
         ),
         proxy(
             "/api/data/underlying/{product}",
             "storage",
             "/underlying/{product}",
-            doc(
-                "Data",
-                "Underlying price ticks for a product",
-                product_ticks,
+            answering(
+                doc(
+                    "Data",
+                    "Underlying price ticks for a product",
+                    product_ticks,
+                ),
+                responses::underlying(),
             ),
         ),
         proxy(
             "/api/data/chain/{product}",
             "storage",
             "/option/chain/{product}",
-            doc("Data", "Option chain with greeks for a product", expiry()),
+            answering(
+                doc("Data", "Option chain with greeks for a product", expiry()),
+                responses::chain(),
+            ),
         ),
         proxy(
             "/api/data/products",
             "storage",
             "/products",
-            doc("Data", "Tradable products", Vec::new()),
+            answering(
+                doc("Data", "Tradable products", Vec::new()),
+                responses::products(),
+            ),
         ),
         proxy(
             "/api/analytics/pcr/{product}",
             "analytics",
             "/pcr/{product}",
-            doc(
-                "Analytics",
-                "Put-call ratio by open interest and volume",
-                expiry(),
+            answering(
+                doc(
+                    "Analytics",
+                    "Put-call ratio by open interest and volume",
+                    expiry(),
+                ),
+                responses::pcr(),
             ),
         ),
         proxy(
             "/api/analytics/volatility-surface/{product}",
             "analytics",
             "/volatility-surface/{product}",
-            doc(
-                "Analytics",
-                "Implied-volatility surface and ATM term structure",
-                Vec::new(),
+            answering(
+                doc(
+                    "Analytics",
+                    "Implied-volatility surface and ATM term structure",
+                    Vec::new(),
+                ),
+                responses::volatility_surface(),
             ),
         ),
         RouteConfig {
@@ -154,7 +206,10 @@ pub fn routes() -> Vec<RouteConfig> {
             auth: true,
             // Each new token here may cost a verify call: limited like the data routes.
             rate_limit: vec!["default".into()],
-            openapi: doc("User", "The authenticated user", Vec::new()),
+            openapi: answering(
+                doc("User", "The authenticated user", Vec::new()),
+                responses::user_me(),
+            ),
             ..RouteConfig::default()
         },
     ];

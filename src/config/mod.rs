@@ -17,7 +17,9 @@ pub mod cache;
 pub mod defaults;
 pub mod ratelimit;
 pub mod redact;
+pub mod responses;
 pub mod routes;
+pub mod schema;
 pub mod server;
 pub mod telemetry;
 pub mod types;
@@ -34,7 +36,7 @@ pub use cache::{CacheConfig, RouteCachePolicy};
 pub use ratelimit::{
     builtin_policy, default_policies, KeySource, OnRedisError, PolicyConfig, RateLimitConfig,
 };
-pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, RouteConfig, RouteKind};
+pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, ResponseDoc, RouteConfig, RouteKind};
 pub use server::{
     parse_host_port, AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, HstsConfig,
     LimitsConfig, RedirectConfig, ServerConfig, TlsConfig, WebSocketConfig,
@@ -125,8 +127,15 @@ impl Config {
     }
 
     /// Parses a TOML document (without env overrides), merging over the embedded default
-    /// unless it sets `inherit_defaults = false`. Errors name the field path.
+    /// unless it sets `inherit_defaults = false`. Errors name the field path. Response schema
+    /// files are read relative to the current directory.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml_in(text, Path::new("."))
+    }
+
+    /// [`Config::from_toml`] for a document in directory `dir`: its response schema files
+    /// (`schema_file`) are read relative to it.
+    pub fn from_toml_in(text: &str, dir: &Path) -> Result<Config, ConfigErrors> {
         let de = toml::Deserializer::parse(text).map_err(|e| {
             let at = e
                 .span()
@@ -135,11 +144,15 @@ impl Config {
                 .unwrap_or_default();
             FieldError::new("", format!("invalid TOML{at}: {}", e.message()))
         })?;
-        let file: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut file: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
             FieldError::new(path, e.into_inner().message().to_string())
         })?;
+        let errors = routes::load_schema_files(&mut file.routes, dir);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         Ok(if file.inherit_defaults {
             file.merged_over(Config::embedded())
         } else {
@@ -154,7 +167,11 @@ impl Config {
                 format!("cannot read config file {}: {e}", path.display()),
             )
         })?;
-        Config::from_toml(&text)
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        Config::from_toml_in(&text, dir)
     }
 
     /// The effective configuration for `serve`: embedded default or file, then the process

@@ -1,9 +1,13 @@
 //! `[[routes]]`: the public route table as plain data. Templates are parsed (and their
 //! errors reported, by field) when `routes::table::RouteTable` is built from this.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::cache::RouteCachePolicy;
+use super::schema;
 use super::types::{join, Dur, FieldError};
 use super::Config;
 
@@ -40,7 +44,14 @@ pub struct ParamDoc {
     pub schema_type: String,
     #[serde(default)]
     pub description: String,
+    /// OpenAPI format of a string parameter (`date`, `date-time`, ...): generated clients
+    /// take a typed value, and API fuzzers send well-formed ones.
+    #[serde(default)]
+    pub format: Option<String>,
 }
+
+/// Formats of string parameters that generators and validators know.
+const PARAM_FORMATS: &[&str] = &["date", "date-time", "email", "uuid", "uri", "byte"];
 
 fn default_param_type() -> String {
     "string".into()
@@ -57,6 +68,27 @@ pub struct OpenApiDoc {
     pub params: Vec<ParamDoc>,
     /// Name of a documented JSON request body (`register`, `login`), if any.
     pub request_body: Option<String>,
+    /// What the upstream answers, by status ("200", "404"): its success body and its own
+    /// errors, so a generated client gets typed models instead of `{}`. The gateway's own
+    /// errors (401, 429, 503, ...) are added by the document generator from the route's
+    /// settings; a status in both is documented as either body (`oneOf`).
+    pub responses: BTreeMap<String, ResponseDoc>,
+}
+
+/// One status a route's upstream answers with, as `[routes.openapi.responses."200"]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseDoc {
+    pub description: String,
+    /// An OpenAPI 3.0 Schema Object (the JSON Schema subset: `nullable: true`, not
+    /// `type: "null"`). Omitted on an error status: the services' `{"error": "..."}`. An
+    /// object schema with a `title` becomes a named component (a class in generated clients).
+    pub schema: Option<Value>,
+    /// A JSON file holding the schema, relative to the config file's directory. Read when
+    /// the configuration is loaded (and on every reload), into `schema`.
+    pub schema_file: Option<String>,
+    /// An example body, shown in the document and Swagger UI.
+    pub example: Option<Value>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -112,6 +144,35 @@ impl Default for RouteConfig {
             openapi: OpenApiDoc::default(),
         }
     }
+}
+
+/// Reads every `schema_file` of `routes` (relative to `base`, the config file's directory)
+/// into its `schema`; errors are numbered as the routes of that file.
+pub(super) fn load_schema_files(
+    routes: &mut [RouteConfig],
+    base: &std::path::Path,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    for (i, route) in routes.iter_mut().enumerate() {
+        for (status, doc) in &mut route.openapi.responses {
+            let Some(file) = &doc.schema_file else {
+                continue;
+            };
+            let field = format!("routes[{i}].openapi.responses.{status}.schema_file");
+            if doc.schema.is_some() {
+                errors.push(FieldError::new(
+                    field,
+                    "give schema or schema_file, not both",
+                ));
+                continue;
+            }
+            match schema::read_schema_file(&base.join(file)) {
+                Ok(schema) => doc.schema = Some(schema),
+                Err(why) => errors.push(FieldError::new(field, why)),
+            }
+        }
+    }
+    errors
 }
 
 impl RouteConfig {
@@ -227,7 +288,139 @@ impl RouteConfig {
                     format!("unknown type {:?}", p.schema_type),
                 ));
             }
+            if let Some(format) = &p.format {
+                if p.schema_type != "string" || !PARAM_FORMATS.contains(&format.as_str()) {
+                    errors.push(FieldError::new(
+                        format!("{path}.openapi.params[{i}].format"),
+                        format!(
+                            "{format:?} is not a format of a {} parameter (string formats: {})",
+                            p.schema_type,
+                            PARAM_FORMATS.join(", ")
+                        ),
+                    ));
+                }
+            }
         }
+        self.validate_responses(path, cfg, errors);
+        self.validate_operation_ids(path, cfg, errors);
+    }
+
+    /// The documented responses: real statuses, OpenAPI 3.0 schemas, `$ref`s that resolve,
+    /// and titles that name one schema across the whole table.
+    fn validate_responses(&self, path: &str, cfg: &Config, errors: &mut Vec<FieldError>) {
+        // Every title the table defines, and the ones routes before this one claimed first.
+        let mut all_titles = serde_json::Map::new();
+        let mut earlier_titles = serde_json::Map::new();
+        let position = cfg.routes.iter().position(|r| std::ptr::eq(r, self));
+        for (i, route) in cfg.routes.iter().enumerate() {
+            for doc in route.openapi.responses.values() {
+                if let Some(schema) = &doc.schema {
+                    let _ = schema::hoist_titled(schema, &mut all_titles);
+                    if position.is_some_and(|p| i < p) {
+                        let _ = schema::hoist_titled(schema, &mut earlier_titles);
+                    }
+                }
+            }
+        }
+        for (status, doc) in &self.openapi.responses {
+            let at = format!("{path}.openapi.responses.{status}");
+            match status.parse::<u16>() {
+                Ok(code) if (100..=599).contains(&code) && status.len() == 3 => {}
+                _ => errors.push(FieldError::new(
+                    at.clone(),
+                    format!("{status:?} is not an HTTP status (100-599)"),
+                )),
+            }
+            let Some(schema) = &doc.schema else {
+                continue;
+            };
+            let at = format!("{at}.schema");
+            let mut refs = Vec::new();
+            schema::check_schema(schema, &at, errors, &mut refs);
+            for (where_, name) in refs {
+                if !schema::BUILTIN_SCHEMAS.contains(&name.as_str())
+                    && !all_titles.contains_key(&name)
+                {
+                    errors.push(FieldError::new(
+                        format!("{where_}.$ref"),
+                        format!(
+                            "no schema named {name:?} (built in: {}; or give a route's object \
+                             schema that title)",
+                            schema::BUILTIN_SCHEMAS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            let mut mine = earlier_titles.clone();
+            match schema::hoist_titled(schema, &mut mine) {
+                Ok(_) => {
+                    if let Some(name) = mine
+                        .keys()
+                        .find(|t| schema::BUILTIN_SCHEMAS.contains(&t.as_str()))
+                    {
+                        errors.push(FieldError::new(
+                            at,
+                            format!("the title {name:?} is a built-in schema's name"),
+                        ));
+                    }
+                }
+                Err(title) => errors.push(FieldError::new(
+                    at,
+                    format!(
+                        "the title {title:?} names a different schema in another route \
+                         (one title, one schema: it is a class name in generated clients)"
+                    ),
+                )),
+            }
+        }
+    }
+
+    /// Operation ids are derived from the path, so two paths may collide (`/a-b`, `/a_b`):
+    /// a document with duplicate ids is invalid and breaks client generators.
+    fn validate_operation_ids(&self, path: &str, cfg: &Config, errors: &mut Vec<FieldError>) {
+        let position = cfg.routes.iter().position(|r| std::ptr::eq(r, self));
+        let earlier = cfg
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| position.map_or(r.path != self.path, |p| *i < p));
+        for (j, other) in earlier {
+            for m in &self.methods {
+                if other.path != self.path
+                    && other.methods.contains(m)
+                    && other.operation_id(m) == self.operation_id(m)
+                {
+                    errors.push(FieldError::new(
+                        join(path, "path"),
+                        format!(
+                            "its {m} operation id {:?} is also routes[{j}]'s ({:?}): rename one",
+                            self.operation_id(m),
+                            other.path
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The OpenAPI `operationId` of `method` on this route: the method and the path's words,
+    /// so it stays the same whatever the route's place in the table (`get_data_products`,
+    /// `post_auth_login`, `get_data_underlying_product`).
+    pub fn operation_id(&self, method: &str) -> String {
+        let mut id = method.to_ascii_lowercase();
+        for part in self
+            .path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != "api")
+        {
+            id.push('_');
+            id.extend(
+                part.chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .filter(|c| *c != '_' || !part.starts_with('{')),
+            );
+        }
+        id
     }
 
     /// Effective deadline for this route.
