@@ -22,6 +22,8 @@
 //! * [`websocket`]: relays an upgraded WebSocket frame-aware but unbuffered, closing both
 //!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
 //!   its policies are `routes::websocket`.
+//! * [`client`]: [`client::ClientKey`], who a request is counted against (an IPv4 address or
+//!   an IPv6 prefix, /64 by default): the one key of every per-client policy.
 //! * [`config`]: the ground floor: every settings type with its defaults and validation
 //!   (errors name the field), the embedded DeltaStream route table, env overrides. It
 //!   imports nothing from the modules above.
@@ -31,9 +33,10 @@
 //! * [`demo`]: the services and the gateway in one process (`deltastream-gateway demo`).
 //!
 //! Dependencies point one way: server -> routes -> auth -> {ratelimit, upstream} ->
-//! observability -> error, and every module -> config; `scripts/check-module-cycles` (in CI)
+//! observability -> error, and every module -> config and client; `scripts/check-module-cycles` (in CI)
 //! keeps it so.
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;

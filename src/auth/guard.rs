@@ -7,12 +7,12 @@
 //! verifier accepted recently is still let through for a blocked address: clients behind one
 //! NAT must not be locked out by a neighbour's bad tokens.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use http::HeaderMap;
 use tokio::time::Instant;
 
+use crate::client::ClientKey;
 use crate::error::GatewayError;
 use crate::ratelimit::{PolicyId, RateLimiter, Subject};
 
@@ -23,8 +23,8 @@ const BLOCKED_CAPACITY: u64 = 100_000;
 pub struct FailureGuard {
     /// The limiter policy failures are counted against; `None`: no counting.
     policy: Option<PolicyId>,
-    /// Addresses over the policy, with when they may try again.
-    blocked: moka::sync::Cache<IpAddr, Instant>,
+    /// Clients (IPv6 by prefix) over the policy, with when they may try again.
+    blocked: moka::sync::Cache<ClientKey, Instant>,
 }
 
 impl FailureGuard {
@@ -39,7 +39,7 @@ impl FailureGuard {
     }
 
     /// `Err(RateLimited)` while `client` is blocked.
-    pub fn check(&self, client: IpAddr) -> Result<(), GatewayError> {
+    pub fn check(&self, client: ClientKey) -> Result<(), GatewayError> {
         let Some(until) = self.blocked.get(&client) else {
             return Ok(());
         };
@@ -61,7 +61,7 @@ impl FailureGuard {
     pub async fn failed(
         &self,
         limiter: &RateLimiter,
-        client: IpAddr,
+        client: ClientKey,
         headers: &HeaderMap,
         route: &str,
     ) -> Result<(), GatewayError> {
@@ -69,7 +69,7 @@ impl FailureGuard {
             return Ok(());
         };
         let subject = Subject {
-            client_ip: client,
+            client,
             user_id: None,
             headers,
             route,

@@ -276,6 +276,15 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=128).contains(&self.server.ipv6_client_prefix) {
+            errors.push(FieldError::new(
+                "server.ipv6_client_prefix",
+                format!(
+                    "must be between 1 and 128, got {}",
+                    self.server.ipv6_client_prefix
+                ),
+            ));
+        }
         if self.limits.max_body.0 == 0 {
             errors.push(FieldError::new("limits.max_body", "must be greater than 0"));
         }

@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// Reload the configuration when the `--config` file changes (polled every second), as
     /// SIGHUP and `POST /admin/reload` do.
     pub watch_config: bool,
+    /// IPv6 clients are keyed by this many leading bits (1..=128) in every per-client policy
+    /// (rate limits, failed verifications, WebSocket and upstream-slot caps): one host
+    /// usually holds a whole /64 and can use a fresh address per request.
+    pub ipv6_client_prefix: u8,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +66,7 @@ impl Default for ServerConfig {
             tls: None,
             redirect_http: None,
             watch_config: false,
+            ipv6_client_prefix: 64,
         }
     }
 }
@@ -210,7 +215,8 @@ impl Default for ErrorsConfig {
 pub struct WebSocketConfig {
     /// Open WebSocket connections at most, all routes together; upgrades beyond get 429.
     pub max_connections: usize,
-    /// Open WebSocket connections per client IP at most; upgrades beyond get 429.
+    /// Open WebSocket connections per client IP (IPv6: per `server.ipv6_client_prefix`) at
+    /// most; upgrades beyond get 429.
     pub max_connections_per_ip: usize,
     /// A client that sends nothing (not even a pong) this long is closed with 1001; it is
     /// pinged after half of it, so a live but quiet client stays.

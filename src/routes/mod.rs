@@ -16,7 +16,7 @@ pub mod table;
 pub mod template;
 pub mod websocket;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -28,6 +28,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use crate::auth::guard::FailureGuard;
 use crate::auth::{bearer_token, strip_identity_headers, Identity, TokenVerifier};
+use crate::client::ClientKey;
 use crate::config::{Config, RouteKind};
 use crate::error::{ErrorReply, GatewayError};
 use crate::observability::access::RouteInfo;
@@ -139,8 +140,9 @@ pub struct RequestCtx<'a> {
     pub peer: SocketAddr,
     /// The peer is a trusted proxy: its forwarding headers are kept and believed.
     pub peer_trusted: bool,
-    /// The client as far as trusted proxies let us tell: the rate-limit and failure key.
-    pub client_ip: IpAddr,
+    /// The client as far as trusted proxies let us tell, IPv6 grouped by prefix: the key of
+    /// every per-client policy (rate limits, failed verifications, WebSocket and slot caps).
+    pub client: ClientKey,
     /// The route's label for logs and metrics (the template, never the raw path).
     pub label: Option<Arc<str>>,
     /// The matched route (phase "match route").
@@ -165,7 +167,10 @@ impl<'a> RequestCtx<'a> {
             request_id,
             peer,
             peer_trusted: app.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
-            client_ip: client_ip(peer, headers, &app.trusted_proxies),
+            client: ClientKey::new(
+                client_ip(peer, headers, &app.trusted_proxies),
+                app.config.server.ipv6_client_prefix,
+            ),
             label: None,
             route: None,
             identity: None,
@@ -319,12 +324,12 @@ async fn verify_token(
     if let Some(identity) = app.verifier.cached(token).await {
         return Ok(identity);
     }
-    app.auth_guard.check(ctx.client_ip)?;
+    app.auth_guard.check(ctx.client)?;
     match app.verifier.verify(token).await {
         Err(GatewayError::InvalidToken) => {
             let route = ctx.label.as_deref().unwrap_or("");
             app.auth_guard
-                .failed(&app.limiter, ctx.client_ip, headers, route)
+                .failed(&app.limiter, ctx.client, headers, route)
                 .await?;
             Err(GatewayError::InvalidToken)
         }
@@ -342,7 +347,7 @@ async fn rate_limit(
         return Ok(());
     };
     let subject = Subject {
-        client_ip: ctx.client_ip,
+        client: ctx.client,
         user_id: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
         headers,
         route: &route.label,
