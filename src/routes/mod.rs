@@ -73,6 +73,9 @@ impl UpstreamRuntime {
                 message: self.message.clone(),
                 retry_after,
             },
+            UpstreamError::ClientShare { .. } => GatewayError::TooManyInFlight {
+                upstream: self.name.clone(),
+            },
         }
     }
 }

@@ -13,7 +13,9 @@ use http::{HeaderMap, HeaderValue, Method};
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
+use crate::client::ClientKey;
 use crate::error::GatewayError;
+use crate::upstream::bulkhead::Slot;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
 use crate::upstream::{CallOptions, Delivered, UpstreamError};
 
@@ -176,7 +178,7 @@ pub async fn forward(
         ctx,
         &app.header_policy,
     )?;
-    let delivered = call_upstream(up, req, options).await?;
+    let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
     Ok(streamed_response(route, delivered))
 }
 
@@ -213,7 +215,9 @@ async fn from_cache(
             ctx,
             &app.header_policy,
         )?;
-        fetch_buffered(up, req, options, app.cache.max_entry_bytes()).await
+        // A leader refused for its share hands that 429 to whoever joined its flight in the
+        // microseconds before the refusal: the refusal comes before any await on the upstream.
+        fetch_buffered(up, req, options, ctx, app.cache.max_entry_bytes()).await
     };
     let hit = app
         .cache
@@ -248,7 +252,7 @@ fn streamed_response(route: &Route, delivered: Delivered) -> Response {
     }
     let body = SlotBody {
         inner: body,
-        slot: delivered.slot,
+        slot: Some(delivered.slot),
     };
     let mut resp = Response::new(Body::new(body));
     *resp.status_mut() = parts.status;
@@ -295,7 +299,7 @@ pin_project_lite::pin_project! {
     struct SlotBody {
         #[pin]
         inner: reqwest::Body,
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: Option<Slot>,
     }
 }
 
@@ -333,8 +337,9 @@ async fn call_upstream(
     up: &UpstreamRuntime,
     req: reqwest::Request,
     call: CallOptions,
+    client: Option<ClientKey>,
 ) -> Result<Delivered, GatewayError> {
-    Box::pin(up.pipeline.send(req, call))
+    Box::pin(up.pipeline.send_for(client, req, call))
         .await
         .map_err(|e| up.error(e))
 }
@@ -348,10 +353,11 @@ async fn fetch_buffered(
     up: &UpstreamRuntime,
     req: reqwest::Request,
     call: CallOptions,
+    ctx: &RequestCtx<'_>,
     max_entry: u64,
 ) -> Result<Fetched, GatewayError> {
     let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req, call).await?;
+    let delivered = call_upstream(up, req, call, Some(ctx.client)).await?;
     let left = call.deadline.saturating_sub(started.elapsed());
     let attempts = delivered.attempts;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
@@ -360,7 +366,7 @@ async fn fetch_buffered(
     // The connection slot goes with the body, read here or streamed to the client.
     let mut body = SlotBody {
         inner: body,
-        slot: delivered.slot,
+        slot: Some(delivered.slot),
     };
     let declared = parts
         .headers
