@@ -346,6 +346,15 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.limits.response_buffer.0 > MAX_RESPONSE_BUFFER {
+            errors.push(FieldError::new(
+                "limits.response_buffer",
+                format!(
+                    "must be at most 64MiB (it is held per slow client), got {}",
+                    self.limits.response_buffer
+                ),
+            ));
+        }
         if self.limits.header_read_timeout.0.is_zero() {
             errors.push(FieldError::new(
                 "limits.header_read_timeout",
@@ -454,6 +463,9 @@ impl Config {
         }
     }
 }
+
+/// The largest `limits.response_buffer`: a buffer is held per response a client has not read.
+const MAX_RESPONSE_BUFFER: u64 = 64 << 20;
 
 /// A URL with any password replaced, for logs and summaries.
 pub fn redact_url(url: &str) -> String {

@@ -158,6 +158,10 @@ pub struct LimitsConfig {
     /// A response write that makes no progress (the client stopped reading) for this long
     /// closes the connection, freeing the upstream connection it held.
     pub send_timeout: Dur,
+    /// Upstream response bodies up to this size are read whole at the upstream's speed, so
+    /// the upstream slot and connection are free before a slow client has read them; bodies
+    /// of unknown length are read ahead into a buffer this large. `0B`: stream everything.
+    pub response_buffer: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -169,6 +173,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             idle_timeout: Dur::from_secs(60),
             send_timeout: Dur::from_secs(30),
+            response_buffer: ByteSize(256 << 10),
         }
     }
 }

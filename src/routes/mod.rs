@@ -12,6 +12,7 @@
 pub mod docs;
 pub mod headers;
 pub mod proxy;
+mod read_ahead;
 pub mod table;
 pub mod template;
 pub mod websocket;

@@ -178,8 +178,11 @@ pub async fn forward(
         ctx,
         &app.header_policy,
     )?;
+    let started = tokio::time::Instant::now();
     let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
-    Ok(streamed_response(route, delivered))
+    let left = options.deadline.saturating_sub(started.elapsed());
+    let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
+    decoupled_response(route, up, delivered, limit, left).await
 }
 
 /// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
@@ -238,26 +241,63 @@ async fn from_cache(
     Ok(resp)
 }
 
-/// Phase "response": the upstream's status, headers (minus hop-by-hop) and body, streamed.
-fn streamed_response(route: &Route, delivered: Delivered) -> Response {
+/// Phase "response": the upstream's status and headers (minus hop-by-hop), and its body
+/// decoupled from the client's reading speed, as nginx's proxy buffering does:
+///
+/// - a body whose size is known and at most `limits.response_buffer` (`limit`) is read
+///   whole now, at the upstream's speed, within what is left of the deadline (`left`): the
+///   slot and the pooled connection are free before the first byte goes to the client;
+/// - a body of unknown size (chunked, Server-Sent Events) is read by a task into a buffer of
+///   at most `limit` bytes and passed on chunk by chunk as it arrives: when the upstream ends
+///   within the buffer, so does the call, however slowly the client reads;
+/// - a larger body is streamed: its slot stays held until the client has it, bounded by
+///   `limits.min_send_rate` and `send_timeout` on the client's side.
+///
+/// `limit` 0 streams every body (the slot held until the client has read it).
+async fn decoupled_response(
+    route: &Route,
+    up: &UpstreamRuntime,
+    delivered: Delivered,
+    limit: usize,
+    left: std::time::Duration,
+) -> Result<Response, GatewayError> {
+    let attempts = delivered.attempts;
+    let slot = delivered.slot;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
     let (mut parts, body) = upstream_resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(
-        X_UPSTREAM_ATTEMPTS.clone(),
-        HeaderValue::from(delivered.attempts),
-    );
+    parts
+        .headers
+        .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(attempts));
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
     }
-    let body = SlotBody {
-        inner: body,
-        slot: Some(delivered.slot),
+    let known = http_body::Body::size_hint(&body).upper();
+    let body = match known {
+        Some(len) if len <= limit as u64 => {
+            let read = http_body_util::BodyExt::collect(body);
+            let whole = match tokio::time::timeout(left, read).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                Ok(Err(e)) => {
+                    let detail = crate::upstream::call::error_chain(&e);
+                    return Err(up.error(UpstreamError::Unavailable { attempts, detail }));
+                }
+                Err(_) => return Err(up.error(UpstreamError::Timeout { attempts })),
+            };
+            // The upstream is done: its slot and connection go back before the client reads.
+            drop(slot);
+            Body::from(whole)
+        }
+        None if limit > 0 => Body::new(super::read_ahead::ReadAhead::spawn(body, slot, limit)),
+        Some(_) | None => Body::new(SlotBody {
+            inner: body,
+            slot: Some(slot),
+        }),
     };
-    let mut resp = Response::new(Body::new(body));
+    let mut resp = Response::new(body);
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = parts.headers;
-    resp
+    Ok(resp)
 }
 
 /// The request for the upstream: its URL (base + rewritten path + the client's query), the

@@ -10,8 +10,9 @@
 //! without a client (token verification on behalf of a request already counted, probes) are
 //! bounded by the slots alone.
 //!
-//! A slot is held from the start of the call until the response body has been passed on,
-//! and it is visible: `/admin/upstreams` `in_flight` and the
+//! A slot is held from the start of the call until the upstream has delivered the whole
+//! response body (`routes::proxy` buffers bodies up to `limits.response_buffer`, so a slow
+//! client does not keep it), and it is visible: `/admin/upstreams` `in_flight` and the
 //! `gateway_upstream_in_flight{upstream}` gauge count held slots.
 
 use std::collections::HashMap;
