@@ -346,6 +346,15 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.limits.min_send_rate_window.0 < std::time::Duration::from_secs(1) {
+            errors.push(FieldError::new(
+                "limits.min_send_rate_window",
+                format!(
+                    "must be at least 1s, got {}",
+                    self.limits.min_send_rate_window
+                ),
+            ));
+        }
         if self.limits.response_buffer.0 > MAX_RESPONSE_BUFFER {
             errors.push(FieldError::new(
                 "limits.response_buffer",

@@ -158,6 +158,11 @@ pub struct LimitsConfig {
     /// A response write that makes no progress (the client stopped reading) for this long
     /// closes the connection, freeing the upstream connection it held.
     pub send_timeout: Dur,
+    /// Bytes per second a client must take while response data waits for it, measured over
+    /// `min_send_rate_window`; slower clients are cut off. `0B` turns it off.
+    pub min_send_rate: ByteSize,
+    /// The window `min_send_rate` is measured over (at least 1s).
+    pub min_send_rate_window: Dur,
     /// Upstream response bodies up to this size are read whole at the upstream's speed, so
     /// the upstream slot and connection are free before a slow client has read them; bodies
     /// of unknown length are read ahead into a buffer this large. `0B`: stream everything.
@@ -173,6 +178,8 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             idle_timeout: Dur::from_secs(60),
             send_timeout: Dur::from_secs(30),
+            min_send_rate: ByteSize(1024),
+            min_send_rate_window: Dur::from_secs(10),
             response_buffer: ByteSize(256 << 10),
         }
     }

@@ -140,7 +140,9 @@ pub fn register_zeroes(cfg: &Config) {
     ] {
         counter!(family).increment(0);
     }
-    counter!("gateway_connections_closed_total", "reason" => "send_timeout").increment(0);
+    for reason in ["send_timeout", "min_send_rate"] {
+        counter!("gateway_connections_closed_total", "reason" => reason).increment(0);
+    }
     for result in ["success", "invalid", "failed"] {
         counter!("gateway_config_reloads_total", "result" => result).increment(0);
     }
