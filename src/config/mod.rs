@@ -364,6 +364,16 @@ impl Config {
                 ),
             ));
         }
+        let total = self.limits.response_buffer_total.0;
+        if total > MAX_RESPONSE_BUFFER_TOTAL || total < self.limits.response_buffer.0 {
+            errors.push(FieldError::new(
+                "limits.response_buffer_total",
+                format!(
+                    "must be at least limits.response_buffer ({}) and at most 1GiB, got {}",
+                    self.limits.response_buffer, self.limits.response_buffer_total
+                ),
+            ));
+        }
         if self.limits.header_read_timeout.0.is_zero() {
             errors.push(FieldError::new(
                 "limits.header_read_timeout",
@@ -475,6 +485,8 @@ impl Config {
 
 /// The largest `limits.response_buffer`: a buffer is held per response a client has not read.
 const MAX_RESPONSE_BUFFER: u64 = 64 << 20;
+/// The largest `limits.response_buffer_total`: a sanity bound on memory held for clients.
+const MAX_RESPONSE_BUFFER_TOTAL: u64 = 1 << 30;
 
 /// A URL with any password replaced, for logs and summaries.
 pub fn redact_url(url: &str) -> String {

@@ -167,6 +167,9 @@ pub struct LimitsConfig {
     /// the upstream slot and connection are free before a slow client has read them; bodies
     /// of unknown length are read ahead into a buffer this large. `0B`: stream everything.
     pub response_buffer: ByteSize,
+    /// Response bytes held for clients, all responses together; with it spent, bodies stream
+    /// (their upstream slot held until the client has them). Bounds what slow readers cost.
+    pub response_buffer_total: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -181,6 +184,7 @@ impl Default for LimitsConfig {
             min_send_rate: ByteSize(1024),
             min_send_rate_window: Dur::from_secs(10),
             response_buffer: ByteSize(256 << 10),
+            response_buffer_total: ByteSize(32 << 20),
         }
     }
 }

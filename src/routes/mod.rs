@@ -9,10 +9,10 @@
 //!
 //! Like pingora-proxy's `ProxyHttp` phases, but plain functions over one [`RequestCtx`].
 
+mod buffer;
 pub mod docs;
 pub mod headers;
 pub mod proxy;
-mod read_ahead;
 pub mod table;
 pub mod template;
 pub mod websocket;
@@ -36,6 +36,7 @@ use crate::observability::access::RouteInfo;
 use crate::ratelimit::{client_ip, Decision, RateLimiter, Subject};
 use crate::upstream::cache::ResponseCache;
 use crate::upstream::{Pipeline, UpstreamError};
+pub use buffer::BufferBudget;
 use table::{Route, RouteMatch, RouteTable};
 
 /// One upstream at run time.
@@ -103,6 +104,9 @@ pub struct AppState {
     pub cache: ResponseCache,
     /// Request bodies larger than this are refused (413) before any upstream call.
     pub max_body: u64,
+    /// Bytes of response bodies held for clients, all responses together
+    /// (`limits.response_buffer_total`; kept across reloads that do not change it).
+    pub response_budget: buffer::BufferBudget,
     /// Peers whose forwarding headers are believed (`trusted_proxies`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Which client headers may cross to the upstreams (`[headers]`).

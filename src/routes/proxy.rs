@@ -10,6 +10,7 @@ use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method};
 
+use super::buffer::{self, BufferBudget, ReadAhead, Whole};
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
@@ -182,7 +183,8 @@ pub async fn forward(
     let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
     let left = options.deadline.saturating_sub(started.elapsed());
     let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
-    decoupled_response(route, up, delivered, limit, left).await
+    let buffering = (limit, &app.response_budget);
+    decoupled_response(route, up, delivered, buffering, left).await
 }
 
 /// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
@@ -253,12 +255,13 @@ async fn from_cache(
 /// - a larger body is streamed: its slot stays held until the client has it, bounded by
 ///   `limits.min_send_rate` and `send_timeout` on the client's side.
 ///
-/// `limit` 0 streams every body (the slot held until the client has read it).
+/// Held bytes are charged to `budget` (`limits.response_buffer_total`); with it spent, bodies
+/// stream. `limit` 0 streams every body (the slot held until the client has read it).
 async fn decoupled_response(
     route: &Route,
     up: &UpstreamRuntime,
     delivered: Delivered,
-    limit: usize,
+    (limit, budget): (usize, &BufferBudget),
     left: std::time::Duration,
 ) -> Result<Response, GatewayError> {
     let attempts = delivered.attempts;
@@ -273,26 +276,31 @@ async fn decoupled_response(
         cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
     }
     let known = http_body::Body::size_hint(&body).upper();
+    let stream = |body, slot| {
+        Body::new(SlotBody {
+            inner: body,
+            slot: Some(slot),
+        })
+    };
     let body = match known {
         Some(len) if len <= limit as u64 => {
-            let read = http_body_util::BodyExt::collect(body);
-            let whole = match tokio::time::timeout(left, read).await {
-                Ok(Ok(collected)) => collected.to_bytes(),
+            match tokio::time::timeout(left, buffer::read_whole(body, len, budget)).await {
+                Ok(Ok(Whole::Read(whole))) => {
+                    // The upstream is done: its slot and connection go back before the
+                    // client reads.
+                    drop(slot);
+                    Body::from(whole)
+                }
+                Ok(Ok(Whole::NoRoom(body))) => stream(body, slot),
                 Ok(Err(e)) => {
                     let detail = crate::upstream::call::error_chain(&e);
                     return Err(up.error(UpstreamError::Unavailable { attempts, detail }));
                 }
                 Err(_) => return Err(up.error(UpstreamError::Timeout { attempts })),
-            };
-            // The upstream is done: its slot and connection go back before the client reads.
-            drop(slot);
-            Body::from(whole)
+            }
         }
-        None if limit > 0 => Body::new(super::read_ahead::ReadAhead::spawn(body, slot, limit)),
-        Some(_) | None => Body::new(SlotBody {
-            inner: body,
-            slot: Some(slot),
-        }),
+        None if limit > 0 => Body::new(ReadAhead::spawn(body, slot, limit, budget.clone())),
+        Some(_) | None => stream(body, slot),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = parts.status;
