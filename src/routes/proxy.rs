@@ -183,8 +183,7 @@ pub async fn forward(
     let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
     let left = options.deadline.saturating_sub(started.elapsed());
     let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
-    let buffering = (limit, &app.response_budget);
-    decoupled_response(route, up, delivered, buffering, left).await
+    decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
 }
 
 /// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
@@ -261,7 +260,8 @@ async fn decoupled_response(
     route: &Route,
     up: &UpstreamRuntime,
     delivered: Delivered,
-    (limit, budget): (usize, &BufferBudget),
+    limit: usize,
+    budget: &BufferBudget,
     left: std::time::Duration,
 ) -> Result<Response, GatewayError> {
     let attempts = delivered.attempts;
@@ -284,7 +284,13 @@ async fn decoupled_response(
     };
     let body = match known {
         Some(len) if len <= limit as u64 => {
-            match tokio::time::timeout(left, buffer::read_whole(body, len, budget)).await {
+            // A small body usually came with the headers: no deadline timer for it then.
+            let mut read = std::pin::pin!(buffer::read_whole(body, len, budget));
+            let read = match futures_util::poll!(read.as_mut()) {
+                std::task::Poll::Ready(whole) => Ok(whole),
+                std::task::Poll::Pending => tokio::time::timeout(left, read).await,
+            };
+            match read {
                 Ok(Ok(Whole::Read(whole))) => {
                     // The upstream is done: its slot and connection go back before the
                     // client reads.

@@ -42,8 +42,10 @@ struct Shared {
     /// Slots one client may hold or wait for at once.
     per_client: usize,
     /// Slots held or waited for, per client with at least one (entries go at zero, so the
-    /// map is as large as the set of clients with calls in flight, never more).
-    clients: Mutex<HashMap<ClientKey, usize>>,
+    /// map is as large as the set of clients with calls in flight, never more). foldhash,
+    /// randomly seeded: cheaper than SipHash for a lookup per call, and clients who choose
+    /// their addresses still cannot aim for collisions.
+    clients: Mutex<HashMap<ClientKey, usize, foldhash::fast::RandomState>>,
     /// `gateway_upstream_in_flight{upstream}`: raised and lowered by each slot, so pipelines
     /// replaced by a reload and their successors add up in the one series.
     in_flight: metrics::Gauge,
