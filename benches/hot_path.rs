@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use deltastream_gateway::client::ClientKey;
 use deltastream_gateway::config::Config;
 use deltastream_gateway::observability::access::AccessLine;
 use deltastream_gateway::ratelimit::{RateLimiter, Subject};
@@ -53,7 +54,7 @@ fn rate_limit_decisions(c: &mut Criterion) {
     let mut g = c.benchmark_group("ratelimit_check_local");
     g.bench_function("one_client", |b| {
         let subject = Subject {
-            client_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            client: ClientKey::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 64),
             user_id: None,
             headers: &headers,
             route: "/api/data/products",
@@ -65,7 +66,7 @@ fn rate_limit_decisions(c: &mut Criterion) {
         b.iter(|| {
             n = n.wrapping_add(1) % 10_000;
             let subject = Subject {
-                client_ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+                client: ClientKey::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 64),
                 user_id: None,
                 headers: &headers,
                 route: "/api/data/products",

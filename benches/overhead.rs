@@ -111,7 +111,7 @@ async fn limiter_round(rl: &RateLimiter, n: usize, out: &mut Vec<Duration>) -> D
         // Many subjects, as in real traffic (one key per client address).
         let ip = std::net::IpAddr::from([10, 0, (i / 256 % 256) as u8, (i % 256) as u8]);
         let subject = Subject {
-            client_ip: ip,
+            client: deltastream_gateway::client::ClientKey::new(ip, 64),
             user_id: None,
             headers: &headers,
             route: "/api/data/underlying/{product}",

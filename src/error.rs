@@ -67,6 +67,12 @@ pub enum GatewayError {
     OriginNotAllowed,
     /// Over the `[websocket]` connection limits (in total or for this client).
     TooManyConnections,
+    /// This client already holds its share of the upstream's slots
+    /// (`max_client_share`): a limit on the client, like a rate limit, so 4xx (429), not
+    /// the upstream's 503; never counted by the breaker, never retried.
+    TooManyInFlight {
+        upstream: Arc<str>,
+    },
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
 }
@@ -238,6 +244,13 @@ impl GatewayError {
                 "too_many_connections",
                 Cow::Borrowed("Too many WebSocket connections"),
                 None,
+                H::RetryAfter(Duration::from_secs(1)),
+            ),
+            E::TooManyInFlight { upstream } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_in_flight",
+                Cow::Borrowed("Too many requests in flight from this client"),
+                Some(&**upstream),
                 H::RetryAfter(Duration::from_secs(1)),
             ),
             E::Internal => (

@@ -181,6 +181,12 @@ pub async fn build_state(
         cache,
         rate_limit: effective,
         max_body: cfg.limits.max_body.0,
+        response_budget: match previous
+            .filter(|p| p.config.limits.response_buffer_total == cfg.limits.response_buffer_total)
+        {
+            Some(p) => p.response_budget.clone(),
+            None => routes::BufferBudget::new(cfg.limits.response_buffer_total.0),
+        },
         trusted_proxies: cfg
             .trusted_proxies
             .iter()

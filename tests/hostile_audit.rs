@@ -362,9 +362,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_slot() {
         .unwrap();
     let mut few = [0u8; 64];
     let _ = slow.read(&mut few).await.unwrap();
-    // Another client of the same upstream is served once the slow one is cut off.
+    // Another client of the same upstream is served once the slow one is cut off (from
+    // another address: the slow one's own next request is over its share and refused).
     let started = Instant::now();
-    let r = client()
+    let r = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap()
         .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
         .timeout(Duration::from_secs(20))
         .send()

@@ -12,6 +12,7 @@ mod support;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use deltastream_gateway::client::ClientKey;
 use deltastream_gateway::config::Dur;
 use deltastream_gateway::config::{KeySource, OnRedisError, PolicyConfig, RateLimitConfig};
 use deltastream_gateway::ratelimit::{
@@ -45,7 +46,7 @@ fn ip(s: &str) -> IpAddr {
 
 fn subject<'a>(client: &str, headers: &'a HeaderMap) -> Subject<'a> {
     Subject {
-        client_ip: ip(client),
+        client: ClientKey::new(ip(client), 64),
         user_id: None,
         headers,
         route: "/api/data/products",
@@ -410,7 +411,7 @@ async fn forwarded_client_selects_the_bucket() {
     for xff in ["1.1.1.1", "2.2.2.2"] {
         let (client, _) = run(proxy, xff);
         let s = Subject {
-            client_ip: client,
+            client: ClientKey::new(client, 64),
             ..subject("0.0.0.0", &empty)
         };
         let n = count_allowed(&rl, p, &s, 5).await;
@@ -422,7 +423,7 @@ async fn forwarded_client_selects_the_bucket() {
         let (client, _) = run(attacker, xff);
         assert_eq!(client, ip("203.0.113.66"));
         let s = Subject {
-            client_ip: client,
+            client: ClientKey::new(client, 64),
             ..subject("0.0.0.0", &empty)
         };
         allowed += count_allowed(&rl, p, &s, 1).await;

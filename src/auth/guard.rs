@@ -16,7 +16,6 @@
 //! the verifier rejects start for one client within one policy window (from its first
 //! verification), and at most `limit` of its verifications run at once (more wait for a
 //! permit, up to the verify timeout).
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +24,7 @@ use http::HeaderMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::client::ClientKey;
 use crate::error::GatewayError;
 use crate::ratelimit::{PolicyId, RateLimiter, Subject};
 
@@ -58,10 +58,10 @@ struct Budget {
 pub struct FailureGuard {
     /// The limiter policy failures are counted against; `None`: no counting.
     policy: Option<FailurePolicy>,
-    /// Addresses over the policy, with when they may try again.
-    blocked: moka::sync::Cache<IpAddr, Instant>,
+    /// Clients (IPv6 by prefix) over the policy, with when they may try again.
+    blocked: moka::sync::Cache<ClientKey, Instant>,
     /// Failure budgets per client, each living one policy window.
-    budgets: moka::sync::Cache<IpAddr, Arc<Budget>>,
+    budgets: moka::sync::Cache<ClientKey, Arc<Budget>>,
 }
 
 /// A verification under way: holds one permit of its client's budget until [`FailureGuard::
@@ -101,7 +101,7 @@ impl FailureGuard {
     /// a verify call, when the budget is spent or no permit came free in time.
     pub async fn admit(
         &self,
-        client: IpAddr,
+        client: ClientKey,
         wait: Duration,
     ) -> Result<Verification, GatewayError> {
         let Some(policy) = self.policy else {
@@ -128,7 +128,7 @@ impl FailureGuard {
 
     /// `verification`'s token was rejected: its permit is burned, and with the last one the
     /// client is blocked until the budget renews.
-    pub fn rejected(&self, client: IpAddr, verification: Verification) {
+    pub fn rejected(&self, client: ClientKey, verification: Verification) {
         let Some((permit, budget)) = verification.permit else {
             return;
         };
@@ -148,7 +148,7 @@ impl FailureGuard {
     }
 
     /// `Err(RateLimited)` while `client` is blocked.
-    pub fn check(&self, client: IpAddr) -> Result<(), GatewayError> {
+    pub fn check(&self, client: ClientKey) -> Result<(), GatewayError> {
         let Some(until) = self.blocked.get(&client) else {
             return Ok(());
         };
@@ -165,7 +165,7 @@ impl FailureGuard {
     pub async fn failed(
         &self,
         limiter: &RateLimiter,
-        client: IpAddr,
+        client: ClientKey,
         headers: &HeaderMap,
         route: &str,
     ) -> Result<(), GatewayError> {
@@ -173,7 +173,7 @@ impl FailureGuard {
             return Ok(());
         };
         let subject = Subject {
-            client_ip: client,
+            client,
             user_id: None,
             headers,
             route,

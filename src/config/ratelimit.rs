@@ -153,7 +153,7 @@ fn default_window() -> Dur {
 /// Which part of the request the counter is keyed on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KeySource {
-    /// The client address (see [`crate::ratelimit::client_ip`]).
+    /// The client address, IPv6 by `server.ipv6_client_prefix` (see [`crate::client`]).
     #[default]
     Ip,
     /// The verified user id; anonymous requests fall back to the client address.

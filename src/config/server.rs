@@ -51,6 +51,10 @@ pub struct ServerConfig {
     /// Reload the configuration when the `--config` file changes (polled every second), as
     /// SIGHUP and `POST /admin/reload` do.
     pub watch_config: bool,
+    /// IPv6 clients are keyed by this many leading bits (1..=128) in every per-client policy
+    /// (rate limits, failed verifications, WebSocket and upstream-slot caps): one host
+    /// usually holds a whole /64 and can use a fresh address per request.
+    pub ipv6_client_prefix: u8,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +67,7 @@ impl Default for ServerConfig {
             tls: None,
             redirect_http: None,
             watch_config: false,
+            ipv6_client_prefix: 64,
         }
     }
 }
@@ -324,6 +329,18 @@ pub struct LimitsConfig {
     /// A response write that makes no progress (the client stopped reading) for this long
     /// closes the connection, freeing the upstream connection it held.
     pub send_timeout: Dur,
+    /// Bytes per second a client must take while response data waits for it, measured over
+    /// `min_send_rate_window`; slower clients are cut off. `0B` turns it off.
+    pub min_send_rate: ByteSize,
+    /// The window `min_send_rate` is measured over (at least 1s).
+    pub min_send_rate_window: Dur,
+    /// Upstream response bodies up to this size are read whole at the upstream's speed, so
+    /// the upstream slot and connection are free before a slow client has read them; bodies
+    /// of unknown length are read ahead into a buffer this large. `0B`: stream everything.
+    pub response_buffer: ByteSize,
+    /// Response bytes held for clients, all responses together; with it spent, bodies stream
+    /// (their upstream slot held until the client has them). Bounds what slow readers cost.
+    pub response_buffer_total: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -335,6 +352,10 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             idle_timeout: Dur::from_secs(60),
             send_timeout: Dur::from_secs(30),
+            min_send_rate: ByteSize(1024),
+            min_send_rate_window: Dur::from_secs(10),
+            response_buffer: ByteSize(256 << 10),
+            response_buffer_total: ByteSize(32 << 20),
         }
     }
 }
@@ -367,8 +388,38 @@ impl LimitsConfig {
                 errors.push(FieldError::new(join(path, field), "must be greater than 0"));
             }
         }
+        if self.min_send_rate_window.0 < Duration::from_secs(1) {
+            errors.push(FieldError::new(
+                join(path, "min_send_rate_window"),
+                format!("must be at least 1s, got {}", self.min_send_rate_window),
+            ));
+        }
+        if self.response_buffer.0 > MAX_RESPONSE_BUFFER {
+            errors.push(FieldError::new(
+                join(path, "response_buffer"),
+                format!(
+                    "must be at most 64MiB (it is held per slow client), got {}",
+                    self.response_buffer
+                ),
+            ));
+        }
+        let total = self.response_buffer_total.0;
+        if total > MAX_RESPONSE_BUFFER_TOTAL || total < self.response_buffer.0 {
+            errors.push(FieldError::new(
+                join(path, "response_buffer_total"),
+                format!(
+                    "must be at least limits.response_buffer ({}) and at most 1GiB, got {}",
+                    self.response_buffer, self.response_buffer_total
+                ),
+            ));
+        }
     }
 }
+
+/// The largest `limits.response_buffer`: a buffer is held per response a client has not read.
+const MAX_RESPONSE_BUFFER: u64 = 64 << 20;
+/// The largest `limits.response_buffer_total`: a sanity bound on memory held for clients.
+const MAX_RESPONSE_BUFFER_TOTAL: u64 = 1 << 30;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -436,7 +487,8 @@ impl ErrorsConfig {
 pub struct WebSocketConfig {
     /// Open WebSocket connections at most, all routes together; upgrades beyond get 429.
     pub max_connections: usize,
-    /// Open WebSocket connections per client IP at most; upgrades beyond get 429.
+    /// Open WebSocket connections per client IP (IPv6: per `server.ipv6_client_prefix`) at
+    /// most; upgrades beyond get 429.
     pub max_connections_per_ip: usize,
     /// A client that sends nothing (not even a pong) this long is closed with 1001; it is
     /// pinged after half of it, so a live but quiet client stays.
@@ -534,6 +586,12 @@ impl ServerConfig {
                     "must be 0s (off) or at least 100ms, got {}",
                     self.memory_trim_interval
                 ),
+            ));
+        }
+        if !(1..=128).contains(&self.ipv6_client_prefix) {
+            errors.push(FieldError::new(
+                join(path, "ipv6_client_prefix"),
+                format!("must be between 1 and 128, got {}", self.ipv6_client_prefix),
             ));
         }
         if let Some(tls) = &self.tls {

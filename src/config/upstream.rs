@@ -32,6 +32,10 @@ pub struct UpstreamConfig {
     /// Calls in flight (so connections) to this upstream at most; more wait for a free one
     /// within their deadline. A bulkhead, and the bound on what upstream connections cost.
     pub max_connections: usize,
+    /// The fraction of `max_connections` one client (an IPv4 address, an IPv6
+    /// `server.ipv6_client_prefix` network) may hold or wait for at once, in (0, 1]; beyond
+    /// it, 429 `too_many_in_flight` at once. At least one slot. `1.0` turns it off.
+    pub max_client_share: f64,
     /// The `error` text clients see when it is down (default "<Name> service unavailable").
     pub unavailable_message: Option<String>,
     /// Bounded retries on 503 and connection failures.
@@ -54,6 +58,7 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 256,
             pool_idle_timeout: Dur::from_secs(60),
             max_connections: 256,
+            max_client_share: 0.25,
             unavailable_message: None,
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
@@ -303,6 +308,15 @@ impl UpstreamConfig {
             errors.push(FieldError::new(
                 join(path, "max_connections"),
                 "must be greater than 0",
+            ));
+        }
+        if !(self.max_client_share > 0.0 && self.max_client_share <= 1.0) {
+            errors.push(FieldError::new(
+                join(path, "max_client_share"),
+                format!(
+                    "must be greater than 0 and at most 1, got {}",
+                    self.max_client_share
+                ),
             ));
         }
     }

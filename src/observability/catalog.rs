@@ -30,6 +30,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_upstream_retry_budget_exhausted_total", Kind::Counter, "Retries not made because the upstream's retry budget was spent"),
     ("gateway_upstream_hedges_total", Kind::Counter, "Hedged second attempts sent to another instance"),
     ("gateway_upstream_ejections_total", Kind::Counter, "Instances ejected for failing"),
+    ("gateway_upstream_in_flight", Kind::Gauge, "Calls holding one of an upstream's slots (max_connections): from the start of the call until the upstream has sent the whole body"),
     ("gateway_upstream_endpoints", Kind::Gauge, "Instances of an upstream, by state (healthy, ejected, draining)"),
     ("gateway_upstream_instance_probes_total", Kind::Counter, "Probes of ejected instances, by result"),
     ("gateway_circuit_breaker_state", Kind::Gauge, "Circuit breaker state: 1 for the current state (closed, open, half_open), 0 for the others"),
@@ -148,7 +149,7 @@ pub fn register_zeroes(cfg: &Config) {
     ] {
         counter!(family).increment(0);
     }
-    for reason in ["send_timeout", "h2_control_flood"] {
+    for reason in ["send_timeout", "h2_control_flood", "min_send_rate"] {
         counter!("gateway_connections_closed_total", "reason" => reason).increment(0);
     }
     for result in ["success", "invalid", "failed"] {

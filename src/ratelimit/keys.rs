@@ -23,15 +23,11 @@ use std::net::IpAddr;
 use sha2::{Digest, Sha256};
 
 use super::Subject;
+use crate::client::ClientKey;
 use crate::config::KeySource;
 
 /// 128 bits of SHA-256 of (kind, value): collision-free in practice, half the key length.
 pub type SubjectHash = [u8; 16];
-
-/// The canonical form of an address: IPv4-mapped IPv6 is the IPv4 client it stands for.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
-}
 
 fn digest(kind: &[u8], parts: &[&[u8]]) -> SubjectHash {
     let mut h = Sha256::new();
@@ -47,10 +43,14 @@ fn digest(kind: &[u8], parts: &[&[u8]]) -> SubjectHash {
     out
 }
 
-fn ip_hash(ip: IpAddr) -> SubjectHash {
-    match canonical_ip(ip) {
+/// An IPv4 address or a whole IPv6 address hashes as it always did (existing counters stay
+/// valid); an IPv6 network has its prefix length hashed in, so the /64 `2001:db8::/64` and
+/// the single address `2001:db8::` are different subjects.
+fn ip_hash(client: ClientKey) -> SubjectHash {
+    match client.network() {
         IpAddr::V4(v4) => digest(b"ip", &[&v4.octets()]),
-        IpAddr::V6(v6) => digest(b"ip", &[&v6.octets()]),
+        IpAddr::V6(v6) if client.prefix_len() == 128 => digest(b"ip", &[&v6.octets()]),
+        IpAddr::V6(v6) => digest(b"ip", &[&v6.octets(), &[client.prefix_len()]]),
     }
 }
 
@@ -58,15 +58,15 @@ fn ip_hash(ip: IpAddr) -> SubjectHash {
 /// header) fall back to the client address so such requests are still limited.
 pub fn subject_hash(source: &KeySource, subject: &Subject<'_>) -> SubjectHash {
     match source {
-        KeySource::Ip => ip_hash(subject.client_ip),
+        KeySource::Ip => ip_hash(subject.client),
         KeySource::User => match subject.user_id {
             Some(user) => digest(b"user", &[user.as_bytes()]),
-            None => ip_hash(subject.client_ip),
+            None => ip_hash(subject.client),
         },
         KeySource::Header(name) => {
             let mut values = subject.headers.get_all(name.as_str()).iter().peekable();
             if values.peek().is_none() {
-                return ip_hash(subject.client_ip);
+                return ip_hash(subject.client);
             }
             let parts: Vec<&[u8]> = values.map(|v| v.as_bytes()).collect();
             let mut kind = b"header:".to_vec();
@@ -105,7 +105,7 @@ mod tests {
 
     fn subject<'a>(headers: &'a HeaderMap, user: Option<&'a str>) -> Subject<'a> {
         Subject {
-            client_ip: "10.0.0.1".parse().unwrap(),
+            client: "10.0.0.1".parse().unwrap(),
             user_id: user,
             headers,
             route: "/api/data/products",
@@ -123,8 +123,14 @@ mod tests {
         let s = subject(&empty, Some("alice"));
         assert_ne!(subject_hash(&KeySource::User, &s), ip);
 
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let mapped = ClientKey::new("::ffff:10.0.0.1".parse().unwrap(), 64);
         assert_eq!(ip_hash(mapped), ip);
+        // One /64, one subject; the /64 is not the single address it starts with.
+        let a = ClientKey::new("2001:db8::1".parse().unwrap(), 64);
+        let b = ClientKey::new("2001:db8::ffff:2".parse().unwrap(), 64);
+        assert_eq!(ip_hash(a), ip_hash(b));
+        let whole = ClientKey::new("2001:db8::".parse().unwrap(), 128);
+        assert_ne!(ip_hash(a), ip_hash(whole));
     }
 
     #[test]

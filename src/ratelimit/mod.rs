@@ -45,7 +45,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// What a request is counted against.
 #[derive(Clone, Copy, Debug)]
 pub struct Subject<'a> {
-    pub client_ip: std::net::IpAddr,
+    /// The client (IPv6 grouped by prefix): the `ip` key source.
+    pub client: crate::client::ClientKey,
     /// The verified user id, when the route authenticated the request.
     pub user_id: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
@@ -596,7 +597,7 @@ mod tests {
         assert!(rl.policy("nope").is_none());
         let headers = HeaderMap::new();
         let subject = Subject {
-            client_ip: "192.0.2.1".parse().unwrap(),
+            client: "192.0.2.1".parse().unwrap(),
             user_id: None,
             headers: &headers,
             route: "/r",
@@ -630,7 +631,7 @@ mod tests {
         let p = rl.policy("p").unwrap();
         let headers = HeaderMap::new();
         let subject = Subject {
-            client_ip: "192.0.2.1".parse().unwrap(),
+            client: "192.0.2.1".parse().unwrap(),
             user_id: None,
             headers: &headers,
             route: "/r",

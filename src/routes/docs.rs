@@ -34,6 +34,7 @@ pub const REASONS: &[&str] = &[
     "upgrade_required",
     "rate_limited",
     "too_many_connections",
+    "too_many_in_flight",
     "internal",
     "upstream_unavailable",
     "upstream_timeout",
@@ -163,7 +164,9 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
     }
     let limited = !route.rate_limit.is_empty();
     let counts_failures = needs_token && !cfg.auth.failure_policy.is_empty();
-    if limited || counts_failures || route.kind == RouteKind::Websocket {
+    // A proxied HTTP call counts against the client's share of the upstream's slots.
+    let shared_slots = route.kind == RouteKind::Proxy;
+    if limited || counts_failures || route.kind == RouteKind::Websocket || shared_slots {
         let mut why = Vec::new();
         if limited {
             why.push(format!(
@@ -177,19 +180,28 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
         if route.kind == RouteKind::Websocket {
             why.push("over the WebSocket connection limits (too_many_connections)".to_string());
         }
+        if shared_slots {
+            why.push(
+                "this client already holds its share of the upstream's slots \
+                 (too_many_in_flight, with Retry-After)"
+                    .to_string(),
+            );
+        }
+        let (reason, message) = if limited || counts_failures {
+            ("rate_limited", "Rate limit exceeded")
+        } else if shared_slots {
+            (
+                "too_many_in_flight",
+                "Too many requests in flight from this client",
+            )
+        } else {
+            ("too_many_connections", "Too many WebSocket connections")
+        };
         out.push(gateway_error(
             429,
             capitalised(&why.join("; or ")),
-            if limited || counts_failures {
-                "rate_limited"
-            } else {
-                "too_many_connections"
-            },
-            if limited || counts_failures {
-                "Rate limit exceeded"
-            } else {
-                "Too many WebSocket connections"
-            },
+            reason,
+            message,
             None,
         ));
     }
@@ -901,6 +913,9 @@ mod tests {
             GatewayError::UpgradeRequired,
             GatewayError::OriginNotAllowed,
             GatewayError::TooManyConnections,
+            GatewayError::TooManyInFlight {
+                upstream: "storage".into(),
+            },
             GatewayError::Internal,
         ];
         for e in &all {
@@ -922,6 +937,7 @@ mod tests {
                 | GatewayError::UpgradeRequired
                 | GatewayError::OriginNotAllowed
                 | GatewayError::TooManyConnections
+                | GatewayError::TooManyInFlight { .. }
                 | GatewayError::Internal => {}
             }
         }

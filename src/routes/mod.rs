@@ -9,6 +9,7 @@
 //!
 //! Like pingora-proxy's `ProxyHttp` phases, but plain functions over one [`RequestCtx`].
 
+mod buffer;
 pub mod docs;
 pub mod headers;
 pub mod proxy;
@@ -16,7 +17,7 @@ pub mod table;
 pub mod template;
 pub mod websocket;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -28,12 +29,14 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use crate::auth::guard::FailureGuard;
 use crate::auth::{bearer_token, strip_identity_headers, Identity, TokenVerifier};
+use crate::client::ClientKey;
 use crate::config::{Config, RouteKind};
 use crate::error::{ErrorReply, GatewayError};
 use crate::observability::access::RouteInfo;
 use crate::ratelimit::{client_ip, Decision, RateLimiter, Subject};
 use crate::upstream::cache::ResponseCache;
 use crate::upstream::{Pipeline, UpstreamError};
+pub use buffer::BufferBudget;
 use table::{Route, RouteMatch, RouteTable};
 
 /// One upstream at run time.
@@ -72,6 +75,9 @@ impl UpstreamRuntime {
                 message: self.message.clone(),
                 retry_after,
             },
+            UpstreamError::ClientShare { .. } => GatewayError::TooManyInFlight {
+                upstream: self.name.clone(),
+            },
         }
     }
 }
@@ -98,6 +104,9 @@ pub struct AppState {
     pub cache: ResponseCache,
     /// Request bodies larger than this are refused (413) before any upstream call.
     pub max_body: u64,
+    /// Bytes of response bodies held for clients, all responses together
+    /// (`limits.response_buffer_total`; kept across reloads that do not change it).
+    pub response_budget: buffer::BufferBudget,
     /// Peers whose forwarding headers are believed (`trusted_proxies`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Which client headers may cross to the upstreams (`[headers]`).
@@ -141,8 +150,9 @@ pub struct RequestCtx<'a> {
     pub peer_trusted: bool,
     /// The request arrived over TLS (`X-Forwarded-Proto: https`).
     pub tls: bool,
-    /// The client as far as trusted proxies let us tell: the rate-limit and failure key.
-    pub client_ip: IpAddr,
+    /// The client as far as trusted proxies let us tell, IPv6 grouped by prefix: the key of
+    /// every per-client policy (rate limits, failed verifications, WebSocket and slot caps).
+    pub client: ClientKey,
     /// The route's label for logs and metrics (the template, never the raw path).
     pub label: Option<Arc<str>>,
     /// The matched route (phase "match route").
@@ -169,7 +179,10 @@ impl<'a> RequestCtx<'a> {
             peer,
             peer_trusted: app.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
             tls,
-            client_ip: client_ip(peer, headers, &app.trusted_proxies),
+            client: ClientKey::new(
+                client_ip(peer, headers, &app.trusted_proxies),
+                app.config.server.ipv6_client_prefix,
+            ),
             label: None,
             route: None,
             identity: None,
@@ -326,19 +339,19 @@ async fn verify_token(
     if let Some(identity) = app.verifier.cached(token).await {
         return Ok(identity);
     }
-    app.auth_guard.check(ctx.client_ip)?;
+    app.auth_guard.check(ctx.client)?;
     let verification = app
         .auth_guard
-        .admit(ctx.client_ip, app.config.auth.verify_timeout.0)
+        .admit(ctx.client, app.config.auth.verify_timeout.0)
         .await?;
     // Blocked by the shared count while this one waited for its permit.
-    app.auth_guard.check(ctx.client_ip)?;
+    app.auth_guard.check(ctx.client)?;
     match app.verifier.verify(token).await {
         Err(GatewayError::InvalidToken) => {
-            app.auth_guard.rejected(ctx.client_ip, verification);
+            app.auth_guard.rejected(ctx.client, verification);
             let route = ctx.label.as_deref().unwrap_or("");
             app.auth_guard
-                .failed(&app.limiter, ctx.client_ip, headers, route)
+                .failed(&app.limiter, ctx.client, headers, route)
                 .await?;
             Err(GatewayError::InvalidToken)
         }
@@ -356,7 +369,7 @@ async fn rate_limit(
         return Ok(());
     };
     let subject = Subject {
-        client_ip: ctx.client_ip,
+        client: ctx.client,
         user_id: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
         headers,
         route: &route.label,

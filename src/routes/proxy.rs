@@ -10,10 +10,13 @@ use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method};
 
+use super::buffer::{self, BufferBudget, ReadAhead, Whole};
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
+use crate::client::ClientKey;
 use crate::error::GatewayError;
+use crate::upstream::bulkhead::Slot;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
 use crate::upstream::{CallOptions, Delivered, UpstreamError};
 
@@ -200,8 +203,11 @@ pub async fn forward(
         ctx,
         &app.header_policy,
     )?;
-    let delivered = call_upstream(up, req, options).await?;
-    Ok(streamed_response(route, delivered))
+    let started = tokio::time::Instant::now();
+    let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
+    let left = options.deadline.saturating_sub(started.elapsed());
+    let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
+    decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
 }
 
 /// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
@@ -241,7 +247,9 @@ async fn from_cache(
             ctx,
             &app.header_policy,
         )?;
-        fetch_buffered(up, req, options, app.cache.max_entry_bytes()).await
+        // A leader refused for its share hands that 429 to whoever joined its flight in the
+        // microseconds before the refusal: the refusal comes before any await on the upstream.
+        fetch_buffered(up, req, options, ctx, app.cache.max_entry_bytes()).await
     };
     let hit = app
         .cache
@@ -262,26 +270,76 @@ async fn from_cache(
     Ok(resp)
 }
 
-/// Phase "response": the upstream's status, headers (minus hop-by-hop) and body, streamed.
-fn streamed_response(route: &Route, delivered: Delivered) -> Response {
+/// Phase "response": the upstream's status and headers (minus hop-by-hop), and its body
+/// decoupled from the client's reading speed, as nginx's proxy buffering does:
+///
+/// - a body whose size is known and at most `limits.response_buffer` (`limit`) is read
+///   whole now, at the upstream's speed, within what is left of the deadline (`left`): the
+///   slot and the pooled connection are free before the first byte goes to the client;
+/// - a body of unknown size (chunked, Server-Sent Events) is read by a task into a buffer of
+///   at most `limit` bytes and passed on chunk by chunk as it arrives: when the upstream ends
+///   within the buffer, so does the call, however slowly the client reads;
+/// - a larger body is streamed: its slot stays held until the client has it, bounded by
+///   `limits.min_send_rate` and `send_timeout` on the client's side.
+///
+/// Held bytes are charged to `budget` (`limits.response_buffer_total`); with it spent, bodies
+/// stream. `limit` 0 streams every body (the slot held until the client has read it).
+async fn decoupled_response(
+    route: &Route,
+    up: &UpstreamRuntime,
+    delivered: Delivered,
+    limit: usize,
+    budget: &BufferBudget,
+    left: std::time::Duration,
+) -> Result<Response, GatewayError> {
+    let attempts = delivered.attempts;
+    let slot = delivered.slot;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
     let (mut parts, body) = upstream_resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(
-        X_UPSTREAM_ATTEMPTS.clone(),
-        HeaderValue::from(delivered.attempts),
-    );
+    parts
+        .headers
+        .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(attempts));
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
     }
-    let body = SlotBody {
-        inner: body,
-        slot: delivered.slot,
+    let known = http_body::Body::size_hint(&body).upper();
+    let stream = |body, slot| {
+        Body::new(SlotBody {
+            inner: body,
+            slot: Some(slot),
+        })
     };
-    let mut resp = Response::new(Body::new(body));
+    let body = match known {
+        Some(len) if len <= limit as u64 => {
+            // A small body usually came with the headers: no deadline timer for it then.
+            let mut read = std::pin::pin!(buffer::read_whole(body, len, budget));
+            let read = match futures_util::poll!(read.as_mut()) {
+                std::task::Poll::Ready(whole) => Ok(whole),
+                std::task::Poll::Pending => tokio::time::timeout(left, read).await,
+            };
+            match read {
+                Ok(Ok(Whole::Read(whole))) => {
+                    // The upstream is done: its slot and connection go back before the
+                    // client reads.
+                    drop(slot);
+                    Body::from(whole)
+                }
+                Ok(Ok(Whole::NoRoom(body))) => stream(body, slot),
+                Ok(Err(e)) => {
+                    let detail = crate::upstream::call::error_chain(&e);
+                    return Err(up.error(UpstreamError::Unavailable { attempts, detail }));
+                }
+                Err(_) => return Err(up.error(UpstreamError::Timeout { attempts })),
+            }
+        }
+        None if limit > 0 => Body::new(ReadAhead::spawn(body, slot, limit, budget.clone())),
+        Some(_) | None => stream(body, slot),
+    };
+    let mut resp = Response::new(body);
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = parts.headers;
-    resp
+    Ok(resp)
 }
 
 /// The request for the upstream: its URL (base + rewritten path + the client's query), the
@@ -324,7 +382,7 @@ pin_project_lite::pin_project! {
     struct SlotBody {
         #[pin]
         inner: reqwest::Body,
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: Option<Slot>,
     }
 }
 
@@ -362,8 +420,9 @@ async fn call_upstream(
     up: &UpstreamRuntime,
     req: reqwest::Request,
     call: CallOptions,
+    client: Option<ClientKey>,
 ) -> Result<Delivered, GatewayError> {
-    Box::pin(up.pipeline.send(req, call))
+    Box::pin(up.pipeline.send_for(client, req, call))
         .await
         .map_err(|e| up.error(e))
 }
@@ -377,10 +436,11 @@ async fn fetch_buffered(
     up: &UpstreamRuntime,
     req: reqwest::Request,
     call: CallOptions,
+    ctx: &RequestCtx<'_>,
     max_entry: u64,
 ) -> Result<Fetched, GatewayError> {
     let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req, call).await?;
+    let delivered = call_upstream(up, req, call, Some(ctx.client)).await?;
     let left = call.deadline.saturating_sub(started.elapsed());
     let attempts = delivered.attempts;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
@@ -389,7 +449,7 @@ async fn fetch_buffered(
     // The connection slot goes with the body, read here or streamed to the client.
     let mut body = SlotBody {
         inner: body,
-        slot: delivered.slot,
+        slot: Some(delivered.slot),
     };
     let declared = parts
         .headers

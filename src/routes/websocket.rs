@@ -14,7 +14,6 @@
 //!   503 before any upgrade while it is open), then the 101 and the relay task.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Body;
@@ -28,6 +27,7 @@ use super::headers::upstream_headers;
 use super::proxy::{parse_upstream_url, upstream_path};
 use super::table::Route;
 use super::{AppState, RequestCtx};
+use crate::client::ClientKey;
 use crate::error::GatewayError;
 use crate::upstream::CallOptions;
 use crate::websocket::{relay, RelayCounters, RelaySettings};
@@ -48,17 +48,18 @@ pub(super) struct Handshake {
     bearer_protocol: bool,
 }
 
-/// Open WebSocket connections, in total and per client IP (`[websocket]` limits).
+/// Open WebSocket connections, in total and per client (`[websocket]` limits; IPv6 by
+/// prefix, see [`ClientKey`]).
 #[derive(Default)]
 pub struct WsConnections {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Mutex<HashMap<ClientKey, usize>>,
     total: std::sync::atomic::AtomicUsize,
 }
 
 /// One open connection, counted until dropped.
 pub(crate) struct WsSlot {
     conns: Arc<WsConnections>,
-    ip: IpAddr,
+    ip: ClientKey,
 }
 
 impl Drop for WsSlot {
@@ -86,7 +87,7 @@ impl WsConnections {
         self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn take(self: &Arc<Self>, ip: IpAddr, total: usize, per_ip: usize) -> Option<WsSlot> {
+    fn take(self: &Arc<Self>, ip: ClientKey, total: usize, per_ip: usize) -> Option<WsSlot> {
         let mut counts = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
         let mine = counts.get(&ip).copied().unwrap_or(0);
         if mine >= per_ip || self.open() >= total {
@@ -244,7 +245,7 @@ pub(super) async fn connect(
     let ws = &app.config.websocket;
     let slot = app
         .ws_connections
-        .take(ctx.client_ip, ws.max_connections, ws.max_connections_per_ip)
+        .take(ctx.client, ws.max_connections, ws.max_connections_per_ip)
         .ok_or(GatewayError::TooManyConnections)?;
     let on_client_upgrade = parts
         .extensions

@@ -138,8 +138,11 @@ async fn breakers(State(gw): State<Arc<Gateway>>) -> Response {
     Json(json!({ "breakers": list })).into_response()
 }
 
-/// Each upstream's instances: address, state (healthy / ejected / draining), how long an
-/// ejection or a 429/503 bias still lasts, calls in flight, peak-EWMA latency, counts.
+/// Each upstream's slots (held ones are `in_flight`: calls from their start until the
+/// upstream has sent the whole body, however slowly the client reads; `max_connections`;
+/// `max_per_client`) and instances: address, state (healthy / ejected / draining), how long
+/// an ejection or a 429/503 bias still lasts, attempts waiting for response headers
+/// (`in_flight`, the balancer's load), peak-EWMA latency, counts.
 async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
     let app = gw.current();
     let list: Vec<_> = app
@@ -147,9 +150,13 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
         .iter()
         .map(|u| {
             let instances = u.pipeline.instances().snapshot();
+            let slots = u.pipeline.bulkhead();
             json!({
                 "upstream": &*u.name,
                 "breaker": u.pipeline.breaker().state(),
+                "in_flight": slots.in_flight(),
+                "max_connections": slots.capacity(),
+                "max_per_client": slots.per_client(),
                 "instances": instances,
             })
         })

@@ -29,14 +29,24 @@
 //! head or an HTTP/2 client that never acknowledges the GOAWAY's PING is dropped
 //! [`CLOSE_FLUSH`] after nothing is in flight.
 //!
+//! A client that takes response data more slowly than `min_send_rate` bytes/s over a whole
+//! `min_send_rate_window`, while the connection had data waiting for it all along, is cut
+//! off, in addition to `send_timeout` (no progress at all). The rate is what actually went
+//! into the socket; "data waiting" is a write the socket refused, or an HTTP/2 response body
+//! that handed hyper a chunk hyper has not finished with (a stream whose peer grants no
+//! flow-control window never asks for the next one, while its socket stays writable and even
+//! busy with PINGs). Like Kestrel's `MinResponseDataRate`; a stream that is merely quiet (an
+//! event stream between events) owes nothing and is never cut for it.
+//!
 //! An HTTP/1 keep-alive connection that waits for its next request is closed after
 //! `header_read_timeout`, before `idle_timeout`: hyper starts the header-read timer as soon as
 //! a response is written (hyperium/hyper#3828) and has no separate keep-alive timeout. Raising
 //! hyper's timer to `idle_timeout` would give a slowloris head that long, so the shorter bound
 //! is kept.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,6 +81,11 @@ pub struct ConnSettings {
     /// client that stops reading must not hold the response, its upstream connection and
     /// its bulkhead slot for ever (nginx's `send_timeout`).
     pub send_timeout: Duration,
+    /// Bytes per second a client must take while data waits for it (0: no minimum): a
+    /// client that trickles along just fast enough to beat `send_timeout` is cut too.
+    pub min_send_rate: u64,
+    /// How long the rate is measured over before a client is cut.
+    pub min_send_rate_window: Duration,
     /// Upper bound on a graceful close (in-flight responses) before the socket is dropped.
     pub close_grace: Duration,
 }
@@ -89,6 +104,8 @@ impl ConnSettings {
             max_header_bytes: cfg.limits.max_header_bytes.0 as usize,
             idle_timeout: cfg.limits.idle_timeout.0,
             send_timeout: cfg.limits.send_timeout.0,
+            min_send_rate: cfg.limits.min_send_rate.0,
+            min_send_rate_window: cfg.limits.min_send_rate_window.0,
             close_grace: cfg.server.shutdown_grace.0,
         }
     }
@@ -110,10 +127,22 @@ struct Activity {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` falls to zero (a closing connection waits for it).
     all_done: Notify,
+    /// Bytes written to the socket: what the client took ([`ConnSettings::min_send_rate`]).
+    written: AtomicU64,
+    /// Response bodies whose last chunk hyper has not finished with (see [`Metered`]).
+    waiting_bodies: AtomicUsize,
+    /// The rate watch is running (or about to): set by whatever may start a debt, so an
+    /// idle connection runs no timer.
+    rate_armed: AtomicBool,
+    /// Wakes the rate watch when `rate_armed` goes up.
+    rate_wake: Notify,
+    /// The connection's socket, to reset it when a client is cut off (see [`cut_off`]).
+    socket: std::os::fd::RawFd,
 }
 
 impl Activity {
-    fn new() -> Arc<Activity> {
+    /// The activity of the connection on `socket` (its descriptor, see [`cut_off`]).
+    fn new(socket: std::os::fd::RawFd) -> Arc<Activity> {
         Arc::new(Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -121,6 +150,11 @@ impl Activity {
             work_ms: AtomicU64::new(NOT_H2),
             in_flight: AtomicUsize::new(0),
             all_done: Notify::new(),
+            written: AtomicU64::new(0),
+            waiting_bodies: AtomicUsize::new(0),
+            rate_armed: AtomicBool::new(false),
+            rate_wake: Notify::new(),
+            socket,
         })
     }
     /// From now on idleness counts from stream work, not bytes (HTTP/2).
@@ -144,15 +178,19 @@ impl Activity {
         match result {
             Poll::Ready(Ok(n)) if *n > 0 => {
                 self.touch();
-                self.write_blocked_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+                self.written.fetch_add(*n as u64, Ordering::Relaxed);
+                self.write_blocked_ms.store(NOT_BLOCKED, Ordering::SeqCst);
             }
             Poll::Pending => {
-                let _ = self.write_blocked_ms.compare_exchange(
+                let started = self.write_blocked_ms.compare_exchange(
                     NOT_BLOCKED,
                     self.now_ms(),
-                    Ordering::Relaxed,
+                    Ordering::SeqCst,
                     Ordering::Relaxed,
                 );
+                if started.is_ok() {
+                    self.arm_rate_watch();
+                }
             }
             Poll::Ready(_) => {}
         }
@@ -161,6 +199,16 @@ impl Activity {
     fn write_blocked_for(&self) -> Option<Duration> {
         let since = self.write_blocked_ms.load(Ordering::Relaxed);
         (since != NOT_BLOCKED).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
+    }
+    /// Data is waiting for the client: a write the socket refused, or a chunk hyper holds.
+    fn owes_client(&self) -> bool {
+        self.waiting_bodies.load(Ordering::SeqCst) > 0
+            || self.write_blocked_ms.load(Ordering::SeqCst) != NOT_BLOCKED
+    }
+    fn arm_rate_watch(&self) {
+        if !self.rate_armed.swap(true, Ordering::SeqCst) {
+            self.rate_wake.notify_one();
+        }
     }
     fn idle_for(&self) -> Duration {
         let last = match self.work_ms.load(Ordering::Relaxed) {
@@ -595,6 +643,155 @@ async fn write_stalled(activity: &Activity, limit: Duration) {
     }
 }
 
+/// Samples of the written-bytes count per `min_send_rate_window`.
+const RATE_STEPS: u32 = 5;
+
+/// Resolves once the connection owed the client data at every sample over a whole `window`
+/// (sampled every fifth of it, from when the debt started) and the client took less than
+/// `rate` bytes/s over it. Runs no timer while nothing is owed: whatever starts a debt (a
+/// chunk handed to hyper, a refused write) wakes it, and it looks again only a step later,
+/// so a connection answering request after request wakes it once per step, not per request.
+async fn too_slow(activity: &Activity, rate: u64, window: Duration) {
+    if rate == 0 || window.is_zero() {
+        return std::future::pending().await;
+    }
+    let step = window / RATE_STEPS;
+    let least = (rate as f64 * window.as_secs_f64()) as u64;
+    let mut written: VecDeque<u64> = VecDeque::with_capacity(RATE_STEPS as usize + 1);
+    loop {
+        // Armed already (by a debt a watch dropped before this one saw): no wake will come.
+        if !activity.rate_armed.load(Ordering::SeqCst) {
+            activity.rate_wake.notified().await;
+        }
+        // Where the client stood when the debt started.
+        written.clear();
+        written.push_back(activity.written.load(Ordering::Relaxed));
+        loop {
+            tokio::time::sleep(step).await;
+            if !activity.owes_client() {
+                activity.rate_armed.store(false, Ordering::SeqCst);
+                // A debt that started just before the store saw the watch armed and did not
+                // wake it: look once more now that new debts will.
+                if !activity.owes_client() {
+                    break;
+                }
+                activity.rate_armed.store(true, Ordering::SeqCst);
+                written.clear();
+            }
+            written.push_back(activity.written.load(Ordering::Relaxed));
+            if written.len() > RATE_STEPS as usize {
+                let first = written.pop_front().unwrap_or_default();
+                let last = written.back().copied().unwrap_or_default();
+                if last.saturating_sub(first) < least {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 response body that tells its connection's [`Activity`] when it has handed
+    /// hyper a chunk that hyper has not finished with (it asks for the next one only once it
+    /// has sent, or buffered, this one): data waiting for the client.
+    pub struct Metered<B> {
+        #[pin]
+        inner: B,
+        activity: Arc<Activity>,
+        // This body is counted in `waiting_bodies` (pin-project-lite takes no field docs
+        // in a struct with a `PinnedDrop`).
+        waiting: bool,
+    }
+
+    impl<B> PinnedDrop for Metered<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.waiting {
+                this.activity.waiting_bodies.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Metered<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        if std::mem::take(this.waiting) {
+            this.activity.waiting_bodies.fetch_sub(1, Ordering::SeqCst);
+        }
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if frame.data_ref().is_some_and(bytes::Buf::has_remaining) {
+                *this.waiting = true;
+                this.activity.waiting_bodies.fetch_add(1, Ordering::SeqCst);
+                this.activity.arm_rate_watch();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An HTTP/2 connection's service with every response body [`Metered`].
+struct MeteredService<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<http::Request<hyper::body::Incoming>> for MeteredService<S>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+{
+    type Response = http::Response<Metered<B>>;
+    type Error = S::Error;
+    type Future = MeteredFuture<S::Future>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        MeteredFuture {
+            inner: self.inner.call(req),
+            activity: self.activity.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct MeteredFuture<F> {
+        #[pin]
+        inner: F,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<F, B, E> std::future::Future for MeteredFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<Metered<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(resp.map(|inner| Metered {
+            inner,
+            activity: this.activity.clone(),
+            waiting: false,
+        })))
+    }
+}
+
 /// Resolves when the accept loop asks for room and this connection has been idle long enough.
 async fn shed_requested(shed: &Notify, activity: &Activity) {
     loop {
@@ -628,7 +825,7 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let activity = Activity::new();
+    let activity = Activity::new(std::os::fd::AsRawFd::as_raw_fd(&stream));
     let service = Counted {
         inner: service,
         activity: activity.clone(),
@@ -755,9 +952,12 @@ async fn tls_accept(
     }
 }
 
-/// The HTTP/2 connection `run` drives (hyper's, on tokio).
-type Http2Conn<I, S> =
-    hyper::server::conn::http2::Connection<TokioIo<FrameWatch<I>>, S, TokioExecutor>;
+/// The HTTP/2 connection `run` drives (hyper's, on tokio, response bodies metered).
+type Http2Conn<I, S> = hyper::server::conn::http2::Connection<
+    TokioIo<FrameWatch<I>>,
+    MeteredService<S>,
+    TokioExecutor,
+>;
 
 /// Serves `io` with `protocol` until the connection closes.
 async fn run<I, S, B>(
@@ -797,6 +997,14 @@ async fn run<I, S, B>(
         }
         Protocol::Http2 => {
             let io = TokioIo::new(FrameWatch::new(io, activity.clone()));
+            // Only HTTP/2 bodies are metered: an HTTP/1 response that waits for its client
+            // always shows as a refused write, while an HTTP/2 stream without window leaves
+            // the socket writable. (Wrapping costs a move of each request's future, ~800
+            // instructions per HTTP/1 request measured, for nothing there.)
+            let service = MeteredService {
+                inner: service,
+                activity: activity.clone(),
+            };
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
@@ -827,12 +1035,26 @@ async fn drive<C: std::future::Future>(
         _ = stopped(shutdown) => {}
         _ = idle_expired(activity, settings.idle_timeout) => {}
         _ = shed_requested(shed, activity) => {}
-        _ = write_stalled(activity, settings.send_timeout) => return stalled(settings),
+        _ = write_stalled(activity, settings.send_timeout) => {
+            stalled(settings);
+            return cut_off(activity);
+        }
+        _ = too_slow(activity, settings.min_send_rate, settings.min_send_rate_window) => {
+            below_min_rate(settings);
+            return cut_off(activity);
+        }
     }
     close(conn.as_mut());
     tokio::select! {
         _ = tokio::time::timeout(settings.close_grace, conn) => {}
-        _ = write_stalled(activity, settings.send_timeout) => stalled(settings),
+        _ = write_stalled(activity, settings.send_timeout) => {
+            stalled(settings);
+            cut_off(activity);
+        }
+        _ = too_slow(activity, settings.min_send_rate, settings.min_send_rate_window) => {
+            below_min_rate(settings);
+            cut_off(activity);
+        }
         _ = settled(activity) => {}
     }
 }
@@ -854,13 +1076,51 @@ async fn settled(activity: &Activity) {
     }
 }
 
+/// Makes the coming close of a cut-off connection a reset (`SO_LINGER` 0, as nginx's
+/// `reset_timedout_connection`): a plain close would still trickle out what the kernel holds
+/// for the client (megabytes on loopback) before the FIN, so the client would keep reading
+/// and the kernel keep that memory. Called while the connection (and so the socket) is still
+/// open; it is dropped right after.
+fn cut_off(activity: &Activity) {
+    let fd = activity.socket;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is the connection's socket, open until the caller drops the connection
+    // after this returns; setsockopt reads `linger` only for the duration of the call.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "SO_LINGER not set on a cut-off connection");
+    }
+}
+
 /// The client stopped reading: the connection is dropped (not closed gracefully: the
-/// response it is stuck on would never finish), which frees what the response held.
+/// response it is stuck on would never finish) and reset, which frees what the response held.
 fn stalled(settings: &ConnSettings) {
     metrics::counter!("gateway_connections_closed_total", "reason" => "send_timeout").increment(1);
     tracing::info!(
         send_timeout_ms = settings.send_timeout.as_millis() as u64,
         "client stopped reading; connection closed"
+    );
+}
+
+/// The client took data too slowly for a whole window: dropped like a stalled one (what it
+/// was sent so far is all it gets), freeing what its responses held.
+fn below_min_rate(settings: &ConnSettings) {
+    metrics::counter!("gateway_connections_closed_total", "reason" => "min_send_rate").increment(1);
+    tracing::info!(
+        min_send_rate = settings.min_send_rate,
+        window_ms = settings.min_send_rate_window.as_millis() as u64,
+        "client took response data below the minimum rate; connection closed"
     );
 }
 
@@ -927,7 +1187,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_close_waits_for_requests_in_flight_and_nothing_else() {
-        let activity = Activity::new();
+        let activity = Activity::new(-1);
         // Nothing in flight: settled after the flush time.
         let started = Instant::now();
         settled(&activity).await;
@@ -970,5 +1230,67 @@ mod tests {
             tokio::time::advance(Duration::from_millis(100)).await;
             assert!(b.spend(1));
         }
+    }
+
+    /// Drives `too_slow` while the client takes `per_100ms` bytes every 100 ms; how long it
+    /// took to cut, or `None` if it did not within `limit`.
+    async fn cut_after(a: &Activity, per_100ms: u64, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let watch = too_slow(a, 1024, Duration::from_secs(10));
+        tokio::pin!(watch);
+        while started.elapsed() < limit {
+            tokio::select! {
+                _ = &mut watch => return Some(started.elapsed()),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    a.written.fetch_add(per_100ms, Ordering::Relaxed);
+                }
+            }
+        }
+        None
+    }
+
+    /// A chunk handed to hyper and not finished with, as [`Metered`] records it.
+    fn owe(a: &Activity) {
+        a.waiting_bodies.fetch_add(1, Ordering::SeqCst);
+        a.arm_rate_watch();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_below_the_rate_for_a_whole_window_is_cut() {
+        let a = Activity::new(-1);
+        owe(&a);
+        // 500 B/s against 1 KiB/s over 10 s.
+        let took = cut_after(&a, 50, Duration::from_secs(60)).await;
+        let took = took.expect("never cut");
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_secs(13),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_above_the_rate_is_never_cut() {
+        let a = Activity::new(-1);
+        owe(&a);
+        // 2 KiB/s.
+        assert_eq!(cut_after(&a, 200, Duration::from_secs(60)).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_owes_nothing_and_the_window_starts_with_the_debt() {
+        let a = Activity::new(-1);
+        // Nothing waits for the client (an event stream between events): however little
+        // it takes, no cut, and no timer runs.
+        assert_eq!(cut_after(&a, 0, Duration::from_secs(60)).await, None);
+        // A refused write starts a debt; the window is measured from then.
+        a.wrote(&Poll::Pending);
+        let took = cut_after(&a, 0, Duration::from_secs(60)).await;
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(13)),
+            "{took:?}"
+        );
+        // Paid off (the write got through, nothing else waits): no cut after that.
+        a.wrote(&Poll::Ready(Ok(100)));
+        assert_eq!(cut_after(&a, 0, Duration::from_secs(60)).await, None);
     }
 }

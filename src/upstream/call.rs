@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use http::{Extensions, StatusCode};
 use reqwest::Response;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// How one call may use the upstream; set per route by the proxy handler.
@@ -44,7 +43,7 @@ pub struct Delivered {
     pub attempts: u32,
     /// One of the upstream's connection slots (the bulkhead, `max_connections`): the
     /// connection stays busy until the body is read, so keep this with the body.
-    pub slot: Option<OwnedSemaphorePermit>,
+    pub slot: super::bulkhead::Slot,
 }
 
 /// Why no upstream response can be delivered.
@@ -59,6 +58,10 @@ pub enum UpstreamError {
     /// The breaker refused the call without contacting the upstream.
     #[error("circuit open; next probe in {retry_after:?}")]
     CircuitOpen { retry_after: Duration },
+    /// The client already holds (or waits for) `limit` of the upstream's slots, its share:
+    /// refused without contacting the upstream (see `bulkhead`).
+    #[error("client holds its share of the upstream's slots ({limit})")]
+    ClientShare { limit: usize },
 }
 
 /// A call was refused without contacting the upstream because the circuit is open.

@@ -5,7 +5,7 @@
 //! every call to an upstream, token verification included, goes through it:
 //!
 //! ```text
-//! deadline + bulkhead (Pipeline::send)
+//! client share + deadline + bulkhead (Pipeline::send_for)
 //!   -> retry (503 + connect errors, budget, backoff with full jitter, Retry-After; a retry
 //!      or hedge goes to another instance)
 //!   -> attempt record (one tracing event + metrics per attempt)
@@ -16,6 +16,7 @@
 //!   -> the chosen instance's pooled reqwest client
 //! ```
 //!
+//! - [`bulkhead`]: the slots of one upstream and each client's share of them.
 //! - [`call`]: the per-call types: options, results, outcomes, and the state the layers of
 //!   one call share through the request's `Extensions`.
 //! - [`pipeline`]: the composition and [`Pipeline::send`].
@@ -41,6 +42,7 @@
 mod backoff;
 pub mod balancer;
 pub mod breaker;
+pub mod bulkhead;
 pub mod cache;
 pub mod call;
 pub mod client;
@@ -71,6 +73,7 @@ pub fn register_zeroes(upstream: &str) {
         counter!("gateway_upstream_attempts_total", "upstream" => u.clone(), "outcome" => outcome)
             .increment(0);
     }
+    metrics::gauge!("gateway_upstream_in_flight", "upstream" => u.clone()).increment(0.0);
     for family in [
         "gateway_upstream_retry_budget_exhausted_total",
         "gateway_upstream_hedges_total",

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use http::Extensions;
 use reqwest::{Request, Response};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::balancer::{Balancer, Chosen, Dispatch};
 use super::breaker::{any_instance_healthy, Breaker, BreakerLayer, CallPermit};
+use super::bulkhead::Bulkhead;
 use super::call::{
     error_chain, instant_after, Call, CallOptions, Delivered, Outcome, UpstreamError,
 };
@@ -23,6 +23,7 @@ use super::discovery::{self, Resolve, SystemResolver, Target};
 use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
 use super::timeout::AttemptTimeout;
+use crate::client::ClientKey;
 use crate::config::UpstreamConfig;
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 use crate::observability::otlp::{self, Exporter, SpanRecord};
@@ -165,8 +166,9 @@ pub struct Pipeline {
     instances: Arc<InstanceSet>,
     /// The bulkhead: calls in flight, hence pooled connections, to this upstream at most
     /// `max_connections`; more wait, within their deadline, for a free slot. Without it, 1,000
-    /// concurrent clients meant 1,000 upstream connections (and their buffers and tasks).
-    slots: Arc<Semaphore>,
+    /// concurrent clients meant 1,000 upstream connections (and their buffers and tasks). No
+    /// client holds more than `max_client_share` of them.
+    bulkhead: Bulkhead,
     /// Where the attempt layer sends its spans.
     spans: SpanSink,
 }
@@ -258,7 +260,6 @@ impl Pipeline {
                 cfg.breaker.probe_interval.0,
             ));
         }
-        let slots = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Pipeline {
             upstream,
             client,
@@ -266,7 +267,7 @@ impl Pipeline {
             budget,
             max_retries: cfg.retry.max_retries,
             instances,
-            slots: Arc::new(Semaphore::new(slots)),
+            bulkhead: Bulkhead::new(name, cfg.max_connections, cfg.max_client_share),
             spans,
         })
     }
@@ -289,17 +290,40 @@ impl Pipeline {
         &self.breaker
     }
 
+    /// The slots, for `/admin/upstreams` (`in_flight`).
+    pub fn bulkhead(&self) -> &Bulkhead {
+        &self.bulkhead
+    }
+
     /// Sends `req` (its body must be buffered, so that retries can clone it) through the stack.
     ///
     /// Any upstream answer, 5xx included, is `Ok` (the client gets it untouched); `Err` means
     /// there is no answer to give: [`UpstreamError::CircuitOpen`] without contacting the
     /// upstream, [`UpstreamError::Timeout`] when an attempt or the deadline ran out,
     /// [`UpstreamError::Unavailable`] when the connection failed on the last attempt.
+    ///
+    /// Bounded by the slots only; a call made for a client is [`Pipeline::send_for`].
     pub async fn send(
         &self,
         req: Request,
         options: CallOptions,
     ) -> Result<Delivered, UpstreamError> {
+        self.send_for(None, req, options).await
+    }
+
+    /// [`Pipeline::send`] on behalf of `client`, counted against its share of the slots:
+    /// [`UpstreamError::ClientShare`] at once, without contacting the upstream or counting
+    /// for the breaker and the retry budget, when it already holds or waits for its share.
+    pub async fn send_for(
+        &self,
+        client: Option<ClientKey>,
+        req: Request,
+        options: CallOptions,
+    ) -> Result<Delivered, UpstreamError> {
+        let entry = self
+            .bulkhead
+            .enter(client)
+            .map_err(|e| UpstreamError::ClientShare { limit: e.limit })?;
         let deadline = instant_after(Instant::now(), options.deadline);
         // Every call earns retry budget, whether or not it needs a retry.
         self.budget.deposit();
@@ -316,7 +340,7 @@ impl Pipeline {
         // connection slot included. The attempt timeout is clamped to it too, so this rarely
         // fires during an attempt; it is the backstop.
         let result = tokio::time::timeout_at(deadline, async {
-            let slot = self.slots.clone().acquire_owned().await.ok();
+            let slot = entry.acquire().await;
             let response = self
                 .client
                 .execute_with_extensions(req, &mut extensions)
