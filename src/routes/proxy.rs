@@ -14,7 +14,7 @@ use super::buffer::{self, BufferBudget, ReadAhead, Whole};
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::outgoing::{Outgoing, Target};
 // Where the URL helpers were first published (the server and the URL tests use them here).
-pub use super::outgoing::{parse_base, parse_upstream_url, upstream_path, upstream_url};
+pub use super::outgoing::{parse_base, parse_upstream_url, upstream_url};
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
 use crate::error::GatewayError;
