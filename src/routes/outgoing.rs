@@ -133,11 +133,6 @@ impl<'a> Outgoing<'a> {
         }
     }
 
-    /// The options of a proxied call for the client's `method`.
-    pub(super) fn options(&self, method: &Method) -> CallOptions {
-        CallOptions::for_method(method, limits(self.route))
-    }
-
     /// A proxied request: `method` (a cache fill asks GET for a client's HEAD) to `target`,
     /// with the client's `headers` made fit to forward and its buffered `body`, sent when
     /// there is one or the client's method may carry one.
@@ -149,7 +144,8 @@ impl<'a> Outgoing<'a> {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamRequest, GatewayError> {
-        let options = self.options(client_method);
+        // Retries and hedging follow what the client asked for.
+        let options = CallOptions::for_method(client_method, limits(self.route));
         let mut req = self.build(method, target, headers, options)?;
         if !body.is_empty() || !matches!(*client_method, Method::GET | Method::HEAD) {
             req.set_body(body);
