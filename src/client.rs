@@ -10,12 +10,58 @@
 //! Cloudflare and most rate limiters do). IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, what
 //! a dual-stack listener reports for IPv4 peers) are the IPv4 client they stand for.
 //!
-//! The key is computed once per request (`routes::RequestCtx`), from the address trusted
-//! proxies let us tell (`ratelimit::client_ip`), never re-derived by each policy.
+//! Which address that is: the TCP peer, unless the peer is a configured trusted proxy, whose
+//! `Forwarded` / `X-Forwarded-For` then names the client ([`forwarded`]). [`Client::resolve`]
+//! does both once per request, for the request's context (`routes::RequestCtx`); every
+//! policy takes the key from there, never re-deriving it.
+//!
+//! - this file: [`ClientKey`] and [`Client`], the resolved request origin.
+//! - [`forwarded`]: reading the client address out of a trusted proxy's forwarding headers.
+
+pub mod forwarded;
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+
+use http::HeaderMap;
+use ipnet::IpNet;
+
+pub use forwarded::client_ip;
+
+/// Where a request comes from, resolved once when it arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Client {
+    /// The TCP peer is a trusted proxy: its forwarding headers are kept and believed.
+    pub peer_trusted: bool,
+    /// Who the request is counted against (see [`ClientKey`]).
+    pub key: ClientKey,
+}
+
+impl Client {
+    /// The client of a request from `peer` with these headers: the peer itself, or, when the
+    /// peer is one of `trusted_proxies`, the address they forwarded for; IPv6 grouped by
+    /// `ipv6_prefix`.
+    pub fn resolve(
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        trusted_proxies: &[IpNet],
+        ipv6_prefix: u8,
+    ) -> Client {
+        // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 proxies.
+        let peer_ip = peer.ip().to_canonical();
+        let peer_trusted = forwarded::trusted(peer_ip, trusted_proxies);
+        let ip = if peer_trusted {
+            forwarded::behind_proxy(peer_ip, headers, trusted_proxies)
+        } else {
+            peer_ip
+        };
+        Client {
+            peer_trusted,
+            key: ClientKey::new(ip, ipv6_prefix),
+        }
+    }
+}
 
 /// The client a request is counted against: an IPv4 address, or an IPv6 network of the
 /// configured prefix length.
@@ -134,6 +180,24 @@ mod tests {
         assert_ne!(key("192.0.2.8", 64), v4);
         assert_eq!(v4.to_string(), "192.0.2.7");
         assert_eq!(v4.prefix_len(), 32);
+    }
+
+    #[test]
+    fn forwarding_headers_name_the_client_only_behind_a_trusted_proxy() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        let proxies: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let via_proxy = Client::resolve("10.0.0.5:4000".parse().unwrap(), &h, &proxies, 64);
+        assert!(via_proxy.peer_trusted);
+        assert_eq!(via_proxy.key, key("203.0.113.9", 64));
+        let direct = Client::resolve("198.51.100.1:4000".parse().unwrap(), &h, &proxies, 64);
+        assert!(!direct.peer_trusted);
+        assert_eq!(direct.key, key("198.51.100.1", 64));
+        // A mapped IPv4 peer is the IPv4 proxy it stands for; an IPv6 client is its /64.
+        h.insert("x-forwarded-for", "2001:db8:1:2::77".parse().unwrap());
+        let mapped = Client::resolve("[::ffff:10.0.0.5]:4000".parse().unwrap(), &h, &proxies, 64);
+        assert!(mapped.peer_trusted);
+        assert_eq!(mapped.key, key("2001:db8:1:2::1", 64));
     }
 
     #[test]

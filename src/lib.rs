@@ -4,14 +4,16 @@
 //! A request's path through the house, one module per stage:
 //!
 //! * [`server`]: listeners, connection limits, header-read and send timeouts and the minimum
-//!   send rate, CORS, graceful drain; `server::check` is everything `serve` refuses a
+//!   send rate, graceful drain; `server::check` is everything `serve` refuses a
 //!   configuration for.
 //! * [`observability`]: the outermost layer: request id, panic -> 500, JSON access log,
 //!   Prometheus metrics (one way to keep metric handles: `metrics::with_kept`).
 //! * [`routes`]: the shared state, one `RequestCtx` per request and the handler as named
 //!   phases (match route -> check -> identity -> rate limit -> proxy -> respond); the route
-//!   table and templates, which headers cross (`routes::headers`), response bodies held for
-//!   slow clients (`routes::buffer`), the OpenAPI document and the admin listener.
+//!   table and templates, which headers cross (`routes::headers`), the one builder of the
+//!   request sent upstream for a client (`routes::outgoing`), CORS (`routes::cors`, also the
+//!   WebSocket `Origin` check), response bodies held for slow clients (`routes::buffer`)
+//!   and the OpenAPI document.
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens (remotely
 //!   through the auth upstream's pipeline, or local JWTs); counts failed verifications.
 //! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process
@@ -25,7 +27,8 @@
 //!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
 //!   its policies are `routes::websocket`.
 //! * [`client`]: [`client::ClientKey`], who a request is counted against (an IPv4 address or
-//!   an IPv6 prefix, /64 by default): the one key of every per-client policy.
+//!   an IPv6 prefix, /64 by default): the one key of every per-client policy, resolved once
+//!   per request from the peer or a trusted proxy's forwarding headers.
 //! * [`config`]: the ground floor: every settings type with its defaults and validation
 //!   (errors name the field), the embedded DeltaStream route table (with `config::responses`:
 //!   what each route's service answers, for the OpenAPI document; `config::schema` reads and

@@ -27,7 +27,6 @@ use crate::upstream::Pipeline;
 
 pub mod admin;
 mod conn;
-mod cors;
 pub mod fds;
 mod listener;
 pub mod memory;
@@ -193,6 +192,7 @@ pub async fn build_state(
             .filter_map(|c| parse_cidr(c))
             .collect(),
         header_policy: crate::routes::headers::HeaderPolicy::new(&cfg.headers.strip_from_untrusted),
+        cors: routes::cors::Cors::new(&cfg.cors),
         openapi: Bytes::from(openapi),
         ws_connections: previous
             .map(|p| p.ws_connections.clone())
@@ -466,20 +466,20 @@ async fn serve_public(
                 let spans = live.app.spans.clone();
                 // HSTS means something over TLS only (RFC 6797 section 8.1).
                 let hsts = live.hsts.clone().filter(|_| tls);
-                let mut resp = access(Some(peer), req, spans, |req, rid| async move {
+                let mut resp = access(Some(peer), req, spans, |req, rid, trace| async move {
                     // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
                     if req.method() == http::Method::OPTIONS {
-                        return (live.cors.preflight(req.headers()), RouteInfo::default());
+                        return (live.app.cors.preflight(req.headers()), RouteInfo::default());
                     }
-                    let origin = live.cors.allowed_origin(req.headers());
+                    let origin = live.app.cors.allowed_origin(req.headers());
                     // Not boxed: hyper keeps each connection's in-flight future in one box
                     // of its own, reused request after request. The handler's future is
                     // ~4.5 KB since the big parts (the upstream call, token verification)
                     // are boxed where they are awaited; boxing it whole here cost every
                     // request, cache hits included, an 11.8 KB allocation and copy.
                     let (mut resp, info) =
-                        routes::handle(live.app.clone(), req, rid, peer, tls).await;
-                    live.cors.apply(origin, resp.headers_mut());
+                        routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
+                    live.app.cors.apply(origin, resp.headers_mut());
                     (resp, info)
                 })
                 .await;

@@ -12,11 +12,11 @@ mod support;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use deltastream_gateway::client::ClientKey;
+use deltastream_gateway::client::{client_ip, ClientKey};
 use deltastream_gateway::config::Dur;
 use deltastream_gateway::config::{KeySource, OnRedisError, PolicyConfig, RateLimitConfig};
 use deltastream_gateway::ratelimit::{
-    client_ip, BackendState, Decision, DecisionSource, PolicyId, RateLimiter, Subject,
+    BackendState, Decision, DecisionSource, PolicyId, RateLimiter, Subject,
 };
 use http::{HeaderMap, HeaderValue};
 use support::redis::{RedisCluster, RedisServer};

@@ -6,7 +6,7 @@
 #![no_main]
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use deltastream_gateway::ratelimit::client_ip;
+use deltastream_gateway::client::client_ip;
 use deltastream_gateway::routes::headers::{upstream_headers, HeaderPolicy};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;

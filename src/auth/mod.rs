@@ -20,7 +20,7 @@ pub mod guard;
 
 use crate::config::{AuthConfig, AuthMode, JwtAlgorithm};
 use crate::error::GatewayError;
-use crate::upstream::{CallOptions, Pipeline};
+use crate::upstream::{CallLimits, CallOptions, Pipeline, UpstreamRequest};
 
 pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 pub static X_USER_EMAIL: HeaderName = HeaderName::from_static("x-user-email");
@@ -347,21 +347,17 @@ async fn verify_remote(
     let started = tokio::time::Instant::now();
     let body = serde_json::to_vec(&serde_json::json!({ "token": token }))
         .map_err(|_| GatewayError::Internal)?;
-    let mut req = reqwest::Request::new(http::Method::POST, url.clone());
+    // The gateway's own call: none of a client's headers, no client's share of the slots,
+    // and no client's trace (concurrent requests with one token share this one call).
+    let method = http::Method::POST;
+    let options = CallOptions::for_method(&method, CallLimits::within(timeout));
+    let mut req = UpstreamRequest::new(method, url.clone(), options);
     req.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    *req.body_mut() = Some(reqwest::Body::from(body));
-    let options = CallOptions {
-        deadline: timeout,
-        attempt_timeout: timeout,
-        idempotent: false,
-        retry_non_idempotent: false,
-        max_retries: None,
-        hedge_after: None,
-    };
-    let delivered = match pipeline.send(req, options).await {
+    req.set_body(bytes::Bytes::from(body));
+    let delivered = match pipeline.send_request(req).await {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "token verification: auth service unavailable");

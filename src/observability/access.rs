@@ -8,34 +8,18 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue};
 
 use super::metrics::{method_label, record_error, record_request, status_class};
 use super::otlp::{Exporter, Kind, SpanRecord, Value};
+use super::trace::TraceContext;
 use crate::error::{ErrorReply, GatewayError};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The request's id, from a well-formed client `X-Request-Id` or freshly made.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub HeaderValue);
-
-impl RequestId {
-    pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or("")
-    }
-}
-
-/// The TCP peer, as a request extension for the axum form of the layer ([`access_layer`]);
-/// the gateway's own server passes it to [`access`] directly.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
-
-/// What the handler learned that the access log needs: returned beside the response (or, in
-/// the axum form of the layer, set as a response extension).
+/// What the handler learned that the access log needs: returned beside the response.
 #[derive(Clone, Debug, Default)]
 pub struct RouteInfo {
     pub route: Option<Arc<str>>,
@@ -59,25 +43,13 @@ pub(crate) fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
-/// The layer as axum middleware (`axum::middleware::from_fn(access_layer)`).
-/// The gateway's own server calls [`access`] directly, without axum's boxed `Next`.
-/// The request id reaches the rest of the stack as a [`RequestId`] request extension, the peer
-/// is read from a [`ClientAddr`] one, and the route from a [`RouteInfo`] response extension.
-pub async fn access_layer(req: Request, next: Next) -> Response {
-    let remote = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    access(remote, req, None, |mut req, rid| async move {
-        req.extensions_mut().insert(RequestId(rid));
-        let mut resp = next.run(req).await;
-        let info = resp.extensions_mut().remove::<RouteInfo>();
-        (resp, info.unwrap_or_default())
-    })
-    .await
-}
-
 /// Request id, panic guard, metrics and the access line around `inner` (the rest of the stack),
-/// which gets the request and its id and answers with the response and what it routed to.
-/// Passed as arguments rather than request/response extensions: the first insert into an
-/// extension map allocates a hash map, and three of them cost ~1,500 instructions per request.
+/// which gets the request, its id and its trace context and answers with the response and
+/// what it routed to. Passed as arguments rather than request/response extensions: the first
+/// insert into an extension map allocates a hash map, and three of them cost ~1,500
+/// instructions per request. The trace travels as a value from here to the request sent
+/// upstream (which gets its `traceparent` from it) and to the pipeline's attempt spans: the
+/// client's header is parsed once, here.
 pub async fn access<F, Fut>(
     remote: Option<SocketAddr>,
     req: Request,
@@ -85,7 +57,7 @@ pub async fn access<F, Fut>(
     inner: F,
 ) -> Response
 where
-    F: FnOnce(Request, HeaderValue) -> Fut,
+    F: FnOnce(Request, HeaderValue, TraceContext) -> Fut,
     Fut: std::future::Future<Output = (Response, RouteInfo)>,
 {
     let start = Instant::now();
@@ -98,13 +70,11 @@ where
     let uri = req.uri().clone();
     // W3C trace context: the client's trace continues (or one starts here), with the gateway
     // as the parent of what the upstream sees.
-    let mut req = req;
-    let trace = super::trace::TraceContext::continue_or_start(req.headers());
-    trace.forward(req.headers_mut());
+    let trace = TraceContext::continue_or_start(req.headers());
 
     // `inner` is called inside the guard too: whatever it runs before its first await is covered.
     let inner_rid = rid.clone();
-    let (mut resp, info) = match AssertUnwindSafe(async move { inner(req, inner_rid).await })
+    let (mut resp, info) = match AssertUnwindSafe(async move { inner(req, inner_rid, trace).await })
         .catch_unwind()
         .await
     {
@@ -185,7 +155,7 @@ struct PendingLine {
     reason: &'static str,
     remote: Option<SocketAddr>,
     request_id: HeaderValue,
-    trace: super::trace::TraceContext,
+    trace: TraceContext,
 }
 
 impl PendingLine {

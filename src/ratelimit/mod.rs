@@ -6,7 +6,6 @@
 //! - `local`: the same algorithm in process, for no-Redis setups and Redis outages.
 //! - `keys`: subject hashing and the Redis key layout (hash tags for Cluster).
 //! - `headers`: `RateLimit` / `RateLimit-Policy` / `Retry-After` formatting.
-//! - `client_ip`: the client address, honouring forwarding headers only from trusted proxies.
 //!
 //! Redis is guarded by a small breaker: after a failure or timeout, requests are decided
 //! without touching Redis while a background task probes it with growing backoff (1 s doubling
@@ -14,7 +13,6 @@
 //! as `gateway_ratelimit_backend{state}`; every decision is counted in
 //! `gateway_ratelimit_decisions_total{policy,decision}`.
 
-pub mod client_ip;
 mod headers;
 mod keys;
 mod local;
@@ -28,7 +26,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use self::client_ip::client_ip;
 pub use self::headers::{RATELIMIT, RATELIMIT_POLICY};
 use crate::config::ratelimit::{parse_redis_target, MAX_WINDOW};
 use crate::config::{KeySource, OnRedisError, RateLimitConfig};

@@ -8,10 +8,15 @@
 //! ```
 //!
 //! Like pingora-proxy's `ProxyHttp` phases, but plain functions over one [`RequestCtx`].
+//! Every request sent upstream for a client (proxied, cache fill, WebSocket handshake) is
+//! built by `outgoing` (pingora's `upstream_request_filter`); [`cors`] is the one CORS
+//! policy, the listener's answers and the WebSocket `Origin` check alike.
 
 mod buffer;
+pub mod cors;
 pub mod docs;
 pub mod headers;
+mod outgoing;
 pub mod proxy;
 pub mod table;
 pub mod template;
@@ -29,11 +34,12 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use crate::auth::guard::FailureGuard;
 use crate::auth::{bearer_token, strip_identity_headers, Identity, TokenVerifier};
-use crate::client::ClientKey;
+use crate::client::{Client, ClientKey};
 use crate::config::{Config, RouteKind};
 use crate::error::{ErrorReply, GatewayError};
 use crate::observability::access::RouteInfo;
-use crate::ratelimit::{client_ip, Decision, RateLimiter, Subject};
+use crate::observability::trace::TraceContext;
+use crate::ratelimit::{Decision, RateLimiter, Subject};
 use crate::upstream::cache::ResponseCache;
 use crate::upstream::{Pipeline, UpstreamError};
 pub use buffer::BufferBudget;
@@ -84,7 +90,7 @@ impl UpstreamRuntime {
 
 /// Everything a request needs, built once at startup and shared.
 pub struct AppState {
-    /// The configuration this state was built from (CORS, the admin listener).
+    /// The configuration this state was built from (the admin listener, limits).
     pub config: Config,
     /// Public routes, most specific first.
     pub table: RouteTable,
@@ -111,6 +117,9 @@ pub struct AppState {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Which client headers may cross to the upstreams (`[headers]`).
     pub header_policy: headers::HeaderPolicy,
+    /// `[cors]`, every header value computed once: the listener's CORS answers and the
+    /// WebSocket handshake's `Origin` check.
+    pub cors: cors::Cors,
     /// The OpenAPI document, rendered once from the route table.
     pub openapi: Bytes,
     /// `/health`'s body, rendered once.
@@ -150,6 +159,9 @@ pub struct RequestCtx<'a> {
     pub peer_trusted: bool,
     /// The request arrived over TLS (`X-Forwarded-Proto: https`).
     pub tls: bool,
+    /// Its place in the W3C trace (parsed once by the access layer): the upstream's
+    /// `traceparent` and the parent of the pipeline's attempt spans.
+    pub trace: TraceContext,
     /// The client as far as trusted proxies let us tell, IPv6 grouped by prefix: the key of
     /// every per-client policy (rate limits, failed verifications, WebSocket and slot caps).
     pub client: ClientKey,
@@ -168,21 +180,24 @@ impl<'a> RequestCtx<'a> {
     fn new(
         app: &AppState,
         request_id: &'a HeaderValue,
+        trace: TraceContext,
         peer: SocketAddr,
         tls: bool,
         headers: &HeaderMap,
     ) -> Self {
-        // Canonical form, so an IPv4 client on a dual-stack listener matches IPv4 proxies.
-        let peer_ip = peer.ip().to_canonical();
+        let client = Client::resolve(
+            peer,
+            headers,
+            &app.trusted_proxies,
+            app.config.server.ipv6_client_prefix,
+        );
         RequestCtx {
             request_id,
             peer,
-            peer_trusted: app.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+            peer_trusted: client.peer_trusted,
             tls,
-            client: ClientKey::new(
-                client_ip(peer, headers, &app.trusted_proxies),
-                app.config.server.ipv6_client_prefix,
-            ),
+            trace,
+            client: client.key,
             label: None,
             route: None,
             identity: None,
@@ -211,18 +226,19 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     resp
 }
 
-/// The single entry point for every public request: `rid` is its request id, `peer` the TCP
-/// peer, `tls` whether it came over TLS. Returns the response and, for the access log, the
-/// route and upstream it took.
+/// The single entry point for every public request: `rid` is its request id, `trace` its
+/// trace context (both from the access layer), `peer` the TCP peer, `tls` whether it came
+/// over TLS. Returns the response and, for the access log, the route and upstream it took.
 pub async fn handle(
     app: Arc<AppState>,
     req: Request,
     rid: HeaderValue,
+    trace: TraceContext,
     peer: SocketAddr,
     tls: bool,
 ) -> (Response, RouteInfo) {
     let app = &*app;
-    let mut ctx = RequestCtx::new(app, &rid, peer, tls, req.headers());
+    let mut ctx = RequestCtx::new(app, &rid, trace, peer, tls, req.headers());
     let result = phases(app, req, &mut ctx).await;
     let resp = respond(result, &ctx);
     let info = ctx.route_info(app);

@@ -1,7 +1,7 @@
 //! The ONE generic proxy handler: every proxy route is served by this code, driven by the
 //! route table, in phases: read the body -> cache lookup (routes that opt in) -> upstream call
-//! -> response. Builds the upstream request (rewritten path, raw query, body bytes, filtered
-//! headers) and streams the upstream's response back untouched.
+//! -> response. The upstream request is built by `outgoing` (rewritten path, raw query, body
+//! bytes, filtered headers); the upstream's response is streamed back untouched.
 
 use axum::body::Body;
 use axum::response::Response;
@@ -12,72 +12,17 @@ use http::{HeaderMap, HeaderValue, Method};
 
 use super::buffer::{self, BufferBudget, ReadAhead, Whole};
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
+use super::outgoing::{Outgoing, Target};
+// Where the URL helpers were first published (the server and the URL tests use them here).
+pub use super::outgoing::{parse_base, parse_upstream_url, upstream_url};
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
-use crate::client::ClientKey;
 use crate::error::GatewayError;
 use crate::upstream::bulkhead::Slot;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
-use crate::upstream::{CallOptions, Delivered, UpstreamError};
+use crate::upstream::{Delivered, UpstreamError, UpstreamRequest};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
-
-/// The upstream path, rewritten from the route's upstream template.
-pub fn upstream_path(route: &Route, params: &[&str]) -> String {
-    let mut path = String::with_capacity(64);
-    if let Some(t) = &route.upstream_template {
-        t.render(&route.template, params, &mut path);
-    }
-    path
-}
-
-/// base + path + the client's raw query string (repeated keys and encoding untouched).
-pub fn upstream_url(base: &str, path: &str, query: Option<&str>) -> String {
-    let mut url = String::with_capacity(base.len() + path.len() + 1 + query.map_or(0, str::len));
-    url.push_str(base);
-    url.push_str(path);
-    if let Some(q) = query.filter(|q| !q.is_empty()) {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
-}
-
-/// The upstream's base URL, parsed, if it is plain `scheme://host[:port][/]` (no path
-/// prefix, user info, query or fragment): only then is a path relative to it the same URL as
-/// `base + path` (a prefix would be replaced, not extended).
-pub fn parse_base(base: &str) -> Option<reqwest::Url> {
-    reqwest::Url::parse(base).ok().filter(|u| {
-        u.path() == "/"
-            && u.username().is_empty()
-            && u.password().is_none()
-            && u.query().is_none()
-            && u.fragment().is_none()
-    })
-}
-
-/// Parses `base_url + path + ?query` (see [`upstream_url`]); `None` if it is no URL. With a parsed `base` and a
-/// path that starts with exactly one `/`, only the path and query are parsed, relative to
-/// it: the same URL without re-parsing the host per request (it showed in profiles). A path
-/// starting `//` or `/\` would read as a new authority when relative, so it takes the long way.
-pub fn parse_upstream_url(
-    base: Option<&reqwest::Url>,
-    base_url: &str,
-    path: &str,
-    query: Option<&str>,
-) -> Option<reqwest::Url> {
-    let plain_path = path.starts_with('/') && !matches!(path.as_bytes().get(1), Some(b'/' | b'\\'));
-    match base {
-        Some(base) if plain_path => {
-            let relative = upstream_url("", path, query);
-            reqwest::Url::options()
-                .base_url(Some(base))
-                .parse(&relative)
-                .ok()
-        }
-        _ => reqwest::Url::parse(&upstream_url(base_url, path, query)).ok(),
-    }
-}
 
 /// Reads the request body into memory, up to `limit` bytes (413 beyond). Small bodies are
 /// the norm here, and a buffered body is what lets a request be retried.
@@ -125,20 +70,6 @@ fn get_body_refused() -> GatewayError {
     GatewayError::BadRequest("a GET or HEAD request must not have a body".into())
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
-/// What the upstream is asked for: the rewritten path and the client's raw query, exactly
-/// the bytes forwarded (and, on cached routes, the cache key's).
-struct Target<'q> {
-    path: String,
-    query: Option<&'q str>,
-}
-
 /// Forwards one request along `route`: phases "read body", "cache lookup", "upstream call"
 /// and "response".
 pub async fn forward(
@@ -170,42 +101,27 @@ pub async fn forward(
     }
     // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
     let uri = parts.uri.clone();
-    let target = Target {
-        path: upstream_path(route, params),
-        query: uri.query().filter(|_| route.forward_query),
-    };
-    let options = CallOptions {
-        deadline: route.deadline,
-        attempt_timeout: route.attempt_timeout,
-        idempotent: is_idempotent(&parts.method),
-        retry_non_idempotent: route.retry_non_idempotent,
-        max_retries: route.retries,
-        // Hedging sends a request twice: only for methods that are safe to.
-        hedge_after: route
-            .hedge_after
-            .filter(|_| matches!(parts.method, Method::GET | Method::HEAD)),
-    };
+    let target = Target::new(route, params, uri.query().filter(|_| route.forward_query));
+    let outgoing = Outgoing::new(app, ctx, route, up);
     // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
     if let Some(policy) = route
         .cache
         .as_ref()
         .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers))
     {
-        return from_cache(app, ctx, route, up, &target, parts, body, options, policy).await;
+        return from_cache(app, route, up, &outgoing, &target, parts, body, policy).await;
     }
-    let req = upstream_request(
-        up,
+    let req = outgoing.proxied(
         parts.method.clone(),
         &parts.method,
         &target,
         parts.headers,
         body,
-        ctx,
-        &app.header_policy,
     )?;
+    let deadline = req.options.deadline;
     let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
-    let left = options.deadline.saturating_sub(started.elapsed());
+    let delivered = call_upstream(up, req).await?;
+    let left = deadline.saturating_sub(started.elapsed());
     let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
     decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
 }
@@ -217,13 +133,12 @@ pub async fn forward(
 #[allow(clippy::too_many_arguments)]
 async fn from_cache(
     app: &AppState,
-    ctx: &RequestCtx<'_>,
     route: &Route,
     up: &UpstreamRuntime,
+    outgoing: &Outgoing<'_>,
     target: &Target<'_>,
     parts: Parts,
     body: Bytes,
-    options: CallOptions,
     policy: &crate::config::RouteCachePolicy,
 ) -> Result<Response, GatewayError> {
     let key = ResponseCache::key_for_route(&route.label, &up.name, &target.path, target.query)
@@ -237,19 +152,10 @@ async fn from_cache(
         // turn it into a 304 (the rest of the request's conditions bypass the cache).
         let mut headers = parts.headers.clone();
         cache::strip_validators(&mut headers);
-        let req = upstream_request(
-            up,
-            upstream_method,
-            &parts.method,
-            target,
-            headers,
-            body,
-            ctx,
-            &app.header_policy,
-        )?;
+        let req = outgoing.proxied(upstream_method, &parts.method, target, headers, body)?;
         // A leader refused for its share hands that 429 to whoever joined its flight in the
         // microseconds before the refusal: the refusal comes before any await on the upstream.
-        fetch_buffered(up, req, options, ctx, app.cache.max_entry_bytes()).await
+        fetch_buffered(up, req, app.cache.max_entry_bytes()).await
     };
     let hit = app
         .cache
@@ -342,40 +248,6 @@ async fn decoupled_response(
     Ok(resp)
 }
 
-/// The request for the upstream: its URL (base + rewritten path + the client's query), the
-/// client's headers made fit to forward, the identity headers, and the buffered body.
-#[allow(clippy::too_many_arguments)]
-fn upstream_request(
-    up: &UpstreamRuntime,
-    method: Method,
-    client_method: &Method,
-    target: &Target<'_>,
-    client_headers: HeaderMap,
-    body: Bytes,
-    ctx: &RequestCtx<'_>,
-    policy: &super::headers::HeaderPolicy,
-) -> Result<reqwest::Request, GatewayError> {
-    let url = parse_upstream_url(up.base.as_ref(), &up.base_url, &target.path, target.query)
-        .ok_or_else(|| GatewayError::BadRequest("invalid request path".into()))?;
-    let mut headers = upstream_headers(
-        client_headers,
-        ctx.peer.ip().to_canonical(),
-        ctx.peer_trusted,
-        ctx.tls,
-        ctx.request_id,
-        policy,
-    );
-    if let Some(id) = &ctx.identity {
-        id.insert_headers(&mut headers)?;
-    }
-    let mut req = reqwest::Request::new(method, url);
-    *req.headers_mut() = headers;
-    if !body.is_empty() || !matches!(*client_method, Method::GET | Method::HEAD) {
-        *req.body_mut() = Some(reqwest::Body::from(body));
-    }
-    Ok(req)
-}
-
 pin_project_lite::pin_project! {
     /// The upstream's response body, holding its connection slot until the body has ended
     /// (or the client went away): the connection is busy until then.
@@ -418,11 +290,9 @@ impl http_body::Body for SlotBody {
 /// every request's handler future, cache hits included.
 async fn call_upstream(
     up: &UpstreamRuntime,
-    req: reqwest::Request,
-    call: CallOptions,
-    client: Option<ClientKey>,
+    req: UpstreamRequest,
 ) -> Result<Delivered, GatewayError> {
-    Box::pin(up.pipeline.send_for(client, req, call))
+    Box::pin(up.pipeline.send_request(req))
         .await
         .map_err(|e| up.error(e))
 }
@@ -434,14 +304,13 @@ async fn call_upstream(
 /// answers in parallel cost buffers, not their size.
 async fn fetch_buffered(
     up: &UpstreamRuntime,
-    req: reqwest::Request,
-    call: CallOptions,
-    ctx: &RequestCtx<'_>,
+    req: UpstreamRequest,
     max_entry: u64,
 ) -> Result<Fetched, GatewayError> {
+    let deadline = req.options.deadline;
     let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req, call, Some(ctx.client)).await?;
-    let left = call.deadline.saturating_sub(started.elapsed());
+    let delivered = call_upstream(up, req).await?;
+    let left = deadline.saturating_sub(started.elapsed());
     let attempts = delivered.attempts;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();
     let (mut parts, body) = upstream_resp.into_parts();

@@ -5,13 +5,14 @@
 //! - [`prepare`] (before identity): the handshake is checked (GET, `Upgrade: websocket`,
 //!   `Connection: upgrade`, a 16-byte `Sec-WebSocket-Key`, version 13, none of key, version
 //!   and `Origin` repeated in any spelling: else a JSON 400, or 426 with
-//!   `Sec-WebSocket-Version: 13`); the `Origin` must be one of the CORS origins; a
+//!   `Sec-WebSocket-Version: 13`); the `Origin` must be one CORS allows (`AppState::cors`); a
 //!   browser's token (`Sec-WebSocket-Protocol: bearer, <token>` or `?access_token=`) becomes
 //!   the `Authorization` the identity phase reads, and leaves the protocol list and the query.
 //! - identity and rate limit (policy `ws`) as for any route.
 //! - [`connect`]: the connection limits (total and per client IP: 429), then the upstream
-//!   handshake through the upstream's pipeline (deadline, retries elsewhere, breaker: a JSON
-//!   503 before any upgrade while it is open), then the 101 and the relay task.
+//!   handshake (built by `outgoing`, like every request sent for a client) through the
+//!   upstream's pipeline (deadline, retries elsewhere, breaker: a JSON 503 before any upgrade
+//!   while it is open), then the 101 and the relay task.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,13 +24,11 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
 
-use super::headers::upstream_headers;
-use super::proxy::{parse_upstream_url, upstream_path};
+use super::outgoing::{Outgoing, Target};
 use super::table::Route;
 use super::{AppState, RequestCtx};
 use crate::client::ClientKey;
 use crate::error::GatewayError;
-use crate::upstream::CallOptions;
 use crate::websocket::{relay, RelayCounters, RelaySettings};
 
 static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
@@ -157,11 +156,7 @@ pub(super) fn prepare(app: &AppState, parts: &mut Parts) -> Result<Handshake, Ga
         return Err(bad("WebSocket handshake without a valid Sec-WebSocket-Key"));
     }
     if let Some(origin) = parts.headers.get(header::ORIGIN) {
-        let origins = &app.config.cors.allowed_origins;
-        let allowed = origins
-            .iter()
-            .any(|o| o == "*" || o.as_bytes() == origin.as_bytes());
-        if !allowed {
+        if !app.cors.allows(origin) {
             return Err(GatewayError::OriginNotAllowed);
         }
     }
@@ -251,41 +246,9 @@ pub(super) async fn connect(
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| bad("the connection cannot be upgraded (HTTP/1.1 only)"))?;
-    let path = upstream_path(route, params);
-    let url = parse_upstream_url(
-        up.base.as_ref(),
-        &up.base_url,
-        &path,
-        handshake.query.as_deref(),
-    )
-    .ok_or_else(|| bad("invalid request path"))?;
-    // The client's headers as for any proxied request (hop-by-hop ones go), then the upgrade
-    // itself again; the key, version, extensions and remaining protocols are the client's.
-    let mut headers = upstream_headers(
-        parts.headers,
-        ctx.peer.ip().to_canonical(),
-        ctx.peer_trusted,
-        ctx.tls,
-        ctx.request_id,
-        &app.header_policy,
-    );
-    headers.remove(header::AUTHORIZATION);
-    if let Some(id) = &ctx.identity {
-        id.insert_headers(&mut headers)?;
-    }
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let mut req = reqwest::Request::new(Method::GET, url);
-    *req.headers_mut() = headers;
-    let options = CallOptions {
-        deadline: route.deadline,
-        attempt_timeout: route.attempt_timeout,
-        idempotent: true,
-        retry_non_idempotent: false,
-        max_retries: route.retries,
-        hedge_after: None,
-    };
-    let delivered = Box::pin(up.pipeline.send(req, options))
+    let target = Target::new(route, params, handshake.query.as_deref());
+    let req = Outgoing::new(app, ctx, route, up).upgrade(&target, parts.headers)?;
+    let delivered = Box::pin(up.pipeline.send_request(req))
         .await
         .map_err(|e| up.error(e))?;
     if delivered.response.status() != StatusCode::SWITCHING_PROTOCOLS {

@@ -28,7 +28,6 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::conn::ConnSettings;
-use super::cors::Cors;
 use super::tls::CertStore;
 use crate::config::{redact, Config, ConfigErrors};
 use crate::routes::AppState;
@@ -58,8 +57,6 @@ impl ConfigSource {
 /// What every request reads first; replaced whole by a reload.
 pub(crate) struct Live {
     pub(crate) app: Arc<AppState>,
-    /// CORS answers, computed once per configuration.
-    pub(crate) cors: Cors,
     /// The connection limits new connections get.
     pub(crate) conn: ConnSettings,
     /// `Strict-Transport-Security` for responses over TLS (`[server.tls.hsts]`).
@@ -252,7 +249,6 @@ impl Live {
     /// What requests read for `app`, loaded now.
     fn of(app: Arc<AppState>) -> Live {
         Live {
-            cors: Cors::new(&app.config.cors),
             conn: ConnSettings::from_config(&app.config),
             hsts: app
                 .config

@@ -1,6 +1,7 @@
-//! One call to an upstream, as every layer of the pipeline sees it: what the caller asks for
-//! ([`CallOptions`]), what it gets back ([`Delivered`] or [`UpstreamError`]), how each
-//! attempt ended ([`Outcome`]), and the state the layers of one call share ([`Call`]).
+//! What one call through an upstream's pipeline is: what the caller sends and asks for
+//! ([`UpstreamRequest`], [`CallOptions`]), what it gets back ([`Delivered`] or
+//! [`UpstreamError`]), how each attempt ended ([`Outcome`]), and the state the layers of one
+//! call share ([`Call`]).
 //!
 //! The shared state travels in the request's `Extensions`, which reqwest-middleware hands to
 //! every layer of every attempt: no task-local, and a layer can never run "outside a call"
@@ -12,11 +13,16 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use http::{Extensions, StatusCode};
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, Method, StatusCode};
 use reqwest::Response;
 use tokio::time::Instant;
 
-/// How one call may use the upstream; set per route by the proxy handler.
+use crate::client::ClientKey;
+use crate::observability::trace::TraceContext;
+
+/// How one call may use the upstream: made by [`CallOptions::for_method`] (or
+/// [`CallOptions::for_upgrade`]) from the caller's [`CallLimits`].
 #[derive(Clone, Copy, Debug)]
 pub struct CallOptions {
     /// The whole call, retries and backoff included, never takes longer than this.
@@ -32,6 +38,135 @@ pub struct CallOptions {
     /// When the first attempt has not answered after this long, a second goes to another
     /// instance and the first answer wins. Only honoured for idempotent calls.
     pub hedge_after: Option<Duration>,
+}
+
+/// What a caller allows its calls (a route's settings, the verifier's timeout), whatever the
+/// method: [`CallOptions`] adds what the method decides.
+#[derive(Clone, Copy, Debug)]
+pub struct CallLimits {
+    /// The whole call, retries included.
+    pub deadline: Duration,
+    /// One attempt, until response headers.
+    pub attempt_timeout: Duration,
+    /// Replaces the upstream's `max_retries` (`None`: the upstream's).
+    pub max_retries: Option<u32>,
+    /// Retry a non-idempotent request that may have reached the upstream.
+    pub retry_non_idempotent: bool,
+    /// Hedge a GET/HEAD whose first attempt has not answered after this long.
+    pub hedge_after: Option<Duration>,
+}
+
+impl CallLimits {
+    /// One attempt's worth of time for the whole call, the upstream's retries, no hedging:
+    /// the gateway's own calls (token verification).
+    pub fn within(timeout: Duration) -> CallLimits {
+        CallLimits {
+            deadline: timeout,
+            attempt_timeout: timeout,
+            max_retries: None,
+            retry_non_idempotent: false,
+            hedge_after: None,
+        }
+    }
+}
+
+/// RFC 9110 section 9.2.2: the methods whose repeat has the effect of one request.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl CallOptions {
+    /// The options of a `method` request under `limits`: retried after it may have reached
+    /// the upstream only when idempotent (or the limits opt in), hedged only for GET and HEAD
+    /// (a hedge sends the request twice).
+    pub fn for_method(method: &Method, limits: CallLimits) -> CallOptions {
+        CallOptions {
+            deadline: limits.deadline,
+            attempt_timeout: limits.attempt_timeout,
+            idempotent: is_idempotent(method),
+            retry_non_idempotent: limits.retry_non_idempotent,
+            max_retries: limits.max_retries,
+            hedge_after: limits
+                .hedge_after
+                .filter(|_| matches!(*method, Method::GET | Method::HEAD)),
+        }
+    }
+
+    /// A WebSocket handshake (a GET): retried like any GET, never hedged (two upstream
+    /// connections for one client connection).
+    pub fn for_upgrade(limits: CallLimits) -> CallOptions {
+        CallOptions {
+            hedge_after: None,
+            ..CallOptions::for_method(&Method::GET, limits)
+        }
+    }
+}
+
+/// The trace an upstream call belongs to, as a value: the trace id and the span the
+/// upstream's work hangs from (the gateway's span of the client request). The pipeline's
+/// attempt spans take their parent from it, never from the `traceparent` header again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    /// The gateway's span id for the client request.
+    pub span_id: [u8; 8],
+}
+
+impl From<&TraceContext> for TraceParent {
+    fn from(t: &TraceContext) -> TraceParent {
+        TraceParent {
+            trace_id: t.trace_id,
+            span_id: t.span_id,
+        }
+    }
+}
+
+/// A request ready for an upstream's pipeline (`Pipeline::send_request`): what is sent, how
+/// the call may go, for whom and in which trace. The gateway builds every one in two places:
+/// requests made for a client (proxied, cache fills, WebSocket handshakes) in
+/// `routes::outgoing`, its own calls (token verification) with [`UpstreamRequest::new`] alone.
+#[derive(Debug)]
+pub struct UpstreamRequest {
+    /// Method, URL, headers and the buffered body (retries clone it).
+    pub request: reqwest::Request,
+    pub options: CallOptions,
+    /// The client it is made for, counted against its share of the upstream's slots;
+    /// `None`: bounded by the slots only.
+    pub client: Option<ClientKey>,
+    /// The trace its attempt spans join (`None`: no spans).
+    pub trace: Option<TraceParent>,
+}
+
+impl UpstreamRequest {
+    /// `method url`, no headers or body yet, for no client and in no trace.
+    pub fn new(method: Method, url: reqwest::Url, options: CallOptions) -> UpstreamRequest {
+        UpstreamRequest {
+            request: reqwest::Request::new(method, url),
+            options,
+            client: None,
+            trace: None,
+        }
+    }
+
+    /// Made for a client request in `trace`: its `traceparent` names the gateway's span (see
+    /// `observability::trace`), and the attempt spans hang from the same span.
+    pub fn in_trace(mut self, trace: &TraceContext) -> UpstreamRequest {
+        trace.forward(self.request.headers_mut());
+        self.trace = Some(TraceParent::from(trace));
+        self
+    }
+
+    pub fn headers_mut(&mut self) -> &mut HeaderMap {
+        self.request.headers_mut()
+    }
+
+    /// Sets the (buffered) body.
+    pub fn set_body(&mut self, body: Bytes) {
+        *self.request.body_mut() = Some(reqwest::Body::from(body));
+    }
 }
 
 /// An upstream response, headers received and body not yet read.
@@ -217,6 +352,8 @@ pub(crate) struct CallState {
     pub(crate) max_retries: u32,
     /// Hedge the first attempt after this long (idempotent calls only).
     pub(crate) hedge_after: Option<Duration>,
+    /// Where the attempts' spans hang in the client request's trace.
+    pub(crate) trace: Option<TraceParent>,
     progress: Mutex<Progress>,
 }
 
@@ -235,7 +372,19 @@ struct Progress {
 }
 
 impl Call {
+    /// A call outside any trace.
+    #[cfg(test)]
     pub(crate) fn new(deadline: Instant, options: &CallOptions, max_retries: u32) -> Call {
+        Call::in_trace(deadline, options, max_retries, None)
+    }
+
+    /// A call whose attempts' spans hang from `trace`.
+    pub(crate) fn in_trace(
+        deadline: Instant,
+        options: &CallOptions,
+        max_retries: u32,
+        trace: Option<TraceParent>,
+    ) -> Call {
         Call(Arc::new(CallState {
             deadline,
             attempt_timeout: options.attempt_timeout,
@@ -243,6 +392,7 @@ impl Call {
             retry_non_idempotent: options.retry_non_idempotent,
             max_retries,
             hedge_after: options.hedge_after.filter(|_| options.idempotent),
+            trace,
             progress: Mutex::new(Progress::default()),
         }))
     }
@@ -371,6 +521,75 @@ mod tests {
     fn an_absurd_duration_saturates_instead_of_panicking() {
         let now = Instant::now();
         assert!(instant_after(now, Duration::MAX) > now + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_method_decides_retries_and_hedging_within_the_callers_limits() {
+        let limits = CallLimits {
+            deadline: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(2),
+            max_retries: Some(1),
+            retry_non_idempotent: false,
+            hedge_after: Some(Duration::from_millis(50)),
+        };
+        let get = CallOptions::for_method(&Method::GET, limits);
+        assert!(get.idempotent);
+        assert_eq!(get.hedge_after, Some(Duration::from_millis(50)));
+        assert_eq!(get.max_retries, Some(1));
+        assert_eq!(get.deadline, Duration::from_secs(10));
+        assert_eq!(get.attempt_timeout, Duration::from_secs(2));
+        assert!(CallOptions::for_method(&Method::HEAD, limits)
+            .hedge_after
+            .is_some());
+        // A PUT may be replayed, but never sent twice at once; a POST neither.
+        let put = CallOptions::for_method(&Method::PUT, limits);
+        assert!(put.idempotent);
+        assert_eq!(put.hedge_after, None);
+        let post = CallOptions::for_method(&Method::POST, limits);
+        assert!(!post.idempotent && !post.retry_non_idempotent);
+        assert_eq!(post.hedge_after, None);
+        // An upgrade is a GET that is never hedged: one client, one upstream connection.
+        let upgrade = CallOptions::for_upgrade(limits);
+        assert!(upgrade.idempotent);
+        assert_eq!(upgrade.hedge_after, None);
+        // The gateway's own call: the whole call within one attempt's time.
+        let own =
+            CallOptions::for_method(&Method::POST, CallLimits::within(Duration::from_secs(5)));
+        assert_eq!(own.deadline, own.attempt_timeout);
+        assert_eq!((own.max_retries, own.hedge_after), (None, None));
+    }
+
+    #[test]
+    fn a_request_in_a_trace_names_the_gateways_span_in_its_header_and_its_value() {
+        let mut client = HeaderMap::new();
+        client.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let trace = TraceContext::continue_or_start(&client);
+        let url: reqwest::Url = "http://storage:8003/products".parse().unwrap();
+        let options =
+            CallOptions::for_method(&Method::GET, CallLimits::within(Duration::from_secs(1)));
+        let plain = UpstreamRequest::new(Method::GET, url.clone(), options);
+        assert!(plain.trace.is_none() && plain.client.is_none());
+        assert!(plain.request.headers().is_empty());
+        let traced = UpstreamRequest::new(Method::GET, url, options).in_trace(&trace);
+        let parent = traced.trace.expect("in a trace");
+        assert_eq!(parent.trace_id, trace.trace_id);
+        assert_eq!(parent.span_id, trace.span_id);
+        let header = traced.request.headers()["traceparent"].to_str().unwrap();
+        assert_eq!(
+            header,
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+                hex::encode(trace.span_id)
+            )
+        );
+        // The attempt spans hang from the span the header names: one value, one source.
+        let call = Call::in_trace(Instant::now(), &options, 0, traced.trace);
+        assert_eq!(call.state().trace, Some(parent));
     }
 
     #[test]

@@ -57,7 +57,10 @@ mod window;
 pub use breaker::{
     http_health_check, Breaker, BreakerOpen, BreakerSnapshot, BreakerState, HealthCheck,
 };
-pub use call::{AttemptTimedOut, CallOptions, Delivered, UpstreamError};
+pub use call::{
+    AttemptTimedOut, CallLimits, CallOptions, Delivered, TraceParent, UpstreamError,
+    UpstreamRequest,
+};
 pub use discovery::{Resolve, SystemResolver};
 pub use instances::{InstanceSnapshot, InstanceState};
 pub use pipeline::Pipeline;

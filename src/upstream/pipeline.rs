@@ -17,6 +17,7 @@ use super::breaker::{any_instance_healthy, Breaker, BreakerLayer, CallPermit};
 use super::bulkhead::Bulkhead;
 use super::call::{
     error_chain, instant_after, Call, CallOptions, Delivered, Outcome, UpstreamError,
+    UpstreamRequest,
 };
 use super::client::{build_client, unused_base};
 use super::discovery::{self, Resolve, SystemResolver, Target};
@@ -93,11 +94,13 @@ impl Middleware for RecordAttempt {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let call = Call::of(extensions)?.clone();
-        // Spans only when exporting: no header parsing or wall-clock read otherwise.
+        // Spans only when exporting and the call is in a trace: no wall-clock read otherwise.
         let exporter = self.spans.load_full();
-        let traced = exporter.as_ref().and_then(|_| {
-            crate::observability::trace::forwarded_parent(req.headers())
-                .map(|ids| (ids, std::time::SystemTime::now()))
+        let traced = exporter.as_ref().and(call.state().trace).map(|parent| {
+            (
+                (parent.trace_id, parent.span_id),
+                std::time::SystemTime::now(),
+            )
         });
         let started = Instant::now();
         let result = next.run(req, extensions).await;
@@ -320,6 +323,24 @@ impl Pipeline {
         req: Request,
         options: CallOptions,
     ) -> Result<Delivered, UpstreamError> {
+        self.send_request(UpstreamRequest {
+            request: req,
+            options,
+            client,
+            trace: None,
+        })
+        .await
+    }
+
+    /// Sends a request built for this upstream (see [`UpstreamRequest`]): for its client
+    /// ([`Pipeline::send_for`]), with its attempts' spans in its trace.
+    pub async fn send_request(&self, req: UpstreamRequest) -> Result<Delivered, UpstreamError> {
+        let UpstreamRequest {
+            request: req,
+            options,
+            client,
+            trace,
+        } = req;
         let entry = self
             .bulkhead
             .enter(client)
@@ -327,10 +348,11 @@ impl Pipeline {
         let deadline = instant_after(Instant::now(), options.deadline);
         // Every call earns retry budget, whether or not it needs a retry.
         self.budget.deposit();
-        let call = Call::new(
+        let call = Call::in_trace(
             deadline,
             &options,
             options.max_retries.unwrap_or(self.max_retries),
+            trace,
         );
         let permit = CallPermit::default();
         let mut extensions = Extensions::new();

@@ -1,4 +1,6 @@
-//! CORS for the public listener: every header value computed once from `[cors]`.
+//! CORS for the public listener: every header value computed once from `[cors]`, kept in the
+//! shared state ([`super::AppState::cors`]) so the listener's CORS answers and the WebSocket
+//! handshake's `Origin` check read one policy.
 //!
 //! The rules are those tower-http's `CorsLayer` applied here before (same headers, same
 //! values, same preflight answer), without its per-request work: it rebuilt the `Vary` value
@@ -118,10 +120,20 @@ impl Cors {
     pub fn allowed_origin(&self, request: &HeaderMap) -> Option<HeaderValue> {
         match &self.origins {
             Origins::Any => Some(ANY.clone()),
-            Origins::List(list) => request
+            Origins::List(_) => request
                 .get(header::ORIGIN)
-                .filter(|o| list.contains(o))
+                .filter(|o| self.allows(o))
                 .cloned(),
+        }
+    }
+
+    /// Whether a page from `origin` may use the gateway: what CORS grants a script, and what
+    /// a WebSocket handshake's `Origin` must be (browsers apply no CORS to WebSockets, so
+    /// the gateway checks it itself).
+    pub fn allows(&self, origin: &HeaderValue) -> bool {
+        match &self.origins {
+            Origins::Any => true,
+            Origins::List(list) => list.contains(origin),
         }
     }
 
@@ -228,6 +240,10 @@ mod tests {
             Some(HeaderValue::from_static("https://ok.example"))
         );
         assert_eq!(c.allowed_origin(&request(&[])), None);
+        assert!(c.allows(&HeaderValue::from_static("https://ok.example")));
+        assert!(!c.allows(&HeaderValue::from_static("https://ok.example.evil")));
+        assert!(!c.allows(&HeaderValue::from_static("https://OK.example")));
+        assert!(cors(&["*"], &[], false).allows(&HeaderValue::from_static("null")));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Which address a request is counted against.
+//! Which address a request comes from, when a trusted proxy stands in between.
 //!
 //! `X-Forwarded-For` and `Forwarded` are written by whoever sends the request, so trusting them
 //! from anyone lets a client pick a fresh identity per request and bypass every limit. They
@@ -12,16 +12,26 @@ use std::net::{IpAddr, SocketAddr};
 use http::HeaderMap;
 use ipnet::IpNet;
 
-fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
+pub(super) fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     proxies.iter().any(|n| n.contains(&ip))
 }
 
-/// The client address for rate limiting (and logging).
+/// The client address (what [`super::ClientKey`] is made from): the peer itself unless it is
+/// a trusted proxy.
 pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> IpAddr {
     let peer_ip = peer.ip().to_canonical();
     if !trusted(peer_ip, trusted_proxies) {
         return peer_ip;
     }
+    behind_proxy(peer_ip, headers, trusted_proxies)
+}
+
+/// The client a trusted proxy at `peer_ip` forwarded for (the walk in the module docs).
+pub(super) fn behind_proxy(
+    peer_ip: IpAddr,
+    headers: &HeaderMap,
+    trusted_proxies: &[IpNet],
+) -> IpAddr {
     // `Forwarded` (RFC 7239) is the standard; a proxy that writes it is preferred.
     let hops = if headers.contains_key(http::header::FORWARDED) {
         forwarded_hops(headers)
