@@ -260,11 +260,12 @@ pub async fn start_with_source(
 }
 
 async fn start_inner(
-    cfg: Config,
+    mut cfg: Config,
     source: Option<ConfigSource>,
     public: TcpListener,
     admin: TcpListener,
 ) -> Result<Running, String> {
+    fds::fit_defaults(&mut cfg);
     // The recorder first: the request path keeps metric handles, which must be real ones.
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;

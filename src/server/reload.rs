@@ -227,7 +227,9 @@ fn prepare(
 ) -> Result<Prepared, ReloadError> {
     let warnings = super::check_with_warnings(&next).map_err(ReloadError::Invalid)?;
     let needs_restart = restart_only(started, &next);
-    let next = keep_running(started, next);
+    let mut next = keep_running(started, next);
+    // The same caps derived from the open-file limit as at start.
+    super::fds::fit_defaults(&mut next);
     let cert = match (tls_on, &next.server.tls) {
         (true, Some(tls)) => Some(
             super::tls::load(tls).map_err(|errors| ReloadError::Invalid(ConfigErrors(errors)))?,
