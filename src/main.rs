@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use deltastream_gateway::config::{redact_url, Config, ConfigErrors, RouteKind};
 use deltastream_gateway::demo::{start_demo, DemoPorts};
@@ -53,8 +53,8 @@ enum Command {
     /// Validate a config file and print the effective configuration (exit 0), or the
     /// errors (exit 2).
     CheckConfig {
-        /// The file to check.
-        file: PathBuf,
+        /// The file to check (or give it as --config; not both).
+        file: Option<PathBuf>,
     },
     /// Run the four simulated services and the gateway in one process.
     Demo {
@@ -120,14 +120,27 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--config` typed on the command line (not GATEWAY_CONFIG), wherever it was placed.
+    let config_typed = std::iter::successors(Some(&matches), |m| m.subcommand().map(|(_, m)| m))
+        .any(|m| m.value_source("config") == Some(clap::parser::ValueSource::CommandLine));
     let command = cli.command.unwrap_or(Command::Serve);
     // check-config talks to a person on stdout/stderr; everything else logs JSON.
     if !matches!(command, Command::CheckConfig { .. } | Command::Probe { .. }) {
         deltastream_gateway::observability::init_logging();
     }
     match command {
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file } => match checked_file(file, cli.config, config_typed) {
+            Ok(file) => check_config(&file),
+            Err(message) => {
+                eprintln!("check-config: {message}");
+                ExitCode::from(2)
+            }
+        },
         Command::Probe { url, timeout } => probe(&url, timeout.into()),
         Command::Serve => {
             let cfg = match load(cli.config.as_deref()) {
@@ -205,6 +218,26 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
             })
         }
+    }
+}
+
+/// The one file `check-config` checks: the argument or `--config`. Both typed on the command
+/// line is ambiguous (which one did the operator mean?) unless they are the same; a
+/// `GATEWAY_CONFIG` in the environment gives way to the argument.
+fn checked_file(
+    argument: Option<PathBuf>,
+    config: Option<PathBuf>,
+    config_typed: bool,
+) -> Result<PathBuf, String> {
+    match (argument, config) {
+        (Some(a), Some(c)) if config_typed && a != c => Err(format!(
+            "two files given ({} and --config {}): give one, as `check-config FILE`",
+            a.display(),
+            c.display()
+        )),
+        (Some(a), _) => Ok(a),
+        (None, Some(c)) => Ok(c),
+        (None, None) => Err("no file given: `check-config FILE`".into()),
     }
 }
 
