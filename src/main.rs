@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use deltastream_gateway::config::{redact_url, Config, ConfigErrors, RouteKind};
-use deltastream_gateway::demo::{start_demo, DemoPorts};
+use deltastream_gateway::demo::{start_demo_from, DemoPorts};
 use deltastream_gateway::sim::{self, Service, SimOptions};
 
 #[derive(Parser)]
@@ -71,8 +71,8 @@ enum Command {
         analytics_port: u16,
         #[arg(long, default_value_t = 8002)]
         socket_port: u16,
-        /// Storage simulators on consecutive ports from --storage-port: the gateway's
-        /// storage upstream becomes that many instances.
+        /// Storage simulators: the first on --storage-port, the others on free ports the
+        /// system picks; the gateway's storage upstream becomes that many instances.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         storage_instances: u16,
         /// Enable the services' /_faults switches (latency, errors, hang, and the capacity
@@ -120,6 +120,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ignore_hangup();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -176,10 +177,17 @@ fn main() -> ExitCode {
                 socket: socket_port,
                 storage_instances,
             };
+            // Reloads read what the demo started from: the file (or the embedded table), then
+            // the environment.
+            let source = deltastream_gateway::server::ConfigSource {
+                file: cli.config.clone(),
+                env: true,
+            };
             run(async move {
-                let demo = start_demo(cfg, ports, faults).await?;
+                let demo = start_demo_from(cfg, Some(source), ports, faults).await?;
                 // Installed before the banner says the demo is up (see `signal`).
                 let stop = deltastream_gateway::server::signal();
+                deltastream_gateway::server::reload_on_sighup(demo.gateway.gateway.clone());
                 println!("{}", demo.banner());
                 stop.await;
                 // The same lines as `serve`, so a script or a reader sees the drain.
@@ -218,6 +226,18 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
             })
         }
+    }
+}
+
+/// SIGHUP's default action ends the process. Ignored from the first line of `main`, so a
+/// reload signal that comes early, or to a process with nothing to reload (`sim`, `probe`),
+/// never kills one of ours; `serve` and `demo` then handle it (tokio's handler replaces this
+/// one, see `server::reload_on_sighup`). Nothing we run is exec'd, so no child inherits it.
+fn ignore_hangup() {
+    #[cfg(unix)]
+    // SAFETY: installs SIG_IGN for one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
 }
 
