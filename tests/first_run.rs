@@ -128,21 +128,24 @@ impl Drop for Proc {
     }
 }
 
-/// The binary, with none of the environment variables it reads set, but an info log.
+/// The environment variables the binary reads: none is inherited from the test's.
+const OUR_ENV: [&str; 9] = [
+    "PORT",
+    "ADMIN_PORT",
+    "REDIS_URL",
+    "GATEWAY_CONFIG",
+    "AUTH_SERVICE_URL",
+    "STORAGE_SERVICE_URL",
+    "ANALYTICS_SERVICE_URL",
+    "SOCKET_SERVICE_URL",
+    "JWT_SECRET",
+];
+
+/// The binary, with none of [`OUR_ENV`] set, and an info log.
 fn bin() -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env("RUST_LOG", "info");
-    for var in [
-        "PORT",
-        "ADMIN_PORT",
-        "REDIS_URL",
-        "GATEWAY_CONFIG",
-        "AUTH_SERVICE_URL",
-        "STORAGE_SERVICE_URL",
-        "ANALYTICS_SERVICE_URL",
-        "SOCKET_SERVICE_URL",
-        "JWT_SECRET",
-    ] {
+    for var in OUR_ENV {
         cmd.env_remove(var);
     }
     cmd
@@ -156,6 +159,17 @@ fn serve(cmd: Command) -> (Proc, String, String) {
     let at = |k: &str| v[k].as_str().unwrap().replace("0.0.0.0", "127.0.0.1");
     let (addr, admin) = (at("addr"), at("admin"));
     (p, addr, admin)
+}
+
+/// `/admin/upstreams`' entry for `name`.
+fn upstream(upstreams: &Value, name: &str) -> Value {
+    upstreams["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["upstream"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {upstreams}"))
+        .clone()
 }
 
 /// A port nothing listens on (bound, then released).
@@ -211,52 +225,41 @@ fn demo_storage_instances_3_as_the_readme_writes_it() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("demo.sh");
     std::fs::write(&script, DEMO_SCRIPT).unwrap();
-    let out = if isolated {
-        Command::new("unshare")
-            .args([
-                "-rn",
-                "bash",
-                "-c",
-                r#"ip link set lo up && exec bash "$0" "$@""#,
-            ])
+    let mut cmd = if isolated {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-rn", "bash", "-c"])
+            .arg(r#"ip link set lo up && exec bash "$0" "$@""#)
             .arg(&script)
-            .args([BIN, "8000", "9000", "--storage-instances", "3"])
-            .env_remove("PORT")
-            .env_remove("ADMIN_PORT")
-            .env_remove("GATEWAY_CONFIG")
-            .env_remove("STORAGE_SERVICE_URL")
-            .output()
-            .unwrap()
+            .args([BIN, "8000", "9000", "--storage-instances", "3"]);
+        cmd
     } else {
         eprintln!("unshare -rn not allowed here: storage and analytics on adjacent ports");
         let (gw, admin, storage) = (closed_port(), closed_port(), free_pair());
-        Command::new("bash")
-            .arg(&script)
-            .arg(BIN)
-            .args([gw.to_string(), admin.to_string()])
-            .args([
-                "--storage-instances",
-                "3",
-                "--auth-port",
-                "0",
-                "--socket-port",
-                "0",
-            ])
-            .args([
-                "--port",
-                &gw.to_string(),
-                "--admin-port",
-                &admin.to_string(),
-            ])
-            .args(["--storage-port", &storage.to_string()])
-            .args(["--analytics-port", &(storage + 1).to_string()])
-            .env_remove("PORT")
-            .env_remove("ADMIN_PORT")
-            .env_remove("GATEWAY_CONFIG")
-            .env_remove("STORAGE_SERVICE_URL")
-            .output()
-            .unwrap()
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(BIN);
+        cmd.args([gw.to_string(), admin.to_string()]);
+        cmd.args([
+            "--storage-instances",
+            "3",
+            "--auth-port",
+            "0",
+            "--socket-port",
+            "0",
+        ]);
+        cmd.args([
+            "--port",
+            &gw.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+        ]);
+        cmd.args(["--storage-port", &storage.to_string()]);
+        cmd.args(["--analytics-port", &(storage + 1).to_string()]);
+        cmd
     };
+    for var in OUR_ENV {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let statuses: Vec<&str> = stdout
         .lines()
@@ -269,12 +272,7 @@ fn demo_storage_instances_3_as_the_readme_writes_it() {
         .find_map(|l| l.strip_prefix("UPSTREAMS "))
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_else(|| panic!("no /admin/upstreams: {stdout}"));
-    let storage = upstreams["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == "storage")
-        .unwrap();
+    let storage = &upstream(&upstreams, "storage");
     let instances = storage["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 3, "{storage}");
     for i in instances {
@@ -488,12 +486,25 @@ fn default_caps_fit_a_lowered_open_file_limit_and_set_ones_are_warned_about() {
     assert_eq!(gw.terminate(), Some(0));
 }
 
-fn gauge(metrics: &str, name: &str, labels: &str) -> Option<f64> {
-    metrics
+/// The one `gateway_ratelimit_backend{state}` at 1 (each of the three states must be there).
+fn limiter_backend(admin: &str) -> String {
+    let (_, metrics) = http(admin, "GET", "/metrics").unwrap();
+    let states: Vec<(String, f64)> = metrics
         .lines()
-        .find(|l| l.starts_with(name) && l.contains(labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+        .filter(|l| l.starts_with("gateway_ratelimit_backend{"))
+        .filter_map(|l| {
+            let state = l.split("state=\"").nth(1)?.split('"').next()?;
+            Some((state.to_string(), l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(states.len(), 3, "{metrics}");
+    let on: Vec<&(String, f64)> = states.iter().filter(|(_, v)| *v == 1.0).collect();
+    assert_eq!(on.len(), 1, "{states:?}");
+    assert!(
+        states.iter().all(|(_, v)| *v == 0.0 || *v == 1.0),
+        "{states:?}"
+    );
+    on[0].0.clone()
 }
 
 #[test]
@@ -511,27 +522,11 @@ fn no_redis_reads_local_a_failing_one_fallback_and_an_unanswered_instance_has_no
         503
     );
     let upstreams = json(&admin, "/admin/upstreams");
-    let storage = upstreams["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == "storage")
-        .unwrap()
-        .clone();
+    let storage = upstream(&upstreams, "storage");
     let instance = &storage["instances"][0];
     assert!(instance["failures"].as_u64().unwrap() > 0, "{storage}");
     assert_eq!(instance["ewma_latency_ms"], Value::Null, "{storage}");
-    let (_, metrics) = http(&admin, "GET", "/metrics").unwrap();
-    let backend = |state: &str| {
-        gauge(
-            &metrics,
-            "gateway_ratelimit_backend",
-            &format!("state=\"{state}\""),
-        )
-    };
-    assert_eq!(backend("local"), Some(1.0), "{metrics}");
-    assert_eq!(backend("fallback"), Some(0.0));
-    assert_eq!(backend("redis"), Some(0.0));
+    assert_eq!(limiter_backend(&admin), "local");
     assert_eq!(gw.terminate(), Some(0));
 
     // Redis configured but not there: that is the fallback.
@@ -542,16 +537,7 @@ fn no_redis_reads_local_a_failing_one_fallback_and_an_unanswered_instance_has_no
         .env("REDIS_URL", format!("redis://127.0.0.1:{}", closed_port()));
     let (mut gw, _, admin) = serve(cmd);
     // The limiter decided its backend before the gateway listened: nothing to wait for.
-    let (_, metrics) = http(&admin, "GET", "/metrics").unwrap();
-    let backend = |state: &str| {
-        gauge(
-            &metrics,
-            "gateway_ratelimit_backend",
-            &format!("state=\"{state}\""),
-        )
-    };
-    assert_eq!(backend("fallback"), Some(1.0), "{metrics}");
-    assert_eq!(backend("local"), Some(0.0), "{metrics}");
+    assert_eq!(limiter_backend(&admin), "fallback");
     assert!(gw.alive());
     drop(gw);
 }
