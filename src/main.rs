@@ -274,10 +274,25 @@ fn positive_duration(raw: &str) -> Result<std::time::Duration, String> {
 }
 
 /// The effective configuration (file or embedded default, then the environment), checked.
+/// Every error at once: a bad environment variable does not hide the file's problems.
 fn load_checked(file: Option<&std::path::Path>) -> Result<Config, ConfigErrors> {
-    let cfg = Config::load(file)?;
-    deltastream_gateway::server::check(&cfg)?;
-    Ok(cfg)
+    let mut cfg = match file {
+        Some(path) => Config::from_file(path)?,
+        None => Config::embedded(),
+    };
+    // The variables that parse are applied even when another does not.
+    let mut errors = match cfg.apply_env(|k| std::env::var(k).ok()) {
+        Ok(()) => Vec::new(),
+        Err(e) => e.0,
+    };
+    if let Err(mut e) = deltastream_gateway::server::check(&cfg) {
+        errors.append(&mut e.0);
+    }
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {

@@ -294,6 +294,22 @@ fn a_bad_value_from_the_environment_is_named_by_its_variable() {
         stderr.contains("\nroutes[0].upstream: no upstream named"),
         "{stderr}"
     );
+    // A variable that does not even parse hides nothing either.
+    let out = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .arg("check-config")
+        .arg(&file)
+        .env("PORT", "80x")
+        .env("STORAGE_SERVICE_URL", "storage:8003")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "\nPORT: invalid port \"80x\"",
+        "\nSTORAGE_SERVICE_URL: invalid upstream URL",
+        "\nroutes[0].upstream: no upstream named",
+    ] {
+        assert!(stderr.contains(want), "{want:?} missing: {stderr}");
+    }
 }
 
 #[test]
