@@ -10,7 +10,9 @@
 //! Precedence, lowest first: the embedded default (the DeltaStream route table, so `serve`
 //! runs with zero files) -> the `--config` TOML file -> environment variables.
 //! With `inherit_defaults = true` (the default) a file *extends* the embedded table: an
-//! upstream or route with the same name / path replaces the default one, others are added.
+//! upstream with the same name is merged over the default one (a file may tune one field and
+//! keep the URL), a route with the same path replaces the default one, others are added; the
+//! file's routes come first, so `routes[i]` is the file's i-th route in every error.
 
 pub mod auth;
 pub mod cache;
