@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::server::{start, Running};
+use crate::server::{start, start_with_source, ConfigSource, Running};
 use crate::sim::{self, Service, SimOptions};
 
 /// Where the demo listens. Port 0 picks a free port (tests).
@@ -19,8 +19,9 @@ pub struct DemoPorts {
     pub storage: u16,
     pub analytics: u16,
     pub socket: u16,
-    /// Storage simulators to run, on consecutive ports from `storage` (any free ports when
-    /// it is 0): the gateway's storage upstream becomes that many instances.
+    /// Storage simulators to run: the first on `storage`, the others on free ports the
+    /// system picks (consecutive ports ran into analytics' 8004); the gateway's storage
+    /// upstream becomes that many instances.
     pub storage_instances: u16,
 }
 
@@ -54,27 +55,39 @@ async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String
 
 /// Starts the services on loopback and the gateway in front of them. `cfg` is the gateway
 /// config (embedded default or `--config`); its upstream URLs are pointed at the services
-/// (those it has: a config without a `socket` upstream still gets a socket service).
-pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Result<Demo, String> {
+/// (those it has: a config without a `socket` upstream still gets a socket service). With
+/// no source, `POST /admin/reload` has nothing to read (see [`start_demo_from`]).
+pub async fn start_demo(cfg: Config, ports: DemoPorts, faults: bool) -> Result<Demo, String> {
+    start_demo_from(cfg, None, ports, faults).await
+}
+
+/// [`start_demo`], reloading from `source` (`demo --config F`: that file, then the
+/// environment) on SIGHUP and `POST /admin/reload`; every reloaded configuration is pointed
+/// at the same services, with the same token secret.
+pub async fn start_demo_from(
+    mut cfg: Config,
+    source: Option<ConfigSource>,
+    ports: DemoPorts,
+    faults: bool,
+) -> Result<Demo, String> {
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // One secret for the auth service and for the gateway's optional local verification.
     let secret = cfg.auth.jwt_secret.clone().unwrap_or_else(|| {
         let bytes: [u8; 32] = rand::random();
         hex::encode(bytes)
     });
-    cfg.auth.jwt_secret = Some(secret.clone());
     let opts = SimOptions {
         faults,
-        jwt_secret: Some(secret),
+        jwt_secret: Some(secret.clone()),
         ..SimOptions::default()
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut services = Vec::new();
     let mut service_tasks = Vec::new();
-    let storage_ports = (0..ports.storage_instances.max(1)).map(|i| match ports.storage {
-        0 => 0,
-        p => p.saturating_add(i),
-    });
+    // The first storage simulator on --storage-port, the others where the system has room:
+    // consecutive ports from 8003 took analytics' 8004.
+    let storage_ports =
+        (0..ports.storage_instances.max(1)).map(|i| if i == 0 { ports.storage } else { 0 });
     let plan = [(Service::Auth, ports.auth)]
         .into_iter()
         .chain(storage_ports.map(|p| (Service::Storage, p)))
@@ -99,34 +112,67 @@ pub async fn start_demo(mut cfg: Config, ports: DemoPorts, faults: bool) -> Resu
         )));
         services.push((service, addr));
     }
-    for (name, u) in cfg.upstreams.iter_mut() {
-        let mine: Vec<String> = urls
-            .iter()
-            .filter(|(s, _)| s.name() == name)
-            .map(|(_, url)| url.clone())
-            .collect();
-        match mine.len() {
-            0 => {}
-            1 => {
-                u.url = mine[0].clone();
-                u.urls = Vec::new();
-            }
-            _ => {
-                u.url = String::new();
-                u.urls = mine;
-            }
-        }
-    }
+    let pins = Pins {
+        jwt_secret: secret,
+        urls,
+    };
+    pins.apply(&mut cfg);
     crate::server::check(&cfg).map_err(|e| format!("invalid configuration:\n{e}"))?;
     let public = bind(cfg.server.host, ports.gateway, "the gateway").await?;
     let admin = bind(cfg.admin.host, ports.admin, "the admin listener").await?;
-    let gateway = start(cfg, public, admin).await?;
+    let gateway = match source {
+        Some(source) => {
+            let running = start_with_source(cfg, source, public, admin).await?;
+            running
+                .gateway
+                .override_reloads(Box::new(move |cfg| pins.apply(cfg)));
+            running
+        }
+        None => start(cfg, public, admin).await?,
+    };
     Ok(Demo {
         gateway,
         services,
         stop_services: stop_tx,
         service_tasks,
     })
+}
+
+/// What the demo sets in every configuration it runs, the first and each reloaded one.
+struct Pins {
+    /// The auth simulator signs with it; the gateway's local verification needs the same.
+    jwt_secret: String,
+    /// Each simulator's URL: the upstream of the same name is pointed at them.
+    urls: Vec<(Service, String)>,
+}
+
+impl Pins {
+    fn apply(&self, cfg: &mut Config) {
+        cfg.auth.jwt_secret = Some(self.jwt_secret.clone());
+        for (name, u) in cfg.upstreams.iter_mut() {
+            let mine: Vec<String> = self
+                .urls
+                .iter()
+                .filter(|(s, _)| s.name() == name)
+                .map(|(_, url)| url.clone())
+                .collect();
+            match mine.len() {
+                0 => continue,
+                1 => {
+                    u.url = mine[0].clone();
+                    u.urls = Vec::new();
+                }
+                _ => {
+                    u.url = String::new();
+                    u.urls = mine;
+                }
+            }
+            // The demo's value, not the environment's: an error names the field.
+            let prefix = format!("upstreams.{name}.");
+            cfg.from_env
+                .retain(|(field, _)| !field.starts_with(&prefix));
+        }
+    }
 }
 
 impl Demo {

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use deltastream_gateway::config::{redact_url, Config, ConfigErrors, RouteKind};
-use deltastream_gateway::demo::{start_demo, DemoPorts};
+use deltastream_gateway::demo::{start_demo_from, DemoPorts};
 use deltastream_gateway::sim::{self, Service, SimOptions};
 
 #[derive(Parser)]
@@ -53,8 +53,8 @@ enum Command {
     /// Validate a config file and print the effective configuration (exit 0), or the
     /// errors (exit 2).
     CheckConfig {
-        /// The file to check.
-        file: PathBuf,
+        /// The file to check (or give it as --config; not both).
+        file: Option<PathBuf>,
     },
     /// Run the four simulated services and the gateway in one process.
     Demo {
@@ -71,8 +71,8 @@ enum Command {
         analytics_port: u16,
         #[arg(long, default_value_t = 8002)]
         socket_port: u16,
-        /// Storage simulators on consecutive ports from --storage-port: the gateway's
-        /// storage upstream becomes that many instances.
+        /// Storage simulators: the first on --storage-port, the others on free ports the
+        /// system picks; the gateway's storage upstream becomes that many instances.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         storage_instances: u16,
         /// Enable the services' /_faults switches (latency, errors, hang, and the capacity
@@ -120,14 +120,28 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    ignore_hangup();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--config` typed on the command line (not GATEWAY_CONFIG), wherever it was placed.
+    let config_typed = std::iter::successors(Some(&matches), |m| m.subcommand().map(|(_, m)| m))
+        .any(|m| m.value_source("config") == Some(clap::parser::ValueSource::CommandLine));
     let command = cli.command.unwrap_or(Command::Serve);
     // check-config talks to a person on stdout/stderr; everything else logs JSON.
     if !matches!(command, Command::CheckConfig { .. } | Command::Probe { .. }) {
         deltastream_gateway::observability::init_logging();
     }
     match command {
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file } => match checked_file(file, cli.config, config_typed) {
+            Ok(file) => check_config(&file),
+            Err(message) => {
+                eprintln!("check-config: {message}");
+                ExitCode::from(2)
+            }
+        },
         Command::Probe { url, timeout } => probe(&url, timeout.into()),
         Command::Serve => {
             let cfg = match load(cli.config.as_deref()) {
@@ -163,10 +177,17 @@ fn main() -> ExitCode {
                 socket: socket_port,
                 storage_instances,
             };
+            // Reloads read what the demo started from: the file (or the embedded table), then
+            // the environment.
+            let source = deltastream_gateway::server::ConfigSource {
+                file: cli.config.clone(),
+                env: true,
+            };
             run(async move {
-                let demo = start_demo(cfg, ports, faults).await?;
+                let demo = start_demo_from(cfg, Some(source), ports, faults).await?;
                 // Installed before the banner says the demo is up (see `signal`).
                 let stop = deltastream_gateway::server::signal();
+                deltastream_gateway::server::reload_on_sighup(demo.gateway.gateway.clone());
                 println!("{}", demo.banner());
                 stop.await;
                 // The same lines as `serve`, so a script or a reader sees the drain.
@@ -208,6 +229,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// SIGHUP's default action ends the process. Ignored from the first line of `main`, so a
+/// reload signal that comes early, or to a process with nothing to reload (`sim`, `probe`),
+/// never kills one of ours; `serve` and `demo` then handle it (tokio's handler replaces this
+/// one, see `server::reload_on_sighup`). Nothing we run is exec'd, so no child inherits it.
+fn ignore_hangup() {
+    #[cfg(unix)]
+    // SAFETY: installs SIG_IGN for one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
+/// The one file `check-config` checks: the argument or `--config`. Both typed on the command
+/// line is ambiguous (which one did the operator mean?) unless they are the same; a
+/// `GATEWAY_CONFIG` in the environment gives way to the argument.
+fn checked_file(
+    argument: Option<PathBuf>,
+    config: Option<PathBuf>,
+    config_typed: bool,
+) -> Result<PathBuf, String> {
+    match (argument, config) {
+        (Some(a), Some(c)) if config_typed && a != c => Err(format!(
+            "two files given ({} and --config {}): give one, as `check-config FILE`",
+            a.display(),
+            c.display()
+        )),
+        (Some(a), _) => Ok(a),
+        (None, Some(c)) => Ok(c),
+        (None, None) => Err("no file given: `check-config FILE`".into()),
+    }
+}
+
 /// A humantime duration above zero (`250ms`, `1s`): a zero tick interval would be a busy loop.
 fn positive_duration(raw: &str) -> Result<std::time::Duration, String> {
     let duration: std::time::Duration = raw
@@ -221,10 +274,25 @@ fn positive_duration(raw: &str) -> Result<std::time::Duration, String> {
 }
 
 /// The effective configuration (file or embedded default, then the environment), checked.
+/// Every error at once: a bad environment variable does not hide the file's problems.
 fn load_checked(file: Option<&std::path::Path>) -> Result<Config, ConfigErrors> {
-    let cfg = Config::load(file)?;
-    deltastream_gateway::server::check(&cfg)?;
-    Ok(cfg)
+    let mut cfg = match file {
+        Some(path) => Config::from_file(path)?,
+        None => Config::embedded(),
+    };
+    // The variables that parse are applied even when another does not.
+    let mut errors = match cfg.apply_env(|k| std::env::var(k).ok()) {
+        Ok(()) => Vec::new(),
+        Err(e) => e.0,
+    };
+    if let Err(mut e) = deltastream_gateway::server::check(&cfg) {
+        errors.append(&mut e.0);
+    }
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {

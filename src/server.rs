@@ -260,11 +260,12 @@ pub async fn start_with_source(
 }
 
 async fn start_inner(
-    cfg: Config,
+    mut cfg: Config,
     source: Option<ConfigSource>,
     public: TcpListener,
     admin: TcpListener,
 ) -> Result<Running, String> {
+    fds::fit_defaults(&mut cfg);
     // The recorder first: the request path keeps metric handles, which must be real ones.
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
@@ -541,6 +542,27 @@ pub fn signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Reloads `gateway` on every SIGHUP (`serve`, `demo`). The handler is in place when this
+/// returns.
+pub fn reload_on_sighup(gateway: Arc<Gateway>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot handle SIGHUP: reload with POST /admin/reload");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = gateway.reload().await;
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = gateway;
+}
+
 /// How long after `shutdown_grace` `serve` returns whatever has not finished.
 pub const HARD_STOP_AFTER_GRACE: Duration = Duration::from_secs(1);
 
@@ -569,21 +591,7 @@ pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
     tracing::info!(addr = %running.addr, admin = %running.admin_addr,
         redirect = running.redirect_addr.map(|a| a.to_string()),
         tls = running.gateway.certs.is_some(), "gateway listening");
-    #[cfg(unix)]
-    {
-        let gateway = running.gateway.clone();
-        tokio::spawn(async move {
-            let Ok(mut hup) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the configuration");
-                let _ = gateway.reload().await;
-            }
-        });
-    }
+    reload_on_sighup(running.gateway.clone());
     stop.await;
     tracing::info!("shutdown signal received; draining in-flight requests");
     // One hard deadline whatever is open: the listeners drain within the grace, and this

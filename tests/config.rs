@@ -91,21 +91,21 @@ fn errors_name_the_field_path() {
     for want in [
         "trusted_proxies[1]: invalid CIDR",
         "upstreams.broken.url: invalid upstream URL",
-        "routes[9].upstream: no upstream named \"nonexistent\"",
-        "routes[9].upstream_path: uses {other}",
-        "routes[9].methods[0]: invalid HTTP method \"get\"",
+        "routes[0].upstream: no upstream named \"nonexistent\"",
+        "routes[0].upstream_path: uses {other}",
+        "routes[0].methods[0]: invalid HTTP method \"get\"",
     ] {
         assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
     }
 
     // A template that does not parse is an error naming its field, never a route left out.
     let e = errors_of("[[routes]]\npath = \"/api/x/{id\"\nupstream = \"storage\"\n");
-    assert!(e.iter().any(|m| m.starts_with("routes[9].path:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("routes[0].path:")), "{e:?}");
     let e = errors_of(
         "[[routes]]\npath = \"/api/x/{id}\"\nupstream = \"storage\"\nupstream_path = \"/x/{id\"\n",
     );
     assert!(
-        e.iter().any(|m| m.starts_with("routes[9].upstream_path:")),
+        e.iter().any(|m| m.starts_with("routes[0].upstream_path:")),
         "{e:?}"
     );
 
@@ -161,7 +161,193 @@ fn errors_name_the_field_path() {
         "{e:?}"
     );
     let e = errors_of("[[routes]]\npath = \"/x/{a\"\nupstream = \"storage\"\n");
-    assert!(e[0].starts_with("routes[9].path"), "{e:?}");
+    assert!(e[0].starts_with("routes[0].path"), "{e:?}");
+}
+
+#[test]
+fn every_parse_error_is_reported_and_a_route_has_one_number() {
+    // serde stops at the first problem; check-config goes on to the others: in every
+    // section, in one upstream, in every route.
+    let text = "[server]\nport = \"x\"\n\
+                [upstreams.storage]\nmax_connections = \"many\"\ntimeout = \"10\"\n\
+                [[routes]]\npath = \"/a\"\nupstream = \"storage\"\ntimeout = \"10\"\n\
+                [[routes]]\npath = \"/b\"\nupstream = \"storage\"\nbogus = 1\nretries = -1\n";
+    let e = errors_of(text);
+    let at: Vec<&str> = e.iter().map(|m| m.split(':').next().unwrap()).collect();
+    for want in [
+        "server.port",
+        "upstreams.storage.max_connections",
+        "upstreams.storage.timeout",
+        "routes[0].timeout",
+        "routes[1].bogus",
+        "routes[1].retries",
+    ] {
+        assert!(at.contains(&want), "{want} missing from {e:#?}");
+    }
+    assert_eq!(e.len(), 6, "{e:#?}");
+
+    // The file's first route is routes[0] whether the problem is found while parsing or
+    // later (validation, templates), though the embedded routes are there too.
+    let parse = errors_of("[[routes]]\npath = \"/x/{a}\"\nupstream = \"storage\"\ntimeout = 5\n");
+    assert!(parse[0].starts_with("routes[0].timeout"), "{parse:?}");
+    let semantic = errors_of("[[routes]]\npath = \"/x/{a}\"\nupstream = \"nowhere\"\n");
+    assert!(
+        semantic[0].starts_with("routes[0].upstream"),
+        "{semantic:?}"
+    );
+    let template = errors_of("[[routes]]\npath = \"/x/{a\"\nupstream = \"storage\"\n");
+    assert!(template[0].starts_with("routes[0].path"), "{template:?}");
+    // The file's routes come first in the merged table; the embedded ones follow.
+    let cfg = Config::from_toml("[[routes]]\npath = \"/x\"\nupstream = \"storage\"\n").unwrap();
+    assert_eq!(cfg.routes[0].path, "/x");
+    assert_eq!(cfg.routes.len(), 10);
+}
+
+#[test]
+fn a_partial_override_of_an_embedded_upstream_keeps_the_rest_of_it() {
+    let cfg = Config::from_toml(
+        "[upstreams.storage]\nmax_connections = 16\n[upstreams.analytics.retry]\nmax_retries = 0\n",
+    )
+    .unwrap();
+    check(&cfg).unwrap();
+    let storage = &cfg.upstreams["storage"];
+    assert_eq!(storage.max_connections, 16);
+    assert_eq!(storage.url, "http://storage:8003");
+    let analytics = &cfg.upstreams["analytics"];
+    assert_eq!(analytics.retry.max_retries, 0);
+    assert_eq!(
+        analytics.timeout.0.as_secs(),
+        30,
+        "the embedded timeout is kept"
+    );
+    assert_eq!(analytics.url, "http://analytics:8004");
+
+    // The environment's URL replaces the embedded one.
+    let mut cfg = Config::from_toml("[upstreams.storage]\nmax_connections = 16\n").unwrap();
+    cfg.apply_env(|k| (k == "STORAGE_SERVICE_URL").then(|| "http://a:1,http://b:1".to_string()))
+        .unwrap();
+    check(&cfg).unwrap();
+    assert_eq!(cfg.upstreams["storage"].urls, ["http://a:1", "http://b:1"]);
+    assert_eq!(cfg.upstreams["storage"].max_connections, 16);
+
+    // A file that gives `urls` takes neither `url` nor `urls` from the embedded upstream.
+    let cfg = Config::from_toml("[upstreams.storage]\nurls = [\"http://a:1\", \"http://b:1\"]\n")
+        .unwrap();
+    check(&cfg).unwrap();
+    assert_eq!(cfg.upstreams["storage"].url, "");
+    // Without the embedded table, an upstream is what the file says.
+    let e = errors_of("inherit_defaults = false\n[upstreams.storage]\nmax_connections = 16\n");
+    assert!(
+        e.iter().any(|m| m.starts_with("upstreams.storage.url")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_bad_value_from_the_environment_is_named_by_its_variable() {
+    let mut cfg = Config::embedded();
+    cfg.apply_env(|k| match k {
+        "STORAGE_SERVICE_URL" => Some("ftp://storage".to_string()),
+        "ANALYTICS_SERVICE_URL" => Some("http://a:1,nope".to_string()),
+        "CONFIG_FINGERPRINT_KEY" => Some("short".to_string()),
+        _ => None,
+    })
+    .unwrap();
+    let e: Vec<String> = cfg
+        .validate()
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    for want in [
+        "STORAGE_SERVICE_URL: invalid upstream URL \"ftp://storage\"",
+        "(the variable sets upstreams.storage.url)",
+        "ANALYTICS_SERVICE_URL: invalid upstream URL \"nope\"",
+        "(the variable sets upstreams.analytics.urls[1])",
+        "CONFIG_FINGERPRINT_KEY: must be at least 16 characters",
+    ] {
+        assert!(
+            e.iter().any(|m| m.contains(want)),
+            "{want:?} missing from {e:#?}"
+        );
+    }
+    assert!(!e.iter().any(|m| m.starts_with("upstreams.")), "{e:#?}");
+
+    // And from check-config, with the file's own problems by their field path.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("g.toml");
+    std::fs::write(&file, "[[routes]]\npath = \"/x\"\nupstream = \"nowhere\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .arg("check-config")
+        .arg(&file)
+        .env("STORAGE_SERVICE_URL", "storage:8003")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\nSTORAGE_SERVICE_URL: invalid upstream URL"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\nroutes[0].upstream: no upstream named"),
+        "{stderr}"
+    );
+    // A variable that does not even parse hides nothing either.
+    let out = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
+        .arg("check-config")
+        .arg(&file)
+        .env("PORT", "80x")
+        .env("STORAGE_SERVICE_URL", "storage:8003")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "\nPORT: invalid port \"80x\"",
+        "\nSTORAGE_SERVICE_URL: invalid upstream URL",
+        "\nroutes[0].upstream: no upstream named",
+    ] {
+        assert!(stderr.contains(want), "{want:?} missing: {stderr}");
+    }
+}
+
+#[test]
+fn check_config_refuses_two_different_files() {
+    let bin = env!("CARGO_BIN_EXE_deltastream-gateway");
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(bin);
+        cmd.args(args).env_remove("GATEWAY_CONFIG");
+        if let Some(file) = env {
+            cmd.env("GATEWAY_CONFIG", file);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let invalid = "tests/fixtures/config/invalid_duration.toml";
+    let valid = "gateway.example.toml";
+    // Which one would it check? Neither: it says so.
+    let (code, stderr, _) = run(&["check-config", "--config", invalid, valid], None);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("two files given"), "{stderr}");
+    let (code, stderr, _) = run(&["--config", invalid, "check-config", valid], None);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("two files given"), "{stderr}");
+    // One file, however it is given; the argument wins over the environment.
+    let (code, _, stdout) = run(&["--config", valid, "check-config"], None);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("gateway.example.toml: OK"), "{stdout}");
+    let (code, _, stdout) = run(&["check-config", "--config", valid, valid], None);
+    assert_eq!(code, Some(0), "{stdout}");
+    let (code, _, stdout) = run(&["check-config", valid], Some(invalid));
+    assert_eq!(code, Some(0), "{stdout}");
+    let (code, stderr, _) = run(&["check-config"], None);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("no file given"), "{stderr}");
 }
 
 #[test]

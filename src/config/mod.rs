@@ -10,7 +10,9 @@
 //! Precedence, lowest first: the embedded default (the DeltaStream route table, so `serve`
 //! runs with zero files) -> the `--config` TOML file -> environment variables.
 //! With `inherit_defaults = true` (the default) a file *extends* the embedded table: an
-//! upstream or route with the same name / path replaces the default one, others are added.
+//! upstream with the same name is merged over the default one (a file may tune one field and
+//! keep the URL), a route with the same path replaces the default one, others are added; the
+//! file's routes come first, so `routes[i]` is the file's i-th route in every error.
 
 pub mod auth;
 pub mod cache;
@@ -78,6 +80,10 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// The settings the environment gave (field path, variable): a bad value is reported by
+    /// the variable's name, since the operator will not find it in the file.
+    #[serde(skip)]
+    pub from_env: Vec<(String, &'static str)>,
 }
 
 /// Everything wrong with a configuration, each located by field path.
@@ -134,9 +140,10 @@ impl Config {
     }
 
     /// [`Config::from_toml`] for a document in directory `dir`: its response schema files
-    /// (`schema_file`) are read relative to it.
+    /// (`schema_file`) are read relative to it. Every problem is reported, not only the
+    /// first: each section, each upstream and each route is read on its own.
     pub fn from_toml_in(text: &str, dir: &Path) -> Result<Config, ConfigErrors> {
-        let de = toml::Deserializer::parse(text).map_err(|e| {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             let at = e
                 .span()
                 .map(|span| line_column(text, span.start))
@@ -144,11 +151,14 @@ impl Config {
                 .unwrap_or_default();
             FieldError::new("", format!("invalid TOML{at}: {}", e.message()))
         })?;
-        let mut file: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            FieldError::new(path, e.into_inner().message().to_string())
-        })?;
+        let inherit = table
+            .get("inherit_defaults")
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(true);
+        if inherit {
+            complete_embedded_upstreams(&mut table);
+        }
+        let mut file = deserialize_reporting_all(table)?;
         let errors = routes::load_schema_files(&mut file.routes, dir);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -185,17 +195,18 @@ impl Config {
         Ok(c)
     }
 
+    /// The file's routes first, so `routes[i]` is the file's i-th route in every message
+    /// (parse errors, validation, templates), then the embedded routes it does not replace.
     fn merged_over(mut self, base: Config) -> Config {
         let mut upstreams = base.upstreams;
         upstreams.append(&mut self.upstreams);
         self.upstreams = upstreams;
-        let mut routes: Vec<RouteConfig> = base
+        let kept: Vec<RouteConfig> = base
             .routes
             .into_iter()
             .filter(|r| !self.routes.iter().any(|o| o.path == r.path))
             .collect();
-        routes.append(&mut self.routes);
-        self.routes = routes;
+        self.routes.extend(kept);
         self
     }
 
@@ -216,14 +227,18 @@ impl Config {
                 }
             }
         };
+        let mut set = Vec::new();
         if let Some(p) = parse_port("PORT", &mut errors) {
             self.server.port = p;
+            set.push(("server.port".to_string(), "PORT"));
         }
         if let Some(p) = parse_port("ADMIN_PORT", &mut errors) {
             self.admin.port = p;
+            set.push(("admin.port".to_string(), "ADMIN_PORT"));
         }
         if let Some(name) = lookup("SERVICE_NAME").filter(|s| !s.is_empty()) {
             self.service_name = name;
+            set.push(("service_name".to_string(), "SERVICE_NAME"));
         }
         for (var, upstream) in [
             ("AUTH_SERVICE_URL", "auth"),
@@ -237,10 +252,12 @@ impl Config {
                     Some(u) if url.contains(',') => {
                         u.url = String::new();
                         u.urls = url.split(',').map(|s| s.trim().to_string()).collect();
+                        set.push((format!("upstreams.{upstream}.urls"), var));
                     }
                     Some(u) => {
                         u.url = url;
                         u.urls = Vec::new();
+                        set.push((format!("upstreams.{upstream}.url"), var));
                     }
                     None => errors.push(FieldError::new(
                         var,
@@ -252,12 +269,22 @@ impl Config {
         if let Some(url) = lookup("REDIS_URL") {
             // An empty REDIS_URL means "no Redis": the in-process limiter.
             self.rate_limit.redis_url = Some(url).filter(|u| !u.trim().is_empty());
+            set.push(("rate_limit.redis_url".to_string(), "REDIS_URL"));
         }
         if let Some(secret) = lookup("JWT_SECRET").filter(|s| !s.is_empty()) {
             self.auth.jwt_secret = Some(secret);
+            set.push(("auth.jwt_secret".to_string(), "JWT_SECRET"));
         }
         if let Some(key) = lookup("CONFIG_FINGERPRINT_KEY").filter(|s| !s.is_empty()) {
             self.admin.fingerprint_key = Some(key);
+            set.push((
+                "admin.fingerprint_key".to_string(),
+                "CONFIG_FINGERPRINT_KEY",
+            ));
+        }
+        for (field, var) in set {
+            self.from_env.retain(|(f, _)| *f != field);
+            self.from_env.push((field, var));
         }
         if errors.is_empty() {
             Ok(())
@@ -307,11 +334,27 @@ impl Config {
             }
         }
         self.validate_references(&mut errors);
+        for e in &mut errors {
+            self.name_the_variable(e);
+        }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// An error in a value the environment gave names the variable, and the field it sets.
+    fn name_the_variable(&self, e: &mut FieldError) {
+        let Some((_, var)) = self.from_env.iter().find(|(field, _)| {
+            e.path
+                .strip_prefix(field.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['[', '.']))
+        }) else {
+            return;
+        };
+        e.message = format!("{} (the variable sets {})", e.message, e.path);
+        e.path = (*var).to_string();
     }
 
     /// What `[auth]` names elsewhere: the upstream that verifies tokens (when a route needs
@@ -346,6 +389,143 @@ impl Config {
     }
 }
 
+/// `[upstreams.NAME]` tables that name an embedded upstream are completed from it, so a file
+/// can tune one field (`[upstreams.storage] max_connections = 16`) and keep the rest: the URL
+/// (which the environment or the demo may replace), the timeout, everything else. A table that
+/// gives `url` or `urls` takes neither from the embedded one.
+fn complete_embedded_upstreams(table: &mut toml::Table) {
+    let Some(toml::Value::Table(upstreams)) = table.get_mut("upstreams") else {
+        return;
+    };
+    let embedded = defaults::upstreams();
+    for (name, given) in upstreams.iter_mut() {
+        let (Some(base), toml::Value::Table(given)) = (embedded.get(name), given) else {
+            continue;
+        };
+        let Ok(toml::Value::Table(mut base)) = toml::Value::try_from(base) else {
+            continue;
+        };
+        if given.contains_key("url") || given.contains_key("urls") {
+            base.remove("url");
+            base.remove("urls");
+        }
+        let given_table = std::mem::take(given);
+        overlay(&mut base, given_table);
+        *given = base;
+    }
+}
+
+/// `over`'s keys replace `base`'s, tables merging key by key.
+fn overlay(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => overlay(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// `T` from a TOML value; the error at its field path under `prefix`, and the path itself.
+fn deserialize_at<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    prefix: &str,
+) -> Result<T, (FieldError, serde_path_to_error::Path)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = match (prefix, path.as_str()) {
+            (p, ".") => p.to_string(),
+            ("", path) => path.to_string(),
+            (p, path) if path.starts_with('[') => format!("{p}{path}"),
+            (p, path) => format!("{p}.{path}"),
+        };
+        let at = e.path().clone();
+        (
+            FieldError::new(path, e.into_inner().message().to_string()),
+            at,
+        )
+    })
+}
+
+/// Removes the key an error points at (the innermost table key on its path), so that reading
+/// again finds the next problem. False when there is none to remove.
+fn remove_at(value: &mut toml::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some(last_key) = segments
+        .iter()
+        .rposition(|s| matches!(s, Segment::Map { .. }))
+    else {
+        return false;
+    };
+    let mut node = value;
+    for segment in &segments[..last_key] {
+        node = match (segment, node) {
+            (Segment::Map { key }, toml::Value::Table(t)) => match t.get_mut(key.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Seq { index }, toml::Value::Array(a)) => match a.get_mut(*index) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (segments[last_key], node) {
+        (Segment::Map { key }, toml::Value::Table(t)) => t.remove(key.as_str()).is_some(),
+        _ => false,
+    }
+}
+
+/// Every problem reading `value` as a `T`: serde stops at the first, so the offending key is
+/// removed and the value read again, until it reads or nothing more can be removed.
+fn every_error<T: serde::de::DeserializeOwned>(
+    mut value: toml::Value,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    // Bounded: each round removes one key.
+    for _ in 0..256 {
+        match deserialize_at::<T>(value.clone(), prefix) {
+            Ok(_) => return,
+            Err((e, path)) => {
+                errors.push(e);
+                if !remove_at(&mut value, &path) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The configuration in `table`, or every problem in it (see [`every_error`]); each route is
+/// read on its own, so a route's problem hides neither its own others nor another route's.
+fn deserialize_reporting_all(mut table: toml::Table) -> Result<Config, ConfigErrors> {
+    let first = match deserialize_at::<Config>(toml::Value::Table(table.clone()), "") {
+        Ok(cfg) => return Ok(cfg),
+        Err((e, _)) => e,
+    };
+    let mut errors = Vec::new();
+    match table.remove("routes") {
+        Some(toml::Value::Array(routes)) => {
+            for (i, route) in routes.into_iter().enumerate() {
+                every_error::<RouteConfig>(route, &format!("routes[{i}]"), &mut errors);
+            }
+        }
+        Some(other) => {
+            table.insert("routes".into(), other);
+        }
+        None => {}
+    }
+    every_error::<Config>(toml::Value::Table(table), "", &mut errors);
+    if errors.is_empty() {
+        errors.push(first);
+    }
+    Err(ConfigErrors(errors))
+}
+
 /// A URL (or a list of them) with any user information replaced, for logs and summaries.
 pub fn redact_url(url: &str) -> String {
     redact::redact_userinfo(url).into_owned()
@@ -378,6 +558,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
+            from_env: Vec::new(),
         }
     }
 }

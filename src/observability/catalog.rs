@@ -44,7 +44,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_cache_bytes", Kind::Gauge, "Weighted size of the response cache in bytes"),
     ("gateway_cache_entries", Kind::Gauge, "Entries in the response cache"),
     ("gateway_ratelimit_decisions_total", Kind::Counter, "Rate-limit decisions, by policy and decision"),
-    ("gateway_ratelimit_backend", Kind::Gauge, "Rate-limit backend in use: 1 for the current state (redis, fallback), 0 for the other"),
+    ("gateway_ratelimit_backend", Kind::Gauge, "Rate-limit backend in use: 1 for the current state (redis; fallback: Redis configured but failing; local: no Redis configured), 0 for the others"),
     ("gateway_auth_failures_blocked_total", Kind::Counter, "Clients refused for too many failed token verifications"),
     ("gateway_connections_closed_total", Kind::Counter, "Client connections cut off by the gateway, by reason"),
     ("gateway_websocket_connections", Kind::Gauge, "Open WebSocket connections, by route"),

@@ -10,7 +10,8 @@
 //! Redis is guarded by a small breaker: after a failure or timeout, requests are decided
 //! without touching Redis while a background task probes it with growing backoff (1 s doubling
 //! to 10 s); the first successful probe switches back. Each switch is logged once and exported
-//! as `gateway_ratelimit_backend{state}`; every decision is counted in
+//! as `gateway_ratelimit_backend{state}` (`redis`, `fallback`, or `local` when no Redis is
+//! configured); every decision is counted in
 //! `gateway_ratelimit_decisions_total{policy,decision}`.
 
 mod headers;
@@ -186,6 +187,15 @@ fn set_backend_gauge(redis: bool) {
     let (r, f) = if redis { (1.0, 0.0) } else { (0.0, 1.0) };
     metrics::gauge!("gateway_ratelimit_backend", "state" => "redis").set(r);
     metrics::gauge!("gateway_ratelimit_backend", "state" => "fallback").set(f);
+    metrics::gauge!("gateway_ratelimit_backend", "state" => "local").set(0.0);
+}
+
+/// No Redis configured: in-process limiting is the configuration, not a failure, so it is
+/// `local`, never `fallback` (which alerts).
+fn set_local_gauge() {
+    metrics::gauge!("gateway_ratelimit_backend", "state" => "redis").set(0.0);
+    metrics::gauge!("gateway_ratelimit_backend", "state" => "fallback").set(0.0);
+    metrics::gauge!("gateway_ratelimit_backend", "state" => "local").set(1.0);
 }
 
 fn count_decision(policy: &Arc<str>, decision: &'static str) {
@@ -271,8 +281,10 @@ impl RateLimiter {
         };
 
         match &limiter.inner.redis {
+            // A redis_url that cannot be used is a failure (`fallback`); none at all is not.
+            None if cfg.redis_url.is_some() => set_backend_gauge(false),
             None => {
-                set_backend_gauge(false);
+                set_local_gauge();
                 tracing::info!(
                     "rate limiting: in-process only (no redis_url); limits are per replica"
                 );

@@ -7,8 +7,10 @@
 //! what the connection caps allow), and the listeners' connection caps are fitted under
 //! what the limit leaves ([`connection_budget`], `ListenerCaps::fit`): the limit is one pool for the whole process, so
 //! without that, idle connections to one listener (issue 23: 1,100 to the redirect port with
-//! the limit at 1,024) made every other listener's accept fail with EMFILE. A hard limit below
-//! what the WebSocket cap can use is logged, naming the settings.
+//! the limit at 1,024) made every other listener's accept fail with EMFILE. Default caps are
+//! derived from a limit lower than they need ([`fit_defaults`], said once at info level: a
+//! stock machine is no misconfiguration); a hard limit below what caps that were SET can use
+//! is warned about, naming the settings.
 
 use super::listener::ListenerCaps;
 use crate::config::Config;
@@ -25,7 +27,8 @@ pub fn needed(cfg: &Config) -> u64 {
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; warns when even that is below
-/// [`needed`]. Returns the limit in effect (None where it cannot be read).
+/// [`needed`] (caps that were set: default ones were fitted, [`fit_defaults`]). Returns the
+/// limit in effect (None where it cannot be read).
 pub fn raise_limit(cfg: &Config) -> Option<u64> {
     let limit = raise_to_hard()?;
     let needed = needed(cfg);
@@ -41,6 +44,80 @@ pub fn raise_limit(cfg: &Config) -> Option<u64> {
         );
     }
     Some(limit)
+}
+
+/// A lowered default cap: the setting, the default, what the limit leaves.
+pub type Derived = (&'static str, usize, usize);
+
+/// The default connection caps (`limits.max_connections`, `websocket.max_connections`: both
+/// 10,000, which need ~30,000 descriptors) derived from the open-file limit when it is lower
+/// than they need, so that the defaults fit the machine they start on (a stock limit of
+/// 20,000 here, 1,024 on many systems) instead of warning about it. Caps that were set
+/// keep their value (past the limit that is still warned about, see [`raise_limit`]). Said
+/// once, at info level; a reload derives the same values again.
+pub fn fit_defaults(cfg: &mut Config) -> Vec<Derived> {
+    let Some(limit) = raise_to_hard() else {
+        return Vec::new();
+    };
+    let derived = fit_defaults_to(cfg, limit);
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !derived.is_empty() && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            fd_limit = limit,
+            "default connection caps derived from the open-file limit: {} (set them, or raise \
+             the limit, to choose others)",
+            derived
+                .iter()
+                .map(|(name, from, to)| format!("{name} {from} -> {to}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    derived
+}
+
+/// [`fit_defaults`] for a given limit. What the defaults may use (the limit less the
+/// listeners they do not cover and a reserve for pools, Redis, logs) is shared in the
+/// defaults' proportion, one public connection for each relayed WebSocket (which takes two
+/// descriptors); the public cap also stays within the listeners' half ([`connection_budget`]).
+pub fn fit_defaults_to(cfg: &mut Config, limit: u64) -> Vec<Derived> {
+    if limit >= needed(cfg) {
+        return Vec::new();
+    }
+    let public_default = crate::config::LimitsConfig::default().max_connections;
+    let ws_default = crate::config::WebSocketConfig::default().max_connections;
+    let public_is_default = cfg.limits.max_connections == public_default;
+    let ws_is_default = cfg.websocket.max_connections == ws_default;
+    let caps = ListenerCaps::configured(cfg);
+    let others = caps.redirect + caps.admin;
+    let free = usize::try_from(limit.saturating_sub(256)).unwrap_or(usize::MAX);
+    let free = free.saturating_sub(others);
+    let (public, ws) = match (public_is_default, ws_is_default) {
+        (true, true) => (free / 3, free / 3),
+        (true, false) => (
+            free.saturating_sub(2 * cfg.websocket.max_connections),
+            cfg.websocket.max_connections,
+        ),
+        (false, true) => (
+            cfg.limits.max_connections,
+            free.saturating_sub(cfg.limits.max_connections) / 2,
+        ),
+        (false, false) => return Vec::new(),
+    };
+    let public = public
+        .min(connection_budget(limit).saturating_sub(others))
+        .clamp(1, public_default);
+    let ws = ws.clamp(1, ws_default);
+    let mut derived = Vec::new();
+    if public_is_default && public < public_default {
+        cfg.limits.max_connections = public;
+        derived.push(("limits.max_connections", public_default, public));
+    }
+    if ws_is_default && ws < ws_default {
+        cfg.websocket.max_connections = ws;
+        derived.push(("websocket.max_connections", ws_default, ws));
+    }
+    derived
 }
 
 /// How many listener connections `fd_limit` can hold: half of the descriptors above
@@ -96,6 +173,45 @@ mod tests {
         assert_eq!(lim.rlim_cur, lim.rlim_max);
         assert_eq!(limit, lim.rlim_cur);
         assert_eq!(needed(&cfg), 10_000 + 64 + 2 * 10_000 + 256);
+    }
+
+    #[test]
+    fn default_caps_are_derived_from_a_lower_limit_and_set_ones_kept() {
+        let mut cfg = Config::default();
+        assert_eq!(fit_defaults_to(&mut cfg, 1_000_000), Vec::<Derived>::new());
+        // 20,000: (20,000 - 256 - 64 admin) / 3 each, and then everything fits.
+        let derived = fit_defaults_to(&mut cfg, 20_000);
+        assert_eq!(
+            derived,
+            [
+                ("limits.max_connections", 10_000, 6_560),
+                ("websocket.max_connections", 10_000, 6_560)
+            ]
+        );
+        assert!(needed(&cfg) <= 20_000);
+        assert_eq!(
+            ListenerCaps::configured(&cfg).fit(connection_budget(20_000)),
+            None
+        );
+        // 1,024: the listeners' half bounds the public cap.
+        let mut cfg = Config::default();
+        fit_defaults_to(&mut cfg, 1_024);
+        assert_eq!(cfg.websocket.max_connections, (1_024 - 256 - 64) / 3);
+        assert!(needed(&cfg) <= 1_024, "{}", needed(&cfg));
+        // A cap that was set stays; the default one takes what is left.
+        let mut cfg = Config::default();
+        cfg.websocket.max_connections = 5_000;
+        let derived = fit_defaults_to(&mut cfg, 20_000);
+        assert_eq!(
+            derived,
+            [("limits.max_connections", 10_000, 20_000 - 256 - 64 - 10_000)]
+        );
+        assert_eq!(cfg.websocket.max_connections, 5_000);
+        let mut cfg = Config::default();
+        cfg.websocket.max_connections = 9_000;
+        cfg.limits.max_connections = 9_000;
+        assert_eq!(fit_defaults_to(&mut cfg, 20_000), Vec::<Derived>::new());
+        assert_eq!(cfg.limits.max_connections, 9_000);
     }
 
     #[test]

@@ -90,12 +90,18 @@ pub struct ReloadReport {
     pub warnings: Vec<String>,
 }
 
+/// What is applied to every configuration a reload loads, after the environment (the demo
+/// points the upstreams at its simulators).
+pub type Overrides = Box<dyn Fn(&mut Config) + Send + Sync>;
+
 /// The running gateway's configuration and state.
 pub struct Gateway {
     live: ArcSwap<Live>,
-    /// Where a reload reads from; `None` (the demo, tests that start a `Config` directly):
+    /// Where a reload reads from; `None` (tests that start a `Config` directly):
     /// a reload can only be given its configuration (`apply`).
     source: Option<ConfigSource>,
+    /// Applied to what `source` loads; set once (`override_reloads`).
+    overrides: std::sync::OnceLock<Overrides>,
     /// The certificate the TLS listener serves, when there is one.
     pub(crate) certs: Option<Arc<CertStore>>,
     /// The settings the listeners were started with: a reload cannot change them.
@@ -224,7 +230,9 @@ fn prepare(
 ) -> Result<Prepared, ReloadError> {
     let warnings = super::check_with_warnings(&next).map_err(ReloadError::Invalid)?;
     let needs_restart = restart_only(started, &next);
-    let next = keep_running(started, next);
+    let mut next = keep_running(started, next);
+    // The same caps derived from the open-file limit as at start.
+    super::fds::fit_defaults(&mut next);
     let cert = match (tls_on, &next.server.tls) {
         (true, Some(tls)) => Some(
             super::tls::load(tls).map_err(|errors| ReloadError::Invalid(ConfigErrors(errors)))?,
@@ -277,6 +285,7 @@ impl Gateway {
             started: live.app.config.clone(),
             live: ArcSwap::from_pointee(live),
             source,
+            overrides: std::sync::OnceLock::new(),
             certs,
             shutdown,
             reloading: tokio::sync::Mutex::new(()),
@@ -300,11 +309,22 @@ impl Gateway {
                 "this gateway was started without a configuration source (demo): nothing to reload from".into(),
             ));
         };
-        let loaded = source.load();
+        let loaded = source.load().map(|mut cfg| {
+            if let Some(apply) = self.overrides.get() {
+                apply(&mut cfg);
+            }
+            cfg
+        });
         match loaded {
             Ok(cfg) => self.apply(cfg).await,
             Err(errors) => Err(self.rejected(errors)),
         }
+    }
+
+    /// From now on, every configuration a reload loads goes through `apply` (after the
+    /// environment) before it is checked. Only the first call counts.
+    pub fn override_reloads(&self, apply: Overrides) {
+        let _ = self.overrides.set(apply);
     }
 
     fn rejected(&self, errors: ConfigErrors) -> ReloadError {

@@ -94,9 +94,11 @@ impl PeakEwma {
         self.lock().sample(rtt, now);
     }
 
-    /// The decayed estimate in nanoseconds, sampled or not (for `/admin`).
-    pub(crate) fn estimate_ns(&self, now: Instant) -> f64 {
-        self.lock().decayed(now)
+    /// The decayed estimate in nanoseconds (for `/admin`); none until the instance answered:
+    /// the assumed starting value is no measurement.
+    pub(crate) fn estimate_ns(&self, now: Instant) -> Option<f64> {
+        let e = self.lock();
+        e.sampled.then(|| e.decayed(now))
     }
 
     /// The decayed latency, if the instance has answered recently. An estimate older than
@@ -127,18 +129,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_takes_a_slow_sample_at_once_and_forgets_it_gradually() {
         let e = PeakEwma::new();
+        assert_eq!(e.estimate_ns(Instant::now()), None, "nothing measured yet");
         e.sample(ms(300), Instant::now());
+        let estimate = |e: &PeakEwma| e.estimate_ns(Instant::now()).expect("sampled");
         assert!(
-            (e.estimate_ns(Instant::now()) - 300e6).abs() < 1.0,
+            (estimate(&e) - 300e6).abs() < 1.0,
             "the peak is taken at once"
         );
         // A fast sample right after moves it little (the slow one is recent)...
         tokio::time::advance(ms(10)).await;
         e.sample(ms(1), Instant::now());
-        assert!(e.estimate_ns(Instant::now()) > 250e6);
+        assert!(estimate(&e) > 250e6);
         // ...and with time the estimate decays toward zero (e^-1 after one decay period).
         tokio::time::advance(EWMA_DECAY).await;
-        let later = e.estimate_ns(Instant::now());
+        let later = estimate(&e);
         assert!(later < 120e6 && later > 80e6, "{later}");
     }
 

@@ -87,7 +87,8 @@ pub struct InstanceSnapshot {
     /// Passed over after a 429/503 for this many more seconds.
     pub biased_for_seconds: Option<f64>,
     pub in_flight: u32,
-    pub ewma_latency_ms: f64,
+    /// `null` until the instance answered a call: there is nothing measured to show.
+    pub ewma_latency_ms: Option<f64>,
     pub successes: u64,
     pub failures: u64,
 }
@@ -165,7 +166,7 @@ impl Instance {
                 .filter(|u| *u > now)
                 .map(|u| u.saturating_duration_since(now).as_secs_f64()),
             in_flight: self.load.in_flight(),
-            ewma_latency_ms: self.load.estimate_ns(now) / 1e6,
+            ewma_latency_ms: self.load.estimate_ns(now).map(|ns| ns / 1e6),
             successes: h.successes,
             failures: h.failures,
         }
