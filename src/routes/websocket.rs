@@ -10,8 +10,9 @@
 //!   the `Authorization` the identity phase reads, and leaves the protocol list and the query.
 //! - identity and rate limit (policy `ws`) as for any route.
 //! - [`connect`]: the connection limits (total and per client IP: 429), then the upstream
-//!   handshake through the upstream's pipeline (deadline, retries elsewhere, breaker: a JSON
-//!   503 before any upgrade while it is open), then the 101 and the relay task.
+//!   handshake through the upstream's pipeline (`[websocket] handshake_timeout` or the
+//!   route's deadline when shorter, retries elsewhere, breaker: a JSON 503 before any upgrade
+//!   while it is open), then the 101 and the relay task.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,7 +31,7 @@ use super::{AppState, RequestCtx};
 use crate::client::ClientKey;
 use crate::error::GatewayError;
 use crate::upstream::CallOptions;
-use crate::websocket::{relay, RelayCounters, RelaySettings};
+use crate::websocket::{relay, RelayCounters, RelaySettings, UpstreamPing};
 
 static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 static SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
@@ -277,9 +278,12 @@ pub(super) async fn connect(
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let mut req = reqwest::Request::new(Method::GET, url);
     *req.headers_mut() = headers;
+    // The handshake's own short deadline, not the route's: a service that accepts the
+    // connection but does not answer (paused) must not keep a new subscriber waiting 10 s.
+    let handshake_deadline = route.deadline.min(ws.handshake_timeout.0);
     let options = CallOptions {
-        deadline: route.deadline,
-        attempt_timeout: route.attempt_timeout,
+        deadline: handshake_deadline,
+        attempt_timeout: route.attempt_timeout.min(handshake_deadline),
         idempotent: true,
         retry_non_idempotent: false,
         max_retries: route.retries,
@@ -353,6 +357,10 @@ fn spawn_relay(
         max_lifetime: ws.max_lifetime.map(|d| d.0),
         close_timeout: ws.close_timeout.0,
         send_timeout: app.config.limits.send_timeout.0,
+        upstream_ping: ws.upstream_ping.then_some(UpstreamPing {
+            interval: ws.upstream_ping_interval.0,
+            timeout: ws.upstream_pong_timeout.0,
+        }),
     };
     let counter = |name: &'static str, direction: &'static str| metrics::counter!(name, "route" => label.to_string(), "direction" => direction);
     let counters = RelayCounters {
@@ -378,6 +386,7 @@ fn spawn_relay(
         let started = std::time::Instant::now();
         let stats = relay(client_io, upstream_io, settings, shutdown, counters).await;
         gauge.decrement(1.0);
+        metrics::counter!("gateway_websocket_closed_total", "route" => label.to_string(), "reason" => stats.ended_by).increment(1);
         tracing::info!(
             target: "access",
             event = "websocket_close",
