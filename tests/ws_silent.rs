@@ -10,7 +10,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use deltastream_gateway::config::{Config, Dur, PolicyConfig};
+use deltastream_gateway::config::{Config, Dur};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use support::gateway::{client, config_with_upstreams, scrape, spawn};
@@ -86,8 +86,9 @@ async fn serve(tcp: TcpStream, ticks: bool, mut silence: watch::Receiver<bool>) 
     std::future::pending::<()>().await;
 }
 
-/// The embedded config with the socket upstream at `socket` (the others at a fake), the
-/// upgrade limit lifted, and the test's watch settings.
+/// The embedded config with the socket upstream at `socket` (the others at a fake) and the
+/// test's watch settings (each test opens at most 5 connections: the built-in upgrade limit,
+/// 20 a minute, stays).
 fn config(socket: SocketAddr, other: &FakeUpstream) -> Config {
     let (s, o) = (format!("http://{socket}"), other.url());
     let mut cfg = config_with_upstreams(move |name| {
@@ -96,13 +97,6 @@ fn config(socket: SocketAddr, other: &FakeUpstream) -> Config {
         } else {
             o.clone()
         }
-    });
-    cfg.rate_limit.policies.retain(|p| p.name != "ws");
-    cfg.rate_limit.policies.push(PolicyConfig {
-        name: "ws".into(),
-        limit: 1_000_000,
-        window: Dur::from_secs(60),
-        key: Default::default(),
     });
     cfg.websocket.upstream_ping_interval = Dur(PING_INTERVAL);
     cfg.websocket.upstream_pong_timeout = Dur(PONG_TIMEOUT);
