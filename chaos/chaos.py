@@ -1364,7 +1364,9 @@ def load_experiments(names):
         return specs
     chosen = []
     for n in names:
+        # A name, a number, or the file's path (chaos/experiments/NN-....json).
         hit = [s for s in specs if n in (s["name"], s["_file"], Path(s["_file"]).stem)
+               or Path(n).name == s["_file"]
                or s["name"].split("-", 1)[-1] == n or s["name"].startswith(n + "-")]
         if not hit:
             raise SystemExit(f"no experiment named {n!r}; have: {', '.join(s['name'] for s in specs)}")
