@@ -1019,6 +1019,7 @@ def evaluate_ws(exp, ev, end, ctx):
 
     ws_end_s: seconds from `from` to the first end (close frame or end of stream) of every
       subscriber connected at that moment; the slowest (None if one never ended).
+    ws_end_min_s: the same, the quickest (a lower bound: nothing closed them early).
     ws_end_code_share: share of those first ends that are close frames with a code in `codes`.
     ws_end_count: ends in [from + skip_s, to).
     ws_tick_gap_s: the longest wait for a tick, per subscriber, within [from + skip_s, to).
@@ -1035,7 +1036,7 @@ def evaluate_ws(exp, ev, end, ctx):
     t_from = evs[exp.get("from", "inject_end")]
     lo = t_from + exp.get("skip_s", 0)
     hi = evs[exp.get("to", "end")]
-    if kind in ("ws_end_s", "ws_end_code_share"):
+    if kind in ("ws_end_s", "ws_end_min_s", "ws_end_code_share"):
         firsts, missing = [], 0
         for s in subs:
             state = None
@@ -1059,10 +1060,11 @@ def evaluate_ws(exp, ev, end, ctx):
             k = str(e["code"]) if e["code"] is not None else e["how"]
             codes[k] = codes.get(k, 0) + 1
         detail = {"connected_at_event": n, "never_ended": missing, "ends_by_code": codes}
-        if kind == "ws_end_s":
+        if kind in ("ws_end_s", "ws_end_min_s"):
             if missing or not firsts:
                 return None, n, detail
-            return round(max(e["t"] for e in firsts) - t_from, 3), n, detail | {
+            pick = max if kind == "ws_end_s" else min
+            return round(pick(e["t"] for e in firsts) - t_from, 3), n, detail | {
                 "min_s": round(min(e["t"] for e in firsts) - t_from, 3)}
         ok = sum(1 for e in firsts if e["code"] in as_list(exp["codes"]))
         return (round(ok / n, 4) if n else None), n, detail
@@ -1362,7 +1364,9 @@ def load_experiments(names):
         return specs
     chosen = []
     for n in names:
+        # A name, a number, or the file's path (chaos/experiments/NN-....json).
         hit = [s for s in specs if n in (s["name"], s["_file"], Path(s["_file"]).stem)
+               or Path(n).name == s["_file"]
                or s["name"].split("-", 1)[-1] == n or s["name"].startswith(n + "-")]
         if not hit:
             raise SystemExit(f"no experiment named {n!r}; have: {', '.join(s['name'] for s in specs)}")

@@ -24,8 +24,8 @@
 //!   (`upstream::call`), and the response cache in front of it (`upstream::cache`: store,
 //!   single flight, stale-if-error, RFC 9111 rules).
 //! * [`websocket`]: relays an upgraded WebSocket frame-aware but unbuffered, closing both
-//!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
-//!   its policies are `routes::websocket`.
+//!   sides cleanly (1012 when the upstream goes, or goes silent: pinged, no answer; 1001 at
+//!   shutdown or idle); the handshake and its policies are `routes::websocket`.
 //! * [`client`]: [`client::ClientKey`], who a request is counted against (an IPv4 address or
 //!   an IPv6 prefix, /64 by default): the one key of every per-client policy, resolved once
 //!   per request from the peer or a trusted proxy's forwarding headers.

@@ -627,6 +627,9 @@ mod tests {
         cfg.websocket.idle_timeout = Dur::from_secs(0);
         cfg.websocket.close_timeout = Dur::from_secs(0);
         cfg.websocket.max_lifetime = Some(Dur::from_secs(0));
+        cfg.websocket.handshake_timeout = Dur::from_secs(0);
+        cfg.websocket.upstream_ping_interval = Dur::from_secs(0);
+        cfg.websocket.upstream_pong_timeout = Dur::from_secs(0);
         cfg.tracing.otlp_endpoint = Some("ftp://collector".into());
         cfg.tracing.export_interval = Dur::from_secs(0);
         cfg.tracing.max_batch = 0;
@@ -661,6 +664,9 @@ mod tests {
             "websocket.idle_timeout: must be greater than 0",
             "websocket.close_timeout: must be greater than 0",
             "websocket.max_lifetime: must be greater than 0",
+            "websocket.handshake_timeout: must be greater than 0",
+            "websocket.upstream_ping_interval: must be greater than 0",
+            "websocket.upstream_pong_timeout: must be greater than 0",
             "tracing.otlp_endpoint: \"ftp://collector\" is not an http(s) URL",
             "tracing.export_interval: must be greater than 0",
             "tracing.max_batch: must be greater than 0",

@@ -498,6 +498,19 @@ pub struct WebSocketConfig {
     pub max_lifetime: Option<Dur>,
     /// How long a close handshake may take before the connections are dropped.
     pub close_timeout: Dur,
+    /// The upstream handshake (connect, request, 101) takes at most this long, or the
+    /// route's timeout when that is shorter: a new subscriber of a service that does not
+    /// answer gets its 503 in seconds, not after a data route's 10 s.
+    pub handshake_timeout: Dur,
+    /// Watch the upstream side of every relayed connection: ping it when it has been quiet
+    /// for `upstream_ping_interval`, and when nothing at all (no pong, no frame) comes back
+    /// within `upstream_pong_timeout` it is silent (paused, not dead): its client is closed
+    /// with 1012 so it reconnects instead of taking stale data for live.
+    pub upstream_ping: bool,
+    /// How long the upstream may send nothing before the gateway pings it.
+    pub upstream_ping_interval: Dur,
+    /// How long after the ping the upstream has to send anything before it counts as silent.
+    pub upstream_pong_timeout: Dur,
 }
 
 impl Default for WebSocketConfig {
@@ -508,6 +521,10 @@ impl Default for WebSocketConfig {
             idle_timeout: Dur::from_secs(60),
             max_lifetime: None,
             close_timeout: Dur::from_secs(1),
+            handshake_timeout: Dur::from_secs(3),
+            upstream_ping: true,
+            upstream_ping_interval: Dur::from_secs(5),
+            upstream_pong_timeout: Dur::from_secs(5),
         }
     }
 }
@@ -519,6 +536,15 @@ impl WebSocketConfig {
             ("max_connections_per_ip", self.max_connections_per_ip == 0),
             ("idle_timeout", self.idle_timeout.0.is_zero()),
             ("close_timeout", self.close_timeout.0.is_zero()),
+            ("handshake_timeout", self.handshake_timeout.0.is_zero()),
+            (
+                "upstream_ping_interval",
+                self.upstream_ping_interval.0.is_zero(),
+            ),
+            (
+                "upstream_pong_timeout",
+                self.upstream_pong_timeout.0.is_zero(),
+            ),
             (
                 "max_lifetime",
                 self.max_lifetime.is_some_and(|d| d.0.is_zero()),
@@ -615,6 +641,17 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn by_default_a_silent_upstream_is_found_within_15_s_and_a_handshake_waits_seconds() {
+        // The promise in the README: the ping goes after the interval of quiet, the close
+        // after the pong timeout; both on, and the handshake well under a route's 10 s.
+        let ws = WebSocketConfig::default();
+        assert!(ws.upstream_ping);
+        let bound = ws.upstream_ping_interval.0 + ws.upstream_pong_timeout.0;
+        assert!(bound <= Duration::from_secs(15), "{bound:?}");
+        assert!(ws.handshake_timeout.0 <= Duration::from_secs(5));
+    }
 
     #[test]
     fn redirect_hosts_are_dns_names_or_ip_literals_with_an_optional_port() {

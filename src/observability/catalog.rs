@@ -50,6 +50,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_websocket_connections", Kind::Gauge, "Open WebSocket connections, by route"),
     ("gateway_websocket_messages_total", Kind::Counter, "WebSocket messages relayed, by route and direction (in: client to upstream)"),
     ("gateway_websocket_bytes_total", Kind::Counter, "WebSocket bytes relayed, by route and direction (in: client to upstream)"),
+    ("gateway_websocket_closed_total", Kind::Counter, "WebSocket connections ended, by route and reason (client, upstream, upstream_silent, idle, lifetime, shutdown, stalled)"),
     ("gateway_config_reloads_total", Kind::Counter, "Configuration reloads, by result (success, invalid, failed)"),
     ("gateway_config_info", Kind::Gauge, "1 for the configuration in effect (by its SHA-256), 0 for those it replaced"),
     ("gateway_build_info", Kind::Gauge, "Always 1; the build's version and git commit as labels"),
@@ -121,6 +122,9 @@ pub fn register_zeroes(cfg: &Config) {
             for direction in ["in", "out"] {
                 counter!("gateway_websocket_messages_total", "route" => route.clone(), "direction" => direction).increment(0);
                 counter!("gateway_websocket_bytes_total", "route" => route.clone(), "direction" => direction).increment(0);
+            }
+            for reason in crate::websocket::END_REASONS {
+                counter!("gateway_websocket_closed_total", "route" => route.clone(), "reason" => *reason).increment(0);
             }
         }
     }

@@ -165,7 +165,15 @@ impl<'a> Outgoing<'a> {
         mut headers: HeaderMap,
     ) -> Result<UpstreamRequest, GatewayError> {
         headers.remove(header::AUTHORIZATION);
-        let options = CallOptions::for_upgrade(limits(self.route));
+        // The handshake's own short deadline (`[websocket] handshake_timeout`), not the
+        // route's: a service that accepts the connection but does not answer (paused) must
+        // not keep a new subscriber waiting 10 s.
+        let mut limits = limits(self.route);
+        limits.deadline = limits
+            .deadline
+            .min(self.app.config.websocket.handshake_timeout.0);
+        limits.attempt_timeout = limits.attempt_timeout.min(limits.deadline);
+        let options = CallOptions::for_upgrade(limits);
         let mut req = self.build(Method::GET, target, headers, options)?;
         let headers = req.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -11,7 +11,8 @@
 //! - identity and rate limit (policy `ws`) as for any route.
 //! - [`connect`]: the connection limits (total and per client IP: 429), then the upstream
 //!   handshake (built by `outgoing`, like every request sent for a client) through the
-//!   upstream's pipeline (deadline, retries elsewhere, breaker: a JSON 503 before any upgrade
+//!   upstream's pipeline (`[websocket] handshake_timeout` or the route's deadline when
+//!   shorter, retries elsewhere, breaker: a JSON 503 before any upgrade
 //!   while it is open), then the 101 and the relay task.
 
 use std::collections::HashMap;
@@ -29,7 +30,7 @@ use super::table::Route;
 use super::{AppState, RequestCtx};
 use crate::client::ClientKey;
 use crate::error::GatewayError;
-use crate::websocket::{relay, RelayCounters, RelaySettings};
+use crate::websocket::{relay, RelayCounters, RelaySettings, UpstreamPing};
 
 static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 static SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
@@ -316,6 +317,10 @@ fn spawn_relay(
         max_lifetime: ws.max_lifetime.map(|d| d.0),
         close_timeout: ws.close_timeout.0,
         send_timeout: app.config.limits.send_timeout.0,
+        upstream_ping: ws.upstream_ping.then_some(UpstreamPing {
+            interval: ws.upstream_ping_interval.0,
+            timeout: ws.upstream_pong_timeout.0,
+        }),
     };
     let counter = |name: &'static str, direction: &'static str| metrics::counter!(name, "route" => label.to_string(), "direction" => direction);
     let counters = RelayCounters {
@@ -341,6 +346,7 @@ fn spawn_relay(
         let started = std::time::Instant::now();
         let stats = relay(client_io, upstream_io, settings, shutdown, counters).await;
         gauge.decrement(1.0);
+        metrics::counter!("gateway_websocket_closed_total", "route" => label.to_string(), "reason" => stats.ended_by).increment(1);
         tracing::info!(
             target: "access",
             event = "websocket_close",
