@@ -26,9 +26,11 @@ pub struct SaturationConfig {
     pub max_in_flight: usize,
     /// `Retry-After` on a refusal.
     pub retry_after: Dur,
-    /// Opt-in readiness rule: `/ready` answers 503 while the scheduling delay stays at or
-    /// above this for `ready_lag_for` (a starved replica leaves the load balancer). 0s: off.
+    /// Opt-in readiness rule: `/ready` answers 503 while the scheduling delay, averaged over
+    /// about `ready_lag_for`, is at or above this (a starved replica leaves the load
+    /// balancer). 0s: off.
     pub ready_lag_threshold: Dur,
+    /// The time constant of that average.
     pub ready_lag_for: Dur,
 }
 

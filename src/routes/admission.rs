@@ -20,9 +20,10 @@
 //! The check runs after the route is matched and before anything else (identity, rate limit,
 //! the body): built-in answers (`/health`, the docs) and the admin listener are never refused.
 //!
-//! Readiness, opt in (`ready_lag_threshold`): `/ready` answers 503 while the delay stays at or
-//! above that threshold for `ready_lag_for`, so an orchestrator takes a starved replica out of
-//! its load balancer (issue 25 item 4: a replica at 0.05 CPU answered `/ready` 200 throughout).
+//! Readiness, opt in (`ready_lag_threshold`): `/ready` answers 503 while the delay, averaged
+//! over about `ready_lag_for`, is at or above that threshold, so an orchestrator takes a
+//! starved replica out of its load balancer (issue 25 item 4: a replica at 0.05 CPU answered
+//! `/ready` 200 throughout).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -58,8 +59,10 @@ impl Rules {
     }
 }
 
-/// "At or above a threshold for a while": since when the samples have been, counted from the
+/// "At or above a threshold for a while": since when every sample has been, counted from the
 /// moment the first late tick was due (the backlog it waited behind started at least then).
+/// Any tick on time ends it: shedding is for a backlog that lasts, not for a process that is
+/// paused now and then (the readiness rule looks at an average instead).
 #[derive(Clone, Copy, Debug, Default)]
 struct Sustained {
     since: Option<Instant>,
@@ -92,7 +95,8 @@ pub struct Verdict {
     pub limit: usize,
     /// The delay has been over `lag_threshold` for `lag_for`.
     pub saturated: bool,
-    /// The readiness rule holds (`/ready` 503).
+    /// The readiness rule holds (`/ready` 503): the delay averaged over `ready_lag_for` is at
+    /// or above `ready_lag_threshold`.
     pub not_ready: bool,
 }
 
@@ -102,7 +106,14 @@ pub struct Verdict {
 pub struct Controller {
     limit: f64,
     shed: Sustained,
-    ready: Sustained,
+    /// The delay averaged over time (seconds; an exponential average whose time constant is
+    /// `ready_lag_for`), for the readiness rule. An average, not "every tick late": a replica
+    /// starved by a CPU quota runs at the start of each CFS period and is frozen for the rest,
+    /// so its ticks alternate between a period late and on time, and no run of late ticks
+    /// lasts; its average delay is most of a period.
+    ready_avg: f64,
+    /// When the last tick was taken (the average weighs each sample by the time it covers).
+    last: Option<Instant>,
 }
 
 impl Controller {
@@ -110,7 +121,8 @@ impl Controller {
         Controller {
             limit: cap as f64,
             shed: Sustained::default(),
-            ready: Sustained::default(),
+            ready_avg: 0.0,
+            last: None,
         }
     }
 
@@ -124,9 +136,18 @@ impl Controller {
         cap: usize,
     ) -> Verdict {
         let saturated = self.shed.sample(now, lag, rules.threshold, rules.sustain);
-        let not_ready = self
-            .ready
-            .sample(now, lag, rules.ready_threshold, rules.ready_sustain);
+        let covered = self
+            .last
+            .map_or(crate::observability::lag::TICK, |t| now.duration_since(t));
+        self.last = Some(now);
+        let weight = if rules.ready_sustain.is_zero() {
+            1.0
+        } else {
+            1.0 - (-covered.as_secs_f64() / rules.ready_sustain.as_secs_f64()).exp()
+        };
+        self.ready_avg += (lag.as_secs_f64() - self.ready_avg) * weight;
+        let not_ready = !rules.ready_threshold.is_zero()
+            && self.ready_avg >= rules.ready_threshold.as_secs_f64();
         let floor = MIN_LIMIT.min(cap) as f64;
         if saturated {
             // From what is in flight, not from the old limit: at the first saturated tick the
@@ -401,28 +422,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_readiness_rule_holds_only_while_the_delay_stays_over_its_threshold() {
+    async fn the_readiness_rule_holds_while_the_average_delay_is_over_its_threshold() {
         let mut c = Controller::new(CAP);
-        // 150 ms late every tick: not ready once that has lasted a second.
-        let v = run(
-            &mut c,
-            Duration::from_millis(150),
-            0,
-            Duration::from_millis(500),
-        )
-        .await;
+        let late = Duration::from_millis(150);
+        // 150 ms late every tick (100 ms threshold, 1 s average): not ready after ~1.1 s.
+        let v = run(&mut c, late, 0, Duration::from_millis(500)).await;
         assert!(!v.not_ready);
-        let v = run(
-            &mut c,
-            Duration::from_millis(150),
-            0,
-            Duration::from_millis(800),
-        )
-        .await;
+        let v = run(&mut c, late, 0, Duration::from_millis(800)).await;
         assert!(v.not_ready);
-        // One tick on time: ready again (and the count starts over).
+        // One tick on time changes little; a second of them brings it back.
         let v = run(&mut c, Duration::ZERO, 0, Duration::from_millis(10)).await;
+        assert!(v.not_ready);
+        let v = run(&mut c, Duration::ZERO, 0, Duration::from_secs(1)).await;
         assert!(!v.not_ready);
+        // A CPU quota's pattern: one tick 90 ms late per 100 ms period, the next on time. The
+        // average says starved, though most ticks are on time.
+        let mut c = Controller::new(CAP);
+        let at_50ms = Rules {
+            ready_threshold: Duration::from_millis(50),
+            ..rules()
+        };
+        let mut last = None;
+        for _ in 0..50 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            c.tick(&at_50ms, Instant::now(), Duration::from_millis(90), 10, CAP);
+            tokio::time::advance(Duration::from_millis(10)).await;
+            last = Some(c.tick(&at_50ms, Instant::now(), Duration::ZERO, 10, CAP));
+        }
+        assert!(last.is_some_and(|v| v.not_ready));
         // Off (threshold 0s): never.
         let off = Rules {
             ready_threshold: Duration::ZERO,
