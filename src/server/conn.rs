@@ -106,7 +106,7 @@ impl Arrival {
         })
     }
     /// The first request's bytes were there when the connection's task first looked.
-    fn from_accept(&self) {
+    fn count_from_accept(&self) {
         self.at_us.store(0, Ordering::Relaxed);
     }
     /// A request's first byte was read now (the first read since the last request was taken).
@@ -920,7 +920,7 @@ pub async fn serve<S, B>(
 {
     // The first request waited since the accept if its bytes were already here.
     if bytes_waiting(&stream) {
-        arrival.from_accept();
+        arrival.count_from_accept();
     }
     let activity = Activity::new(std::os::fd::AsRawFd::as_raw_fd(&stream), arrival);
     let service = Counted {
