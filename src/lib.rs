@@ -11,7 +11,9 @@
 //! * [`routes`]: the shared state, one `RequestCtx` per request and the handler as named
 //!   phases (match route -> check -> identity -> rate limit -> proxy -> respond); the route
 //!   table and templates, which headers cross (`routes::headers`), response bodies held for
-//!   slow clients (`routes::buffer`), the OpenAPI document and the admin listener.
+//!   slow clients (`routes::buffer`), the OpenAPI document and the admin listener;
+//!   `routes::admission` refuses new requests while the gateway itself is saturated (its
+//!   runtime late, `observability::lag`, or too many in flight for its memory).
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens (remotely
 //!   through the auth upstream's pipeline, or local JWTs); counts failed verifications.
 //! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process
