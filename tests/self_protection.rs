@@ -19,6 +19,8 @@ use support::{FakeUpstream, Step};
 fn cfg_for(fake: &FakeUpstream) -> Config {
     let url = fake.url();
     let mut cfg = config_with_upstreams(move |_| url.clone());
+    // The shared test setup turns it off; here it is the subject.
+    cfg.server.saturation.enabled = true;
     for p in &mut cfg.rate_limit.policies {
         p.limit = 1_000_000;
     }
@@ -40,18 +42,28 @@ async fn answer(resp: reqwest::Response) -> (u16, String, Option<String>) {
     )
 }
 
-/// The value of the `gateway_shed_total` series of `route` with cause `gateway_saturated`.
-fn shed_count(metrics: &str, route: &str) -> f64 {
+/// The sum of the samples of `name` whose label block contains every one of `labels`.
+fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("gateway_shed_total{"))
-        .filter(|l| {
-            l.contains(&format!("route=\"{route}\""))
-                && l.contains("cause=\"gateway_saturated\"")
-                && l.contains("priority=\"default\"")
-        })
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The value of the `gateway_shed_total` series of `route` with cause `gateway_saturated`.
+fn shed_count(metrics: &str, route: &str) -> f64 {
+    let route = format!("route=\"{route}\"");
+    metric_sum(
+        metrics,
+        "gateway_shed_total",
+        &[
+            &route,
+            "cause=\"gateway_saturated\"",
+            "priority=\"default\"",
+        ],
+    )
 }
 
 #[tokio::test]
@@ -136,6 +148,7 @@ async fn past_the_in_flight_cap_a_new_request_gets_a_fast_503_overloaded_and_pro
 struct Isolated {
     url: String,
     admin: String,
+    admin_addr: std::net::SocketAddr,
     runtime: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -162,6 +175,7 @@ impl Isolated {
         Isolated {
             url,
             admin: format!("http://{admin}"),
+            admin_addr: admin,
             runtime,
             stop: Some(stop),
             thread: Some(thread),
@@ -192,25 +206,13 @@ impl Drop for Isolated {
 }
 
 /// `gateway_request_duration_seconds` of `/health`: (sum, count).
-async fn health_seconds(admin: &str, c: &reqwest::Client) -> (f64, f64) {
-    let text = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |suffix: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with(&format!("gateway_request_duration_seconds{suffix}{{"))
-                    && l.contains("route=\"/health\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    (value("_sum"), value("_count"))
+async fn health_seconds(admin: std::net::SocketAddr) -> (f64, f64) {
+    let text = scrape(admin).await;
+    let of = |series: &str| metric_sum(&text, series, &["route=\"/health\""]);
+    (
+        of("gateway_request_duration_seconds_sum"),
+        of("gateway_request_duration_seconds_count"),
+    )
 }
 
 /// Polls `GET url` until it answers `want` (true) or `within` has passed (false).
@@ -235,6 +237,10 @@ async fn a_runtime_kept_late_refuses_routed_requests_and_readiness_says_so_while
         .start()
         .await;
     let mut cfg = cfg_for(&upstream);
+    // Tighter than the defaults (50 ms for 1 s), so that a runtime held 40 ms at a time is
+    // saturated within a test's patience.
+    cfg.server.saturation.lag_threshold = Dur::from_millis(10);
+    cfg.server.saturation.lag_for = Dur::from_millis(100);
     cfg.server.saturation.ready_lag_threshold = Dur::from_millis(20);
     cfg.server.saturation.ready_lag_for = Dur::from_millis(300);
     let gw = Isolated::start(cfg);
@@ -297,7 +303,7 @@ async fn a_runtime_kept_late_refuses_routed_requests_and_readiness_says_so_while
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let before = health_seconds(&gw.admin, &c).await;
+    let before = health_seconds(gw.admin_addr).await;
     for _ in 0..5 {
         let health = fresh
             .get(format!("{}/health", gw.url))
@@ -306,7 +312,7 @@ async fn a_runtime_kept_late_refuses_routed_requests_and_readiness_says_so_while
             .unwrap();
         assert_eq!(health.status(), 200);
     }
-    let after = health_seconds(&gw.admin, &c).await;
+    let after = health_seconds(gw.admin_addr).await;
     let mean = (after.0 - before.0) / (after.1 - before.1);
     eprintln!("/health mean duration while busy: {:.1} ms", mean * 1000.0);
     assert!(

@@ -38,8 +38,8 @@ impl Default for SaturationConfig {
     fn default() -> Self {
         SaturationConfig {
             enabled: true,
-            lag_threshold: Dur::from_millis(10),
-            lag_for: Dur::from_millis(50),
+            lag_threshold: Dur::from_millis(50),
+            lag_for: Dur::from_secs(1),
             max_in_flight: 0,
             retry_after: Dur::from_secs(1),
             ready_lag_threshold: Dur::from_millis(0),

@@ -10,8 +10,8 @@
 //! limit, like the connection caps: past it, more requests would only hold memory.
 //!
 //! The lag drives an admission limit on requests in flight, a multiplicative-decrease /
-//! additive-increase controller ([`Controller`]): while saturated, every tick cuts the limit
-//! to 90% of what is in flight (so the work admitted shrinks until the runtime keeps up);
+//! additive-increase controller ([`Controller`]): while saturated, the limit is cut to 90% of
+//! what is in flight every 100 ms (so the work admitted shrinks until the runtime keeps up);
 //! otherwise it grows by a sixteenth a tick (doubling in about 0.12 s) back to the cap. A refusal
 //! costs a counter and a small JSON answer, far less than the proxying it saves, so shedding
 //! gives the runtime its time back. An on/off switch ("refuse everything while late") was the
@@ -114,7 +114,13 @@ pub struct Controller {
     ready_avg: f64,
     /// When the last tick was taken (the average weighs each sample by the time it covers).
     last: Option<Instant>,
+    /// When the limit was last cut: at most once per [`CUT_EVERY`], however many ticks come.
+    last_cut: Option<Instant>,
 }
+
+/// While saturated, the limit is cut at most this often: each cut needs time to show in the
+/// delay (the requests already admitted still run), and a late runtime's ticks bunch up.
+pub const CUT_EVERY: Duration = Duration::from_millis(100);
 
 impl Controller {
     pub fn new(cap: usize) -> Controller {
@@ -123,6 +129,7 @@ impl Controller {
             shed: Sustained::default(),
             ready_avg: 0.0,
             last: None,
+            last_cut: None,
         }
     }
 
@@ -149,14 +156,18 @@ impl Controller {
         let not_ready = !rules.ready_threshold.is_zero()
             && self.ready_avg >= rules.ready_threshold.as_secs_f64();
         let floor = MIN_LIMIT.min(cap) as f64;
-        if saturated {
+        let cut_due = self
+            .last_cut
+            .is_none_or(|t| now.duration_since(t) >= CUT_EVERY);
+        if saturated && cut_due {
             // From what is in flight, not from the old limit: at the first saturated tick the
             // limit is usually the cap, far above the work that saturates the runtime.
             self.limit = (self.limit.min(in_flight as f64) * 0.9).max(floor);
+            self.last_cut = Some(now);
         } else if lag < rules.threshold {
             self.limit = (self.limit + (self.limit / 16.0).max(2.0)).min(cap as f64);
         }
-        // Late but not yet for long enough: hold.
+        // Late but not yet for long enough, or cut a moment ago: hold.
         self.limit = self.limit.clamp(floor, cap as f64);
         Verdict {
             limit: self.limit as usize,
@@ -331,12 +342,15 @@ mod tests {
 
     const CAP: usize = 1_000;
 
+    /// Saturated at 10 ms late for 50 ms (the chaos configuration's tight rule); not ready at
+    /// 100 ms averaged over a second.
     fn rules() -> Rules {
-        Rules::of(&SaturationConfig {
-            ready_lag_threshold: crate::config::Dur::from_millis(100),
-            ready_lag_for: crate::config::Dur::from_secs(1),
-            ..SaturationConfig::default()
-        })
+        Rules {
+            threshold: Duration::from_millis(10),
+            sustain: Duration::from_millis(50),
+            ready_threshold: Duration::from_millis(100),
+            ready_sustain: Duration::from_secs(1),
+        }
     }
 
     /// Ticks every 10 ms (plus `lag`) for `for_`, with `in_flight` requests; the last verdict.
@@ -410,11 +424,14 @@ mod tests {
     async fn while_saturated_the_limit_falls_to_the_floor_and_grows_back_to_the_cap_after() {
         let mut c = Controller::new(CAP);
         let late = Duration::from_millis(40);
-        // Each tick cuts to 90% of what is in flight (or of the limit, if lower).
+        // Cut to 90% of what is in flight (or of the limit, if lower), every 100 ms at most:
+        // ticks 50 ms apart cut every other time.
         let v = run(&mut c, late, 100, Duration::from_millis(100)).await;
         assert!(v.saturated);
-        assert!(v.limit <= 90, "{v:?}");
-        let v = run(&mut c, late, 100, Duration::from_secs(2)).await;
+        assert_eq!(v.limit, 90);
+        let v = run(&mut c, late, 100, Duration::from_millis(100)).await;
+        assert_eq!(v.limit, 81);
+        let v = run(&mut c, late, 100, Duration::from_secs(4)).await;
         assert_eq!(v.limit, MIN_LIMIT);
         // Back on time: at the cap within a second, even from the floor.
         let v = run(&mut c, Duration::ZERO, 0, Duration::from_secs(1)).await;
