@@ -73,6 +73,12 @@ pub enum GatewayError {
     TooManyInFlight {
         upstream: Arc<str>,
     },
+    /// The gateway process itself is saturated (its runtime late, or too many requests in
+    /// flight for its memory): refused before anything is read or called, so a retry after
+    /// `retry_after` (or at another replica) costs nothing (`server::saturation`).
+    GatewaySaturated {
+        retry_after: Duration,
+    },
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
 }
@@ -252,6 +258,13 @@ impl GatewayError {
                 Cow::Borrowed("Too many requests in flight from this client"),
                 Some(&**upstream),
                 H::RetryAfter(Duration::from_secs(1)),
+            ),
+            E::GatewaySaturated { retry_after } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                Cow::Borrowed("Gateway overloaded"),
+                None,
+                H::RetryAfter(*retry_after),
             ),
             E::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,

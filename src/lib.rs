@@ -13,7 +13,9 @@
 //!   table and templates, which headers cross (`routes::headers`), the one builder of the
 //!   request sent upstream for a client (`routes::outgoing`), CORS (`routes::cors`, also the
 //!   WebSocket `Origin` check), response bodies held for slow clients (`routes::buffer`)
-//!   and the OpenAPI document.
+//!   and the OpenAPI document; `routes::admission` refuses new requests while the gateway
+//!   itself is saturated (its runtime late, `observability::lag`, or too many in flight for
+//!   its memory).
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens (remotely
 //!   through the auth upstream's pipeline, or local JWTs); counts failed verifications.
 //! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process

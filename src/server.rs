@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::auth::TokenVerifier;
 use crate::config::{parse_cidr, Config, ConfigErrors};
-use crate::observability::access::{access, RouteInfo};
+use crate::observability::access::{access_since, RouteInfo};
 use crate::routes::table::RouteTable;
 use crate::routes::{self, AppState, UpstreamRuntime};
 use crate::upstream::Pipeline;
@@ -166,6 +166,16 @@ pub async fn build_state(
     )
     .map_err(|e| format!("invalid configuration:\n{e}"))?;
     let openapi = serde_json::to_vec(&routes::docs::openapi(&cfg)).map_err(|e| e.to_string())?;
+    let in_flight_cap =
+        memory::request_budget(cfg.server.saturation.max_in_flight, cfg.cache.max_bytes.0);
+    let saturation = match previous {
+        Some(p) => {
+            p.saturation
+                .configure(&cfg.server.saturation, in_flight_cap);
+            p.saturation.clone()
+        }
+        None => routes::admission::Saturation::start(&cfg.server.saturation, in_flight_cap),
+    };
     // Field order as the original service wrote it (serde_json would sort the keys).
     let health = format!(
         r#"{{"status":"healthy","service":{}}}"#,
@@ -200,6 +210,7 @@ pub async fn build_state(
         shutdown,
         spans,
         health: Bytes::from(health),
+        saturation,
         config: cfg,
     }))
 }
@@ -320,7 +331,7 @@ async fn start_inner(
             tls: None,
         },
         settings.clone(),
-        move |_peer| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
+        move |_peer, _| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
         grace,
         rx.clone(),
     ));
@@ -334,7 +345,7 @@ async fn start_inner(
                 tls: None,
             },
             settings.clone(),
-            move |_peer| {
+            move |_peer, _| {
                 let answers = answers.clone();
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     std::future::ready(Ok::<_, Infallible>(answers.answer(&req)))
@@ -458,32 +469,36 @@ async fn serve_public(
     // request. Each request takes the live configuration once and finishes on it.
     let tls = public.tls.is_some();
     let gw = gateway.clone();
-    let make_service = move |peer: SocketAddr| {
+    let make_service = move |peer: SocketAddr, arrival: &Arc<conn::Arrival>| {
         let gw = gw.clone();
+        let arrival = arrival.clone();
         hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            // The request's duration counts from its arrival on the connection, not from now.
+            let arrived = arrival.take();
             let live = gw.live_full();
             async move {
                 let req = req.map(Body::new);
                 let spans = live.app.spans.clone();
                 // HSTS means something over TLS only (RFC 6797 section 8.1).
                 let hsts = live.hsts.clone().filter(|_| tls);
-                let mut resp = access(Some(peer), req, spans, |req, rid, trace| async move {
-                    // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
-                    if req.method() == http::Method::OPTIONS {
-                        return (live.app.cors.preflight(req.headers()), RouteInfo::default());
-                    }
-                    let origin = live.app.cors.allowed_origin(req.headers());
-                    // Not boxed: hyper keeps each connection's in-flight future in one box
-                    // of its own, reused request after request. The handler's future is
-                    // ~4.5 KB since the big parts (the upstream call, token verification)
-                    // are boxed where they are awaited; boxing it whole here cost every
-                    // request, cache hits included, an 11.8 KB allocation and copy.
-                    let (mut resp, info) =
-                        routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
-                    live.app.cors.apply(origin, resp.headers_mut());
-                    (resp, info)
-                })
-                .await;
+                let mut resp =
+                    access_since(arrived, Some(peer), req, spans, |req, rid, trace| async move {
+                        // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
+                        if req.method() == http::Method::OPTIONS {
+                            return (live.app.cors.preflight(req.headers()), RouteInfo::default());
+                        }
+                        let origin = live.app.cors.allowed_origin(req.headers());
+                        // Not boxed: hyper keeps each connection's in-flight future in one box
+                        // of its own, reused request after request. The handler's future is
+                        // ~4.5 KB since the big parts (the upstream call, token verification)
+                        // are boxed where they are awaited; boxing it whole here cost every
+                        // request, cache hits included, an 11.8 KB allocation and copy.
+                        let (mut resp, info) =
+                            routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
+                        live.app.cors.apply(origin, resp.headers_mut());
+                        (resp, info)
+                    })
+                    .await;
                 if let Some(v) = hsts {
                     resp.headers_mut()
                         .insert(http::header::STRICT_TRANSPORT_SECURITY, v);

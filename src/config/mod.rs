@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod redact;
 pub mod responses;
 pub mod routes;
+pub mod saturation;
 pub mod schema;
 pub mod server;
 pub mod telemetry;
@@ -39,6 +40,7 @@ pub use ratelimit::{
     builtin_policy, default_policies, KeySource, OnRedisError, PolicyConfig, RateLimitConfig,
 };
 pub use routes::{OpenApiDoc, ParamDoc, ParamLocation, ResponseDoc, RouteConfig, RouteKind};
+pub use saturation::SaturationConfig;
 pub use server::{
     parse_host_port, AdminConfig, CorsConfig, ErrorsConfig, HeadersConfig, HstsConfig,
     LimitsConfig, RedirectConfig, ServerConfig, TlsConfig, WebSocketConfig,

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     /// (rate limits, failed verifications, WebSocket and upstream-slot caps): one host
     /// usually holds a whole /64 and can use a fresh address per request.
     pub ipv6_client_prefix: u8,
+    /// `[server.saturation]`: refusing new requests while the process itself is saturated.
+    pub saturation: super::saturation::SaturationConfig,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +70,7 @@ impl Default for ServerConfig {
             redirect_http: None,
             watch_config: false,
             ipv6_client_prefix: 64,
+            saturation: Default::default(),
         }
     }
 }
@@ -623,6 +626,7 @@ impl ServerConfig {
         if let Some(tls) = &self.tls {
             tls.validate(&join(path, "tls"), errors);
         }
+        self.saturation.validate(&join(path, "saturation"), errors);
         if let Some(redirect) = &self.redirect_http {
             let at = join(path, "redirect_http");
             if self.tls.is_none() {

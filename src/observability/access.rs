@@ -60,7 +60,23 @@ where
     F: FnOnce(Request, HeaderValue, TraceContext) -> Fut,
     Fut: std::future::Future<Output = (Response, RouteInfo)>,
 {
-    let start = Instant::now();
+    access_since(Instant::now(), remote, req, spans, inner).await
+}
+
+/// [`access`] for a request that began to arrive at `start` (the gateway's server passes when
+/// its first byte was read, or the connection's accept: `server::conn::Arrival`), which the
+/// duration in the metrics and the log line counts from.
+pub async fn access_since<F, Fut>(
+    start: Instant,
+    remote: Option<SocketAddr>,
+    req: Request,
+    spans: Option<Arc<Exporter>>,
+    inner: F,
+) -> Response
+where
+    F: FnOnce(Request, HeaderValue, TraceContext) -> Fut,
+    Fut: std::future::Future<Output = (Response, RouteInfo)>,
+{
     let rid = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if client_request_id(v) => v.clone(),
         _ => new_request_id(),
@@ -289,7 +305,8 @@ pub struct AccessLine<'a> {
     pub path: &'a str,
     pub route: &'a str,
     pub status: u16,
-    /// Until the response's last byte was handed to the connection (a 5 s stream logs ~5 s).
+    /// From the request's arrival (its first byte read, or the accept: `server::conn::Arrival`)
+    /// until the response's last byte was handed to the connection (a 5 s stream logs ~5 s).
     pub latency_ms: f64,
     /// Response body bytes sent.
     pub bytes: u64,

@@ -24,7 +24,7 @@ pub enum Kind {
 /// against this list.
 pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_requests_total", Kind::Counter, "Requests answered, by route template, method and status class"),
-    ("gateway_request_duration_seconds", Kind::Histogram, "Time from request to response headers, by route template, method and status class"),
+    ("gateway_request_duration_seconds", Kind::Histogram, "Time from the request's arrival (its first byte read; the accept for a new connection's first request already waiting) to its response headers, by route template, method and status class"),
     ("gateway_upstream_attempts_total", Kind::Counter, "Attempts sent to an upstream (refusals by the breaker included), by outcome"),
     ("gateway_upstream_attempt_duration_seconds", Kind::Histogram, "Duration of upstream attempts until response headers, by outcome"),
     ("gateway_upstream_retry_budget_exhausted_total", Kind::Counter, "Retries not made because the upstream's retry budget was spent"),
@@ -58,6 +58,10 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_otlp_spans_exported_total", Kind::Counter, "Spans accepted by the OTLP collector ([tracing] otlp_endpoint)"),
     ("gateway_otlp_spans_dropped_total", Kind::Counter, "Spans dropped because the export queue was full"),
     ("gateway_otlp_export_failures_total", Kind::Counter, "OTLP export requests that failed (their batch is dropped)"),
+    ("gateway_runtime_scheduling_delay_seconds", Kind::Histogram, "How late the runtime's 10 ms probe tick wakes: the time a ready task waits for a worker (or for the process to get CPU), which every request waits on top of its own work"),
+    ("gateway_requests_in_flight", Kind::Gauge, "Routed requests admitted whose handler has not returned (/health, docs and the admin listener not counted)"),
+    ("gateway_admission_limit", Kind::Gauge, "Routed requests in flight admitted at once: [server.saturation]'s cap, lowered while the runtime is saturated"),
+    ("gateway_shed_total", Kind::Counter, "Requests refused with 503 overloaded, by route, priority and cause (gateway_saturated: the gateway process itself)"),
     ("gateway_tls_certificate_expiry_timestamp_seconds", Kind::Gauge, "The served TLS certificate's notAfter, Unix seconds (only with [server.tls])"),
 ];
 
@@ -88,11 +92,15 @@ pub fn register_zeroes(cfg: &Config) {
     use metrics::{counter, gauge, histogram};
     for r in &cfg.routes {
         let route = r.path.clone();
+        counter!("gateway_shed_total", "route" => route.clone(), "priority" => "default",
+            "cause" => "gateway_saturated")
+        .increment(0);
         for reason in [
             "upstream_unavailable",
             "upstream_timeout",
             "circuit_open",
             "rate_limited",
+            "overloaded",
         ] {
             counter!("gateway_errors_total", "route" => route.clone(), "reason" => reason)
                 .increment(0);
@@ -146,6 +154,9 @@ pub fn register_zeroes(cfg: &Config) {
     gauge!("gateway_cache_bytes").increment(0.0);
     gauge!("gateway_cache_entries").increment(0.0);
     counter!("gateway_auth_failures_blocked_total").increment(0);
+    let _ = histogram!("gateway_runtime_scheduling_delay_seconds");
+    gauge!("gateway_requests_in_flight").increment(0.0);
+    gauge!("gateway_admission_limit").increment(0.0);
     for family in [
         "gateway_otlp_spans_exported_total",
         "gateway_otlp_spans_dropped_total",

@@ -1,6 +1,7 @@
 //! JSON logging, the per-request access log / request id / panic guard, and metrics.
 pub mod access;
 pub mod catalog;
+pub mod lag;
 pub mod metrics;
 pub mod otlp;
 pub mod trace;

@@ -916,6 +916,9 @@ mod tests {
             GatewayError::TooManyInFlight {
                 upstream: "storage".into(),
             },
+            GatewayError::GatewaySaturated {
+                retry_after: std::time::Duration::from_secs(1),
+            },
             GatewayError::Internal,
         ];
         for e in &all {
@@ -938,6 +941,7 @@ mod tests {
                 | GatewayError::OriginNotAllowed
                 | GatewayError::TooManyConnections
                 | GatewayError::TooManyInFlight { .. }
+                | GatewayError::GatewaySaturated { .. }
                 | GatewayError::Internal => {}
             }
         }

@@ -2,7 +2,8 @@
 //! named phases (read [`handle`] first):
 //!
 //! ```text
-//! builtin (/health, docs) | match route -> check request -> identity -> rate limit
+//! builtin (/health, docs) | match route -> admit (the gateway's own saturation)
+//!   -> check request -> identity -> rate limit
 //!   -> proxy (proxy.rs: read body -> cache lookup -> upstream call -> response) | user/me
 //!   -> respond (errors to JSON, RateLimit headers on every answer of a limited route)
 //! ```
@@ -12,6 +13,7 @@
 //! built by `outgoing` (pingora's `upstream_request_filter`); [`cors`] is the one CORS
 //! policy, the listener's answers and the WebSocket `Origin` check alike.
 
+pub mod admission;
 mod buffer;
 pub mod cors;
 pub mod docs;
@@ -130,6 +132,9 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// OTLP span export (`[tracing]`), when configured.
     pub spans: Option<Arc<crate::observability::otlp::Exporter>>,
+    /// The process's own saturation: admits or refuses each routed request
+    /// (`[server.saturation]`; kept across reloads, which change only its rules).
+    pub saturation: Arc<admission::Saturation>,
 }
 
 impl AppState {
@@ -258,6 +263,9 @@ async fn phases<'a>(
     let uri = req.uri().clone();
     let (mut parts, body) = req.into_parts();
     let (route, params) = match_route(app, &parts.method, uri.path(), ctx)?;
+    // Before anything that costs (the body, a token check, Redis): a saturated gateway
+    // refuses at once. Held until the handler returns.
+    let _admitted = app.saturation.admit(&route.label)?;
     check_request(&parts, &params)?;
     // The handshake's own checks come before identity: a browser's token may be in the
     // WebSocket protocol list or the query.

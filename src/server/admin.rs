@@ -75,7 +75,8 @@ async fn reachable(url: &str, timeout: Duration) -> Result<(), String> {
 
 /// Readiness: 200 while the gateway serves (it answers every route, with honest 503s for an
 /// upstream that is down), so one backend's outage never takes the gateway's replicas out of
-/// a load balancer; 503 once it is draining. The body says how each upstream looks: its
+/// a load balancer; 503 once it is draining, and, with `server.saturation.ready_lag_threshold`
+/// set, while its runtime's scheduling delay stays over that threshold (`"saturated"`). The body says how each upstream looks: its
 /// primary address's TCP reachability, its breaker, its instances.
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let app = gw.current();
@@ -103,13 +104,21 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
         })
         .collect();
     let draining = *app.shutdown.borrow();
-    let status = if draining {
-        StatusCode::SERVICE_UNAVAILABLE
+    // The opt-in rule (`server.saturation.ready_lag_threshold`): a replica whose runtime has
+    // stayed late leaves the load balancer until it catches up.
+    let starved = app.saturation.not_ready();
+    let (status, word) = if draining {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if starved {
+        (StatusCode::SERVICE_UNAVAILABLE, "saturated")
     } else {
-        StatusCode::OK
+        (StatusCode::OK, "ready")
     };
-    let body =
-        json!({"status": if draining { "draining" } else { "ready" }, "upstreams": upstreams});
+    let body = json!({
+        "status": word,
+        "upstreams": upstreams,
+        "saturation": app.saturation.snapshot(),
+    });
     (status, Json(body)).into_response()
 }
 

@@ -71,6 +71,77 @@ pub const CLOSE_FLUSH: Duration = Duration::from_millis(250);
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// When the request about to be handled began to arrive on its connection: what the request
+/// duration (the access log's `latency_ms`, `gateway_request_duration_seconds`) counts from,
+/// so that the time a request waited for the gateway to get to it (a busy or starved runtime:
+/// the task reading the socket waits to be scheduled) is in the gateway's own figures, as it
+/// is in the client's.
+///
+/// The first request of a connection counts from the `accept` if its bytes were already
+/// waiting when the connection's task first ran (it waited for the accept loop and the
+/// scheduler; a preconnected client that sends later is not charged its own idle time), else
+/// from its first byte read. A later HTTP/1 request counts from its first byte read (a read
+/// while nothing is in flight on the connection); on HTTP/2 from the read of a HEADERS frame
+/// (approximate with streams in parallel: a stream opened while another's HEADERS are still
+/// untaken counts from those). What this cannot see: the time bytes spent in the kernel's
+/// queues before the gateway's first read or `accept`; the runtime's scheduling delay
+/// (`gateway_runtime_scheduling_delay_seconds`) is the measure of that wait.
+pub struct Arrival {
+    /// The `accept`.
+    epoch: std::time::Instant,
+    /// Microseconds after `epoch` when the next request's first byte was read; [`NOT_YET`]
+    /// until then.
+    at_us: AtomicU64,
+}
+
+/// `Arrival::at_us` before the next request's first byte.
+const NOT_YET: u64 = u64::MAX;
+
+impl Arrival {
+    /// The arrival clock of a connection accepted at `accepted`.
+    pub fn new(accepted: std::time::Instant) -> Arc<Arrival> {
+        Arc::new(Arrival {
+            epoch: accepted,
+            at_us: AtomicU64::new(NOT_YET),
+        })
+    }
+    /// The first request's bytes were there when the connection's task first looked.
+    fn count_from_accept(&self) {
+        self.at_us.store(0, Ordering::Relaxed);
+    }
+    /// A request's first byte was read now (the first read since the last request was taken).
+    fn stamp(&self) {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let _ = self
+            .at_us
+            .compare_exchange(NOT_YET, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    /// When the request being handed to the service now began to arrive (now, if no read
+    /// was noted for it); the next read starts the next request.
+    pub fn take(&self) -> std::time::Instant {
+        match self.at_us.swap(NOT_YET, Ordering::Relaxed) {
+            NOT_YET => std::time::Instant::now(),
+            us => self.epoch + Duration::from_micros(us),
+        }
+    }
+}
+
+/// Whether the client has sent bytes that wait to be read (`MSG_PEEK | MSG_DONTWAIT`: no
+/// wait, nothing consumed).
+fn bytes_waiting(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: recv writes at most 1 byte into `byte`, on a descriptor `stream` owns.
+    let n = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
 /// The connection-level limits, from `[limits]`.
 #[derive(Clone, Debug)]
 pub struct ConnSettings {
@@ -138,11 +209,14 @@ struct Activity {
     rate_wake: Notify,
     /// The connection's socket, to reset it when a client is cut off (see [`cut_off`]).
     socket: std::os::fd::RawFd,
+    /// When the next request began to arrive (stamped by reads, taken by the service).
+    arrival: Arc<Arrival>,
 }
 
 impl Activity {
-    /// The activity of the connection on `socket` (its descriptor, see [`cut_off`]).
-    fn new(socket: std::os::fd::RawFd) -> Arc<Activity> {
+    /// The activity of the connection on `socket` (its descriptor, see [`cut_off`]), noting
+    /// its requests' arrivals in `arrival`.
+    fn new(socket: std::os::fd::RawFd, arrival: Arc<Arrival>) -> Arc<Activity> {
         Arc::new(Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -155,6 +229,7 @@ impl Activity {
             rate_armed: AtomicBool::new(false),
             rate_wake: Notify::new(),
             socket,
+            arrival,
         })
     }
     /// From now on idleness counts from stream work, not bytes (HTTP/2).
@@ -339,6 +414,14 @@ impl<S: AsyncRead> AsyncRead for Tracked<S> {
         let r = this.inner.poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.activity.touch();
+            // HTTP/1: bytes while nothing is in flight begin the next request (HTTP/2 marks
+            // its requests by frame, in `FrameWatch`).
+            let a = &this.activity;
+            if a.work_ms.load(Ordering::Relaxed) == NOT_H2
+                && a.in_flight.load(Ordering::Acquire) == 0
+            {
+                a.arrival.stamp();
+            }
         }
         r
     }
@@ -382,6 +465,8 @@ struct FramesSeen {
     /// A frame of a request or response: HEADERS, CONTINUATION, PUSH_PROMISE, or DATA with a
     /// payload or the end of its stream (an empty DATA frame is no work).
     work: bool,
+    /// A HEADERS frame: a request begins (read side) or a response (write side).
+    headers: bool,
     /// PING and SETTINGS frames that ask for an acknowledgement.
     control: u32,
 }
@@ -444,7 +529,11 @@ impl FrameScan {
             let flag_1 = flags & 1 == 1;
             match kind {
                 DATA => seen.work |= len > 0 || flag_1,
-                HEADERS | CONTINUATION | PUSH_PROMISE => seen.work = true,
+                HEADERS => {
+                    seen.work = true;
+                    seen.headers = true;
+                }
+                CONTINUATION | PUSH_PROMISE => seen.work = true,
                 SETTINGS | PING if !flag_1 => seen.control += 1,
                 _ => {}
             }
@@ -526,6 +615,9 @@ impl<S: AsyncRead> AsyncRead for FrameWatch<S> {
             let seen = this.reads.feed(&buf.filled()[before..]);
             if seen.work {
                 this.activity.worked();
+            }
+            if seen.headers {
+                this.activity.arrival.stamp();
             }
             if seen.control > 0 && !this.budget.spend(seen.control) {
                 *this.flooded = true;
@@ -815,6 +907,7 @@ pub async fn serve<S, B>(
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     shed: Arc<Notify>,
+    arrival: Arc<Arrival>,
 ) where
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Send
@@ -825,7 +918,11 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let activity = Activity::new(std::os::fd::AsRawFd::as_raw_fd(&stream));
+    // The first request waited since the accept if its bytes were already here.
+    if bytes_waiting(&stream) {
+        arrival.count_from_accept();
+    }
+    let activity = Activity::new(std::os::fd::AsRawFd::as_raw_fd(&stream), arrival);
     let service = Counted {
         inner: service,
         activity: activity.clone(),
@@ -1143,6 +1240,7 @@ mod tests {
         for piece in bytes.chunks(step) {
             let seen = s.feed(piece);
             total.work |= seen.work;
+            total.headers |= seen.headers;
             total.control += seen.control;
         }
         total
@@ -1164,6 +1262,7 @@ mod tests {
                 scan(&control, step, H2_PREFACE.len()),
                 FramesSeen {
                     work: false,
+                    headers: false,
                     control: 2
                 },
                 "split every {step} bytes"
@@ -1178,7 +1277,10 @@ mod tests {
             let mut bytes = control.clone();
             bytes.extend(&work);
             for step in [1, 7, 9, 1000] {
-                assert!(scan(&bytes, step, H2_PREFACE.len()).work, "{work:?}");
+                let seen = scan(&bytes, step, H2_PREFACE.len());
+                assert!(seen.work, "{work:?}");
+                // Only a HEADERS frame begins a request (`Arrival`).
+                assert_eq!(seen.headers, work[3] == 1, "{work:?}");
             }
         }
         // The write side has no preface: a server SETTINGS frame comes first.
@@ -1187,7 +1289,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_close_waits_for_requests_in_flight_and_nothing_else() {
-        let activity = Activity::new(-1);
+        let activity = Activity::new(-1, Arrival::new(std::time::Instant::now()));
         // Nothing in flight: settled after the flush time.
         let started = Instant::now();
         settled(&activity).await;
@@ -1257,7 +1359,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_below_the_rate_for_a_whole_window_is_cut() {
-        let a = Activity::new(-1);
+        let a = Activity::new(-1, Arrival::new(std::time::Instant::now()));
         owe(&a);
         // 500 B/s against 1 KiB/s over 10 s.
         let took = cut_after(&a, 50, Duration::from_secs(60)).await;
@@ -1270,7 +1372,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_above_the_rate_is_never_cut() {
-        let a = Activity::new(-1);
+        let a = Activity::new(-1, Arrival::new(std::time::Instant::now()));
         owe(&a);
         // 2 KiB/s.
         assert_eq!(cut_after(&a, 200, Duration::from_secs(60)).await, None);
@@ -1278,7 +1380,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_connection_owes_nothing_and_the_window_starts_with_the_debt() {
-        let a = Activity::new(-1);
+        let a = Activity::new(-1, Arrival::new(std::time::Instant::now()));
         // Nothing waits for the client (an event stream between events): however little
         // it takes, no cut, and no timer runs.
         assert_eq!(cut_after(&a, 0, Duration::from_secs(60)).await, None);

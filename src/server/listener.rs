@@ -42,7 +42,7 @@ pub(crate) async fn run<M, S, B>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Instant
 where
-    M: FnMut(SocketAddr) -> S,
+    M: FnMut(SocketAddr, &Arc<conn::Arrival>) -> S,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Send
         + 'static,
@@ -74,6 +74,8 @@ where
             },
             _ = stopped(&mut shutdown) => break,
         };
+        // Request durations count from here (see `conn::Arrival`).
+        let accepted = std::time::Instant::now();
         // At the cap, this one client waits (the rest queue in the kernel's backlog, costing
         // us nothing) while connections idle for a while are asked to close.
         let permit = match slots.clone().try_acquire_owned() {
@@ -94,13 +96,15 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
+        let arrival = conn::Arrival::new(accepted);
         let conn = conn::serve(
             stream,
-            make_service(peer),
+            make_service(peer, &arrival),
             settings(),
             tls.clone(),
             shutdown.clone(),
             shed.clone(),
+            arrival,
         );
         tokio::spawn(async move {
             conn.await;

@@ -104,6 +104,54 @@ pub fn connection_budget(limit: Option<u64>, cache_bytes: u64) -> Option<usize> 
     )
 }
 
+/// What one routed request in flight holds, for the cap on them derived from memory
+/// (`[server.saturation]`): its handler and upstream-call futures (~17 KiB), the request head
+/// and the pooled connection's buffers. A request's body is bounded separately
+/// (`limits.max_body`), responses by `limits.response_buffer_total`.
+pub const BYTES_PER_REQUEST: u64 = 64 << 10;
+/// The cap where no memory limit can be read at all.
+const FALLBACK_REQUEST_CAP: usize = 65_536;
+
+/// `[server.saturation] max_in_flight`, or, when 0, what the memory limit (the cgroup's,
+/// else the machine's) leaves beside the base and the cache at [`BYTES_PER_REQUEST`] each.
+pub fn request_budget(max_in_flight: usize, cache_bytes: u64) -> usize {
+    if max_in_flight > 0 {
+        return max_in_flight;
+    }
+    derived_request_cap(cgroup_memory_limit().or_else(physical_memory), cache_bytes)
+}
+
+/// Routed requests in flight `memory_limit` leaves room for ([`request_budget`]); never
+/// below 64.
+pub fn derived_request_cap(memory_limit: Option<u64>, cache_bytes: u64) -> usize {
+    match memory_limit {
+        Some(limit) => {
+            let room = limit.saturating_sub(BASE_BYTES + cache_bytes);
+            usize::try_from(room / BYTES_PER_REQUEST)
+                .unwrap_or(usize::MAX)
+                .max(64)
+        }
+        None => FALLBACK_REQUEST_CAP,
+    }
+}
+
+#[cfg(unix)]
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf reads a system constant.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}
+
+#[cfg(not(unix))]
+fn physical_memory() -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +173,17 @@ mod tests {
         assert_eq!(parse_limit("67108864\n"), Some(64 << 20));
         // Whatever this machine says, reading it does not fail.
         let _ = cgroup_memory_limit();
+    }
+
+    #[test]
+    fn a_memory_limit_bounds_the_requests_in_flight() {
+        // A 64 MiB replica with an 8 MiB cache: (64 - 24 - 8) MiB / 64 KiB = 512.
+        assert_eq!(derived_request_cap(Some(64 << 20), 8 << 20), 512);
+        assert_eq!(derived_request_cap(Some(16 << 20), 0), 64);
+        assert_eq!(derived_request_cap(None, 0), FALLBACK_REQUEST_CAP);
+        assert_eq!(request_budget(7, 0), 7);
+        // This machine has some memory.
+        assert!(physical_memory().is_some_and(|m| m > 0));
+        assert!(request_budget(0, 0) >= 64);
     }
 }
