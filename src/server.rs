@@ -64,6 +64,17 @@ pub fn check_with_warnings(cfg: &Config) -> Result<Vec<String>, ConfigErrors> {
     }
 }
 
+/// Whether two settings of one upstream name the same addresses (in any order).
+fn same_addresses(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
+    let set = |c: &crate::config::UpstreamConfig| {
+        c.targets()
+            .into_iter()
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    set(a) == set(b)
+}
+
 /// Builds the shared state from a validated config; `shutdown` turns `true` when the
 /// gateway stops (WebSocket relays watch it). With the `previous` state (a reload), what did
 /// not change is kept: the pipelines of unchanged upstreams (breaker state, pools,
@@ -88,12 +99,21 @@ pub async fn build_state(
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
     for (name, u) in &cfg.upstreams {
-        let unchanged = previous.and_then(|p| {
+        let before = previous.and_then(|p| {
             let i = p.upstream_index(name)?;
-            (p.config.upstreams.get(name) == Some(u)).then(|| p.upstreams[i].pipeline.clone())
+            Some((p.config.upstreams.get(name)?, &p.upstreams[i].pipeline))
         });
-        let pipeline = match unchanged {
-            Some(p) => p,
+        let pipeline = match before {
+            Some((old, p)) if old == u => p.clone(),
+            Some((old, p)) => {
+                // New settings: a new pipeline, which keeps the breaker and ejection state
+                // unless the addresses changed (then it is another service as far as we know).
+                let fresh = Arc::new(Pipeline::new(name, u)?);
+                if same_addresses(old, u) {
+                    fresh.inherit_health(p);
+                }
+                fresh
+            }
             None => Arc::new(Pipeline::new(name, u)?),
         };
         pipeline.export_spans_to(spans.clone());

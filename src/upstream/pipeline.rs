@@ -304,6 +304,15 @@ impl Pipeline {
         })
     }
 
+    /// Takes over the breaker state and the instances' health of `old`, the pipeline this one
+    /// replaces in a reload that changed the upstream's settings but not its addresses (the
+    /// caller checks that): an outage in progress stays an outage, an ejected instance stays
+    /// out, until the same moment.
+    pub fn inherit_health(&self, old: &Pipeline) {
+        self.breaker.inherit(&old.breaker);
+        self.instances.inherit(&old.instances);
+    }
+
     /// The upstream's instances, for `/admin/upstreams`.
     pub fn instances(&self) -> &InstanceSet {
         &self.instances
