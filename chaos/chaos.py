@@ -589,6 +589,43 @@ class UpstreamSampler:
             await asyncio.wait([self.task], timeout=5)
 
 
+class MetricSampler:
+    """Polls every gateway's /metrics every `every_s` while the load runs and keeps, per poll,
+    the sum of each sampled series (`{"id", "name", "labels"}`): when a gauge changed on each
+    replica (06: back on Redis), which the end scrape cannot tell."""
+
+    def __init__(self, series, t0, every_s=0.1):
+        self.series, self.t0, self.every = series, t0, every_s
+        self.samples = []  # {"t", "gw", "values": {id: sum}}
+        self.task = None
+        self.stopped = False
+
+    async def loop(self):
+        while not self.stopped:
+            for gw, port in ADMIN_PORTS.items():
+                try:
+                    status, _, text = await http(port, "GET", "/metrics", timeout=2.0)
+                except Exception:
+                    continue
+                if status != 200 or not isinstance(text, str):
+                    continue
+                self.samples.append({"t": round(time.monotonic() - self.t0, 3), "gw": gw,
+                                     "values": {s["id"]: metric_sum(text, s["name"], s.get("labels"))
+                                                for s in self.series}})
+            await asyncio.sleep(self.every)
+
+    def start(self):
+        if self.series:
+            self.task = asyncio.create_task(self.loop())
+
+    async def stop(self):
+        # As UpstreamSampler: a flag too, in case a cancellation is swallowed.
+        self.stopped = True
+        if self.task:
+            self.task.cancel()
+            await asyncio.wait([self.task], timeout=5)
+
+
 class HealthSampler:
     """Polls Docker's health status (the compose health check: `probe /health` every 2 s) of
     some services every `every_s` while the load runs: a saturated replica that its
@@ -904,6 +941,22 @@ def evaluate(exp, records, ev, end, ctx):
                   "last_attempt_s_after_event": round(last - (lo - exp.get("skip_s", 0)), 3) if last else None}
     elif kind in ("instance_state_s", "new_instance_traffic_s", "breaker_not_closed_samples", "instance_failures_after"):
         value, n, detail = evaluate_upstream_samples(exp, ev, ctx)
+    elif kind == "metric_reached_s":
+        # Seconds from event `from` (default remove_end) to the first /metrics sample
+        # (MetricSampler) in which series `sample` is >= `reach`, per gateway; the slowest
+        # (None when one never got there). n: the gateways that got there.
+        t_ev = ev[exp.get("from", "remove_end")] + exp.get("skip_s", 0)
+        per, value, n = {}, 0.0, 0
+        for gw in as_list(exp.get("gateways", list(ADMIN_PORTS))):
+            hit = next((s["t"] for s in ctx.get("metric_samples", [])
+                        if s["gw"] == gw and s["t"] >= t_ev and s["values"].get(exp["sample"], 0) >= exp["reach"]), None)
+            per[gw] = round(hit - t_ev, 3) if hit is not None else None
+            if hit is None:
+                value = None
+            else:
+                n += 1
+                value = None if value is None else max(value, hit - t_ev)
+        detail = {"per_gateway": per, "samples": len(ctx.get("metric_samples", []))}
     elif kind.startswith("ws_"):
         value, n, detail = evaluate_ws(exp, ev, end, ctx)
     else:
@@ -1213,6 +1266,7 @@ async def run_experiment(spec, outdir):
         sampler = Sampler(spec.get("sample_resources", []), t0)
         up_sampler = UpstreamSampler(spec.get("sample_upstreams", []), t0)
         health_sampler = HealthSampler(spec.get("sample_health", []), t0)
+        metric_sampler = MetricSampler(spec.get("sample_metrics", []), t0)
 
         async def fault_script():
             nonlocal injected
@@ -1235,6 +1289,7 @@ async def run_experiment(spec, outdir):
         sampler.start()
         up_sampler.start()
         health_sampler.start()
+        metric_sampler.start()
         fault_task = asyncio.create_task(fault_script())
         subs_task = None
         if spec.get("subscribers"):
@@ -1248,6 +1303,8 @@ async def run_experiment(spec, outdir):
         ctx["upstream_samples"] = up_sampler.samples
         await health_sampler.stop()
         ctx["health_samples"] = health_sampler.samples
+        await metric_sampler.stop()
+        ctx["metric_samples"] = metric_sampler.samples
         if sampler.services:
             # Keep sampling after the load has stopped and its connections are closed: the
             # "end" resource figures are taken from there.
