@@ -8,19 +8,16 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use deltastream_gateway::config::{Config, Dur, PolicyConfig};
-use support::gateway::{client, config_with_upstreams, scrape, spawn};
+use deltastream_gateway::config::{Config, Dur};
+use support::gateway::{client, config_with_instances, scrape, spawn};
 use support::{FakeUpstream, Step};
 
 /// `storage` spread over `urls`, ejection off (the slow instance keeps losing races and
 /// must stay in rotation for every request to hedge), the underlying route hedged after
-/// 50 ms, rate limits out of the way.
+/// 50 ms.
 fn config(urls: &[String]) -> Config {
-    let first = urls[0].clone();
-    let mut cfg = config_with_upstreams(move |_| first.clone());
+    let mut cfg = config_with_instances("storage", urls);
     let storage = cfg.upstreams.get_mut("storage").unwrap();
-    storage.url = String::new();
-    storage.urls = urls.to_vec();
     storage.ejection.enabled = false;
     // Nor passed over after a lost race: a hedge goes to an instance not tried yet, and the
     // balancer would otherwise offer only the quick one, twice.
@@ -30,15 +27,6 @@ fn config(urls: &[String]) -> Config {
             r.hedge_after = Some(Dur::from_millis(50));
         }
     }
-    cfg.rate_limit.policies = ["default", "auth"]
-        .into_iter()
-        .map(|name| PolicyConfig {
-            name: name.into(),
-            limit: 1_000_000,
-            window: Dur::from_secs(60),
-            key: Default::default(),
-        })
-        .collect();
     cfg
 }
 

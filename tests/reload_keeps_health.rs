@@ -7,21 +7,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use deltastream_gateway::config::{Config, Dur, PolicyConfig};
+use deltastream_gateway::config::{Config, Dur};
 use deltastream_gateway::server::Running;
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_instances, spawn, upstream_view};
 use support::{refused_addr, FakeUpstream};
 
 /// `storage` at `urls`, a breaker that opens after 2 failed calls and stays open 30 s (far
-/// longer than the test), an instance ejected after 2 failed attempts in a row for 30 s, rate
-/// limits out of the way.
+/// longer than the test), an instance ejected after 2 failed attempts in a row for 30 s.
 fn config(urls: &[String]) -> Config {
-    let first = urls[0].clone();
-    let mut cfg = config_with_upstreams(move |_| first.clone());
+    let mut cfg = config_with_instances("storage", urls);
     let storage = cfg.upstreams.get_mut("storage").unwrap();
-    storage.url = String::new();
-    storage.urls = urls.to_vec();
     storage.breaker.consecutive_failures = 2;
     storage.breaker.open_base = Dur::from_secs(30);
     storage.breaker.open_max = Dur::from_secs(30);
@@ -29,15 +25,6 @@ fn config(urls: &[String]) -> Config {
     storage.ejection.base_time = Dur::from_secs(30);
     // Not passed over after a failure: the dead instance keeps being picked until ejected.
     storage.bias_duration = Dur::from_millis(0);
-    cfg.rate_limit.policies = ["default", "auth"]
-        .into_iter()
-        .map(|name| PolicyConfig {
-            name: name.into(),
-            limit: 1_000_000,
-            window: Dur::from_secs(60),
-            key: Default::default(),
-        })
-        .collect();
     cfg
 }
 
@@ -75,21 +62,7 @@ async fn reload(gw: &Running, cfg: Config) {
 
 /// storage's entry of `/admin/upstreams`.
 async fn storage_view(gw: &Running) -> Value {
-    let view: Value = client()
-        .get(format!("http://{}/admin/upstreams", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    view["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == "storage")
-        .unwrap()
-        .clone()
+    upstream_view(gw.admin_addr, "storage").await
 }
 
 fn instance(view: &Value, address: &str) -> Value {
