@@ -546,38 +546,26 @@ class Sampler:
                 pass
 
 
-class UpstreamSampler:
-    """Polls every gateway's GET /admin/upstreams every `every_s` while the load runs and keeps,
-    per poll, each sampled upstream's breaker state and its instances (address, state,
-    successes, failures): when an instance was ejected, when a new one first took traffic,
-    whether the breaker ever left `closed`."""
+class Poller:
+    """Runs `poll()` every `every_s` while the load runs, keeping what it finds in `samples`
+    (the samplers below); starts only when it has something to sample (`wanted`)."""
 
-    def __init__(self, upstreams, t0, every_s=0.1):
-        self.upstreams, self.t0, self.every = upstreams, t0, every_s
-        self.samples = []  # {"t", "gw", "upstream", "breaker", "instances": {ip: [state, ok, fail]}}
+    def __init__(self, wanted, t0, every_s):
+        self.wanted, self.t0, self.every = wanted, t0, every_s
+        self.samples = []
         self.task = None
         self.stopped = False
 
+    def now(self):
+        return round(time.monotonic() - self.t0, 3)
+
     async def loop(self):
         while not self.stopped:
-            for gw, port in ADMIN_PORTS.items():
-                try:
-                    ups = await admin_upstreams(port)
-                except Exception:
-                    continue
-                t = round(time.monotonic() - self.t0, 3)
-                for name in self.upstreams:
-                    u = ups.get(name)
-                    if u is None:
-                        continue
-                    self.samples.append({
-                        "t": t, "gw": gw, "upstream": name, "breaker": breaker_state(u.get("breaker")),
-                        "instances": {i["address"].rsplit(":", 1)[0]: [i["state"], i.get("successes", 0), i.get("failures", 0)]
-                                      for i in u.get("instances", [])}})
+            await self.poll()
             await asyncio.sleep(self.every)
 
     def start(self):
-        if self.upstreams:
+        if self.wanted:
             self.task = asyncio.create_task(self.loop())
 
     async def stop(self):
@@ -590,38 +578,72 @@ class UpstreamSampler:
             await asyncio.wait([self.task], timeout=5)
 
 
-class HealthSampler:
+class UpstreamSampler(Poller):
+    """Polls every gateway's GET /admin/upstreams every `every_s` while the load runs and keeps,
+    per poll, each sampled upstream's breaker state and its instances (address, state,
+    successes, failures): when an instance was ejected, when a new one first took traffic,
+    whether the breaker ever left `closed`.
+    Samples: {"t", "gw", "upstream", "breaker", "instances": {ip: [state, ok, fail]}}."""
+
+    def __init__(self, upstreams, t0, every_s=0.1):
+        super().__init__(upstreams, t0, every_s)
+
+    async def poll(self):
+        for gw, port in ADMIN_PORTS.items():
+            try:
+                ups = await admin_upstreams(port)
+            except Exception:
+                continue
+            t = self.now()
+            for name in self.wanted:
+                u = ups.get(name)
+                if u is None:
+                    continue
+                self.samples.append({
+                    "t": t, "gw": gw, "upstream": name, "breaker": breaker_state(u.get("breaker")),
+                    "instances": {i["address"].rsplit(":", 1)[0]: [i["state"], i.get("successes", 0), i.get("failures", 0)]
+                                  for i in u.get("instances", [])}})
+
+
+class MetricSampler(Poller):
+    """Polls every gateway's /metrics every `every_s` while the load runs and keeps, per poll,
+    the sum of each sampled series (`{"id", "name", "labels"}`): when a gauge changed on each
+    replica (06: back on Redis), which the end scrape cannot tell.
+    Samples: {"t", "gw", "values": {id: sum}}."""
+
+    def __init__(self, series, t0, every_s=0.1):
+        super().__init__(series, t0, every_s)
+
+    async def poll(self):
+        for gw, port in ADMIN_PORTS.items():
+            try:
+                status, _, text = await http(port, "GET", "/metrics", timeout=2.0)
+            except Exception:
+                continue
+            if status != 200 or not isinstance(text, str):
+                continue
+            self.samples.append({"t": self.now(), "gw": gw,
+                                 "values": {s["id"]: metric_sum(text, s["name"], s.get("labels"))
+                                            for s in self.wanted}})
+
+
+class HealthSampler(Poller):
     """Polls Docker's health status (the compose health check: `probe /health` every 2 s) of
     some services every `every_s` while the load runs: a saturated replica that its
-    orchestrator would mark unhealthy, and restart, shows up here."""
+    orchestrator would mark unhealthy, and restart, shows up here.
+    Samples: {"t", "service", "status", "health"}."""
 
     def __init__(self, services, t0, every_s=0.5):
-        self.services, self.t0, self.every = services, t0, every_s
-        self.samples = []  # {"t", "service", "status", "health"}
-        self.task = None
-        self.stopped = False
+        super().__init__(services, t0, every_s)
 
-    async def loop(self):
-        while not self.stopped:
-            for svc in self.services:
-                try:
-                    for status, h in await asyncio.to_thread(health, svc):
-                        self.samples.append({"t": round(time.monotonic() - self.t0, 3), "service": svc,
-                                             "status": status, "health": h})
-                except Exception as e:
-                    self.samples.append({"t": round(time.monotonic() - self.t0, 3), "service": svc,
-                                         "status": f"error:{type(e).__name__}", "health": None})
-            await asyncio.sleep(self.every)
-
-    def start(self):
-        if self.services:
-            self.task = asyncio.create_task(self.loop())
-
-    async def stop(self):
-        self.stopped = True
-        if self.task:
-            self.task.cancel()
-            await asyncio.wait([self.task], timeout=5)
+    async def poll(self):
+        for svc in self.wanted:
+            try:
+                for status, h in await asyncio.to_thread(health, svc):
+                    self.samples.append({"t": self.now(), "service": svc, "status": status, "health": h})
+            except Exception as e:
+                self.samples.append({"t": self.now(), "service": svc,
+                                     "status": f"error:{type(e).__name__}", "health": None})
 
 
 def breaker_state(b):
@@ -907,6 +929,22 @@ def evaluate(exp, records, ev, end, ctx):
                   "last_attempt_s_after_event": round(last - (lo - exp.get("skip_s", 0)), 3) if last else None}
     elif kind in ("instance_state_s", "new_instance_traffic_s", "breaker_not_closed_samples", "instance_failures_after"):
         value, n, detail = evaluate_upstream_samples(exp, ev, ctx)
+    elif kind == "metric_reached_s":
+        # Seconds from event `from` (default remove_end) to the first /metrics sample
+        # (MetricSampler) in which series `sample` is >= `reach`, per gateway; the slowest
+        # (None when one never got there). n: the gateways that got there.
+        t_ev = ev[exp.get("from", "remove_end")] + exp.get("skip_s", 0)
+        per, value, n = {}, 0.0, 0
+        for gw in as_list(exp.get("gateways", list(ADMIN_PORTS))):
+            hit = next((s["t"] for s in ctx.get("metric_samples", [])
+                        if s["gw"] == gw and s["t"] >= t_ev and s["values"].get(exp["sample"], 0) >= exp["reach"]), None)
+            per[gw] = round(hit - t_ev, 3) if hit is not None else None
+            if hit is None:
+                value = None
+            else:
+                n += 1
+                value = None if value is None else max(value, hit - t_ev)
+        detail = {"per_gateway": per, "samples": len(ctx.get("metric_samples", []))}
     elif kind.startswith("ws_"):
         value, n, detail = evaluate_ws(exp, ev, end, ctx)
     else:
@@ -1218,6 +1256,7 @@ async def run_experiment(spec, outdir):
         sampler = Sampler(spec.get("sample_resources", []), t0)
         up_sampler = UpstreamSampler(spec.get("sample_upstreams", []), t0)
         health_sampler = HealthSampler(spec.get("sample_health", []), t0)
+        metric_sampler = MetricSampler(spec.get("sample_metrics", []), t0)
 
         async def fault_script():
             nonlocal injected
@@ -1240,6 +1279,7 @@ async def run_experiment(spec, outdir):
         sampler.start()
         up_sampler.start()
         health_sampler.start()
+        metric_sampler.start()
         fault_task = asyncio.create_task(fault_script())
         subs_task = None
         if spec.get("subscribers"):
@@ -1253,6 +1293,8 @@ async def run_experiment(spec, outdir):
         ctx["upstream_samples"] = up_sampler.samples
         await health_sampler.stop()
         ctx["health_samples"] = health_sampler.samples
+        await metric_sampler.stop()
+        ctx["metric_samples"] = metric_sampler.samples
         if sampler.services:
             # Keep sampling after the load has stopped and its connections are closed: the
             # "end" resource figures are taken from there.

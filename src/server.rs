@@ -63,6 +63,17 @@ pub fn check_with_warnings(cfg: &Config) -> Result<Vec<String>, ConfigErrors> {
     }
 }
 
+/// Whether two settings of one upstream name the same addresses (in any order).
+fn same_addresses(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
+    let set = |c: &crate::config::UpstreamConfig| {
+        c.targets()
+            .into_iter()
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    set(a) == set(b)
+}
+
 /// Builds the shared state from a validated config; `shutdown` turns `true` when the
 /// gateway stops (WebSocket relays watch it). With the `previous` state (a reload), what did
 /// not change is kept: the pipelines of unchanged upstreams (breaker state, pools,
@@ -87,12 +98,21 @@ pub async fn build_state(
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
     for (name, u) in &cfg.upstreams {
-        let unchanged = previous.and_then(|p| {
+        let before = previous.and_then(|p| {
             let i = p.upstream_index(name)?;
-            (p.config.upstreams.get(name) == Some(u)).then(|| p.upstreams[i].pipeline.clone())
+            Some((p.config.upstreams.get(name)?, &p.upstreams[i].pipeline))
         });
-        let pipeline = match unchanged {
-            Some(p) => p,
+        let pipeline = match before {
+            Some((old, p)) if old == u => p.clone(),
+            Some((old, p)) => {
+                // New settings: a new pipeline, which keeps the breaker and ejection state
+                // unless the addresses changed (then it is another service as far as we know).
+                let fresh = Arc::new(Pipeline::new(name, u)?);
+                if same_addresses(old, u) {
+                    fresh.inherit_health(p);
+                }
+                fresh
+            }
             None => Arc::new(Pipeline::new(name, u)?),
         };
         pipeline.export_spans_to(spans.clone());
@@ -284,7 +304,13 @@ async fn start_inner(
     let grace = cfg.server.shutdown_grace.0;
     let watch_config = cfg.server.watch_config;
     memory::start_trimmer(cfg.server.memory_trim_interval.0);
-    let caps = listener_caps(&cfg);
+    let memory_limit = memory::cgroup_memory_limit();
+    let (caps, fd_budget) = listener_caps(&cfg, memory_limit);
+    let live_caps = LiveCaps {
+        public: listener::ConnCap::new(caps.public),
+        redirect: listener::ConnCap::new(caps.redirect),
+        admin: listener::ConnCap::new(caps.admin),
+    };
     // TLS: the certificate (a reload may replace it) and the acceptor built on it.
     let (certs, acceptor) = match &cfg.server.tls {
         Some(t) => {
@@ -327,7 +353,7 @@ async fn start_inner(
         listener::Listener {
             socket: admin,
             name: "admin",
-            max_connections: caps.admin,
+            cap: live_caps.admin.clone(),
             tls: None,
         },
         settings.clone(),
@@ -341,7 +367,7 @@ async fn start_inner(
             listener::Listener {
                 socket,
                 name: "redirect",
-                max_connections: caps.redirect,
+                cap: live_caps.redirect.clone(),
                 tls: None,
             },
             settings.clone(),
@@ -355,15 +381,34 @@ async fn start_inner(
             rx.clone(),
         ))
     });
-    if watch_config {
-        tokio::spawn(watch_file(gateway.clone(), rx.clone()));
-    }
     let public = listener::Listener {
         socket: public,
         name: "public",
-        max_connections: caps.public,
+        cap: live_caps.public.clone(),
         tls: acceptor,
     };
+    if watch_config {
+        tokio::spawn(watch_file(gateway.clone(), rx.clone()));
+    }
+    {
+        let (configured, gw, mut stop) = (
+            listener::ListenerCaps::configured(&gateway.current().config),
+            gateway.clone(),
+            rx.clone(),
+        );
+        tokio::spawn(memory::watch_limit(
+            memory_limit,
+            move |limit| {
+                live_caps.refit(
+                    configured,
+                    gw.current().config.cache.max_bytes.0,
+                    limit,
+                    fd_budget,
+                )
+            },
+            async move { stopped(&mut stop).await },
+        ));
+    }
     let gw = gateway.clone();
     let task = tokio::spawn(async move {
         let deadline = serve_public(public, gw, settings, grace, rx).await;
@@ -391,10 +436,13 @@ async fn start_inner(
 /// share, see `ListenerCaps::fit`) so that idle connections can neither get the process
 /// killed under a cgroup memory limit (issue 18: a 64 MiB replica was OOM-killed at ~2,400
 /// idle connections with the cap at 10,000) nor use up its descriptors (issue 23: idle
-/// connections to the redirect port made the TLS port fail with EMFILE).
-fn listener_caps(cfg: &Config) -> listener::ListenerCaps {
+/// connections to the redirect port made the TLS port fail with EMFILE). Also returns the
+/// descriptor budget, which the caps stay under when a new memory limit refits them.
+fn listener_caps(
+    cfg: &Config,
+    memory_limit: Option<u64>,
+) -> (listener::ListenerCaps, Option<usize>) {
     let mut caps = listener::ListenerCaps::configured(cfg);
-    let memory_limit = memory::cgroup_memory_limit();
     let cache = cfg.cache.max_bytes.0;
     if let Some(fitted) = memory::connection_budget(memory_limit, cache).and_then(|b| caps.fit(b)) {
         tracing::warn!(
@@ -409,8 +457,10 @@ fn listener_caps(cfg: &Config) -> listener::ListenerCaps {
         );
         caps = fitted;
     }
-    if let Some(limit) = fds::raise_limit(cfg) {
-        if let Some(fitted) = caps.fit(fds::connection_budget(limit)) {
+    let fd_limit = fds::raise_limit(cfg);
+    let fd_budget = fd_limit.map(fds::connection_budget);
+    if let (Some(limit), Some(budget)) = (fd_limit, fd_budget) {
+        if let Some(fitted) = caps.fit(budget) {
             tracing::warn!(
                 "connection caps lowered to fit the open-file limit of {limit} (half of it above \
                  {} for listener connections, the other half for the upstream connections they \
@@ -422,7 +472,67 @@ fn listener_caps(cfg: &Config) -> listener::ListenerCaps {
             caps = fitted;
         }
     }
-    caps
+    (caps, fd_budget)
+}
+
+/// The caps of the running listeners, refitted when the memory limit changes at run time.
+struct LiveCaps {
+    public: Arc<listener::ConnCap>,
+    redirect: Arc<listener::ConnCap>,
+    admin: Arc<listener::ConnCap>,
+}
+
+impl LiveCaps {
+    /// Fits the `configured` caps to a new memory `limit` (and the descriptor budget, as at
+    /// start) and applies them; logs the change once: a warning when a cap went down.
+    fn refit(
+        &self,
+        configured: listener::ListenerCaps,
+        cache: u64,
+        limit: Option<u64>,
+        fd_budget: Option<usize>,
+    ) {
+        let mut caps = configured;
+        for budget in [memory::connection_budget(limit, cache), fd_budget] {
+            if let Some(fitted) = budget.and_then(|b| caps.fit(b)) {
+                caps = fitted;
+            }
+        }
+        let before = listener::ListenerCaps {
+            public: self.public.max(),
+            redirect: self.redirect.max(),
+            admin: self.admin.max(),
+        };
+        self.public.set(caps.public);
+        self.redirect.set(caps.redirect);
+        self.admin.set(caps.admin);
+        let limit_mib = limit.map_or_else(|| "none".to_string(), |l| format!("{} MiB", l >> 20));
+        let now = match configured.lowered_to(&caps) {
+            s if s.is_empty() => "as configured".to_string(),
+            s => s,
+        };
+        if caps.public < before.public
+            || caps.redirect < before.redirect
+            || caps.admin < before.admin
+        {
+            tracing::warn!(
+                "memory limit changed at run time to {limit_mib}: connection caps lowered to fit \
+                 it ({} MiB base + cache.max_bytes {} MiB + {} KiB per connection): {now}; \
+                 connections over a cap stay, new ones wait for room",
+                memory::BASE_BYTES >> 20,
+                cache >> 20,
+                memory::BYTES_PER_CONNECTION >> 10,
+            );
+        } else if caps != before {
+            tracing::info!(
+                "memory limit changed at run time to {limit_mib}: connection caps raised: {now}"
+            );
+        } else {
+            tracing::info!(
+                "memory limit changed at run time to {limit_mib}: connection caps unchanged: {now}"
+            );
+        }
+    }
 }
 
 /// `[server] watch_config`: reloads when the configuration file's modification time or size

@@ -4,6 +4,10 @@
 //! its limit and holding at most the cap's connections (issue 18: a 64 MiB replica with the
 //! cap at 10,000 was OOM-killed at ~2,400 idle connections).
 //!
+//! The limit is re-read while the gateway runs (issue 25: `docker update --memory 64m` on a
+//! running replica, then idle connections, OOM-killed it under the cap derived at start):
+//! lowering it lowers the cap of the running child, raising it raises the cap again.
+//!
 //! Needs a writable memory cgroup (root, cgroup v1 or v2 with delegation); where there is
 //! none the test says so and passes without running, like the fuzz smoke without nightly.
 
@@ -22,6 +26,8 @@ const LIMIT: u64 = 64 << 20;
 struct Cgroup {
     dir: PathBuf,
     procs: PathBuf,
+    /// `memory.limit_in_bytes` (v1) or `memory.max` (v2).
+    limit_file: PathBuf,
 }
 
 impl Cgroup {
@@ -50,9 +56,10 @@ impl Cgroup {
 }
 
 impl Cgroup {
-    fn create() -> Result<Cgroup, String> {
+    /// `tag` tells apart the cgroups of tests running at the same time.
+    fn create(tag: &str) -> Result<Cgroup, String> {
         let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-        let name = format!("dsgw-memcap-{}", std::process::id());
+        let name = format!("dsgw-memcap-{}-{tag}", std::process::id());
         for line in own.lines() {
             let mut parts = line.splitn(3, ':');
             let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
@@ -79,10 +86,18 @@ impl Cgroup {
             }
             return Ok(Cgroup {
                 procs: dir.join("cgroup.procs"),
+                limit_file: dir.join(limit_file),
                 dir,
             });
         }
         Err("no writable memory cgroup".into())
+    }
+}
+
+impl Cgroup {
+    /// A new limit for the processes already in the cgroup, as `docker update --memory` does.
+    fn set_limit(&self, bytes: u64) {
+        std::fs::write(&self.limit_file, bytes.to_string()).expect("write the memory limit");
     }
 }
 
@@ -111,66 +126,151 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// The gateway binary running in `cgroup`: the child, its JSON log lines, its public address
+/// and the temporary directory its configuration lives in.
+struct Gateway {
+    child: std::process::Child,
+    pid: u32,
+    log: Arc<Mutex<Vec<String>>>,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    async fn start(cgroup: &Cgroup) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            "[server]\nhost = \"127.0.0.1\"\nport = 0\n[admin]\nport = 0\n[cache]\nmax_bytes = \"8MiB\"\n",
+        )
+        .unwrap();
+        let procs = cgroup.procs.clone();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"));
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("GATEWAY_WORKER_THREADS", "1")
+            .env_remove("PORT")
+            .env_remove("ADMIN_PORT")
+            .env_remove("REDIS_URL")
+            .env_remove("GATEWAY_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec the child only writes "0" (itself) to cgroup.procs.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+        let mut child = cmd.spawn().expect("start the gateway in the cgroup");
+        let pid = child.id();
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        {
+            let log = log.clone();
+            let out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let found = log.lock().unwrap().iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["message"] == "gateway listening").then(|| v["addr"].as_str()?.parse().ok())?
+            });
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no start: {:?}",
+                log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Gateway {
+            child,
+            pid,
+            log,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Waits up to `within` for a log line containing every one of `parts`.
+    async fn logged(&self, parts: &[&str], within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `n` keep-alive clients, each asking once and then holding its connection; past the
+    /// cap they wait in the accept queue (or the gateway sheds idle ones to make room).
+    /// Returns the connections and how many were answered within 3 s.
+    async fn hold_clients(&self, n: usize) -> (Vec<tokio::net::TcpStream>, usize) {
+        let addr = self.addr;
+        let clients: Vec<_> = (0..n)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                        return None;
+                    };
+                    let _ = s
+                        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .await;
+                    let mut buf = [0u8; 512];
+                    let answered = matches!(
+                        tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await,
+                        Ok(Ok(n)) if n > 0
+                    );
+                    Some((s, answered))
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        let mut answered = 0;
+        for c in clients {
+            if let Some((s, a)) = c.await.unwrap() {
+                answered += usize::from(a);
+                held.push(s);
+            }
+        }
+        (held, answered)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients() {
-    let cgroup = match Cgroup::create() {
+    let cgroup = match Cgroup::create("start") {
         Ok(c) => c,
         Err(why) => {
             eprintln!("NOT RUN: {why} (needs root and a memory cgroup)");
             return;
         }
     };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        "[server]\nhost = \"127.0.0.1\"\nport = 0\n[admin]\nport = 0\n[cache]\nmax_bytes = \"8MiB\"\n",
-    )
-    .unwrap();
-    let procs = cgroup.procs.clone();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"));
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .env("GATEWAY_WORKER_THREADS", "1")
-        .env_remove("PORT")
-        .env_remove("ADMIN_PORT")
-        .env_remove("REDIS_URL")
-        .env_remove("GATEWAY_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    // SAFETY: between fork and exec the child only writes "0" (itself) to cgroup.procs.
-    unsafe {
-        cmd.pre_exec(move || std::fs::write(&procs, "0"));
-    }
-    let mut child = cmd.spawn().expect("start the gateway in the cgroup");
-    let pid = child.id();
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let log = log.clone();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                log.lock().unwrap().push(line);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr: std::net::SocketAddr = loop {
-        let found = log.lock().unwrap().iter().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["message"] == "gateway listening").then(|| v["addr"].as_str()?.parse().ok())?
-        });
-        if let Some(a) = found {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no start: {:?}",
-            log.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut gw = Gateway::start(&cgroup).await;
+    let (pid, log) = (gw.pid, gw.log.clone());
     // (64 - 24 - 8) MiB / 32 KiB = 1,024 connections for all listeners, 64 of them the
     // admin listener's.
     assert!(
@@ -187,42 +287,16 @@ async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients
 
     // 3,000 keep-alive clients, each asking once and then holding its connection; past the
     // cap they wait in the accept queue (or the gateway sheds idle ones to make room).
-    let clients: Vec<_> = (0..3000)
-        .map(|_| {
-            tokio::spawn(async move {
-                let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-                    return None;
-                };
-                let _ = s
-                    .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .await;
-                let mut buf = [0u8; 512];
-                let answered = matches!(
-                    tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await,
-                    Ok(Ok(n)) if n > 0
-                );
-                Some((s, answered))
-            })
-        })
-        .collect();
-    let mut held = Vec::new();
-    let mut answered = 0;
-    for c in clients {
-        if let Some((s, a)) = c.await.unwrap() {
-            answered += usize::from(a);
-            held.push(s);
-        }
-    }
+    let (held, answered) = gw.hold_clients(3000).await;
     // Every client is connected now; look at the gateway while they all hold on. (VmRSS
     // counts the mapped pages of a debug binary too; the cgroup's charge is what matters.)
     let rss = rss_kib(pid);
     let fds = open_fds(pid);
     let charged = cgroup.usage();
     let ooms = cgroup.oom_kills();
-    let exited = child.try_wait().unwrap();
+    let exited = gw.child.try_wait().unwrap();
     drop(held);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(gw);
     assert!(
         exited.is_none(),
         "the gateway died ({exited:?}): OOM-killed?"
@@ -239,4 +313,80 @@ async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients
         "3000 clients: {answered} answered, cgroup charge {} KiB, VmRSS {rss} KiB, {fds} fds",
         charged >> 10
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_limit_changed_at_run_time_refits_the_cap_of_the_running_gateway() {
+    let cgroup = match Cgroup::create("resize") {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("NOT RUN: {why} (needs root and a memory cgroup)");
+            return;
+        }
+    };
+    let mut gw = Gateway::start(&cgroup).await;
+    assert!(
+        gw.logged(&["limits.max_connections 10000 -> 960"], Duration::ZERO)
+            .await
+    );
+
+    // Lowered to 40 MiB while it runs: (40 - 24 - 8) MiB / 32 KiB = 256 connections, 32 of
+    // them the admin listener's. Noticed within the 2 s poll (10 s: margin for a busy box).
+    cgroup.set_limit(40 << 20);
+    assert!(
+        gw.logged(
+            &[
+                "memory limit changed at run time to 40 MiB",
+                "limits.max_connections 10000 -> 224"
+            ],
+            Duration::from_secs(10)
+        )
+        .await,
+        "{:?}",
+        gw.log.lock().unwrap()
+    );
+    // 600 clients (the old cap would have taken every one): the gateway holds at most the new
+    // cap's connections, keeps serving by shedding idle ones, and lives.
+    let (held, answered) = gw.hold_clients(600).await;
+    let fds = open_fds(gw.pid);
+    assert!(
+        gw.child.try_wait().unwrap().is_none(),
+        "the gateway died: OOM-killed?"
+    );
+    assert_eq!(cgroup.oom_kills(), 0, "the cgroup's OOM killer ran");
+    assert!(
+        answered >= 200,
+        "only {answered} of 600 clients were served"
+    );
+    // The new cap's connections, listeners, the runtime's own descriptors: not 600.
+    assert!(
+        fds <= 224 + 32 + 64,
+        "{fds} descriptors open under a cap of 224"
+    );
+    drop(held);
+
+    // Raised again: the cap follows, and 600 clients are all held at once.
+    cgroup.set_limit(LIMIT);
+    assert!(
+        gw.logged(
+            &[
+                "connection caps raised",
+                "limits.max_connections 10000 -> 960"
+            ],
+            Duration::from_secs(10)
+        )
+        .await,
+        "{:?}",
+        gw.log.lock().unwrap()
+    );
+    let (held, answered) = gw.hold_clients(600).await;
+    let raised_fds = open_fds(gw.pid);
+    drop(held);
+    assert!(gw.child.try_wait().unwrap().is_none());
+    assert_eq!(answered, 600);
+    assert!(
+        raised_fds >= 600,
+        "{raised_fds} descriptors open under a cap of 960"
+    );
+    eprintln!("cap 224: {answered} of 600 answered, {fds} fds; cap 960: {raised_fds} fds");
 }

@@ -249,7 +249,8 @@ async fn redis_outage_falls_back_and_shared_limit_resumes() {
     assert_eq!(rl.backend_state(), BackendState::Fallback);
     redis.restart();
     let restarted = tokio::time::Instant::now();
-    // Probes back off 1, 2, 4, 8, 10 s: re-adoption takes seconds; 30 s is generous.
+    // Probes back off 250 ms to 1 s: re-adoption takes about a second; 30 s only bounds a
+    // broken build (`every_limiter_is_back_on_redis_within_2s_of_a_restart` holds the bound).
     while rl.backend_state() != BackendState::Redis {
         assert!(
             restarted.elapsed() < Duration::from_secs(30),
@@ -276,6 +277,57 @@ async fn redis_outage_falls_back_and_shared_limit_resumes() {
     )
     .await;
     assert!(!d.allowed);
+}
+
+/// Issue 25: after a long outage each replica must notice a returned Redis within about a
+/// second, not after a probe backoff that grew to 10 s (one replica took 11 s, deciding alone
+/// all that time). Two limiters (two replicas) fall back, Redis stays down 8 s (an old-style
+/// 1, 2, 4, 8 s backoff would next probe 7 s after the restart), comes back on the same port,
+/// and both must be deciding through Redis within 2.5 s of it answering PING (the bound is
+/// 1 s of backoff + one probe; the rest is margin for a busy machine).
+#[tokio::test]
+async fn every_limiter_is_back_on_redis_within_2s_of_a_restart() {
+    let mut redis = RedisServer::start();
+    let cfg = config(&redis.url(), vec![policy("back", 1000, 60, KeySource::Ip)]);
+    let replicas = [RateLimiter::new(&cfg).await, RateLimiter::new(&cfg).await];
+    let h = HeaderMap::new();
+    let s = subject("192.0.2.99", &h);
+    for rl in &replicas {
+        let p = rl.policy("back").unwrap();
+        checked(rl, &[p], &s, DecisionSource::Redis).await;
+    }
+    redis.kill();
+    for rl in &replicas {
+        let p = rl.policy("back").unwrap();
+        // Noticed by the first request, decided locally: never an error.
+        checked(rl, &[p], &s, DecisionSource::Local).await;
+        assert_eq!(rl.backend_state(), BackendState::Fallback);
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for rl in &replicas {
+        assert_eq!(rl.backend_state(), BackendState::Fallback);
+    }
+    redis.restart();
+    let answering = tokio::time::Instant::now();
+    let mut back = [None, None];
+    while back.iter().any(Option::is_none) && answering.elapsed() < Duration::from_secs(10) {
+        for (i, rl) in replicas.iter().enumerate() {
+            if back[i].is_none() && rl.backend_state() == BackendState::Redis {
+                back[i] = Some(answering.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("back on Redis after {back:?}");
+    for (i, took) in back.iter().enumerate() {
+        assert!(
+            took.is_some_and(|t| t < Duration::from_millis(2_500)),
+            "replica {i} back on Redis after {took:?} (bound: 1 s backoff + a probe)"
+        );
+        let rl = &replicas[i];
+        let p = rl.policy("back").unwrap();
+        checked(rl, &[p], &s, DecisionSource::Redis).await;
+    }
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ pub enum Kind {
 pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_requests_total", Kind::Counter, "Requests answered, by route template, method and status class"),
     ("gateway_request_duration_seconds", Kind::Histogram, "Time from the request's arrival (its first byte read; the accept for a new connection's first request already waiting) to its response headers, by route template, method and status class"),
-    ("gateway_upstream_attempts_total", Kind::Counter, "Attempts sent to an upstream (refusals by the breaker included), by outcome"),
+    ("gateway_upstream_attempts_total", Kind::Counter, "Attempts sent to an upstream (refusals by the breaker and losing hedges included), by outcome"),
     ("gateway_upstream_attempt_duration_seconds", Kind::Histogram, "Duration of upstream attempts until response headers, by outcome"),
     ("gateway_upstream_retry_budget_exhausted_total", Kind::Counter, "Retries not made because the upstream's retry budget was spent"),
     ("gateway_upstream_hedges_total", Kind::Counter, "Hedged second attempts sent to another instance"),

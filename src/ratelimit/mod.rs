@@ -8,9 +8,12 @@
 //! - `headers`: `RateLimit` / `RateLimit-Policy` / `Retry-After` formatting.
 //!
 //! Redis is guarded by a small breaker: after a failure or timeout, requests are decided
-//! without touching Redis while a background task probes it with growing backoff (1 s doubling
-//! to 10 s); the first successful probe switches back. Each switch is logged once and exported
-//! as `gateway_ratelimit_backend{state}` (`redis`, `fallback`, or `local` when no Redis is
+//! without touching Redis while a background task probes it (one `SCRIPT LOAD`) with a short
+//! backoff (250 ms doubling to 1 s); the first successful probe switches back, so every replica
+//! is on Redis again within about a second of it accepting connections (with a 1 -> 10 s
+//! backoff a replica took up to 11 s, admitting against its local window all that time). A probe
+//! a second is cheap for Redis and for us. Each switch is logged once and exported as
+//! `gateway_ratelimit_backend{state}` (`redis`, `fallback`, or `local` when no Redis is
 //! configured); every decision is counted in
 //! `gateway_ratelimit_decisions_total{policy,decision}`.
 
@@ -36,9 +39,10 @@ use self::local::{LocalLimiter, LocalPolicy};
 use self::redis::{RedisConn, ScriptOutcome};
 
 /// First wait after Redis fails before probing it again.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-/// Longest wait between probes of a Redis that stays down.
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between probes of a Redis that stays down: bounds how long a replica keeps
+/// deciding alone (each replica's local window admits up to the whole limit) after Redis is back.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What a request is counted against.
 #[derive(Clone, Copy, Debug)]
@@ -509,7 +513,7 @@ async fn probe(backend: &RedisBackend) -> Result<(), String> {
         match backend.script.load_async(&mut conn).await {
             // A connection that failed earlier reports that old failure once and starts
             // reconnecting; the second attempt waits for that fresh connection, so a Redis
-            // that is back is adopted now rather than one (up to 10 s) backoff later.
+            // that is back is adopted now rather than one backoff later.
             Err(e) if e.is_io_error() || e.is_connection_dropped() => {
                 backend.script.load_async(&mut conn).await
             }
@@ -547,9 +551,9 @@ fn spawn_prober(inner: Weak<Inner>) {
                     *lock(&backend.open_until) = Some(Instant::now() + backoff);
                     tracing::debug!(error = %e, failures, "rate limiting: Redis probe failed");
                     // The connection recovers by itself after I/O errors; a fresh client
-                    // every few failures covers states it does not recover from (e.g. a
-                    // cluster whose every node was replaced).
-                    if failures.is_multiple_of(3) {
+                    // every few seconds of failures covers states it does not recover from
+                    // (e.g. a cluster whose every node was replaced).
+                    if failures.is_multiple_of(5) {
                         if let Ok(conn) = RedisConn::open(
                             &backend.target,
                             backend.connect_timeout,

@@ -9,13 +9,19 @@
 //! full. What the listeners do share is the process's descriptor limit, so their caps are
 //! fitted under it at start (`fds::fit_caps`): no listener's connections can make another's
 //! accept fail with EMFILE.
+//!
+//! A cap can change while the listener runs ([`ConnCap::set`]): the cgroup memory limit it is
+//! derived from can be lowered or raised at run time (`docker update`, Kubernetes' in-place
+//! resize). Connections over a lowered cap are not cut; new ones wait until the count is under
+//! it, and idle ones are shed for them as at any cap.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::conn::{self, ConnSettings};
@@ -26,9 +32,85 @@ pub(crate) struct Listener {
     /// `public`, `redirect` or `admin`: named in the log.
     pub(crate) name: &'static str,
     /// Connections served at once; more wait in the kernel's accept queue.
-    pub(crate) max_connections: usize,
+    pub(crate) cap: Arc<ConnCap>,
     /// Terminate TLS on every connection (the public listener with `[server.tls]`).
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A listener's connection cap and the connections it holds now.
+#[derive(Debug)]
+pub(crate) struct ConnCap {
+    max: AtomicUsize,
+    open: AtomicUsize,
+    /// A connection closed or the cap changed: a waiting accept looks again.
+    changed: Notify,
+}
+
+/// One connection's place under its listener's cap, given back when dropped.
+pub(crate) struct ConnSlot(Arc<ConnCap>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl ConnCap {
+    pub(crate) fn new(max: usize) -> Arc<ConnCap> {
+        Arc::new(ConnCap {
+            max: AtomicUsize::new(max),
+            open: AtomicUsize::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// A new cap; connections already over it stay, new ones wait until the count is under it.
+    pub(crate) fn set(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// A place for one more connection, if the count is under the cap.
+    fn try_take(self: &Arc<Self>) -> Option<ConnSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max()).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| ConnSlot(self.clone()))
+    }
+
+    /// Waits for a place.
+    async fn take(self: &Arc<Self>) -> ConnSlot {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a close in between is not missed.
+            changed.as_mut().enable();
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until every connection has closed.
+    async fn drained(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
 }
 
 /// Accepts and serves connections until `shutdown`, then waits for them to close until `grace`
@@ -55,10 +137,9 @@ where
     let Listener {
         socket,
         name,
-        max_connections,
+        cap,
         tls,
     } = listener;
-    let slots = Arc::new(Semaphore::new(max_connections));
     // Asks idle connections to close when a client is waiting for a slot.
     let shed = Arc::new(Notify::new());
     loop {
@@ -78,13 +159,13 @@ where
         let accepted = std::time::Instant::now();
         // At the cap, this one client waits (the rest queue in the kernel's backlog, costing
         // us nothing) while connections idle for a while are asked to close.
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let permit = match cap.try_take() {
+            Some(p) => p,
+            None => {
                 let waited = loop {
                     shed.notify_waiters();
                     tokio::select! {
-                        p = slots.clone().acquire_owned() => break p.ok(),
+                        p = cap.take() => break Some(p),
                         _ = tokio::time::sleep(conn::SHED_AFTER_IDLE / 4) => {}
                         _ = stopped(&mut shutdown) => break None,
                     }
@@ -114,8 +195,7 @@ where
     drop(socket);
     let deadline = Instant::now() + grace;
     // Every connection holds a slot until it is closed: having them all back means drained.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout_at(deadline, slots.acquire_many(all))
+    if tokio::time::timeout_at(deadline, cap.drained())
         .await
         .is_err()
     {

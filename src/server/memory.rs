@@ -87,6 +87,35 @@ pub fn cgroup_memory_limit() -> Option<u64> {
         .min()
 }
 
+/// How often the memory limit is read again (a few small file reads): a limit lowered at run
+/// time (`docker update --memory`, Kubernetes' in-place pod resize) reaches the connection
+/// caps within this (issue 25: a replica lowered to 64 MiB was OOM-killed by idle connections
+/// under the cap it had derived at start from its old limit).
+pub const LIMIT_POLL: Duration = Duration::from_secs(2);
+
+/// Calls `changed` with the new limit whenever the cgroup memory limit differs from the last
+/// one seen (at first `initial`), looking every [`LIMIT_POLL`], until `stop` resolves.
+pub async fn watch_limit(
+    initial: Option<u64>,
+    mut changed: impl FnMut(Option<u64>),
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut last = initial;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LIMIT_POLL) => {}
+            _ = &mut stop => return,
+        }
+        // procfs and cgroupfs answer from memory: no blocking I/O worth a thread.
+        let now = cgroup_memory_limit();
+        if now != last {
+            last = now;
+            changed(now);
+        }
+    }
+}
+
 /// A cgroup limit file's value: `max` (v2) or a page-rounded 2^63 (v1) mean none.
 fn parse_limit(text: &str) -> Option<u64> {
     let v: u64 = text.trim().parse().ok()?;

@@ -9,7 +9,9 @@
 //! `serve` would (validation, route templates, the TLS files), and only then swaps it in:
 //! - upstreams whose settings did not change keep their pipeline: breaker state, pools,
 //!   instances and statistics; changed ones get a new pipeline (calls in flight finish on
-//!   the old one);
+//!   the old one) that keeps the breaker state and the instances' ejections unless the
+//!   upstream's addresses (`url` / `urls`) changed: an open breaker stays open, with its
+//!   `Retry-After`, through a reload that only changed a timeout;
 //! - the limiter, the token verifier and the response cache are kept when their sections did
 //!   not change; the cache drops the entries of routes that are gone;
 //! - a new TLS certificate is served to new handshakes; open connections keep theirs;

@@ -13,7 +13,7 @@ use rand::Rng;
 use crate::config::DoublingBackoff;
 
 /// A [`DoublingBackoff`] and the trips in a row it has answered.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Backoff {
     base: Duration,
     max: Duration,

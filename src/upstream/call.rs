@@ -242,6 +242,10 @@ pub(crate) enum Outcome {
     CircuitOpen(Duration),
     /// A failure of our own making (request could not be built or cloned).
     Internal,
+    /// Sent, then dropped before it ended because its answer was no longer wanted: the
+    /// hedge that lost its race, or an attempt cut off by the call's deadline or by a client
+    /// that went away. Never a call's last outcome: it is counted, not decided on.
+    Abandoned,
 }
 
 /// Whether `e` (or an error under it) is the OS refusing this process a resource: out of
@@ -296,7 +300,7 @@ impl Outcome {
     }
 
     /// Every value [`Outcome::label`] can return.
-    pub(crate) const LABELS: [&'static str; 8] = [
+    pub(crate) const LABELS: [&'static str; 9] = [
         "status_5xx",
         "status_4xx",
         "ok",
@@ -305,6 +309,7 @@ impl Outcome {
         "timeout",
         "circuit_open",
         "internal",
+        "abandoned",
     ];
 
     /// The `outcome` label of the attempt metrics.
@@ -318,17 +323,19 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::CircuitOpen(_) => "circuit_open",
             Outcome::Internal => "internal",
+            Outcome::Abandoned => "abandoned",
         }
     }
 
     /// `Some(true)` if this is a failure for the breaker (connection errors, timeouts, 5xx),
     /// `Some(false)` for a success (any other status, 4xx included: the upstream is healthy
-    /// enough to judge the request), `None` if it says nothing about the upstream.
+    /// enough to judge the request), `None` if it says nothing about the upstream (an
+    /// abandoned attempt's instance is judged by the balancer, which knows why it was dropped).
     pub(crate) fn breaker_failure(self) -> Option<bool> {
         match self {
             Outcome::Status(s) => Some(s.is_server_error()),
             Outcome::ConnectError | Outcome::Reset | Outcome::Timeout => Some(true),
-            Outcome::CircuitOpen(_) | Outcome::Internal => None,
+            Outcome::CircuitOpen(_) | Outcome::Internal | Outcome::Abandoned => None,
         }
     }
 }
@@ -360,7 +367,8 @@ pub(crate) struct CallState {
 /// What the attempts so far did.
 #[derive(Debug, Default)]
 struct Progress {
-    /// Attempts that went to the upstream (circuit-open refusals excluded).
+    /// Attempts that went to the upstream (circuit-open refusals excluded, abandoned ones
+    /// such as a losing hedge included).
     attempts: u32,
     /// Tries including refusals, to number the attempt events.
     tries: u32,
@@ -464,6 +472,16 @@ impl Call {
         if let Err(e) = result {
             p.last_error = Some(error_chain(e));
         }
+        p.tries
+    }
+
+    /// Records an attempt that was sent and then dropped unfinished (see
+    /// [`Outcome::Abandoned`]): it counts as sent (`X-Upstream-Attempts`) but leaves the last
+    /// outcome, which the breaker and the error mapping read, to the attempt that did end.
+    pub(crate) fn record_abandoned(&self) -> u32 {
+        let mut p = self.progress();
+        p.attempts += 1;
+        p.tries += 1;
         p.tries
     }
 }

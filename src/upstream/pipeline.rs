@@ -85,6 +85,30 @@ impl RecordAttempt {
     }
 }
 
+/// Counts an attempt that is dropped before it ends (`Outcome::Abandoned`): a hedge that
+/// lost its race was sent all the same, and must show in `X-Upstream-Attempts` and the
+/// attempt metrics (issue 25: a hedged request reported one attempt and no loser).
+struct Unfinished<'a> {
+    recorder: &'a RecordAttempt,
+    call: &'a Call,
+    started: Instant,
+    ended: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let attempt = self.call.record_abandoned();
+        let elapsed = self.started.elapsed();
+        self.recorder
+            .record(Outcome::Abandoned, elapsed.as_secs_f64());
+        tracing::debug!(upstream = %self.recorder.upstream, attempt, outcome = Outcome::Abandoned.label(),
+            latency_ms = elapsed.as_secs_f64() * 1000.0, "upstream attempt");
+    }
+}
+
 #[async_trait::async_trait]
 impl Middleware for RecordAttempt {
     async fn handle(
@@ -103,7 +127,15 @@ impl Middleware for RecordAttempt {
             )
         });
         let started = Instant::now();
+        let mut unfinished = Unfinished {
+            recorder: self,
+            call: &call,
+            started,
+            ended: false,
+        };
         let result = next.run(req, extensions).await;
+        unfinished.ended = true;
+        drop(unfinished);
         let elapsed = started.elapsed();
         let outcome = Outcome::of(&result);
         let attempt = call.record(outcome, &result);
@@ -275,6 +307,15 @@ impl Pipeline {
         })
     }
 
+    /// Takes over the breaker state and the instances' health of `old`, the pipeline this one
+    /// replaces in a reload that changed the upstream's settings but not its addresses (the
+    /// caller checks that): an outage in progress stays an outage, an ejected instance stays
+    /// out, until the same moment.
+    pub fn inherit_health(&self, old: &Pipeline) {
+        self.breaker.inherit(&old.breaker);
+        self.instances.inherit(&old.instances);
+    }
+
     /// The upstream's instances, for `/admin/upstreams`.
     pub fn instances(&self) -> &InstanceSet {
         &self.instances
@@ -389,7 +430,11 @@ impl Pipeline {
                 }
                 Some(Outcome::Timeout) => UpstreamError::Timeout { attempts },
                 Some(
-                    Outcome::ConnectError | Outcome::Reset | Outcome::Internal | Outcome::Status(_),
+                    Outcome::ConnectError
+                    | Outcome::Reset
+                    | Outcome::Internal
+                    | Outcome::Status(_)
+                    | Outcome::Abandoned,
                 )
                 | None => UpstreamError::Unavailable {
                     attempts,

@@ -215,7 +215,8 @@ impl RetryLayer {
             | Outcome::Reset
             | Outcome::Timeout
             | Outcome::CircuitOpen(_)
-            | Outcome::Internal => return None,
+            | Outcome::Internal
+            | Outcome::Abandoned => return None,
         };
         if n_past_retries >= state.max_retries {
             return None;

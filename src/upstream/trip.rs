@@ -13,7 +13,7 @@ use super::window::SlidingWindow;
 use crate::config::TripRule;
 
 /// Outcomes counted against a [`TripRule`].
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Tripwire {
     rule: TripRule,
     /// Failures since the last success (or reset).

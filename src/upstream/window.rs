@@ -19,7 +19,7 @@ struct Bucket {
 }
 
 /// Two counts (e.g. calls and failures) summed over roughly the last `window`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct SlidingWindow {
     origin: Instant,
     slot: Duration,

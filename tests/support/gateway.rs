@@ -45,3 +45,42 @@ pub async fn scrape(admin: std::net::SocketAddr) -> String {
         .await
         .expect("metrics text")
 }
+
+/// The embedded config with upstream `name` spread over `urls` (the others at the first of
+/// them) and the rate limits out of the way, so the volume is the test's.
+pub fn config_with_instances(name: &str, urls: &[String]) -> Config {
+    let first = urls[0].clone();
+    let mut cfg = config_with_upstreams(move |_| first.clone());
+    let u = cfg.upstreams.get_mut(name).expect("a configured upstream");
+    u.url = String::new();
+    u.urls = urls.to_vec();
+    cfg.rate_limit.policies = ["default", "auth"]
+        .into_iter()
+        .map(|policy| deltastream_gateway::config::PolicyConfig {
+            name: policy.into(),
+            limit: 1_000_000,
+            window: deltastream_gateway::config::Dur::from_secs(60),
+            key: Default::default(),
+        })
+        .collect();
+    cfg
+}
+
+/// Upstream `name`'s entry of the admin listener's `/admin/upstreams`.
+pub async fn upstream_view(admin: std::net::SocketAddr, name: &str) -> serde_json::Value {
+    let view: serde_json::Value = client()
+        .get(format!("http://{admin}/admin/upstreams"))
+        .send()
+        .await
+        .expect("/admin/upstreams")
+        .json()
+        .await
+        .expect("/admin/upstreams JSON");
+    view["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .find(|u| u["upstream"] == name)
+        .unwrap_or_else(|| panic!("no upstream {name} in {view}"))
+        .clone()
+}

@@ -275,6 +275,54 @@ impl Breaker {
         }
     }
 
+    /// Takes over `old`'s state: a reload rebuilt the upstream's pipeline (new settings) for
+    /// the same addresses, and must neither forgive an outage nor restart its backoff (issue
+    /// 25: while the upstream was down, a reload that changed a timeout cost slow 503s without
+    /// `Retry-After`). An open breaker stays open until the same moment (half-open: open until
+    /// now, so the next call probes); the call history and the open-time doubling carry over
+    /// when the trip rule and the open times are the same. Not a transition: the transition
+    /// counters do not move, the state gauge says the state.
+    pub(crate) fn inherit(self: &Arc<Self>, old: &Breaker) {
+        if !self.config.enabled || !old.config.enabled {
+            return;
+        }
+        let now = Instant::now();
+        let (phase, trip, open_time, opened_total) = {
+            let mut before = old.lock();
+            old.advance(&mut before, now);
+            let phase = match before.phase {
+                Phase::Closed => Phase::Closed,
+                Phase::Open { until } => Phase::Open { until },
+                Phase::HalfOpen { .. } => Phase::Open { until: now },
+            };
+            (
+                phase,
+                before.trip.clone(),
+                before.open_time.clone(),
+                before.opened_total,
+            )
+        };
+        let opened = {
+            let mut inner = self.lock();
+            if self.config.trip_rule() == old.config.trip_rule() {
+                inner.trip = trip;
+            }
+            if self.config.open_time() == old.config.open_time() {
+                inner.open_time = open_time;
+            }
+            inner.opened_total = opened_total;
+            if matches!(phase, Phase::Closed) {
+                return;
+            }
+            inner.phase = phase;
+            inner.epoch += 1;
+            inner.epoch
+        };
+        self.report_state(BreakerState::Open);
+        tracing::info!(upstream = %self.upstream, "configuration reloaded; the circuit breaker stays open");
+        Breaker::start_health_probe(self, opened);
+    }
+
     /// Closes the breaker and forgets its history (operator action from `/admin`).
     pub fn reset(&self) {
         let mut inner = self.lock();

@@ -445,3 +445,50 @@ fn snapshot_serializes_for_admin() {
     assert_eq!(json["state"], "closed");
     assert_eq!(json["seconds_until_probe"], serde_json::Value::Null);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rebuilt_breaker_inherits_the_opening_and_the_history() {
+    let cfg = BreakerConfig::default();
+    let old = Arc::new(Breaker::new("t", &cfg));
+    for _ in 0..5 {
+        fail(&old);
+    }
+    let left = open_for(&old);
+    tokio::time::advance(secs(1.0)).await;
+    // New settings with the same rule and open times (e.g. a reload that changed a timeout).
+    let new = Arc::new(Breaker::new("t", &cfg));
+    new.inherit(&old);
+    assert_eq!(new.state(), BreakerState::Open);
+    assert_eq!(
+        open_for(&new),
+        left - secs(1.0),
+        "the same opening, not a new one"
+    );
+    assert_eq!(new.snapshot().opened_count, 1);
+    // Past the opening: half-open; a failed probe re-opens for the DOUBLED time (the
+    // doubling carried over), ~10 s, not the first opening's ~5 s.
+    tokio::time::advance(left).await;
+    fail(&new);
+    let reopened = open_for(&new);
+    assert!(in_jitter_bounds(reopened, 10.0), "{reopened:?}");
+
+    // A closed breaker's failures in a row carry over too; under another trip rule they don't.
+    let closed = Arc::new(Breaker::new("t", &cfg));
+    for _ in 0..4 {
+        fail(&closed);
+    }
+    let same = Arc::new(Breaker::new("t", &cfg));
+    same.inherit(&closed);
+    assert_eq!(same.snapshot().consecutive_failures, 4);
+    fail(&same);
+    assert_eq!(same.state(), BreakerState::Open);
+    let stricter = BreakerConfig {
+        consecutive_failures: 3,
+        open_base: Dur::from_secs(7),
+        ..cfg
+    };
+    let other = Arc::new(Breaker::new("t", &stricter));
+    other.inherit(&closed);
+    assert_eq!(other.state(), BreakerState::Closed);
+    assert_eq!(other.snapshot().consecutive_failures, 0);
+}

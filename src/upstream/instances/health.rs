@@ -22,7 +22,7 @@ use crate::upstream::call::{instant_after, Outcome};
 use crate::upstream::trip::Tripwire;
 
 /// An instance's health and history, behind one short lock.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Health {
     /// Its attempts against the ejection trip rule.
     trip: Tripwire,
@@ -106,6 +106,22 @@ impl Health {
         self.biased_until = None;
         self.trip.reset();
         self.returned_at = Some(now);
+    }
+
+    /// Takes over `old`'s state (a reload rebuilt the instance): an ejection or a pass-over
+    /// runs on to the same moment, so a reload never puts a bad instance back in rotation.
+    /// The history (trip counts, the ejection doubling) carries over only under the same
+    /// ejection rules (`same_rules`); under new ones it starts afresh.
+    pub(crate) fn inherit(&mut self, old: &Health, same_rules: bool) {
+        if same_rules {
+            *self = old.clone();
+            return;
+        }
+        self.ejected_until = old.ejected_until;
+        self.returned_at = old.returned_at;
+        self.biased_until = old.biased_until;
+        self.successes = old.successes;
+        self.failures = old.failures;
     }
 
     /// Out of rotation from `now`; returns for how long.

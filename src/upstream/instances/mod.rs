@@ -178,6 +178,26 @@ impl InstanceSet {
         self.report();
     }
 
+    /// Takes over the health (ejections, pass-overs, trip counts) of `old`'s instances, by
+    /// endpoint: a reload rebuilt this set with new settings for the same addresses. A set
+    /// still waiting for its first resolution starts from `old`'s instances (discovery
+    /// corrects it if the names now resolve elsewhere).
+    pub(crate) fn inherit(&self, old: &InstanceSet) {
+        let previous = old.active();
+        if !self.is_resolved() {
+            let endpoints: Vec<Endpoint> = previous.iter().map(|i| i.endpoint.clone()).collect();
+            self.update(&endpoints);
+        }
+        let same_rules = self.ejection == old.ejection && self.bias == old.bias;
+        for instance in self.active().iter() {
+            if let Some(before) = previous.iter().find(|i| i.endpoint == instance.endpoint) {
+                let before = before.health().clone();
+                instance.health().inherit(&before, same_rules);
+            }
+        }
+        self.report();
+    }
+
     /// Marks the set resolved even though nothing could be resolved (callers stop waiting).
     pub(crate) fn resolution_failed(&self) {
         if !self.resolved.swap(true, Ordering::AcqRel) {
