@@ -591,8 +591,12 @@ async fn serve_public(
                 let spans = live.app.spans.clone();
                 // HSTS means something over TLS only (RFC 6797 section 8.1).
                 let hsts = live.hsts.clone().filter(|_| tls);
-                let mut resp =
-                    access_since(arrived, Some(peer), req, spans, |req, rid, trace| async move {
+                let mut resp = access_since(
+                    arrived,
+                    Some(peer),
+                    req,
+                    spans,
+                    |req, rid, trace| async move {
                         // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
                         if req.method() == http::Method::OPTIONS {
                             return (live.app.cors.preflight(req.headers()), RouteInfo::default());
@@ -607,8 +611,9 @@ async fn serve_public(
                             routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
                         live.app.cors.apply(origin, resp.headers_mut());
                         (resp, info)
-                    })
-                    .await;
+                    },
+                )
+                .await;
                 if let Some(v) = hsts {
                     resp.headers_mut()
                         .insert(http::header::STRICT_TRANSPORT_SECURITY, v);

@@ -326,7 +326,7 @@ async fn a_memory_limit_changed_at_run_time_refits_the_cap_of_the_running_gatewa
     };
     let mut gw = Gateway::start(&cgroup).await;
     assert!(
-        gw.logged(&["limits.max_connections 10000 -> 960"], Duration::ZERO)
+        gw.logged(&["limits.max_connections ", " -> 960"], Duration::ZERO)
             .await
     );
 
@@ -337,7 +337,9 @@ async fn a_memory_limit_changed_at_run_time_refits_the_cap_of_the_running_gatewa
         gw.logged(
             &[
                 "memory limit changed at run time to 40 MiB",
-                "limits.max_connections 10000 -> 224"
+                // From 10,000, or from the cap derived from a lower open-file limit.
+                "limits.max_connections ",
+                " -> 224"
             ],
             Duration::from_secs(10)
         )
@@ -371,7 +373,8 @@ async fn a_memory_limit_changed_at_run_time_refits_the_cap_of_the_running_gatewa
         gw.logged(
             &[
                 "connection caps raised",
-                "limits.max_connections 10000 -> 960"
+                "limits.max_connections ",
+                " -> 960"
             ],
             Duration::from_secs(10)
         )
