@@ -5,7 +5,7 @@
 //! large answers on cached routes, verification amplification, slow readers holding
 //! upstream slots, and the request-head rules (Host, Transfer-Encoding).
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ fn key_of(query: Option<&str>) -> deltastream_gateway::upstream::cache::CacheKey
 }
 
 proptest! {
+    #![proptest_config(support::proptest_config(256))]
     /// key(q1) == key(q2) implies the upstream receives the same target for both, over
     /// queries made of the characters that normalisations like to fold.
     #[test]

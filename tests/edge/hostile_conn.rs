@@ -2,7 +2,7 @@
 //! HTTP/2 connections, a flood of idle connections at `max_connections`, and clients that
 //! vanish mid-response. Each test ends by checking the gateway still serves normally.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -4,76 +4,50 @@
 //! both what the client got and that nothing outside the route's rewrite template (or no
 //! request at all) reached an upstream. After each group the gateway still serves normally.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
-use deltastream_gateway::config::{Config, Dur};
+use deltastream_gateway::config::Dur;
 use deltastream_gateway::config::{KeySource, PolicyConfig};
 use deltastream_gateway::routes::template::check_param;
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, spawn};
 use support::raw::{exchange, read_response, status_of};
-use support::{FakeUpstream, Step};
+use support::{Step, Trio};
 use tokio::io::AsyncWriteExt;
 
-struct Trio {
-    auth: FakeUpstream,
-    storage: FakeUpstream,
-    analytics: FakeUpstream,
-}
-
-impl Trio {
-    async fn new() -> Trio {
-        Trio {
-            auth: FakeUpstream::ok().await,
-            storage: FakeUpstream::ok().await,
-            analytics: FakeUpstream::ok().await,
-        }
-    }
-    fn config(&self) -> Config {
-        let (a, s, an) = (self.auth.url(), self.storage.url(), self.analytics.url());
-        config_with_upstreams(move |name| match name {
-            "auth" => a.clone(),
-            "storage" => s.clone(),
-            _ => an.clone(),
-        })
-    }
-    fn hits(&self) -> usize {
-        self.auth.hits() + self.storage.hits() + self.analytics.hits()
-    }
-    /// Every path any upstream received is one of the rewrite templates with a parameter
-    /// that passes the gateway's own parameter check: nothing escaped a template.
-    fn assert_only_template_paths(&self) {
-        let templates: [&[&str]; 8] = [
-            &["register"],
-            &["login"],
-            &["verify"],
-            &["products"],
-            &["underlying", "{}"],
-            &["option", "chain", "{}"],
-            &["pcr", "{}"],
-            &["volatility-surface", "{}"],
-        ];
-        for up in [&self.auth, &self.storage, &self.analytics] {
-            for r in up.requests() {
-                let path = r.path_and_query.split('?').next().unwrap_or("");
-                let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-                let ok = templates.iter().any(|t| {
-                    t.len() == segs.len()
-                        && t.iter().zip(&segs).all(|(want, got)| {
-                            if *want == "{}" {
-                                !got.is_empty() && check_param(got).is_ok()
-                            } else {
-                                want == got
-                            }
-                        })
-                });
-                assert!(
-                    ok,
-                    "upstream received a path outside every template: {path:?}"
-                );
-            }
+/// Every path any upstream received is one of the rewrite templates with a parameter
+/// that passes the gateway's own parameter check: nothing escaped a template.
+fn assert_only_template_paths(trio: &Trio) {
+    let templates: [&[&str]; 8] = [
+        &["register"],
+        &["login"],
+        &["verify"],
+        &["products"],
+        &["underlying", "{}"],
+        &["option", "chain", "{}"],
+        &["pcr", "{}"],
+        &["volatility-surface", "{}"],
+    ];
+    for up in [&trio.auth, &trio.storage, &trio.analytics] {
+        for r in up.requests() {
+            let path = r.path_and_query.split('?').next().unwrap_or("");
+            let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+            let ok = templates.iter().any(|t| {
+                t.len() == segs.len()
+                    && t.iter().zip(&segs).all(|(want, got)| {
+                        if *want == "{}" {
+                            !got.is_empty() && check_param(got).is_ok()
+                        } else {
+                            want == got
+                        }
+                    })
+            });
+            assert!(
+                ok,
+                "upstream received a path outside every template: {path:?}"
+            );
         }
     }
 }
@@ -227,7 +201,7 @@ async fn path_tricks_never_leave_the_rewrite_template() {
     assert!(status == 414 || status == 431, "huge query: {status}");
     assert_eq!(t.hits(), before);
 
-    t.assert_only_template_paths();
+    assert_only_template_paths(&t);
     still_serving(&gw.url(), &t).await;
 }
 
@@ -494,7 +468,7 @@ async fn crlf_smuggling_and_oversized_heads_are_refused_before_any_upstream() {
     let got = t.storage.last_request().unwrap();
     assert!(!got.headers.contains_key("x-secret-hop"));
     assert!(!got.headers.contains_key("te"));
-    t.assert_only_template_paths();
+    assert_only_template_paths(&t);
     still_serving(&gw.url(), &t).await;
 }
 

@@ -23,7 +23,7 @@
 //!   `the_redirect_listener_writes_only_valid_hosts`; HSTS on TLS responses only ->
 //!   `hsts_is_sent_over_tls_only`.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

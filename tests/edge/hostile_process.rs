@@ -5,7 +5,7 @@
 //! - after rounds of hostile traffic the process's resident memory (`/proc/PID/status`
 //!   VmRSS) returns near its baseline instead of growing with each round.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

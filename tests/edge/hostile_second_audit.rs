@@ -29,7 +29,7 @@
 //! - `Expect: 100-continue` was forwarded -> expectations are the edge's to answer ->
 //!   `expect_100_continue_is_answered_at_the_edge_and_never_forwarded`.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -480,7 +480,7 @@ fn upstream_readings(raw: &str) -> [String; 4] {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(4000))]
+    #![proptest_config(support::proptest_config(4000))]
     /// Over parameters made of the pieces dot-segment tricks are made of, no parameter the
     /// gateway accepts is `.` or `..` to any upstream reading.
     #[test]

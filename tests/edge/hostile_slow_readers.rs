@@ -34,7 +34,7 @@
 //!   trusted proxy: loopback has one IPv6 address, and adding a /64 needs a network
 //!   namespace the test suite cannot assume.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

@@ -2,37 +2,14 @@
 //! rewriting, byte-for-byte pass-through, the error contract, token verification, CORS,
 //! body limits and path parameters that try to escape their template.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
 use deltastream_gateway::config::Dur;
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
-use support::{refused_addr, FakeUpstream, Step};
-
-struct Trio {
-    auth: FakeUpstream,
-    storage: FakeUpstream,
-    analytics: FakeUpstream,
-}
-
-async fn trio() -> Trio {
-    Trio {
-        auth: FakeUpstream::ok().await,
-        storage: FakeUpstream::ok().await,
-        analytics: FakeUpstream::ok().await,
-    }
-}
-
-fn cfg_for(t: &Trio) -> deltastream_gateway::config::Config {
-    let (a, s, an) = (t.auth.url(), t.storage.url(), t.analytics.url());
-    config_with_upstreams(move |name| match name {
-        "auth" => a.clone(),
-        "storage" => s.clone(),
-        _ => an.clone(),
-    })
-}
+use support::gateway::{client, scrape, spawn};
+use support::{refused_addr, FakeUpstream, Step, Trio};
 
 async fn json(resp: reqwest::Response) -> Value {
     let text = resp.text().await.unwrap();
@@ -41,8 +18,8 @@ async fn json(resp: reqwest::Response) -> Value {
 
 #[tokio::test]
 async fn every_public_route_reaches_its_upstream_path() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let cases: &[(&str, &str, &FakeUpstream, &str)] = &[
         ("POST", "/api/auth/register", &t.auth, "/register"),
@@ -120,7 +97,7 @@ async fn every_public_route_reaches_its_upstream_path() {
 
 #[tokio::test]
 async fn upstream_status_headers_and_body_pass_through_untouched() {
-    let t = trio().await;
+    let t = Trio::new().await;
     let csv = "strike,iv\n24000,0.12\n\u{1F600} not json at all\0";
     t.storage.set_steps([
         Step::body(200, "text/csv; charset=utf-8", csv).with_header("x-upstream-thing", "1"),
@@ -131,7 +108,7 @@ async fn upstream_status_headers_and_body_pass_through_untouched() {
             vec![0u8, 159, 146, 150, 255],
         ),
     ]);
-    let gw = spawn(cfg_for(&t)).await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let r = c
         .get(format!("{}/api/data/products", gw.url()))
@@ -161,8 +138,8 @@ async fn upstream_status_headers_and_body_pass_through_untouched() {
 
 #[tokio::test]
 async fn request_id_is_propagated_or_created() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let r = c
         .get(format!("{}/api/data/underlying/NIFTY", gw.url()))
@@ -192,8 +169,8 @@ async fn request_id_is_propagated_or_created() {
 
 #[tokio::test]
 async fn health_is_exactly_the_original_shape() {
-    let t = trio().await;
-    let mut cfg = cfg_for(&t);
+    let t = Trio::new().await;
+    let mut cfg = t.config();
     cfg.service_name = "edge-7".into();
     let gw = spawn(cfg).await;
     let r = client()
@@ -211,8 +188,8 @@ async fn health_is_exactly_the_original_shape() {
 #[tokio::test]
 async fn unreachable_upstream_is_503_with_the_seed_message() {
     let dead = refused_addr().await;
-    let t = trio().await;
-    let mut cfg = cfg_for(&t);
+    let t = Trio::new().await;
+    let mut cfg = t.config();
     cfg.upstreams.get_mut("storage").unwrap().url = format!("http://{dead}");
     cfg.upstreams.get_mut("analytics").unwrap().url = format!("http://{dead}");
     let gw = spawn(cfg).await;
@@ -242,10 +219,10 @@ async fn unreachable_upstream_is_503_with_the_seed_message() {
 
 #[tokio::test]
 async fn slow_upstream_is_503_timeout_by_default_and_504_by_config() {
-    let t = trio().await;
+    let t = Trio::new().await;
     t.storage.set_steps([Step::Hang, Step::Hang]);
     for (status, expected) in [(503u16, 503u16), (504, 504)] {
-        let mut cfg = cfg_for(&t);
+        let mut cfg = t.config();
         cfg.errors.timeout_status = status;
         let products = cfg
             .routes
@@ -270,8 +247,8 @@ async fn slow_upstream_is_503_timeout_by_default_and_504_by_config() {
 
 #[tokio::test]
 async fn not_found_method_not_allowed_and_bad_params_are_json() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let r = c
         .get(format!("{}/api/nope", gw.url()))
@@ -306,8 +283,8 @@ async fn not_found_method_not_allowed_and_bad_params_are_json() {
 
 #[tokio::test]
 async fn path_params_cannot_escape_the_rewrite_template() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     for evil in [
         "..%2Fproducts",
@@ -368,8 +345,8 @@ async fn raw_get_status(addr: std::net::SocketAddr, path: &str) -> u16 {
 
 #[tokio::test]
 async fn oversized_body_is_413_and_never_reaches_the_upstream() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let big = vec![b'x'; (1 << 20) + 1];
     let r = c
@@ -407,8 +384,8 @@ async fn oversized_body_is_413_and_never_reaches_the_upstream() {
 
 #[tokio::test]
 async fn cors_preflight_and_simple_requests() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let r = c
         .request(
@@ -438,7 +415,7 @@ async fn cors_preflight_and_simple_requests() {
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
 
     // Explicit origins: others get no CORS grant.
-    let mut cfg = cfg_for(&t);
+    let mut cfg = t.config();
     cfg.cors.allowed_origins = vec!["https://ok.example".into()];
     let gw = spawn(cfg).await;
     let r = c
@@ -462,11 +439,11 @@ async fn cors_preflight_and_simple_requests() {
 
 #[tokio::test]
 async fn hop_by_hop_and_spoofed_forwarding_headers_are_not_forwarded() {
-    let t = trio().await;
+    let t = Trio::new().await;
     t.storage.set_steps([Step::status(200)
         .with_header("x-keep", "1")
         .with_header("keep-alive", "timeout=5")]);
-    let gw = spawn(cfg_for(&t)).await;
+    let gw = spawn(t.config()).await;
     let r = client()
         .get(format!("{}/api/data/products", gw.url()))
         .header("connection", "x-secret-hop")
@@ -498,8 +475,8 @@ async fn hop_by_hop_and_spoofed_forwarding_headers_are_not_forwarded() {
 
 #[tokio::test]
 async fn a_trusted_proxy_keeps_its_forwarded_chain() {
-    let t = trio().await;
-    let mut cfg = cfg_for(&t);
+    let t = Trio::new().await;
+    let mut cfg = t.config();
     cfg.trusted_proxies = vec!["127.0.0.0/8".into()];
     let gw = spawn(cfg).await;
     client()
@@ -526,8 +503,8 @@ fn verify_ok(user_id: &str, email: &str) -> Step {
 
 #[tokio::test]
 async fn user_me_needs_a_token_and_answers_from_the_verification() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let me = format!("{}/api/user/me", gw.url());
 
@@ -581,9 +558,9 @@ async fn user_me_needs_a_token_and_answers_from_the_verification() {
 
 #[tokio::test]
 async fn verified_identity_reaches_the_upstream_and_spoofs_never_do() {
-    let t = trio().await;
+    let t = Trio::new().await;
     t.auth.set_steps([verify_ok("7", "seven@example.com")]);
-    let mut cfg = cfg_for(&t);
+    let mut cfg = t.config();
     let chain = cfg
         .routes
         .iter_mut()
@@ -622,8 +599,8 @@ async fn verified_identity_reaches_the_upstream_and_spoofs_never_do() {
 #[tokio::test]
 async fn auth_service_down_or_slow_is_503_never_401() {
     let dead = refused_addr().await;
-    let t = trio().await;
-    let mut cfg = cfg_for(&t);
+    let t = Trio::new().await;
+    let mut cfg = t.config();
     cfg.upstreams.get_mut("auth").unwrap().url = format!("http://{dead}");
     let gw = spawn(cfg).await;
     let r = client()
@@ -637,7 +614,7 @@ async fn auth_service_down_or_slow_is_503_never_401() {
     assert_eq!(body["reason"], "auth_unavailable");
 
     t.auth.set_steps([Step::Hang]);
-    let mut cfg = cfg_for(&t);
+    let mut cfg = t.config();
     cfg.auth.verify_timeout = Dur::from_millis(200);
     let gw = spawn(cfg).await;
     let r = client()
@@ -661,10 +638,10 @@ async fn auth_service_down_or_slow_is_503_never_401() {
 
 #[tokio::test]
 async fn a_burst_with_one_token_makes_one_verify_call() {
-    let t = trio().await;
+    let t = Trio::new().await;
     t.auth
         .set_steps([verify_ok("9", "nine@example.com").delayed(Duration::from_millis(100))]);
-    let gw = spawn(cfg_for(&t)).await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let url = format!("{}/api/user/me", gw.url());
     let calls = (0..50).map(|_| {
@@ -694,8 +671,8 @@ async fn a_burst_with_one_token_makes_one_verify_call() {
 
 #[tokio::test]
 async fn docs_list_every_route_and_ui_is_served_without_a_cdn() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     let doc = json(
         c.get(format!("{}/api/docs", gw.url()))
@@ -742,8 +719,8 @@ async fn docs_list_every_route_and_ui_is_served_without_a_cdn() {
 
 #[tokio::test]
 async fn admin_serves_readiness_and_metrics_by_route_template() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
     let c = client();
     c.get(format!("{}/api/data/underlying/NIFTY", gw.url()))
         .send()
@@ -752,14 +729,7 @@ async fn admin_serves_readiness_and_metrics_by_route_template() {
     let admin = format!("http://{}", gw.admin_addr);
     let r = c.get(format!("{admin}/ready")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let m = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = scrape(gw.admin_addr).await;
     assert!(m.contains("gateway_requests_total"), "{m}");
     assert!(m.contains(r#"route="/api/data/underlying/{product}""#));
     assert!(!m.contains("NIFTY"), "raw paths must not become labels");
@@ -768,7 +738,7 @@ async fn admin_serves_readiness_and_metrics_by_route_template() {
     assert_eq!(r.status(), 404);
 
     let dead = refused_addr().await;
-    let mut cfg = cfg_for(&t);
+    let mut cfg = t.config();
     cfg.upstreams.get_mut("analytics").unwrap().url = format!("http://{dead}");
     let gw = spawn(cfg).await;
     let r = c
@@ -787,10 +757,10 @@ async fn admin_serves_readiness_and_metrics_by_route_template() {
 
 #[tokio::test]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
-    let t = trio().await;
+    let t = Trio::new().await;
     t.storage
         .set_steps([Step::status(200).delayed(Duration::from_millis(400))]);
-    let gw = spawn(cfg_for(&t)).await;
+    let gw = spawn(t.config()).await;
     let url = format!("{}/api/data/products", gw.url());
     let in_flight =
         tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) });
@@ -810,8 +780,8 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
 #[tokio::test]
 async fn local_jwt_mode_verifies_in_process() {
     use base64::Engine;
-    let t = trio().await;
-    let mut cfg = cfg_for(&t);
+    let t = Trio::new().await;
+    let mut cfg = t.config();
     cfg.auth.mode = deltastream_gateway::config::AuthMode::Local;
     cfg.auth.jwt_secret = Some("s3cret-for-tests".into());
     let gw = spawn(cfg).await;

@@ -1,8 +1,6 @@
 //! The OpenAPI document passes a real validator (openapi-spec-validator, installed by the
 //! test script), and a panicking handler becomes a JSON 500 while the process keeps serving.
 
-mod support;
-
 use std::process::Command;
 
 use axum::body::Body;

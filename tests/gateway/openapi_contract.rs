@@ -5,7 +5,7 @@
 //! and response schemas in the route table load from files next to the config, with errors
 //! that name the field.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! against the real gateway, with certificates made at test time (rcgen: a test CA and leaves
 //! signed by it; no private key is committed) and reqwest clients that trust only that CA.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use deltastream_gateway::server::{
     check_with_warnings, start_with_source, tls::certificate_serial, ConfigSource, Running,
 };
 use serde_json::Value;
-use support::gateway::client;
+use support::gateway::{client, scrape};
 use support::tls::Ca;
 use support::{refused_addr, FakeUpstream};
 use tokio::net::TcpListener;
@@ -433,14 +433,7 @@ async fn a_reload_applies_a_valid_file_keeps_unrelated_breakers_and_refuses_an_i
             .status(),
         404
     );
-    let metrics = c
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     assert!(
         metrics
             .lines()

@@ -4,7 +4,7 @@
 //! identity headers), and the failure semantics (upstream gone -> 1012 within a second,
 //! gateway shutdown -> 1001, client gone -> the upstream connection closes).
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use deltastream_gateway::server::Running;
 use deltastream_gateway::sim::{self, Service, SimOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::FakeUpstream;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -173,14 +173,7 @@ async fn ticks_are_relayed_and_a_bad_message_keeps_the_connection() {
     assert_eq!(next_of(&mut v1, "tick").await["product"], "BANKNIFTY");
     ws.close(None).await.unwrap();
     // Visible: upgrades and the connection gauge.
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     assert!(
         metrics
             .lines()

@@ -3,40 +3,27 @@
 //! that are exact at each scrape, and the served certificate's expiry. Alone in their test binary: the recorder is process-wide
 //! and the gauges without labels are the last writer's.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 
 use deltastream_gateway::observability::catalog::ONLY_WITH_FEATURE;
-use deltastream_gateway::server::{start_with_source, ConfigSource};
+use deltastream_gateway::server::{start_with_source, ConfigSource, Running};
 use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::FakeUpstream;
 use tokio::net::TcpListener;
 
-struct Trio {
-    _auth: FakeUpstream,
-    _storage: FakeUpstream,
-    url: String,
-}
-
-async fn trio() -> Trio {
-    let storage = FakeUpstream::ok().await;
-    Trio {
-        url: storage.url(),
-        _auth: FakeUpstream::ok().await,
-        _storage: storage,
-    }
-}
-
-fn cfg_for(t: &Trio) -> deltastream_gateway::config::Config {
-    let url = t.url.clone();
-    config_with_upstreams(move |_| url.clone())
+/// One fake behind every upstream.
+async fn gateway() -> (FakeUpstream, Running) {
+    let up = FakeUpstream::ok().await;
+    let url = up.url();
+    let gw = spawn(config_with_upstreams(move |_| url.clone())).await;
+    (up, gw)
 }
 
 #[tokio::test]
 async fn every_documented_metric_family_shows_in_the_first_scrape_with_help() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let (_up, gw) = gateway().await;
     let text = scrape(gw.admin_addr).await;
     for (name, _, _) in deltastream_gateway::observability::catalog::FAMILIES {
         if ONLY_WITH_FEATURE.contains(name) {
@@ -112,8 +99,7 @@ async fn every_documented_metric_family_shows_in_the_first_scrape_with_help() {
 
 #[tokio::test]
 async fn the_cache_gauges_are_exact_at_each_scrape() {
-    let t = trio().await;
-    let gw = spawn(cfg_for(&t)).await;
+    let (_up, gw) = gateway().await;
     let c = client();
     for q in ["a=1", "a=2", "a=3", "a=4"] {
         let r = c

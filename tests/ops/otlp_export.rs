@@ -2,7 +2,7 @@
 //! upstream attempts reach an OTLP/HTTP receiver (a real HTTP server here, decoding the
 //! protobuf with opentelemetry-proto), in the trace the client's `traceparent` named.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

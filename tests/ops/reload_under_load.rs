@@ -7,7 +7,7 @@
 //! alternates one-second windows with and without reloads, so both p99s face the same
 //! background (a busy 2-core machine), rather than a quiet baseline followed by a loaded run.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

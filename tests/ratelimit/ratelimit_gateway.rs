@@ -3,14 +3,14 @@
 //! The Redis tests start their own `redis-server` on a free port (they fail, not skip,
 //! when it is not installed: `scripts/test` installs it).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
 use deltastream_gateway::config::{Config, Dur};
 use deltastream_gateway::config::{KeySource, PolicyConfig};
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::redis::RedisServer;
 use support::FakeUpstream;
 
@@ -175,14 +175,7 @@ async fn redis_dying_mid_run_never_yields_5xx_and_the_shared_limit_resumes() {
         statuses.contains(&429),
         "fallback must still limit: {statuses:?}"
     );
-    let metrics = c
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     assert_eq!(backend_gauge(&metrics, "fallback"), Some(1.0), "{metrics}");
 
     // Redis back (empty): the shared limit resumes without restarting the gateway.

@@ -7,7 +7,7 @@
 //! command timeout so a stall on a busy 2-core machine cannot flip them into fallback; each
 //! decision's `source` is asserted so such a flip would say so.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

@@ -1,17 +1,20 @@
 //! Token verification is a call to the auth upstream like any other: it goes through that
 //! upstream's pipeline, so a hung auth service opens the auth breaker, and from then on a
 //! request with a token nobody has seen is answered `503 auth_unavailable` at once instead
-//! of waiting out the verify timeout. Alone in its test binary: it reads exact counts from the
-//! process-wide metrics.
+//! of waiting out the verify timeout. It reads exact counts from the process-wide metrics, so
+//! the auth upstream is named `auth_hung` here, a name no other test of the binary uses.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::{BreakerConfig, Dur};
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, rename_upstream, scrape, spawn};
 use support::{FakeUpstream, Step};
+
+/// The upstream that verifies tokens in this test.
+const VERIFIER: &str = "auth_hung";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_auth_service_opens_its_breaker_and_unseen_tokens_fail_fast() {
@@ -19,7 +22,8 @@ async fn a_hung_auth_service_opens_its_breaker_and_unseen_tokens_fail_fast() {
     let url = auth.url();
     let mut cfg = config_with_upstreams(move |_| url.clone());
     cfg.auth.verify_timeout = Dur::from_millis(200);
-    cfg.upstreams.get_mut("auth").unwrap().breaker = BreakerConfig {
+    rename_upstream(&mut cfg, "auth", VERIFIER);
+    cfg.upstreams.get_mut(VERIFIER).unwrap().breaker = BreakerConfig {
         consecutive_failures: 5,
         open_base: Dur::from_secs(60),
         open_max: Dur::from_secs(60),
@@ -53,8 +57,8 @@ async fn a_hung_auth_service_opens_its_breaker_and_unseen_tokens_fail_fast() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["upstream"] == "auth")
-        .expect("auth breaker listed")
+        .find(|b| b["upstream"] == VERIFIER)
+        .expect("verifier breaker listed")
         .clone();
     assert_eq!(auth_breaker["state"], "open", "{auth_breaker}");
     // Twenty unseen tokens: each refused fast by the open breaker, none reaches auth.
@@ -81,20 +85,13 @@ async fn a_hung_auth_service_opens_its_breaker_and_unseen_tokens_fail_fast() {
         "verify calls reached auth past the open breaker"
     );
     // The attempt metrics count the verify calls like any other call to auth.
-    let metrics = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     let count = |outcome: &str| -> u64 {
         metrics
             .lines()
             .find(|l| {
                 l.starts_with("gateway_upstream_attempts_total{")
-                    && l.contains("upstream=\"auth\"")
+                    && l.contains(&format!("upstream=\"{VERIFIER}\""))
                     && l.contains(&format!("outcome=\"{outcome}\""))
             })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())

@@ -3,7 +3,7 @@
 //! the breaker never opens), POSTs never sent twice, hedging, and discovery through an
 //! injectable resolver.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,7 +14,7 @@ use deltastream_gateway::config::{Config, Dur, PolicyConfig, UpstreamConfig};
 use deltastream_gateway::upstream::{CallOptions, Pipeline, Resolve};
 use futures_util::future::BoxFuture;
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, scrape, spawn};
+use support::gateway::{client, config_with_upstreams, rename_upstream, scrape, spawn};
 use support::{refused_addr, FakeUpstream, Step};
 
 /// The embedded config with `storage` (and `auth`) spread over `urls` and the rate limits
@@ -125,12 +125,19 @@ async fn an_instance_300ms_slower_gets_under_10_percent() {
     );
 }
 
+/// The storage upstream of the ejection test.
+const EJECTING: &str = "storage_ejecting";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_instance_dead_requests_succeed_the_breaker_stays_closed_and_it_is_ejected() {
     let ups = fakes([Step::status(200), Step::status(200), Step::status(200)]).await;
     let dead = refused_addr().await;
     let urls = vec![ups[0].url(), format!("http://{dead}"), ups[1].url()];
-    let gw = spawn(config(&urls)).await;
+    // The endpoint gauge below is exact: the upstream has a name no other test's gateway
+    // reports (the metrics registry is the process's).
+    let mut cfg = config(&urls);
+    rename_upstream(&mut cfg, "storage", EJECTING);
+    let gw = spawn(cfg).await;
     let c = client();
     let admin = format!("http://{}", gw.admin_addr);
     // Each failure passes the dead instance over for `bias_duration` (100 ms), so how many
@@ -140,7 +147,7 @@ async fn with_one_instance_dead_requests_succeed_the_breaker_stays_closed_and_it
     let mut statuses = Vec::new();
     for _ in 0..40 {
         statuses.extend(load(&gw.url(), 60, 6).await);
-        if upstream_view(&c, &admin, "storage").await["instances"]
+        if upstream_view(&c, &admin, EJECTING).await["instances"]
             .as_array()
             .unwrap()
             .iter()
@@ -168,13 +175,13 @@ async fn with_one_instance_dead_requests_succeed_the_breaker_stays_closed_and_it
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["upstream"] == "storage")
+        .find(|b| b["upstream"] == EJECTING)
         .unwrap()
         .clone();
     assert_eq!(storage["state"], "closed", "{storage}");
     assert_eq!(storage["opened_count"], 0, "{storage}");
     // /admin/upstreams shows the dead instance ejected, the others healthy.
-    let storage = upstream_view(&c, &admin, "storage").await;
+    let storage = upstream_view(&c, &admin, EJECTING).await;
     let instances = storage["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 3, "{storage}");
     let state_of = |addr: String| {
@@ -197,26 +204,19 @@ async fn with_one_instance_dead_requests_succeed_the_breaker_stays_closed_and_it
             assert!(i.get(field).is_some(), "{field} missing: {i}");
         }
     }
-    let metrics = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     assert!(
         metrics
             .lines()
             .any(|l| l.starts_with("gateway_upstream_endpoints{")
-                && l.contains("upstream=\"storage\"")
+                && l.contains(&format!("upstream=\"{EJECTING}\""))
                 && l.contains("state=\"ejected\"")
                 && l.ends_with(" 1")),
         "{metrics}"
     );
     assert!(metrics
         .lines()
-        .any(|l| l.starts_with("gateway_upstream_ejections_total{") && l.contains("storage")));
+        .any(|l| l.starts_with("gateway_upstream_ejections_total{") && l.contains(EJECTING)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

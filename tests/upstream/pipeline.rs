@@ -4,7 +4,7 @@
 //! Only the deadline tests look at the wall clock, with a margin for a busy 2-core machine
 //! (deadline + 250ms); speed itself is measured by benchmarks, not here.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,22 +1,22 @@
-//! The pipeline's metrics, read back from a Prometheus recorder. A test binary of its own
-//! because the recorder is process-global.
+//! The pipeline's metrics, read back from the process's Prometheus recorder (the one the
+//! gateway installs, shared with every other test of this binary: the upstream name
+//! `metered` is this test's alone, so its series are exact).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
 use deltastream_gateway::config::Dur;
 use deltastream_gateway::config::{BreakerConfig, RetryConfig, UpstreamConfig};
 use deltastream_gateway::upstream::{CallOptions, Pipeline};
-use metrics_exporter_prometheus::PrometheusBuilder;
 use reqwest::{Method, Request};
 use support::{FakeUpstream, Step};
 
 #[tokio::test]
 async fn attempts_outcomes_and_breaker_state_are_exported() {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .expect("global recorder");
+    // Installed before the pipeline takes its metric handles (taken earlier, they record
+    // nothing).
+    let handle = deltastream_gateway::observability::metrics::handle();
     let up = FakeUpstream::builder()
         .statuses([503])
         .then(Step::status(500))

@@ -2,13 +2,13 @@
 //! `X-Upstream-Attempts`, non-idempotent requests, the breaker's fast 503s and admin view,
 //! single-flight caching, stale-if-error, `no-store`, and the deadline.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::{Config, Dur, RouteCachePolicy};
 use serde_json::Value;
-use support::gateway::{client, config_with_upstreams, spawn};
+use support::gateway::{client, config_with_upstreams, scrape, spawn};
 use support::{FakeUpstream, Step};
 
 /// Every upstream pointed at `storage`; rate limits raised out of the way (these tests
@@ -149,14 +149,7 @@ async fn a_failing_upstream_opens_the_breaker_and_then_costs_nothing() {
     let storage_view = breaker_view(&c, &admin, "storage").await;
     assert_eq!(storage_view["state"], "open");
     assert!(storage_view["seconds_until_probe"].as_f64().unwrap() > 0.0);
-    let metrics = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(gw.admin_addr).await;
     assert!(
         metrics.contains("gateway_circuit_breaker_state"),
         "{metrics}"

@@ -1,5 +1,5 @@
 //! The fake upstream itself behaves as scripted (the other tests rely on it).
-mod support;
+use crate::support;
 use support::{FakeUpstream, Step};
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! a slot within their deadline, so the pooled client never opens more connections than that,
 //! and a wait that outlives the deadline is a timeout that the breaker never sees.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
