@@ -10,6 +10,11 @@
 //! (masked, as a client's) when the client goes away. A close handshake gets `close_timeout`
 //! to complete; then both connections are dropped. A side that is cut off mid-frame cannot be
 //! closed cleanly: its TCP connection is closed instead.
+//!
+//! - this file: [`relay`], the two directions, idleness, the close handshake and the
+//!   metrics; start reading there.
+//! - `frame`: following frame boundaries through a byte stream (no buffering), and the
+//!   close and ping frames the relay writes itself.
 
 pub(crate) mod frame;
 
