@@ -25,15 +25,13 @@
 
 use crate::support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::{Config, Dur, HstsConfig, RedirectConfig, TlsConfig};
 use deltastream_gateway::server::Running;
 use support::gateway::{client, config_with_upstreams, scrape, spawn};
+use support::process::{serve_command, GatewayProcess, BINARY};
 use support::raw::{closed_within, exchange};
 use support::tls::Ca;
 use support::{FakeUpstream, Step};
@@ -245,106 +243,38 @@ async fn each_listener_has_its_own_cap_and_sheds_idle_connections() {
 
 // --- Item 4 against the binary: descriptors and the shutdown deadline ----------------------
 
-/// The gateway binary as a child process, its log captured.
-struct Child_ {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    redirect: Option<SocketAddr>,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Child_ {
-    /// `serve --config` with `toml` (the upstreams appended), and at most `nofile` descriptors
-    /// (soft and hard, so the gateway cannot raise it).
-    fn start(toml: &str, upstream: &str, nofile: Option<u64>, dir: tempfile::TempDir) -> Child_ {
-        let path = dir.path().join("gateway.toml");
-        let text = format!(
-            "{toml}\n[upstreams.auth]\nurl = \"{upstream}\"\n[upstreams.storage]\nurl = \"{upstream}\"\n\
-             [upstreams.analytics]\nurl = \"{upstream}\"\n[upstreams.socket]\nurl = \"{upstream}\"\n"
-        );
-        std::fs::write(&path, text).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"));
-        cmd.args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env_remove("PORT")
-            .env_remove("ADMIN_PORT")
-            .env_remove("REDIS_URL")
-            .env_remove("AUTH_SERVICE_URL")
-            .env_remove("STORAGE_SERVICE_URL")
-            .env_remove("ANALYTICS_SERVICE_URL")
-            .env_remove("SOCKET_SERVICE_URL")
-            .env_remove("GATEWAY_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(n) = nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe and only reads the struct passed.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd.spawn().expect("start the gateway binary");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
+/// The binary with `toml` (the upstreams appended) and at most `nofile` descriptors (soft
+/// and hard, so the gateway cannot raise it); `dir` holds the files it reads.
+fn start_binary(
+    toml: &str,
+    upstream: &str,
+    nofile: Option<u64>,
+    dir: tempfile::TempDir,
+) -> GatewayProcess {
+    let path = dir.path().join("gateway.toml");
+    let text = format!(
+        "{toml}\n[upstreams.auth]\nurl = \"{upstream}\"\n[upstreams.storage]\nurl = \"{upstream}\"\n\
+         [upstreams.analytics]\nurl = \"{upstream}\"\n[upstreams.socket]\nurl = \"{upstream}\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = serve_command(BINARY, &path);
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and only reads the struct passed.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
+                Ok(())
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let line = loop {
-            let found = log.lock().unwrap().iter().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "gateway listening").then_some(v)
-            });
-            if let Some(v) = found {
-                break v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not start: {:?}",
-                log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let addr_of = |k: &str| line[k].as_str().and_then(|a| a.parse().ok());
-        Child_ {
-            addr: addr_of("addr").expect("addr"),
-            admin: addr_of("admin").expect("admin"),
-            redirect: addr_of("redirect"),
-            child,
-            log,
-            _dir: dir,
-        }
     }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
+    GatewayProcess::start(cmd).keeping(dir)
 }
 
 fn tls_toml(dir: &std::path::Path, ca: &Ca, extra: &str) -> String {
@@ -393,7 +323,7 @@ async fn with_a_low_fd_limit_idle_connections_to_one_listener_starve_no_other() 
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let toml = tls_toml(dir.path(), &ca, "");
-    let gw = Child_::start(&toml, &up.url(), Some(256), dir);
+    let gw = start_binary(&toml, &up.url(), Some(256), dir);
     // A new client (so a new connection) for every check.
     let https = || ca.client(false);
     let health = format!("https://127.0.0.1:{}/health", gw.addr.port());
@@ -462,7 +392,7 @@ async fn sigterm_exits_within_the_grace_whatever_is_open() {
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let toml = tls_toml(dir.path(), &ca, "");
-    let mut gw = Child_::start(&toml, &hang.url(), None, dir);
+    let mut gw = start_binary(&toml, &hang.url(), None, dir);
     let redirect = gw.redirect.unwrap();
     // The audit's reproduction on the admin port, and the same on every other listener.
     let mut held = Vec::new();

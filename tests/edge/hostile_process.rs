@@ -7,12 +7,10 @@
 
 use crate::support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::gateway::client;
+use support::process::{serve_command, GatewayProcess, BINARY};
 use support::raw::status_of;
 use support::{refused_addr, FakeUpstream, Step};
 use tokio::io::AsyncWriteExt;
@@ -29,28 +27,14 @@ const SECRETS: [&str; 9] = [
     "REFRESH_SECRET_r8s9",
 ];
 
-struct Gateway {
-    child: Child,
-    addr: std::net::SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    fn start(auth: &str, storage: &str, analytics: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(
-            &path,
-            format!(
-                r#"
+/// The binary (debug log) in front of these upstreams, the rate limits out of the way.
+fn start_gateway(auth: &str, storage: &str, analytics: &str) -> GatewayProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
 [server]
 host = "127.0.0.1"
 port = 0
@@ -77,82 +61,12 @@ limit = 1000000
 name = "auth"
 limit = 1000000
 "#
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "debug")
-            .env_remove("PORT")
-            .env_remove("ADMIN_PORT")
-            .env_remove("REDIS_URL")
-            .env_remove("AUTH_SERVICE_URL")
-            .env_remove("STORAGE_SERVICE_URL")
-            .env_remove("ANALYTICS_SERVICE_URL")
-            .env_remove("GATEWAY_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the gateway binary");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            let found = log.lock().unwrap().iter().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "gateway listening").then(|| v["addr"].as_str()?.parse().ok())?
-            });
-            if let Some(a) = found {
-                break a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not start: {:?}",
-                log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Gateway {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        }
-    }
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-    /// Peak resident memory since start (`VmHWM`).
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
-    }
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
+        ),
+    )
+    .unwrap();
+    let mut cmd = serve_command(BINARY, &path);
+    cmd.env("RUST_LOG", "debug");
+    GatewayProcess::start(cmd).keeping(dir)
 }
 
 fn verify_ok() -> Step {
@@ -172,7 +86,7 @@ async fn secrets_in_requests_never_reach_the_log() {
         .await;
     let storage = FakeUpstream::ok().await;
     let down = refused_addr().await;
-    let gw = Gateway::start(&auth.url(), &storage.url(), &format!("http://{down}"));
+    let gw = start_gateway(&auth.url(), &storage.url(), &format!("http://{down}"));
     let c = client();
     let base = gw.url();
     let s = SECRETS;
@@ -264,7 +178,7 @@ async fn secrets_in_requests_never_reach_the_log() {
 async fn memory_returns_to_baseline_after_hostile_rounds() {
     let up = FakeUpstream::ok().await;
     let hang = FakeUpstream::builder().then(Step::Hang).start().await;
-    let gw = Gateway::start(&up.url(), &up.url(), &hang.url());
+    let gw = start_gateway(&up.url(), &up.url(), &hang.url());
     let c = client();
     let base = gw.url();
     let normal = |c: reqwest::Client, base: String| async move {
@@ -353,7 +267,7 @@ async fn large_answers_on_cached_routes_do_not_grow_memory_with_their_size() {
         .start()
         .await;
     let auth = FakeUpstream::ok().await;
-    let gw = Gateway::start(&auth.url(), &storage.url(), &auth.url());
+    let gw = start_gateway(&auth.url(), &storage.url(), &auth.url());
     let c = client();
     // Warm up (connections, metric series), then take the idle figure.
     let r = c
@@ -395,7 +309,7 @@ async fn large_answers_on_cached_routes_do_not_grow_memory_with_their_size() {
 async fn the_access_log_names_the_reason_of_gateway_made_errors() {
     let up = FakeUpstream::ok().await;
     let dead = refused_addr().await;
-    let gw = Gateway::start(&up.url(), &format!("http://{dead}"), &up.url());
+    let gw = start_gateway(&up.url(), &format!("http://{dead}"), &up.url());
     let c = client();
     let r = c
         .get(format!("{}/api/data/underlying/NIFTY", gw.url()))

@@ -44,9 +44,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deltastream_gateway::config::{ByteSize, Config, Dur, PolicyConfig};
 use deltastream_gateway::server::Running;
+use deltastream_gateway::sim::{Service, SimOptions};
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
 use support::gateway::{client, config_with_upstreams, scrape, spawn};
+use support::process::{serve_command, status_kib, GatewayProcess, BINARY};
+use support::sim::SimServer;
 use support::{FakeUpstream, Step};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -640,7 +643,7 @@ struct Ipv6Setup {
     gw: Running,
     storage: FakeUpstream,
     auth: FakeUpstream,
-    _socket: tokio::sync::oneshot::Sender<()>,
+    _socket: SimServer,
 }
 
 async fn ipv6_setup() -> Ipv6Setup {
@@ -656,17 +659,8 @@ async fn ipv6_setup() -> Ipv6Setup {
         ))
         .start()
         .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let socket = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(deltastream_gateway::sim::serve(
-        deltastream_gateway::sim::Service::Socket,
-        listener,
-        deltastream_gateway::sim::SimOptions::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let socket_service = SimServer::start(Service::Socket, SimOptions::default()).await;
+    let socket = socket_service.url("");
     let (s, a) = (storage.url(), auth.url());
     let mut cfg = config_with_upstreams(move |name| match name {
         "auth" => a.clone(),
@@ -692,7 +686,7 @@ async fn ipv6_setup() -> Ipv6Setup {
         gw: spawn(cfg).await,
         storage,
         auth,
-        _socket: stop,
+        _socket: socket_service,
     }
 }
 
@@ -827,16 +821,6 @@ async fn ipv6_slot_share_counts_one_prefix_as_one_client() {
 
 // --- (e) memory per slow reader ----------------------------------------------------------------
 
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// The binary (`serve`) in front of an upstream answering `body_kib` KiB, then 256 slow
 /// readers: HTTP/1 clients that never read (4 KiB receive buffers), or HTTP/2 streams without
 /// window (64 per connection); resident memory before and after, per reader. Another build
@@ -887,40 +871,9 @@ limit = 1000000
             ),
         )
         .unwrap();
-        let bin = other_build
-            .clone()
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_deltastream-gateway").to_string());
-        let mut child = std::process::Command::new(bin)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env_remove("PORT")
-            .env_remove("ADMIN_PORT")
-            .env_remove("REDIS_URL")
-            .env_remove("STORAGE_SERVICE_URL")
-            .env_remove("GATEWAY_CONFIG")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if v["message"] == "gateway listening" {
-                    let _ = tx.send(v["addr"].as_str().unwrap_or("").to_string());
-                }
-            }
-        });
-        let addr: SocketAddr = rx.recv_timeout(PATIENCE).unwrap().parse().unwrap();
-        let pid = child.id();
+        let bin = other_build.clone().unwrap_or_else(|| BINARY.to_string());
+        let gw = GatewayProcess::start(serve_command(&bin, &path)).keeping(dir);
+        let (pid, addr) = (gw.pid(), gw.addr);
         let path = "/api/data/underlying/NIFTY";
         // Warm up (pools, allocator arenas, lazily built state), then the baseline.
         let warm = client();
@@ -933,7 +886,7 @@ limit = 1000000
             assert_eq!(r.bytes().await.unwrap().len(), body_kib << 10);
         }
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let before = rss_kib(pid);
+        let before = status_kib(pid, "VmRSS").unwrap();
         let mut h1 = Vec::new();
         let mut h2 = Vec::new();
         let mut streams = Vec::new();
@@ -962,7 +915,7 @@ limit = 1000000
         // Let the gateway write what the sockets take and settle.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let served = storage.hits() - 20;
-        let after = rss_kib(pid);
+        let after = status_kib(pid, "VmRSS").unwrap();
         let per_reader = after.saturating_sub(before) as f64 / READERS as f64;
         let kind = if http2 {
             "HTTP/2 streams"
@@ -974,8 +927,7 @@ limit = 1000000
              RSS {before} KiB -> {after} KiB, {per_reader:.1} KiB per reader"
         );
         drop((h1, held, h2));
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(gw);
         assert_eq!(served, READERS, "not every slow reader was served");
         if other_build.is_none() {
             // What a reader can hold: its body (within response_buffer) plus connection state.

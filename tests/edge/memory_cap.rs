@@ -7,13 +7,13 @@
 //! Needs a writable memory cgroup (root, cgroup v1 or v2 with delegation); where there is
 //! none the test says so and passes without running, like the fuzz smoke without nightly.
 
-use std::io::{BufRead, BufReader};
+use crate::support;
+
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use support::process::{serve_command, status_kib, GatewayProcess, BINARY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: u64 = 64 << 20;
@@ -98,15 +98,6 @@ impl Drop for Cgroup {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -128,58 +119,21 @@ async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients
     )
     .unwrap();
     let procs = cgroup.procs.clone();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"));
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .env("GATEWAY_WORKER_THREADS", "1")
-        .env_remove("PORT")
-        .env_remove("ADMIN_PORT")
-        .env_remove("REDIS_URL")
-        .env_remove("GATEWAY_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let mut cmd = serve_command(BINARY, &config);
+    cmd.env("GATEWAY_WORKER_THREADS", "1");
     // SAFETY: between fork and exec the child only writes "0" (itself) to cgroup.procs.
     unsafe {
         cmd.pre_exec(move || std::fs::write(&procs, "0"));
     }
-    let mut child = cmd.spawn().expect("start the gateway in the cgroup");
-    let pid = child.id();
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let log = log.clone();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                log.lock().unwrap().push(line);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr: std::net::SocketAddr = loop {
-        let found = log.lock().unwrap().iter().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["message"] == "gateway listening").then(|| v["addr"].as_str()?.parse().ok())?
-        });
-        if let Some(a) = found {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no start: {:?}",
-            log.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut gw = GatewayProcess::start(cmd);
+    let (pid, addr) = (gw.pid(), gw.addr);
     // (64 - 24 - 8) MiB / 32 KiB = 1,024 connections for all listeners, 64 of them the
     // admin listener's.
     assert!(
-        log.lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("limits.max_connections 10000 -> 960")),
-        "{:?}",
-        log.lock().unwrap()
+        gw.log_text()
+            .contains("limits.max_connections 10000 -> 960"),
+        "{}",
+        gw.log_text()
     );
 
     // 3,000 keep-alive clients, each asking once and then holding its connection; past the
@@ -212,14 +166,14 @@ async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients
     }
     // Every client is connected now; look at the gateway while they all hold on. (VmRSS
     // counts the mapped pages of a debug binary too; the cgroup's charge is what matters.)
-    let rss = rss_kib(pid);
+    let rss = status_kib(pid, "VmRSS").unwrap_or(0);
     let fds = open_fds(pid);
     let charged = cgroup.usage();
     let ooms = cgroup.oom_kills();
-    let exited = child.try_wait().unwrap();
+    let exited = gw.child.try_wait().unwrap();
     drop(held);
-    let _ = child.kill();
-    let _ = child.wait();
+    // Killed and reaped before the cgroup is removed.
+    drop(gw);
     assert!(
         exited.is_none(),
         "the gateway died ({exited:?}): OOM-killed?"

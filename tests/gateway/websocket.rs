@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::{Config, Dur, PolicyConfig};
 use deltastream_gateway::server::Running;
-use deltastream_gateway::sim::{self, Service, SimOptions};
+use deltastream_gateway::sim::{Service, SimOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use support::gateway::{client, config_with_upstreams, scrape, spawn};
+use support::sim::SimServer;
 use support::FakeUpstream;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -29,20 +30,14 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// Plenty on a loaded machine; reaching it is a failure.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The simulated socket service on a free port, ticking every 50 ms.
-async fn socket_service(faults: bool) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// The simulated socket service on a free port, ticking every 50 ms; it stops when dropped.
+async fn socket_service(faults: bool) -> SimServer {
     let opts = SimOptions {
         faults,
         tick_interval: Duration::from_millis(50),
         ..SimOptions::default()
     };
-    tokio::spawn(sim::serve(Service::Socket, listener, opts, async move {
-        let _ = stopped.await;
-    }));
-    (addr, stop)
+    SimServer::start(Service::Socket, opts).await
 }
 
 /// The embedded config with the socket upstream at `socket` (others at a fake), limits lifted.
@@ -113,9 +108,9 @@ async fn a_client_that_was_silent_for_a_while_still_gets_its_close_answered() {
     // Found by the load test's idle holders: the relay took its clock reading before a long
     // wait, so a close that came after more than close_timeout (1 s) of silence started an
     // already-expired close deadline and the upstream's reply was never relayed (1006).
-    let (socket, _stop) = socket_service(false).await;
+    let socket = socket_service(false).await;
     let other = FakeUpstream::ok().await;
-    let gw = spawn(config(&format!("http://{socket}"), &other)).await;
+    let gw = spawn(config(&socket.url(""), &other)).await;
     let mut ws = connect(&ws_url(&gw)).await;
     // Subscribed to nothing: no tick wakes the relay.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -150,9 +145,9 @@ async fn close_code(ws: &mut Ws, within: Duration) -> Option<CloseCode> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ticks_are_relayed_and_a_bad_message_keeps_the_connection() {
-    let (socket, _stop) = socket_service(false).await;
+    let socket = socket_service(false).await;
     let other = FakeUpstream::ok().await;
-    let gw = spawn(config(&format!("http://{socket}"), &other)).await;
+    let gw = spawn(config(&socket.url(""), &other)).await;
     let mut ws = connect(&ws_url(&gw)).await;
     subscribe(&mut ws, "NIFTY").await;
     assert_eq!(
@@ -194,9 +189,9 @@ async fn ticks_are_relayed_and_a_bad_message_keeps_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_subscribers_all_receive_their_ticks() {
-    let (socket, _stop) = socket_service(false).await;
+    let socket = socket_service(false).await;
     let other = FakeUpstream::ok().await;
-    let gw = spawn(config(&format!("http://{socket}"), &other)).await;
+    let gw = spawn(config(&socket.url(""), &other)).await;
     let url = ws_url(&gw);
     let products = ["NIFTY", "BANKNIFTY", "FINNIFTY"];
     let tasks: Vec<_> = (0..500)
@@ -412,9 +407,9 @@ async fn a_malformed_handshake_gets_a_clear_error_and_limits_give_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_upstream_goes_every_client_gets_a_close_code_within_a_second() {
-    let (socket, _stop) = socket_service(true).await;
+    let socket = socket_service(true).await;
     let other = FakeUpstream::ok().await;
-    let gw = spawn(config(&format!("http://{socket}"), &other)).await;
+    let gw = spawn(config(&socket.url(""), &other)).await;
     let mut clients = Vec::new();
     for _ in 0..20 {
         let mut ws = connect(&ws_url(&gw)).await;
@@ -424,7 +419,7 @@ async fn when_the_upstream_goes_every_client_gets_a_close_code_within_a_second()
     }
     // The socket service drops every connection abruptly (no close frame).
     let dropped = client()
-        .post(format!("http://{socket}/_faults/drop"))
+        .post(socket.url("/_faults/drop"))
         .send()
         .await
         .unwrap();

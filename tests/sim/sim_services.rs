@@ -1,36 +1,18 @@
 //! The simulated backends over real HTTP: each test serves a service on `127.0.0.1:0`
 //! in-process and talks to it with reqwest.
 
+use crate::support;
+
 use std::time::{Duration, Instant};
 
-use deltastream_gateway::sim::{self, auth, Service, SimOptions};
+use deltastream_gateway::sim::{auth, Service, SimOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use support::sim::SimServer;
 
-/// A service running on an ephemeral port; dropping it shuts the server down.
-struct Running {
-    base: String,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-}
-
-async fn start(service: Service, opts: SimOptions) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind ephemeral port");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(sim::serve(service, listener, opts, async move {
-        // Fires on send or when the sender is dropped with the `Running`.
-        let _ = stopped.await;
-    }));
-    Running { base, _stop: stop }
+/// A service on an ephemeral port; dropping it shuts the server down.
+async fn start(service: Service, opts: SimOptions) -> SimServer {
+    SimServer::start(service, opts).await
 }
 
 fn options() -> SimOptions {
@@ -382,7 +364,7 @@ async fn same_seed_serves_byte_identical_data() {
         },
     )
     .await;
-    let body = |running: &Running, path: &str| {
+    let body = |running: &SimServer, path: &str| {
         let url = running.url(path);
         async move {
             reqwest::get(url)
@@ -516,11 +498,11 @@ async fn volatility_surface_has_one_row_per_expiry_with_a_skew() {
 
 // ---------------------------------------------------------------- faults
 
-async fn set_faults(running: &Running, settings: Value) -> (StatusCode, Value) {
+async fn set_faults(running: &SimServer, settings: Value) -> (StatusCode, Value) {
     post(&running.url("/_faults"), settings).await
 }
 
-async fn clear_faults(running: &Running) {
+async fn clear_faults(running: &SimServer) {
     let response = reqwest::Client::new()
         .delete(running.url("/_faults"))
         .send()
@@ -541,7 +523,7 @@ async fn fault_switch_is_absent_without_the_flag() {
 }
 
 /// GET /_faults split into the setting and the capacity fault's `state`.
-async fn shown_faults(running: &Running) -> (Value, Value) {
+async fn shown_faults(running: &SimServer) -> (Value, Value) {
     let (status, mut body) = get(&running.url("/_faults")).await;
     assert_eq!(status, StatusCode::OK);
     let state = body
@@ -601,7 +583,7 @@ async fn fault_settings_are_validated_shown_and_cleared() {
 }
 
 /// Polls GET /_faults until its `state` satisfies `ready` (every 5 ms, 10 s at most).
-async fn wait_for_state(running: &Running, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+async fn wait_for_state(running: &SimServer, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, state) = shown_faults(running).await;
@@ -876,19 +858,10 @@ async fn hang_fault_times_clients_out_until_cleared() {
 
 #[tokio::test]
 async fn shutdown_completes_while_requests_are_hung() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(sim::serve(
-        Service::Storage,
-        listener,
-        with_faults(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let SimServer {
+        addr, stop, server, ..
+    } = SimServer::start(Service::Storage, with_faults()).await;
+    let base = format!("http://{addr}");
 
     reqwest::Client::new()
         .post(format!("{base}/_faults"))

@@ -3,17 +3,17 @@
 //! with generous upper bounds (the feed's exact pace is a paused-clock unit test in
 //! src/sim/socket.rs): these run on a busy 2-core machine.
 
+use crate::support;
+
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deltastream_gateway::sim::market::{find_product, Market};
-use deltastream_gateway::sim::{self, Service, SimOptions};
+use deltastream_gateway::sim::{Service, SimOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use support::sim::SimServer;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -24,43 +24,23 @@ type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// Long enough for anything that should happen on a loaded machine; reaching it is a failure.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A socket service on an ephemeral port; dropping it (or `stop`) shuts the server down.
-struct Running {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<std::io::Result<()>>,
+/// The socket service on an ephemeral port; dropping it (or `stop`) shuts the server down.
+async fn start(opts: SimOptions) -> SimServer {
+    SimServer::start(Service::Socket, opts).await
 }
 
-impl Running {
-    fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn connect(&self) -> Client {
-        let (client, response) = tokio::time::timeout(PATIENCE, connect_async(self.ws_url()))
-            .await
-            .expect("handshake in time")
-            .expect("handshake");
-        assert_eq!(response.status(), 101);
-        client
-    }
+fn ws_url(service: &SimServer) -> String {
+    format!("ws://{}/ws", service.addr)
 }
 
-async fn start(opts: SimOptions) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// A WebSocket client of `service`, handshake done.
+async fn connect(service: &SimServer) -> Client {
+    let (client, response) = tokio::time::timeout(PATIENCE, connect_async(ws_url(service)))
         .await
-        .expect("bind ephemeral port");
-    let addr = listener.local_addr().expect("local addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(sim::serve(Service::Socket, listener, opts, async move {
-        // Fires on send or when the sender is dropped with the `Running`.
-        let _ = stopped.await;
-    }));
-    Running { addr, stop, server }
+        .expect("handshake in time")
+        .expect("handshake");
+    assert_eq!(response.status(), 101);
+    client
 }
 
 fn options(tick_interval: Duration) -> SimOptions {
@@ -138,7 +118,7 @@ fn wall_clock_ms() -> u128 {
 #[tokio::test]
 async fn subscribers_get_ticks_of_their_product_from_the_storage_market() {
     let service = start(options(Duration::from_millis(50))).await;
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     send_json(
         &mut client,
         json!({"action": "subscribe", "products": ["nifty"]}),
@@ -186,7 +166,7 @@ async fn subscribers_get_ticks_of_their_product_from_the_storage_market() {
 #[tokio::test]
 async fn unsubscribe_stops_that_products_ticks() {
     let service = start(options(Duration::from_millis(50))).await;
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     send_json(
         &mut client,
         json!({"action": "subscribe", "products": ["NIFTY", "BANKNIFTY"]}),
@@ -227,7 +207,7 @@ async fn unsubscribe_stops_that_products_ticks() {
 #[tokio::test]
 async fn bad_messages_get_an_error_and_the_connection_keeps_working() {
     let service = start(options(Duration::from_millis(50))).await;
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     let huge = format!(
         r#"{{"action":"subscribe","products":["{}"]}}"#,
         "N".repeat(70 * 1024)
@@ -298,7 +278,7 @@ async fn bad_messages_get_an_error_and_the_connection_keeps_working() {
 #[tokio::test]
 async fn client_close_is_answered_cleanly() {
     let service = start(options(Duration::from_millis(50))).await;
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     send_json(
         &mut client,
         json!({"action": "subscribe", "products": ["NIFTY"]}),
@@ -324,7 +304,7 @@ async fn drop_fault_closes_every_connection_without_a_close_frame() {
     let service = start(with_faults(Duration::from_millis(50))).await;
     let mut clients = Vec::new();
     for _ in 0..2 {
-        let mut client = service.connect().await;
+        let mut client = connect(&service).await;
         send_json(
             &mut client,
             json!({"action": "subscribe", "products": ["NIFTY"]}),
@@ -367,7 +347,7 @@ async fn drop_fault_closes_every_connection_without_a_close_frame() {
     }
 
     // The service itself is fine: new connections work.
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     send_json(
         &mut client,
         json!({"action": "subscribe", "products": ["NIFTY"]}),
@@ -391,7 +371,7 @@ async fn latency_and_hang_faults_hold_back_handshake_and_ticks() {
 
     set(json!({"latency_ms": 300})).await;
     let started = Instant::now();
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "handshake delayed"
@@ -424,7 +404,7 @@ async fn latency_and_hang_faults_hold_back_handshake_and_ticks() {
 #[tokio::test]
 async fn shutdown_closes_sockets_with_going_away() {
     let service = start(options(Duration::from_millis(50))).await;
-    let mut client = service.connect().await;
+    let mut client = connect(&service).await;
     send_json(
         &mut client,
         json!({"action": "subscribe", "products": ["NIFTY"]}),
@@ -432,7 +412,7 @@ async fn shutdown_closes_sockets_with_going_away() {
     .await;
     next_json(&mut client).await;
 
-    let Running { stop, server, .. } = service;
+    let SimServer { stop, server, .. } = service;
     let _ = stop.send(());
     let close = loop {
         match tokio::time::timeout(PATIENCE, client.next())
@@ -470,7 +450,7 @@ async fn two_hundred_concurrent_subscribers_all_get_ticks() {
     let products = ["NIFTY", "BANKNIFTY", "FINNIFTY"];
     let mut tasks = Vec::new();
     for index in 0..SUBSCRIBERS {
-        let url = service.ws_url();
+        let url = ws_url(&service);
         let product = products[index % products.len()];
         tasks.push(tokio::spawn(async move {
             let (mut client, _) = connect_async(url).await.expect("handshake");
@@ -507,7 +487,7 @@ async fn subscribers_closing_during_tick_bursts_all_get_the_close_reply() {
     let service = start(options(Duration::from_millis(2))).await;
     let mut tasks = Vec::new();
     for _ in 0..SUBSCRIBERS {
-        let url = service.ws_url();
+        let url = ws_url(&service);
         tasks.push(tokio::spawn(async move {
             let (mut client, _) = connect_async(url).await.expect("handshake");
             send_json(

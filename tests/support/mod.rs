@@ -7,8 +7,10 @@ pub mod fake_upstream;
 pub mod gateway;
 pub use fake_upstream::{refused_addr, FakeUpstream, Recorded, Step};
 pub use gateway::{scrape, Trio};
+pub mod process;
 pub mod raw;
 pub mod redis;
+pub mod sim;
 pub mod tls;
 
 /// Proptest settings with `cases` cases whose failures are saved beside the test's own file
