@@ -1,6 +1,6 @@
 //! DeltaStream gateway: a resilience-first API gateway for the DeltaStream
 //! option-market-data platform. One binary (`src/main.rs`: `serve`, `demo`, `sim`,
-//! `check-config`) on this library.
+//! `check-config`, `probe`) on this library.
 //!
 //! Where to start reading: [`server::start_with_source`] builds everything from a
 //! [`config::Config`] and opens the listeners; [`routes::handle`] is one request's path as
