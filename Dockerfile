@@ -11,7 +11,7 @@ COPY src ./src
 COPY assets ./assets
 # Cargo.toml declares the benches and the benchmark's floor proxy (an example), and cargo
 # refuses a manifest whose declared targets are missing, even to build only the binary
-# (tests/dockerfile.rs keeps this list complete).
+# (tests/ops/dockerfile.rs keeps this list complete).
 COPY benches ./benches
 COPY loadtest/floor ./loadtest/floor
 # Static glibc build: the result runs in FROM scratch (no loader, no libc in the image).

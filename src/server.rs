@@ -1,12 +1,35 @@
-//! Listeners (public, optionally TLS, an optional http->https redirect, admin), graceful
-//! shutdown, and the live configuration a reload swaps (`reload`).
+//! Serving: the listeners, their connection guards, graceful shutdown, and the live
+//! configuration a reload swaps.
 //!
-//! Every listener runs the same accept loop (`listener`) on hyper rather than `axum::serve`,
-//! because the protections live at the connection level (`conn`): a header-read timeout
-//! (slowloris), a cap on the request-head size (431), a bound on concurrent connections with
-//! an idle timeout, and a close that does not wait for what is not in flight. Stopping has
-//! one deadline, `shutdown_grace`, whatever is still open.
-
+//! Where to start reading: [`serve`] (what the binary runs: bind from the config, run until
+//! SIGTERM/SIGINT, drain, return) and [`start_with_source`] (everything built from a
+//! [`Config`]: [`build_state`] makes the shared state, then each listener gets its accept
+//! loop). [`check`] is everything `serve` refuses a configuration for, without binding
+//! anything; `check-config` prints it.
+//!
+//! Every listener runs the same accept loop on hyper rather than `axum::serve`, because the
+//! protections live at the connection level: a header-read timeout (slowloris), a cap on the
+//! request-head size (431), a bound on concurrent connections with idle ones shed while a
+//! client waits, idle and send timeouts, a minimum send rate, and a close that does not wait
+//! for what is not in flight. Stopping has one deadline, `shutdown_grace`, whatever is still
+//! open.
+//!
+//! - `listener`: the one accept loop (public, redirect and admin listeners alike): the
+//!   connection cap and shedding, the drain at shutdown.
+//! - `conn`: one connection from the first byte to the close: protocol sniffing under the
+//!   header-read deadline, HTTP/1 and HTTP/2 limits, idleness, the send timeout and minimum
+//!   send rate, HTTP/2 control-frame floods.
+//! - [`tls`]: the certificate and key files, checked by field, served through a resolver a
+//!   reload swaps.
+//! - `redirect`: `[server.redirect_http]`, the plain listener that answers 308 to https.
+//! - [`admin`]: the admin listener's routes: readiness, `/metrics`, breakers, cache,
+//!   configuration and reload.
+//! - [`reload`]: [`Gateway`], the live configuration every request reads first, and the
+//!   reload that swaps it whole ([`ConfigSource`], [`ReloadReport`]).
+//! - [`fds`]: the open-file limit, raised to the hard one at start, and the connection caps
+//!   fitted under it.
+//! - [`memory`]: the cgroup memory limit, at start and re-read every 2 s (connection caps
+//!   fitted under it), and giving freed heap back to the kernel.
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-"""Checks real responses against the gateway's OpenAPI document (used by tests/openapi_contract.rs).
+"""Checks real responses against the gateway's OpenAPI document (used by tests/gateway/openapi_contract.rs).
 
 Input (argv[1]): {"doc": <the document>, "observations": [{"path", "method", "status",
 "headers": {lower-case name: value}, "body": <JSON or null>, "what"}]}.

@@ -3,6 +3,10 @@
 //! 503 `overloaded` (before their body is read or an upstream called), while `/health`, the
 //! admin listener's `/ready` and `/metrics` keep answering; the opt-in readiness rule says
 //! when the runtime is late.
+//!
+//! A binary of its own, not a module of an area binary: its tests saturate a runtime on
+//! purpose and read `/health`'s request-duration series, which every gateway of a test
+//! process writes; beside other tests they would slow those and read their numbers.
 
 mod support;
 

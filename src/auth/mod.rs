@@ -4,6 +4,15 @@
 //! JWT signature in-process. Either way a verified identity is cached briefly, keyed by a
 //! SHA-256 of the token (the token itself is never stored or logged), never past the
 //! token's own `exp`, so a burst of requests with one token makes one verify call.
+//!
+//! Where to start reading: [`TokenVerifier`], then [`strip_identity_headers`] (run in the
+//! identity phase of every request, on every route: a client cannot claim to be a user, in
+//! any spelling of the header names).
+//!
+//! - this file: bearer parsing, remote and local verification, the identity cache, and the
+//!   identity headers (`X-User-Id`, `X-User-Email`) set from a verified token only.
+//! - [`guard`]: failed verifications per client: a client that keeps sending rejected
+//!   tokens is refused (429) without another verify call.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

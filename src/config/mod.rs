@@ -13,6 +13,32 @@
 //! upstream with the same name is merged over the default one (a file may tune one field and
 //! keep the URL), a route with the same path replaces the default one, others are added; the
 //! file's routes come first, so `routes[i]` is the file's i-th route in every error.
+//!
+//! Where to start reading: [`Config`] (one field per section), then [`Config::validate`];
+//! `upstream.rs` is the model section. Nothing here imports the gateway's other modules.
+//!
+//! - this file: [`Config`], loading (embedded, file, environment) and the cross-section
+//!   checks.
+//! - [`types`]: the small value types every section uses ([`Dur`], [`ByteSize`]) and the
+//!   field-path error validation reports.
+//! - [`defaults`]: the embedded DeltaStream configuration, so `serve` runs with zero files.
+//! - [`server`]: the listener-side sections (`[server]`, `[admin]`, `[cors]`, `[limits]`,
+//!   `[headers]`, `[errors]`, `[websocket]`).
+//! - [`upstream`]: `[upstreams.NAME]`: instances, timeouts, pool, bulkhead, retries,
+//!   breaker, ejection.
+//! - [`routes`]: `[[routes]]`, the public route table as plain data (compiled by
+//!   `routes::table`).
+//! - [`cache`]: `[cache]` and the per-route cache policy.
+//! - [`ratelimit`]: `[rate_limit]`: the Redis backend, what happens when it is unreachable,
+//!   the named policies.
+//! - [`auth`]: `[auth]`: remote or local token verification and its caches.
+//! - [`telemetry`]: `[tracing]`: the optional OTLP span export.
+//! - [`saturation`]: `[server.saturation]`: when the gateway refuses new requests because it
+//!   is itself saturated, and the opt-in readiness rule.
+//! - [`responses`]: what each DeltaStream service answers on each route of the embedded
+//!   table, for the OpenAPI document.
+//! - [`schema`]: response schemas in the route table: read from files, checked, named.
+//! - [`redact`]: what may be shown of a configuration: secrets masked, and its fingerprint.
 
 pub mod auth;
 pub mod cache;
@@ -580,7 +606,7 @@ mod tests {
     }
 
     /// Every section's own rules, each at its field path with its message: the paths
-    /// operators and `tests/config.rs` rely on, whichever `validate` checks them.
+    /// operators and `tests/ops/config.rs` rely on, whichever `validate` checks them.
     #[test]
     fn every_section_names_the_field_paths_of_its_problems() {
         let shown = |cfg: &Config| -> Vec<String> {

@@ -1,7 +1,7 @@
 //! What the DeltaStream services answer on each route of the embedded table: the success
 //! bodies, field by field as the simulators (`src/sim/`) produce them, and the services' own
 //! error statuses (`{"error": "..."}`). The OpenAPI document is generated from these, so a
-//! generated client parses every body into typed models; `tests/openapi_contract.rs` checks
+//! generated client parses every body into typed models; `tests/gateway/openapi_contract.rs` checks
 //! them against the simulators' real answers.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,25 @@
-//! JSON logging, the per-request access log / request id / panic guard, and metrics.
+//! What the gateway tells operators: one JSON access-log line per request, the process's
+//! JSON log, Prometheus metrics, and traces.
+//!
+//! Where to start reading: [`access::access`], the outermost middleware of the public
+//! listener (request id, panic -> 500, the access-log line and the request metrics, with one
+//! clock read per request), then [`catalog`] for every metric family the gateway exports.
+//!
+//! - [`access`]: the outermost middleware, and the route labels it records under (the
+//!   route's template, never the raw path: bounded cardinality).
+//! - [`metrics`]: the one Prometheus recorder per process, the `/metrics` text, static labels
+//!   for methods and statuses, and `with_kept`, the one way to keep metric handles.
+//! - [`catalog`]: every family with its help text, described at install and registered at
+//!   zero when a configuration loads, so the first scrape shows them all.
+//! - [`trace`]: W3C trace context: `traceparent` continued from the client or started here,
+//!   and passed on to the upstream.
+//! - [`otlp`]: optional span export over OTLP/HTTP (`[tracing] otlp_endpoint`): the request's
+//!   span and one per upstream attempt.
+//! - [`lag`]: the runtime's scheduling delay (how late a 10 ms tick wakes), the signal of a
+//!   saturated or CPU-starved process for shedding, readiness and the metric.
+//! - this file: the JSON log subscriber ([`init_logging`], `RUST_LOG`) and its batched
+//!   stdout writer ([`BufferedStdout`], [`flush_logs`]), so a request's log line costs no
+//!   `write(2)` of its own.
 pub mod access;
 pub mod catalog;
 pub mod lag;

@@ -1,6 +1,11 @@
 //! Rate limiting shared by every gateway replica.
 //!
-//! - `config`: the `rate_limit` section and its validation.
+//! Where to start reading: [`RateLimiter::check`], which decides a request against every
+//! policy of its route at once and says who decided ([`Decision::source`]). The settings are
+//! `config::ratelimit` (the `[rate_limit]` section and its validation).
+//!
+//! - this file: [`RateLimiter`] (the backend choice, the Redis guard below, the metrics) and
+//!   [`Decision`], which becomes the response headers.
 //! - `sliding`: the sliding-window counter arithmetic (pure, unit-tested).
 //! - `redis`: the Lua script that decides a whole request in one atomic round trip.
 //! - `local`: the same algorithm in process, for no-Redis setups and Redis outages.
@@ -74,7 +79,10 @@ pub enum BackendState {
 /// Who produced a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecisionSource {
+    /// The shared counters in Redis: every replica saw this request.
     Redis,
+    /// The in-process counters: no Redis is configured, or it is unreachable and
+    /// `on_redis_error = "local"`; other replicas did not see this request.
     Local,
     /// Redis was unreachable and `on_redis_error` is allow or deny: nothing was counted.
     Unlimited,
@@ -100,9 +108,12 @@ pub struct PolicyOutcome {
 /// The answer for one request.
 #[derive(Clone, Debug)]
 pub struct Decision {
+    /// Every policy admitted the request.
     pub allowed: bool,
     /// Redis is down and `on_redis_error = "deny"`: answer 503, not 429.
     pub unavailable: bool,
+    /// Which counters decided: the shared ones, this replica's own, or none (logged and
+    /// exported, so a limit that was only per replica during an outage can be told apart).
     pub source: DecisionSource,
     /// Per checked policy, in the order given to `check`.
     pub policies: Vec<PolicyOutcome>,

@@ -4,14 +4,34 @@
 //! ```text
 //! builtin (/health, docs) | match route -> admit (the gateway's own saturation)
 //!   -> check request -> identity -> rate limit
-//!   -> proxy (proxy.rs: read body -> cache lookup -> upstream call -> response) | user/me
+//!   -> proxy (read body -> cache lookup -> upstream call -> response) | user/me | websocket
 //!   -> respond (errors to JSON, RateLimit headers on every answer of a limited route)
 //! ```
 //!
 //! Like pingora-proxy's `ProxyHttp` phases, but plain functions over one [`RequestCtx`].
-//! Every request sent upstream for a client (proxied, cache fill, WebSocket handshake) is
-//! built by `outgoing` (pingora's `upstream_request_filter`); [`cors`] is the one CORS
-//! policy, the listener's answers and the WebSocket `Origin` check alike.
+//! [`AppState`] is everything a request needs, built once per configuration
+//! (`server::build_state`) and swapped whole by a reload.
+//!
+//! - [`table`]: the route table compiled from the config: matchers and per-route policies,
+//!   so the request path does no parsing or lookups by name.
+//! - [`template`]: path templates: matching the raw path, checking a parameter, rewriting to
+//!   the upstream path.
+//! - [`proxy`]: the ONE generic proxy handler every proxy route uses: read the body, cache
+//!   lookup, upstream call, response.
+//! - [`headers`]: which request headers cross to the upstream, in every spelling an
+//!   upstream might read as the same name.
+//! - `buffer`: response bodies held for slow clients, so an upstream is done when it is done.
+//! - `outgoing`: every request sent upstream for a client (proxied, cache fill, WebSocket
+//!   handshake), built in one place (pingora's `upstream_request_filter`).
+//! - [`cors`]: the one CORS policy: the listener's answers and the WebSocket `Origin` check.
+//! - [`admission`]: refuses new requests early while the gateway itself is saturated.
+//! - [`websocket`]: the WebSocket handshake and its policies; the relay after it is
+//!   `crate::websocket`.
+//! - [`docs`]: `/api/docs`, the OpenAPI document generated from the route table, and the
+//!   vendored Swagger UI.
+//!
+//! The admin listener's routes are not here: they are `server::admin`, on a listener of
+//! their own.
 
 pub mod admission;
 mod buffer;

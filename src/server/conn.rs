@@ -145,8 +145,14 @@ fn bytes_waiting(stream: &TcpStream) -> bool {
 /// The connection-level limits, from `[limits]`.
 #[derive(Clone, Debug)]
 pub struct ConnSettings {
+    /// A client must have sent its whole request head within this (slowloris); on HTTP/1
+    /// keep-alive it also bounds the wait for the next request (see the module docs).
     pub header_read_timeout: Duration,
+    /// The largest request head: hyper's exact `max_header_size` on HTTP/1 (431 beyond it)
+    /// and the header-list size on HTTP/2. Also hyper's read buffer, so one large read on a
+    /// reused connection cannot overshoot it.
     pub max_header_bytes: usize,
+    /// A connection that moves no bytes (HTTP/2: does no stream work) for this long is closed.
     pub idle_timeout: Duration,
     /// A write to the client that makes no progress for this long closes the connection: a
     /// client that stops reading must not hold the response, its upstream connection and

@@ -3,7 +3,7 @@
 //! glibc's malloc keeps what the program frees inside its arenas and only returns the top of
 //! the main heap on its own. A burst of large request heads and bodies (abuse, or a busy
 //! minute) therefore leaves the process at the burst's high-water mark for good: measured in
-//! `tests/hostile_process.rs`, resident memory went from 28 MiB to 48 MiB after the first round
+//! `tests/edge/hostile_process.rs`, resident memory went from 28 MiB to 48 MiB after the first round
 //! of hostile traffic and stayed there, although nothing was still allocated. `malloc_trim(0)`
 //! walks every arena and hands free pages back (`madvise(MADV_DONTNEED)`); with it the same
 //! test ends within 3 MiB of its baseline.

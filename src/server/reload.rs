@@ -83,12 +83,18 @@ pub enum ReloadError {
 /// What a reload did, as `POST /admin/reload` answers it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReloadReport {
+    /// Always `"applied"`: a refused or failed reload is a [`ReloadError`], which
+    /// `POST /admin/reload` answers with `"result": "rejected"` (400) or an error (500), so
+    /// the field tells the answers apart.
     pub result: &'static str,
+    /// The fingerprint of the configuration now running (`config::redact::fingerprint`), as
+    /// `/admin/config` and `gateway_config_info` show it: replicas agree when it is equal.
     pub sha256: String,
     /// Top-level sections whose settings changed.
     pub changed: Vec<String>,
     /// Settings that changed but only take effect at the next start (not applied).
     pub needs_restart: Vec<String>,
+    /// What the check found worth saying but not refusing (an expired certificate).
     pub warnings: Vec<String>,
 }
 

@@ -10,6 +10,11 @@
 //! - [`faults`]: opt-in `/_faults` switch (latency, errors, hang, a worker limit with a FIFO
 //!   backlog; dropped WebSockets) for resilience and overload tests.
 //! - [`workers`]: the worker limit and backlog behind `/_faults`' capacity fault.
+//! - [`black_scholes`]: option prices and greeks, with which the [`market`] prices its
+//!   option chains.
+//!
+//! Where to start reading: [`serve`] and [`router`] (one service, its routes and fault
+//! switch), then [`market`], the seeded data every service answers from.
 //!
 //! Every error body is JSON `{"error": "..."}`, like the services the gateway was written for.
 

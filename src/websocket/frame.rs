@@ -35,7 +35,8 @@ pub(crate) struct FrameCursor {
     payload_seen: u64,
 }
 
-/// The length of a frame header whose first two bytes are `b0, b1`.
+/// The length of a frame header whose second byte is `b1` (the mask bit and the 7-bit length
+/// decide it; the first byte never does).
 fn header_len(b1: u8) -> usize {
     let ext = match b1 & 0x7f {
         126 => 2,

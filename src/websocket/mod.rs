@@ -23,6 +23,11 @@
 //! (cutting them out would mean buffering frames): the other side sees an unsolicited pong,
 //! which RFC 6455 (5.5.3) allows and endpoints ignore. Both watches are deadlines in the one
 //! timer the relay loop already has: no task or timer per connection is added.
+//!
+//! - this file: [`relay`], the two directions, idleness, the close handshake and the
+//!   metrics; start reading there.
+//! - `frame`: following frame boundaries through a byte stream (no buffering), and the
+//!   close and ping frames the relay writes itself.
 
 pub(crate) mod frame;
 

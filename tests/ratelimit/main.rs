@@ -1,0 +1,9 @@
+//! Rate limiting against real `redis-server` processes that each test starts on free ports
+//! (standalone and a 3-node cluster), alone and through real gateways. Run one file's tests
+//! with `cargo test --test ratelimit ratelimit_redis::`.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod ratelimit_gateway;
+mod ratelimit_redis;
