@@ -73,6 +73,15 @@ pub enum GatewayError {
     TooManyInFlight {
         upstream: Arc<str>,
     },
+    /// The upstream is at its learnt concurrency limit and the request waited as long as its
+    /// priority allows (`cause`: `queue_timeout`, `queue_full`): overload, not failure, so
+    /// never counted by the breaker or an ejection, never retried; the client may come back
+    /// after `retry_after`.
+    Overloaded {
+        upstream: Arc<str>,
+        cause: &'static str,
+        retry_after: Duration,
+    },
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
 }
@@ -252,6 +261,17 @@ impl GatewayError {
                 Cow::Borrowed("Too many requests in flight from this client"),
                 Some(&**upstream),
                 H::RetryAfter(Duration::from_secs(1)),
+            ),
+            E::Overloaded {
+                upstream,
+                retry_after,
+                cause: _,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                Cow::Borrowed("Service overloaded, retry later"),
+                Some(&**upstream),
+                H::RetryAfter(*retry_after),
             ),
             E::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -361,7 +361,12 @@ async fn verify_remote(
         max_retries: None,
         hedge_after: None,
     };
-    let delivered = match pipeline.send(req, options).await {
+    // Critical: a request whose token cannot be checked fails like a login would.
+    let caller = crate::upstream::Caller {
+        priority: crate::config::Priority::Critical,
+        ..crate::upstream::Caller::default()
+    };
+    let delivered = match pipeline.send_for(caller, req, options).await {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "token verification: auth service unavailable");

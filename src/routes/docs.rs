@@ -916,6 +916,11 @@ mod tests {
             GatewayError::TooManyInFlight {
                 upstream: "storage".into(),
             },
+            GatewayError::Overloaded {
+                upstream: up(),
+                cause: "queue_timeout",
+                retry_after: std::time::Duration::from_secs(1),
+            },
             GatewayError::Internal,
         ];
         for e in &all {
@@ -938,6 +943,7 @@ mod tests {
                 | GatewayError::OriginNotAllowed
                 | GatewayError::TooManyConnections
                 | GatewayError::TooManyInFlight { .. }
+                | GatewayError::Overloaded { .. }
                 | GatewayError::Internal => {}
             }
         }

@@ -14,11 +14,10 @@ use super::buffer::{self, BufferBudget, ReadAhead, Whole};
 pub use super::headers::{strip_hop_by_hop, upstream_headers};
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
-use crate::client::ClientKey;
 use crate::error::GatewayError;
 use crate::upstream::bulkhead::Slot;
 use crate::upstream::cache::{self, CacheOutcome, Fetched, ResponseCache};
-use crate::upstream::{CallOptions, Delivered, UpstreamError};
+use crate::upstream::{CallOptions, Caller, Delivered, UpstreamError};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
 
@@ -204,7 +203,7 @@ pub async fn forward(
         &app.header_policy,
     )?;
     let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req, options, Some(ctx.client)).await?;
+    let delivered = call_upstream(up, req, options, caller(ctx)).await?;
     let left = options.deadline.saturating_sub(started.elapsed());
     let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
     decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
@@ -413,6 +412,15 @@ impl http_body::Body for SlotBody {
     }
 }
 
+/// The request's client, and its route's priority and latency class.
+fn caller(ctx: &RequestCtx<'_>) -> Caller {
+    Caller {
+        client: Some(ctx.client),
+        priority: ctx.route.map(|r| r.priority).unwrap_or_default(),
+        latency_class: ctx.route.map_or(0, |r| r.latency_class),
+    }
+}
+
 /// One call through the upstream's pipeline, its failure as the gateway's error. Boxed: the
 /// call's future (~3 KB: reqwest, its middleware, retry and breaker) would otherwise be part of
 /// every request's handler future, cache hits included.
@@ -420,9 +428,9 @@ async fn call_upstream(
     up: &UpstreamRuntime,
     req: reqwest::Request,
     call: CallOptions,
-    client: Option<ClientKey>,
+    caller: Caller,
 ) -> Result<Delivered, GatewayError> {
-    Box::pin(up.pipeline.send_for(client, req, call))
+    Box::pin(up.pipeline.send_for(caller, req, call))
         .await
         .map_err(|e| up.error(e))
 }
@@ -440,7 +448,7 @@ async fn fetch_buffered(
     max_entry: u64,
 ) -> Result<Fetched, GatewayError> {
     let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req, call, Some(ctx.client)).await?;
+    let delivered = call_upstream(up, req, call, caller(ctx)).await?;
     let left = call.deadline.saturating_sub(started.elapsed());
     let attempts = delivered.attempts;
     let upstream_resp: http::Response<reqwest::Body> = delivered.response.into();

@@ -34,6 +34,19 @@ pub struct CallOptions {
     pub hedge_after: Option<Duration>,
 }
 
+/// On whose behalf a call is made: what the bulkhead and the concurrency limit weigh it by.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caller {
+    /// The client it counts against (its share of the slots); `None`: no client's (token
+    /// verification for a request already counted, probes).
+    pub client: Option<crate::client::ClientKey>,
+    /// How long it may wait for a slot and who is shed first (the route's `priority`).
+    pub priority: crate::config::Priority,
+    /// Calls of one class share a no-load latency baseline in the concurrency limit: the
+    /// proxy gives each route its own (one upstream's endpoints differ in latency).
+    pub latency_class: u32,
+}
+
 /// An upstream response, headers received and body not yet read.
 #[derive(Debug)]
 pub struct Delivered {
@@ -62,6 +75,14 @@ pub enum UpstreamError {
     /// refused without contacting the upstream (see `bulkhead`).
     #[error("client holds its share of the upstream's slots ({limit})")]
     ClientShare { limit: usize },
+    /// The upstream is at its learnt concurrency limit and the call waited as long as its
+    /// priority allows (or could not wait): refused without contacting the upstream, and no
+    /// failure of it (see `concurrency`).
+    #[error("upstream overloaded ({}, limit {limit})", cause.as_str())]
+    Overloaded {
+        cause: super::concurrency::ShedCause,
+        limit: usize,
+    },
 }
 
 /// A call was refused without contacting the upstream because the circuit is open.

@@ -1,0 +1,213 @@
+//! The arithmetic of the adaptive limit, apart from any locking or waiting, so that it can be
+//! driven sample by sample on tokio's paused clock.
+//!
+//! A gradient controller in the style of Envoy's adaptive concurrency filter and Netflix's
+//! Gradient2, with Vegas' no-load minimum as the baseline:
+//!
+//! - every call that got an answer is a sample: its round trip against `expected`, the
+//!   no-load minimum of its latency class plus `tolerance` of it plus `slack`. A class is a
+//!   route: one upstream's endpoints differ (a product list in 5 ms, a chain in 100 ms), and
+//!   comparing one with the other's minimum would read a slow endpoint as a queue;
+//! - once per window (`sample_window`, at least the fastest class's no-load round trip, so
+//!   each change shows in the latency before the next), the limit becomes
+//!   `limit * gradient + sqrt(limit)`, where `gradient = expected / measured` (the mean over
+//!   the window's samples) is at most 1 and at least 0.5. The `sqrt(limit)` headroom keeps a
+//!   small queue at the upstream, so its workers never idle while a slot travels back;
+//! - it grows only while the calls use it: when fewer than half its slots were busy in the
+//!   window, the limit holds (an idle upstream otherwise reached `max_connections`, and the
+//!   next spike was let through whole);
+//! - a timed-out call counts as the worst sample (four times its class's expected
+//!   round trip), an error says nothing about queueing and is no sample;
+//! - the no-load minimum is measured again every `min_rtt_window`, from the calls made while
+//!   at most half the limit was busy: an upstream that really became slower is learnt, while
+//!   calls that queued under overload never become the new "no-load" latency.
+//!
+//! Under a worker-limited upstream of N workers x S, the limit settles where the upstream
+//! queues about `sqrt(limit)` calls: for 16 x 200 ms, about 23 in flight and round trips of
+//! about 1.4 S, whatever N and S are (nothing here knows them).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::ConcurrencyConfig;
+
+/// The worst a sample can say (a timeout, or a round trip this many times the expected one):
+/// beyond it, a sample would outweigh a whole window of good ones.
+const WORST: f64 = 4.0;
+/// The gradient's floor: the limit at most halves per window.
+const MIN_GRADIENT: f64 = 0.5;
+/// Latency classes remembered per upstream (routes); more share the last one.
+const MAX_CLASSES: usize = 64;
+/// The longest window, whatever the upstream's latency.
+const MAX_WINDOW: Duration = Duration::from_secs(1);
+
+/// What one call says about the upstream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sample {
+    /// An answer (not a 5xx) after this round trip, to response headers.
+    Answered(Duration),
+    /// No answer in time.
+    TimedOut,
+}
+
+/// One latency class's no-load baseline.
+#[derive(Debug)]
+struct Baseline {
+    class: u32,
+    /// The lowest round trip seen (the no-load latency).
+    min: Duration,
+    /// The lowest round trip of calls made at most half busy since `since`: the next `min`.
+    light_min: Option<Duration>,
+    since: Instant,
+}
+
+/// The samples of the current window.
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    /// Sum of measured / expected.
+    sum: f64,
+    samples: u32,
+    /// Most slots held at once by the window's calls.
+    peak_in_flight: usize,
+}
+
+/// The adaptive limit of one upstream.
+#[derive(Debug)]
+pub struct Controller {
+    limit: f64,
+    min_limit: f64,
+    max_limit: f64,
+    tolerance: f64,
+    slack: Duration,
+    sample_window: Duration,
+    min_rtt_window: Duration,
+    baselines: Vec<Baseline>,
+    window: Window,
+}
+
+impl Controller {
+    /// Starts at `initial_limit`, within `[min_limit, max_limit or max_connections]`.
+    pub fn new(cfg: &ConcurrencyConfig, max_connections: usize, now: Instant) -> Controller {
+        let (min, max) = cfg.bounds(max_connections);
+        Controller {
+            limit: cfg.initial_limit.clamp(min, max) as f64,
+            min_limit: min as f64,
+            max_limit: max as f64,
+            tolerance: cfg.tolerance,
+            slack: cfg.slack.0,
+            sample_window: cfg.sample_window.0,
+            min_rtt_window: cfg.min_rtt_window.0,
+            baselines: Vec::new(),
+            window: Window {
+                started: now,
+                sum: 0.0,
+                samples: 0,
+                peak_in_flight: 0,
+            },
+        }
+    }
+
+    /// The limit now (whole slots).
+    pub fn limit(&self) -> usize {
+        self.limit as usize
+    }
+
+    /// Records one call of latency class `class` that started with `in_flight` slots held
+    /// (itself included). Returns the new limit when this sample closed a window.
+    pub fn record(
+        &mut self,
+        now: Instant,
+        class: u32,
+        in_flight: usize,
+        sample: Sample,
+    ) -> Option<usize> {
+        let light = in_flight as f64 * 2.0 <= self.limit;
+        let ratio = match sample {
+            Sample::Answered(rtt) => {
+                let base = self.baseline(class, now, rtt);
+                if rtt < base.min {
+                    base.min = rtt;
+                }
+                if light {
+                    base.light_min = Some(base.light_min.map_or(rtt, |m| m.min(rtt)));
+                }
+                let expected = base.min.mul_f64(1.0 + self.tolerance) + self.slack;
+                (rtt.as_secs_f64() / expected.as_secs_f64().max(1e-6)).min(WORST)
+            }
+            Sample::TimedOut => WORST,
+        };
+        let window = &mut self.window;
+        window.sum += ratio;
+        window.samples += 1;
+        window.peak_in_flight = window.peak_in_flight.max(in_flight);
+        if now.duration_since(window.started) < self.window_length() {
+            return None;
+        }
+        Some(self.close_window(now))
+    }
+
+    /// The window: `sample_window`, or the fastest class's no-load round trip if longer.
+    fn window_length(&self) -> Duration {
+        let fastest = self.baselines.iter().map(|b| b.min).min();
+        fastest
+            .map_or(self.sample_window, |rtt| rtt.max(self.sample_window))
+            .min(MAX_WINDOW)
+    }
+
+    fn close_window(&mut self, now: Instant) -> usize {
+        let w = &self.window;
+        let measured = w.sum / f64::from(w.samples.max(1));
+        let gradient = (1.0 / measured.max(1e-6)).clamp(MIN_GRADIENT, 1.0);
+        let mut next = self.limit * gradient + self.limit.sqrt();
+        // Application-limited: most slots idle, so the latency said nothing about more.
+        if (w.peak_in_flight as f64) * 2.0 < self.limit {
+            next = next.min(self.limit);
+        }
+        self.limit = next.clamp(self.min_limit, self.max_limit);
+        self.window = Window {
+            started: now,
+            sum: 0.0,
+            samples: 0,
+            peak_in_flight: 0,
+        };
+        self.limit()
+    }
+
+    /// `class`'s baseline, its minimum renewed from light calls when its window ran out (a
+    /// new class starts at `rtt`).
+    fn baseline(&mut self, class: u32, now: Instant, rtt: Duration) -> &mut Baseline {
+        let i = match self.baselines.iter().position(|b| b.class == class) {
+            Some(i) => i,
+            None if self.baselines.len() < MAX_CLASSES => {
+                self.baselines.push(Baseline {
+                    class,
+                    min: rtt,
+                    light_min: None,
+                    since: now,
+                });
+                self.baselines.len() - 1
+            }
+            None => self.baselines.len() - 1,
+        };
+        let window = self.min_rtt_window;
+        let base = &mut self.baselines[i];
+        if now.duration_since(base.since) >= window {
+            if let Some(light) = base.light_min.take() {
+                base.min = light;
+            }
+            base.since = now;
+        }
+        base
+    }
+
+    /// The no-load round trip of `class`, once seen.
+    #[cfg(test)]
+    pub fn min_rtt(&self, class: u32) -> Option<Duration> {
+        self.baselines
+            .iter()
+            .find(|b| b.class == class)
+            .map(|b| b.min)
+    }
+}
