@@ -13,9 +13,12 @@
 //!   `limit * gradient + sqrt(limit)`, where `gradient = expected / measured` (the mean over
 //!   the window's samples) is at most 1 and at least 0.5. The `sqrt(limit)` headroom keeps a
 //!   small queue at the upstream, so its workers never idle while a slot travels back;
+//! - while nothing queues (measured at most expected) it grows by half per window (slow
+//!   start), so demand that rose is not held back;
 //! - it grows only while the calls use it: when fewer than half its slots were busy in the
-//!   window, the limit holds (an idle upstream otherwise reached `max_connections`, and the
-//!   next spike was let through whole);
+//!   window, it shrinks toward twice the calls seen (an idle upstream otherwise kept or
+//!   reached a limit far above its demand, and the next spike went through whole, to queue
+//!   at the upstream for a round trip before the latency showed it);
 //! - a timed-out call counts as the worst sample (four times its class's expected
 //!   round trip), an error says nothing about queueing and is no sample;
 //! - the no-load minimum is measured again every `min_rtt_window`, from the calls made while
@@ -39,6 +42,10 @@ const WORST: f64 = 4.0;
 const MIN_GRADIENT: f64 = 0.5;
 /// Latency classes remembered per upstream (routes); more share the last one.
 const MAX_CLASSES: usize = 64;
+/// Growth per window while nothing queues at the upstream.
+const SLOW_START: f64 = 1.5;
+/// What an application-limited window keeps of the limit, at least.
+const IDLE_DECAY: f64 = 0.9;
 /// The longest window, whatever the upstream's latency.
 const MAX_WINDOW: Duration = Duration::from_secs(1);
 
@@ -159,11 +166,22 @@ impl Controller {
     fn close_window(&mut self, now: Instant) -> usize {
         let w = &self.window;
         let measured = w.sum / f64::from(w.samples.max(1));
+        let limit = self.limit;
         let gradient = (1.0 / measured.max(1e-6)).clamp(MIN_GRADIENT, 1.0);
-        let mut next = self.limit * gradient + self.limit.sqrt();
-        // Application-limited: most slots idle, so the latency said nothing about more.
-        if (w.peak_in_flight as f64) * 2.0 < self.limit {
-            next = next.min(self.limit);
+        let mut next = limit * gradient + limit.sqrt();
+        if measured <= 1.0 {
+            // Nothing queues at the upstream: grow by half at once (slow start), so a limit
+            // cut below what the upstream serves, or demand that rose, is not held back for
+            // many windows.
+            next = next.max(limit * SLOW_START);
+        }
+        // Application-limited: at most half the slots were busy, so the latency said
+        // nothing about more. The limit does not grow, and shrinks (a tenth per window)
+        // toward twice the calls seen: a limit far above the demand would let a spike through
+        // whole, to queue at the upstream until the latency shows it a round trip later.
+        let used = w.peak_in_flight as f64 * 2.0;
+        if used <= limit {
+            next = next.min(used.max(limit * IDLE_DECAY));
         }
         self.limit = next.clamp(self.min_limit, self.max_limit);
         self.window = Window {

@@ -18,8 +18,9 @@
 //!   standing queue; sheddable calls are served last, wait `queue_target` at most, and not
 //!   at all behind a standing queue.
 //!
-//! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter and one
-//! to leave; the queue's lock is taken only when there are waiters.
+//! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter, two to
+//! leave, and a `try_lock` of the controller to feed it its round trip; the queue's lock is
+//! taken only when there are waiters.
 
 pub mod controller;
 
@@ -216,15 +217,18 @@ pub struct Permit {
 }
 
 impl Permit {
-    /// Feeds the call's outcome to the controller (once per call).
+    /// Feeds the call's outcome to the controller (once per call). A sample that finds the
+    /// controller busy with another is skipped rather than waited for: the limit is a
+    /// statistic of many calls, and no call ever queues behind another's bookkeeping.
     pub fn record(&self, class: u32, sample: Sample) {
-        let changed = {
-            let mut controller = self
-                .shared
-                .controller
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            controller.record(Instant::now(), class, self.in_flight, sample)
+        let changed = match self.shared.controller.try_lock() {
+            Ok(mut controller) => controller.record(Instant::now(), class, self.in_flight, sample),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                poisoned
+                    .into_inner()
+                    .record(Instant::now(), class, self.in_flight, sample)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
         };
         if let Some(limit) = changed {
             self.shared.set_limit(limit);

@@ -93,20 +93,25 @@ async fn timeouts_halve_the_limit_each_window() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_idle_upstream_does_not_raise_the_limit() {
+async fn an_idle_upstream_brings_the_limit_down_to_twice_its_demand_and_busy_raises_it() {
     let mut c = Controller::new(&ConcurrencyConfig::default(), 256, Instant::now());
     for _ in 0..1000 {
         tokio::time::advance(ms(10)).await;
-        // Never more than 3 of 20 slots busy, answers at the no-load latency.
+        // Never more than 3 of the slots busy, answers at the no-load latency.
         c.record(Instant::now(), 1, 3, Sample::Answered(ms(20)));
     }
-    assert_eq!(c.limit(), 20);
-    // Busy: it grows.
-    for _ in 0..100 {
+    assert_eq!(c.limit(), 6);
+    // Busy, nothing queueing: it grows by half per window.
+    for _ in 0..10 {
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
     }
-    assert!(c.limit() > 40, "{}", c.limit());
+    assert_eq!(c.limit(), 9);
+    for _ in 0..50 {
+        tokio::time::advance(ms(10)).await;
+        c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
+    }
+    assert!(c.limit() > 60, "{}", c.limit());
 }
 
 #[tokio::test(start_paused = true)]

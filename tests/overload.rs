@@ -1,0 +1,246 @@
+//! Overload through the whole gateway, in real time: a capacity-limited upstream (the
+//! storage simulator with its `workers` fault: N requests served at once, the rest in a FIFO
+//! backlog, as under gunicorn) offered several times what it can serve, open model (a fixed
+//! arrival rate, as clients at market open do not wait for each other).
+//!
+//! Without the adaptive limit, every request joined the upstream's backlog or the bulkhead's
+//! wait: successes took seconds, refusals came at the 10 s deadline as `upstream_timeout`,
+//! and the breaker opened on a healthy service. Margins are for a busy 2-core machine: the
+//! assertions separate "milliseconds" from "seconds", not 20 ms from 30 ms (the benchmark
+//! `loadtest/overload` and the chaos experiments measure those).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use deltastream_gateway::sim::{self, Service, SimOptions};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::gateway::{client, scrape, spawn};
+use tokio::sync::oneshot;
+
+/// The storage simulator on `127.0.0.1:0`, with `/_faults`; dropped, it stops.
+struct Storage {
+    base: String,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn storage() -> Storage {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let opts = SimOptions {
+        faults: true,
+        seed: 7,
+        ..SimOptions::default()
+    };
+    tokio::spawn(sim::serve(Service::Storage, listener, opts, async move {
+        let _ = stopped.await;
+    }));
+    Storage { base, _stop: stop }
+}
+
+/// One answer as a client saw it.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    reason: Option<String>,
+    retry_after: Option<String>,
+    took: Duration,
+}
+
+async fn fetch(c: &reqwest::Client, url: &str) -> Answer {
+    let started = Instant::now();
+    let response = c.get(url).send().await.expect("the gateway answers");
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    Answer {
+        status,
+        reason: body["reason"].as_str().map(str::to_owned),
+        retry_after,
+        took: started.elapsed(),
+    }
+}
+
+/// `rate` requests per second to `url` for `for_how_long`, each on its own task whatever the
+/// others are doing (open model); every answer.
+async fn offer(url: &str, rate: u32, for_how_long: Duration) -> Vec<Answer> {
+    let c = client();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    while started.elapsed() < for_how_long {
+        tick.tick().await;
+        let (c, url) = (c.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move { fetch(&c, &url).await }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("request task"));
+    }
+    answers
+}
+
+fn quantile(mut d: Vec<Duration>, q: f64) -> Duration {
+    d.sort();
+    d.get(((d.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and_honestly() {
+    // 4 workers x 100 ms: 40 requests per second.
+    let storage = storage().await;
+    let set = client()
+        .post(format!("{}/_faults", storage.base))
+        .json(&json!({"workers": 4, "latency_ms": 100}))
+        .send()
+        .await
+        .expect("faults");
+    assert_eq!(set.status(), 200);
+    let base = storage.base.clone();
+    let mut cfg = support::gateway::config_with_upstreams(|_| base.clone());
+    for r in &mut cfg.routes {
+        // The limits under test are the upstream's, not the clients'.
+        r.rate_limit.clear();
+        r.cache = None;
+    }
+    let gw = spawn(cfg).await;
+    let url = format!("{}/api/data/underlying/NIFTY", gw.url());
+
+    // Half the capacity: nothing is shed (and the limit sees the no-load latency).
+    let calm = offer(&url, 20, Duration::from_secs(2)).await;
+    let refused: Vec<_> = calm.iter().filter(|a| a.status != 200).collect();
+    assert!(refused.is_empty(), "shed below capacity: {refused:?}");
+
+    // Four times the capacity, with /health probed throughout.
+    let health_url = format!("{}/health", gw.url());
+    let health = tokio::spawn(async move {
+        let c = client();
+        let mut took = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            took.push(fetch(&c, &health_url).await.took);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        took
+    });
+    let spike = offer(&url, 160, Duration::from_secs(3)).await;
+    let health = health.await.expect("health probe");
+
+    let (ok, shed): (Vec<_>, Vec<_>) = spike.iter().partition(|a| a.status == 200);
+    // Every refusal is the honest one: 503 overloaded with Retry-After, never a timeout or
+    // an open breaker.
+    for a in &shed {
+        assert_eq!(
+            (a.status, a.reason.as_deref()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")),
+            "{a:?}"
+        );
+        assert_eq!(a.retry_after.as_deref(), Some("1"), "{a:?}");
+    }
+    assert!(
+        shed.len() > spike.len() / 3,
+        "4x capacity, yet only {} of {} shed",
+        shed.len(),
+        spike.len()
+    );
+    // Refused at once (the wait is at most queue_interval, 100 ms), not at the 10 s deadline.
+    let shed_took: Vec<_> = shed.iter().map(|a| a.took).collect();
+    assert!(
+        quantile(shed_took.clone(), 0.5) < Duration::from_millis(150),
+        "refusals p50 {:?}",
+        quantile(shed_took.clone(), 0.5)
+    );
+    assert!(
+        quantile(shed_took.clone(), 1.0) < Duration::from_secs(1),
+        "slowest refusal {:?}",
+        quantile(shed_took, 1.0)
+    );
+    // Successes were not queued for seconds (unbounded, the backlog grew by 120 a second:
+    // the last ones waited 9 s).
+    let ok_took: Vec<_> = ok.iter().map(|a| a.took).collect();
+    assert!(
+        quantile(ok_took.clone(), 0.9) < Duration::from_millis(800),
+        "successes p90 {:?}",
+        quantile(ok_took, 0.9)
+    );
+    // Goodput: the upstream was kept busy (120 requests in 3 s at most; half is the margin).
+    assert!(ok.len() >= 60, "only {} served in 3 s", ok.len());
+    // /health answered from the gateway itself, never behind proxied traffic.
+    assert!(
+        quantile(health.clone(), 0.5) < Duration::from_millis(50),
+        "/health p50 {:?}",
+        quantile(health.clone(), 0.5)
+    );
+    assert!(
+        quantile(health.clone(), 1.0) < Duration::from_millis(500),
+        "/health max {:?}",
+        quantile(health, 1.0)
+    );
+
+    // Overload is no failure: the breaker closed, no instance ejected, the refusals counted
+    // as shed and never retried (attempts are the successes, nothing else).
+    let admin = client()
+        .get(format!("http://{}/admin/upstreams", gw.admin_addr))
+        .send()
+        .await
+        .expect("admin")
+        .json::<Value>()
+        .await
+        .expect("json");
+    let storage_state = admin["upstreams"]
+        .as_array()
+        .and_then(|l| l.iter().find(|u| u["upstream"] == "storage"))
+        .expect("storage in /admin/upstreams")
+        .clone();
+    assert_eq!(storage_state["breaker"], "closed", "{storage_state}");
+    let limit = storage_state["concurrency"]["limit"]
+        .as_u64()
+        .expect("the learnt limit is shown");
+    assert!(
+        (4..=32).contains(&limit),
+        "4 workers, learnt limit {limit}: {storage_state}"
+    );
+    let metrics = scrape(gw.admin_addr).await;
+    let series = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        series("gateway_circuit_breaker_transitions_total{upstream=\"storage\",to=\"open\"}"),
+        0.0
+    );
+    assert_eq!(
+        series("gateway_upstream_ejections_total{upstream=\"storage\"}"),
+        0.0
+    );
+    assert_eq!(
+        series("gateway_shed_total{route=\"/api/data/underlying/{product}\""),
+        shed.len() as f64,
+        "{metrics}"
+    );
+    assert!(series("gateway_upstream_queue_wait_seconds_count{upstream=\"storage\"}") > 0.0);
+
+    // Demand back under capacity: within a second, every request served again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = offer(&url, 20, Duration::from_secs(1)).await;
+    let refused: Vec<_> = after.iter().filter(|a| a.status != 200).collect();
+    assert!(
+        refused.is_empty(),
+        "still shedding after the spike: {refused:?}"
+    );
+    gw.shutdown().await;
+}
