@@ -13,6 +13,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use deltastream_gateway::config::Priority;
 use deltastream_gateway::sim::{self, Service, SimOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -114,6 +115,10 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
         r.rate_limit.clear();
         r.cache = None;
     }
+    // Every request here comes from one address: no per-client share of the slots either.
+    for u in cfg.upstreams.values_mut() {
+        u.max_client_share = 1.0;
+    }
     let gw = spawn(cfg).await;
     let url = format!("{}/api/data/underlying/NIFTY", gw.url());
 
@@ -122,14 +127,23 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
     let refused: Vec<_> = calm.iter().filter(|a| a.status != 200).collect();
     assert!(refused.is_empty(), "shed below capacity: {refused:?}");
 
-    // Four times the capacity, with /health probed throughout.
-    let health_url = format!("{}/health", gw.url());
+    // Four times the capacity, with /health, /ready and /metrics probed throughout.
+    let probes = [
+        format!("{}/health", gw.url()),
+        format!("http://{}/ready", gw.admin_addr),
+        format!("http://{}/metrics", gw.admin_addr),
+    ];
     let health = tokio::spawn(async move {
         let c = client();
         let mut took = Vec::new();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(3) {
-            took.push(fetch(&c, &health_url).await.took);
+            for url in &probes {
+                let started = Instant::now();
+                let status = c.get(url).send().await.expect("probe").status();
+                took.push(started.elapsed());
+                assert_eq!(status, 200, "{url}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         took
@@ -154,7 +168,8 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
         shed.len(),
         spike.len()
     );
-    // Refused at once (the wait is at most queue_interval, 100 ms), not at the 10 s deadline.
+    // Refused at once (once overloaded a call waits queue_target, 5 ms; the first of a burst
+    // queue_interval, 100 ms), not at the 10 s deadline.
     let shed_took: Vec<_> = shed.iter().map(|a| a.took).collect();
     assert!(
         quantile(shed_took.clone(), 0.5) < Duration::from_millis(150),
@@ -176,15 +191,16 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
     );
     // Goodput: the upstream was kept busy (120 requests in 3 s at most; half is the margin).
     assert!(ok.len() >= 60, "only {} served in 3 s", ok.len());
-    // /health answered from the gateway itself, never behind proxied traffic.
+    // Health, readiness and metrics answered by the gateway itself, never behind proxied
+    // traffic (a probe queued behind it would have waited with the data requests).
     assert!(
         quantile(health.clone(), 0.5) < Duration::from_millis(50),
-        "/health p50 {:?}",
+        "probes p50 {:?}",
         quantile(health.clone(), 0.5)
     );
     assert!(
         quantile(health.clone(), 1.0) < Duration::from_millis(500),
-        "/health max {:?}",
+        "slowest probe {:?}",
         quantile(health, 1.0)
     );
 
@@ -241,6 +257,77 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
     assert!(
         refused.is_empty(),
         "still shedding after the spike: {refused:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_overload_sheddable_routes_go_first_and_critical_ones_last() {
+    // 2 workers x 100 ms: 20 requests per second, offered 40 on each of two routes.
+    let storage = storage().await;
+    let set = client()
+        .post(format!("{}/_faults", storage.base))
+        .json(&json!({"workers": 2, "latency_ms": 100}))
+        .send()
+        .await
+        .expect("faults");
+    assert_eq!(set.status(), 200);
+    let base = storage.base.clone();
+    let mut cfg = support::gateway::config_with_upstreams(|_| base.clone());
+    for r in &mut cfg.routes {
+        r.rate_limit.clear();
+        r.cache = None;
+        r.priority = match r.path.as_str() {
+            "/api/data/underlying/{product}" => Priority::Critical,
+            "/api/data/chain/{product}" => Priority::Sheddable,
+            _ => r.priority,
+        };
+    }
+    for u in cfg.upstreams.values_mut() {
+        u.max_client_share = 1.0;
+    }
+    let gw = spawn(cfg).await;
+    let critical = format!("{}/api/data/underlying/NIFTY", gw.url());
+    let sheddable = format!("{}/api/data/chain/NIFTY", gw.url());
+    // The no-load latency first.
+    for url in [&critical, &sheddable] {
+        assert_eq!(fetch(&client(), url).await.status, 200);
+    }
+    let (critical, sheddable) = tokio::join!(
+        offer(&critical, 40, Duration::from_secs(3)),
+        offer(&sheddable, 40, Duration::from_secs(3)),
+    );
+    let served = |answers: &[Answer]| answers.iter().filter(|a| a.status == 200).count();
+    let (c, s) = (served(&critical), served(&sheddable));
+    assert!(
+        c >= 2 * s.max(1),
+        "critical served {c} of {}, sheddable {s} of {}",
+        critical.len(),
+        sheddable.len()
+    );
+    for a in critical
+        .iter()
+        .chain(&sheddable)
+        .filter(|a| a.status != 200)
+    {
+        assert_eq!(a.reason.as_deref(), Some("overloaded"), "{a:?}");
+    }
+    // Sheddable calls were mostly refused without waiting at all.
+    let metrics = scrape(gw.admin_addr).await;
+    let shed = |labels: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("gateway_shed_total{") && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        shed("priority=\"sheddable\",cause=\"queue_full\"") > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        shed("priority=\"sheddable\"") + shed("priority=\"critical\""),
+        (critical.len() - c + sheddable.len() - s) as f64
     );
     gw.shutdown().await;
 }

@@ -21,8 +21,8 @@ pub struct ConcurrencyConfig {
     pub max_limit: Option<usize>,
     /// The limit before the first latency samples (and after a reload).
     pub initial_limit: usize,
-    /// Latency above the no-load minimum the limit tolerates before it shrinks, as a
-    /// fraction of that minimum (0.1: 10%)...
+    /// Latency above the no-load latency the limit tolerates before it shrinks, as a
+    /// fraction of it (0.1: 10%)...
     pub tolerance: f64,
     /// ...plus this much in absolute terms, so a fast upstream's millisecond jitter is not
     /// read as a queue.
@@ -30,11 +30,11 @@ pub struct ConcurrencyConfig {
     /// The limit is recomputed once per window (at least one no-load round trip, so each
     /// change is seen in the latency before the next).
     pub sample_window: Dur,
-    /// The no-load minimum is measured again after this long, from calls made while the
-    /// upstream was at most half busy (never from calls that queued behind the limit).
-    pub min_rtt_window: Dur,
-    /// CoDel: when the wait for a slot has not been empty for `queue_interval`, a call waits
-    /// at most this long...
+    /// The no-load latency is the average round trip of calls made while at most half the
+    /// limit was busy (never of calls that queued), over about this long.
+    pub baseline_window: Dur,
+    /// CoDel: when the wait for a slot has not been empty for `queue_interval`, or a call
+    /// was refused within the last `queue_interval`, a call waits at most this long...
     pub queue_target: Dur,
     /// ...otherwise (a burst, not a standing queue) at most this long.
     pub queue_interval: Dur,
@@ -50,7 +50,7 @@ impl Default for ConcurrencyConfig {
             tolerance: 0.1,
             slack: Dur::from_millis(5),
             sample_window: Dur::from_millis(100),
-            min_rtt_window: Dur::from_secs(30),
+            baseline_window: Dur::from_secs(10),
             queue_target: Dur::from_millis(5),
             queue_interval: Dur::from_millis(100),
         }
@@ -105,10 +105,10 @@ impl ConcurrencyConfig {
                 format!("must be at least 10ms, got {}", self.sample_window),
             );
         }
-        if self.min_rtt_window.0 < Duration::from_secs(1) {
+        if self.baseline_window.0 < Duration::from_secs(1) {
             bad(
-                "min_rtt_window",
-                format!("must be at least 1s, got {}", self.min_rtt_window),
+                "baseline_window",
+                format!("must be at least 1s, got {}", self.baseline_window),
             );
         }
         if self.queue_interval.0.is_zero() {
@@ -140,10 +140,11 @@ impl ConcurrencyConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
-    /// Login, registration, token verification: shed last; waits `queue_interval` for a
-    /// slot even when a queue stands, and is served before the others.
+    /// Login, token verification: shed last; waits two no-load round trips of the upstream
+    /// (at least `queue_interval`, at most 1 s) even when overloaded, and is served before
+    /// the others.
     Critical,
-    /// Waits `queue_interval` in a burst, `queue_target` once a queue stands.
+    /// Waits `queue_interval` in a burst, `queue_target` when overloaded.
     #[default]
     Default,
     /// Analytics and other work a client can retry later: waits `queue_target` in a burst
@@ -191,7 +192,7 @@ mod tests {
             initial_limit: 400,
             tolerance: -1.0,
             sample_window: Dur::from_millis(1),
-            min_rtt_window: Dur::from_millis(10),
+            baseline_window: Dur::from_millis(10),
             queue_target: Dur::from_millis(200),
             ..ConcurrencyConfig::default()
         };
@@ -206,7 +207,7 @@ mod tests {
                 "upstreams.storage.concurrency.initial_limit: must be between min_limit (0) and max_limit, got 400",
                 "upstreams.storage.concurrency.tolerance: must be between 0.0 and 10.0, got -1",
                 "upstreams.storage.concurrency.sample_window: must be at least 10ms, got 1ms",
-                "upstreams.storage.concurrency.min_rtt_window: must be at least 1s, got 10ms",
+                "upstreams.storage.concurrency.baseline_window: must be at least 1s, got 10ms",
                 "upstreams.storage.concurrency.queue_target: must be at most queue_interval (100ms), got 200ms",
             ]
         );

@@ -84,7 +84,6 @@ impl Entry {
         self.shared.in_flight.increment(1.0);
         Slot {
             _permit: permit,
-            limit: None,
             entry: self,
         }
     }
@@ -94,18 +93,9 @@ impl Entry {
 pub struct Slot {
     /// `None` only if the semaphore were closed, which nothing does.
     _permit: Option<OwnedSemaphorePermit>,
-    /// The call's slot under the adaptive limit, held as long as the connection is.
-    limit: Option<super::concurrency::Permit>,
     /// Declared after the permit, so it is dropped after it: a share is never free while the
     /// slot it stands for is still taken.
     entry: Entry,
-}
-
-impl Slot {
-    /// Holds `permit` (the adaptive limit's slot) as long as this slot.
-    pub fn hold(&mut self, permit: Option<super::concurrency::Permit>) {
-        self.limit = permit;
-    }
 }
 
 impl Drop for Slot {

@@ -315,13 +315,16 @@ impl Pipeline {
     /// upstream, [`UpstreamError::Timeout`] when an attempt or the deadline ran out,
     /// [`UpstreamError::Unavailable`] when the connection failed on the last attempt.
     ///
-    /// Bounded by the slots only; a call made for a client is [`Pipeline::send_for`].
+    /// Bounded by the slots only, not by the adaptive limit: a WebSocket handshake (bounded
+    /// by the `[websocket]` connection caps; a reconnect storm after a socket restart must
+    /// not be shed by a limit learnt from HTTP calls), or a caller of the pipeline alone. A
+    /// proxied request or a token verification is [`Pipeline::send_for`].
     pub async fn send(
         &self,
         req: Request,
         options: CallOptions,
     ) -> Result<Delivered, UpstreamError> {
-        self.send_for(Caller::default(), req, options).await
+        self.call(Caller::default(), false, req, options).await
     }
 
     /// [`Pipeline::send`] on behalf of `caller`: counted against its client's share of the
@@ -335,6 +338,17 @@ impl Pipeline {
         req: Request,
         options: CallOptions,
     ) -> Result<Delivered, UpstreamError> {
+        self.call(caller, true, req, options).await
+    }
+
+    /// One call; under the adaptive limit only when `limited`.
+    async fn call(
+        &self,
+        caller: Caller,
+        limited: bool,
+        req: Request,
+        options: CallOptions,
+    ) -> Result<Delivered, UpstreamError> {
         let entry = self
             .bulkhead
             .enter(caller.client)
@@ -342,7 +356,7 @@ impl Pipeline {
         let deadline = instant_after(Instant::now(), options.deadline);
         // Outside the deadline's timeout below: a refusal here is no timeout (the wait is
         // bounded by `queue_interval`, and counts against the deadline all the same).
-        let limit_permit = match &self.limit {
+        let limit_permit = match self.limit.as_ref().filter(|_| limited) {
             Some(limit) => Some(limit.acquire(caller.priority).await.map_err(|refused| {
                 UpstreamError::Overloaded {
                     cause: refused.cause,
@@ -391,6 +405,10 @@ impl Pipeline {
         if let (Some(sample), Some(permit)) = (sample, &limit_permit) {
             permit.record(caller.latency_class, sample);
         }
+        // The limit counts calls waiting for the upstream's answer, what its round trips
+        // measure: the slot goes back with the response headers. The body, however slowly a
+        // client reads it, holds a bulkhead slot (`max_connections`), not this.
+        drop(limit_permit);
         // One breaker record per call, for its final attempt (a timeout if the deadline cut
         // the call).
         permit.finish(match &result {
@@ -398,15 +416,11 @@ impl Pipeline {
             Err(_elapsed) => Outcome::Timeout.breaker_failure(),
         });
         match result {
-            Ok((Ok(response), mut slot, _)) => {
-                // Held with the connection, until the body is read.
-                slot.hold(limit_permit);
-                Ok(Delivered {
-                    response,
-                    attempts,
-                    slot,
-                })
-            }
+            Ok((Ok(response), slot, _)) => Ok(Delivered {
+                response,
+                attempts,
+                slot,
+            }),
             Ok((Err(e), _, _)) => Err(match call.last_outcome() {
                 Some(Outcome::CircuitOpen(retry_after)) => {
                     UpstreamError::CircuitOpen { retry_after }

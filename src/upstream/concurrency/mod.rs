@@ -7,16 +7,17 @@
 //!
 //! - the limit is learnt from latency ([`controller`]): calls in flight beyond what the
 //!   upstream serves at once only queue there, and show as round trips above the no-load
-//!   minimum. It stays under the static bulkhead (`max_connections`), the hard ceiling;
+//!   latency. It stays under the static bulkhead (`max_connections`), the hard ceiling;
 //! - a call without a slot waits only briefly, CoDel-style ("Fail at Scale"): up to
 //!   `queue_interval` while the queue has been empty within the last interval (a burst),
-//!   up to `queue_target` once a queue stands, and the newest waiter is served first then
-//!   (adaptive LIFO: the oldest have waited longest and are likeliest to be given up on).
+//!   up to `queue_target` once a queue stands or a waiter was refused within the last
+//!   interval (overloaded), and the newest waiter is served first then (adaptive LIFO: the
+//!   oldest have waited longest and are likeliest to be given up on).
 //!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. A refusal is not
 //!   a failure of the upstream: the breaker, ejection and retries never see it;
-//! - priorities: critical calls are served first and wait `queue_interval` even behind a
-//!   standing queue; sheddable calls are served last, wait `queue_target` at most, and not
-//!   at all behind a standing queue.
+//! - priorities: critical calls are served first and wait two no-load round trips (at least
+//!   `queue_interval`, at most a second) even when overloaded; sheddable calls are served last, wait `queue_target` at most, and not
+//!   at all when overloaded.
 //!
 //! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter, two to
 //! leave, and a `try_lock` of the controller to feed it its round trip; the queue's lock is
@@ -25,7 +26,7 @@
 pub mod controller;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -36,12 +37,15 @@ use crate::config::{ConcurrencyConfig, Priority};
 use controller::Controller;
 pub use controller::Sample;
 
+/// The longest a critical call waits for a slot, whatever the upstream's latency.
+const CRITICAL_WAIT_MAX: Duration = Duration::from_secs(1);
+
 /// Why a call was refused a slot (the `cause` label of `gateway_shed_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShedCause {
     /// It waited as long as its priority allows.
     QueueTimeout,
-    /// It could not wait at all: a sheddable call behind a standing queue, or
+    /// It could not wait at all: a sheddable call while overloaded, or
     /// `max_connections` calls already waiting.
     QueueFull,
 }
@@ -83,6 +87,9 @@ struct Shared {
     controller: Mutex<Controller>,
     target: Duration,
     interval: Duration,
+    /// The fastest latency class's no-load round trip, in nanoseconds (0: none yet): how long
+    /// a critical call may wait.
+    round_trip_nanos: AtomicU64,
     /// Most calls waiting at once (`max_connections`): the waits are short, so this only
     /// bounds what a burst can make the queue cost.
     max_waiting: usize,
@@ -98,6 +105,10 @@ struct Queue {
     lines: [VecDeque<Waiter>; 3],
     /// When the queue was last empty: a queue not empty for `interval` is standing.
     last_empty: Option<Instant>,
+    /// Until when the limit counts as overloaded because a waiter waited its whole budget:
+    /// when arrivals are further apart than `queue_target`, the queue empties between them
+    /// and never stands, yet every one of them would wait `queue_interval` for nothing.
+    shedding_until: Option<Instant>,
     next_id: u64,
 }
 
@@ -111,16 +122,18 @@ impl Queue {
         self.lines.iter().map(VecDeque::len).sum()
     }
 
-    fn standing(&self, now: Instant, interval: Duration) -> bool {
-        self.len() > 0
+    /// A queue has stood for `interval`, or a waiter was refused within the last one.
+    fn overloaded(&self, now: Instant, interval: Duration) -> bool {
+        let standing = self.len() > 0
             && self
                 .last_empty
-                .is_some_and(|at| now.duration_since(at) >= interval)
+                .is_some_and(|at| now.duration_since(at) >= interval);
+        standing || self.shedding_until.is_some_and(|until| now < until)
     }
 
-    /// The next waiter: most important line first; newest first in a standing queue.
+    /// The next waiter: most important line first; newest first when overloaded.
     fn pop(&mut self, now: Instant, interval: Duration) -> Option<Waiter> {
-        let lifo = self.standing(now, interval);
+        let lifo = self.overloaded(now, interval);
         let line = self.lines.iter_mut().find(|l| !l.is_empty())?;
         let waiter = if lifo {
             line.pop_back()
@@ -133,8 +146,9 @@ impl Queue {
         waiter
     }
 
-    /// Takes waiter `id` out of `line`; `false` if it is not there (it was granted a slot).
-    fn remove(&mut self, line: usize, id: u64, now: Instant) -> bool {
+    /// Takes waiter `id` out of `line` (it gave up waiting: overloaded for the next
+    /// `interval`); `false` if it is not there (it was granted a slot).
+    fn remove(&mut self, line: usize, id: u64, now: Instant, interval: Duration) -> bool {
         let Some(at) = self.lines[line].iter().position(|w| w.id == id) else {
             return false;
         };
@@ -142,6 +156,7 @@ impl Queue {
         if self.len() == 0 {
             self.last_empty = Some(now);
         }
+        self.shedding_until = Some(now + interval);
         true
     }
 }
@@ -197,6 +212,17 @@ impl Shared {
         }
     }
 
+    /// How long a critical call may wait: two no-load round trips of the upstream (time for
+    /// the calls in flight to answer and slow start to add slots: a burst of logins to a
+    /// healthy auth service is served, not shed), at least `queue_interval`, at most
+    /// [`CRITICAL_WAIT_MAX`]; that maximum before any round trip is known.
+    fn critical_wait(&self) -> Duration {
+        match self.round_trip_nanos.load(Relaxed) {
+            0 => CRITICAL_WAIT_MAX,
+            nanos => (Duration::from_nanos(nanos) * 2).clamp(self.interval, CRITICAL_WAIT_MAX),
+        }
+    }
+
     fn set_limit(&self, limit: usize) {
         let old = self.limit.swap(limit, SeqCst);
         if old != limit {
@@ -221,15 +247,16 @@ impl Permit {
     /// controller busy with another is skipped rather than waited for: the limit is a
     /// statistic of many calls, and no call ever queues behind another's bookkeeping.
     pub fn record(&self, class: u32, sample: Sample) {
-        let changed = match self.shared.controller.try_lock() {
-            Ok(mut controller) => controller.record(Instant::now(), class, self.in_flight, sample),
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
-                poisoned
-                    .into_inner()
-                    .record(Instant::now(), class, self.in_flight, sample)
-            }
-            Err(std::sync::TryLockError::WouldBlock) => None,
+        let mut controller = match self.shared.controller.try_lock() {
+            Ok(controller) => controller,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
         };
+        let changed = controller.record(Instant::now(), class, self.in_flight, sample);
+        let round_trip = controller.fastest_round_trip().unwrap_or_default();
+        drop(controller);
+        let nanos = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.round_trip_nanos.store(nanos, Relaxed);
         if let Some(limit) = changed {
             self.shared.set_limit(limit);
         }
@@ -262,10 +289,12 @@ struct Place<'a> {
 impl Place<'_> {
     /// Leaves the line; `true` if a slot was granted before it could.
     fn leave(&mut self) -> bool {
-        let removed = self
-            .shared
-            .lock_queue()
-            .remove(self.line, self.id, Instant::now());
+        let removed = self.shared.lock_queue().remove(
+            self.line,
+            self.id,
+            Instant::now(),
+            self.shared.interval,
+        );
         if removed {
             self.shared.waiting.fetch_sub(1, SeqCst);
         }
@@ -306,6 +335,7 @@ impl ConcurrencyLimit {
                 target: cfg.queue_target.0,
                 interval: cfg.queue_interval.0,
                 max_waiting: max_connections.max(1),
+                round_trip_nanos: AtomicU64::new(0),
                 limit_gauge,
                 wait_seconds: metrics::histogram!("gateway_upstream_queue_wait_seconds",
                     "upstream" => upstream.to_string()),
@@ -335,9 +365,10 @@ impl ConcurrencyLimit {
                     return Ok(permit(n));
                 }
             }
-            let standing = queue.standing(started, shared.interval);
-            let budget = match (priority, standing) {
-                (Priority::Critical, _) | (Priority::Default, false) => shared.interval,
+            let overloaded = queue.overloaded(started, shared.interval);
+            let budget = match (priority, overloaded) {
+                (Priority::Critical, _) => shared.critical_wait(),
+                (Priority::Default, false) => shared.interval,
                 (Priority::Default, true) | (Priority::Sheddable, false) => shared.target,
                 (Priority::Sheddable, true) => Duration::ZERO,
             };
