@@ -14,6 +14,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::Priority;
+use deltastream_gateway::server::Running;
 use deltastream_gateway::sim::{self, Service, SimOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -97,13 +98,17 @@ fn quantile(mut d: Vec<Duration>, q: f64) -> Duration {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and_honestly() {
-    // 4 workers x 100 ms: 40 requests per second.
+/// A storage simulator of `workers` x 100 ms and a gateway with its default settings in front
+/// of it, except the client limits (rate limits, cache, the per-client share of the slots:
+/// every request here comes from one address); `route` adjusts each route.
+async fn saturable(
+    workers: u32,
+    route: impl Fn(&mut deltastream_gateway::config::RouteConfig),
+) -> (Storage, Running) {
     let storage = storage().await;
     let set = client()
         .post(format!("{}/_faults", storage.base))
-        .json(&json!({"workers": 4, "latency_ms": 100}))
+        .json(&json!({"workers": workers, "latency_ms": 100}))
         .send()
         .await
         .expect("faults");
@@ -111,15 +116,20 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
     let base = storage.base.clone();
     let mut cfg = support::gateway::config_with_upstreams(|_| base.clone());
     for r in &mut cfg.routes {
-        // The limits under test are the upstream's, not the clients'.
         r.rate_limit.clear();
         r.cache = None;
+        route(r);
     }
-    // Every request here comes from one address: no per-client share of the slots either.
     for u in cfg.upstreams.values_mut() {
         u.max_client_share = 1.0;
     }
-    let gw = spawn(cfg).await;
+    (storage, spawn(cfg).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and_honestly() {
+    // 4 workers x 100 ms: 40 requests per second.
+    let (_storage, gw) = saturable(4, |_| {}).await;
     let url = format!("{}/api/data/underlying/NIFTY", gw.url());
 
     // Half the capacity: nothing is shed (and the limit sees the no-load latency).
@@ -264,30 +274,17 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_overload_sheddable_routes_go_first_and_critical_ones_last() {
     // 2 workers x 100 ms: 20 requests per second, offered 40 on each of two routes.
-    let storage = storage().await;
-    let set = client()
-        .post(format!("{}/_faults", storage.base))
-        .json(&json!({"workers": 2, "latency_ms": 100}))
-        .send()
-        .await
-        .expect("faults");
-    assert_eq!(set.status(), 200);
-    let base = storage.base.clone();
-    let mut cfg = support::gateway::config_with_upstreams(|_| base.clone());
-    for r in &mut cfg.routes {
-        r.rate_limit.clear();
-        r.cache = None;
+    let (_storage, gw) = saturable(2, |r| {
+        // Not the route of the test above (the metrics are the process's, and the tests run
+        // side by side).
         r.priority = match r.path.as_str() {
-            "/api/data/underlying/{product}" => Priority::Critical,
+            "/api/data/products" => Priority::Critical,
             "/api/data/chain/{product}" => Priority::Sheddable,
             _ => r.priority,
         };
-    }
-    for u in cfg.upstreams.values_mut() {
-        u.max_client_share = 1.0;
-    }
-    let gw = spawn(cfg).await;
-    let critical = format!("{}/api/data/underlying/NIFTY", gw.url());
+    })
+    .await;
+    let critical = format!("{}/api/data/products", gw.url());
     let sheddable = format!("{}/api/data/chain/NIFTY", gw.url());
     // The no-load latency first.
     for url in [&critical, &sheddable] {
