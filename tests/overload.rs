@@ -91,11 +91,15 @@ async fn offer(url: &str, rate: u32, for_how_long: Duration) -> Vec<Answer> {
     answers
 }
 
-fn quantile(mut d: Vec<Duration>, q: f64) -> Duration {
+/// Asserts that the `q` quantile of `samples` is under `bound`.
+fn under(samples: &[Duration], q: f64, bound: Duration, what: &str) {
+    let mut d = samples.to_vec();
     d.sort();
-    d.get(((d.len() as f64 - 1.0) * q).round() as usize)
+    let at = d
+        .get(((d.len() as f64 - 1.0) * q).round() as usize)
         .copied()
-        .unwrap_or_default()
+        .unwrap_or_default();
+    assert!(at < bound, "{what} {at:?} (bound {bound:?})");
 }
 
 /// A storage simulator of `workers` x 100 ms and a gateway with its default settings in front
@@ -185,38 +189,18 @@ async fn four_times_capacity_is_served_at_capacity_and_the_rest_refused_fast_and
     // Refused at once (once overloaded a call waits queue_target, 5 ms; the first of a burst
     // queue_interval, 100 ms), not at the 10 s deadline.
     let shed_took: Vec<_> = shed.iter().map(|a| a.took).collect();
-    assert!(
-        quantile(shed_took.clone(), 0.5) < Duration::from_millis(150),
-        "refusals p50 {:?}",
-        quantile(shed_took.clone(), 0.5)
-    );
-    assert!(
-        quantile(shed_took.clone(), 1.0) < Duration::from_secs(1),
-        "slowest refusal {:?}",
-        quantile(shed_took, 1.0)
-    );
+    under(&shed_took, 0.5, Duration::from_millis(150), "refusals p50");
+    under(&shed_took, 1.0, Duration::from_secs(1), "slowest refusal");
     // Successes were not queued for seconds (unbounded, the backlog grew by 120 a second:
     // the last ones waited 9 s).
     let ok_took: Vec<_> = ok.iter().map(|a| a.took).collect();
-    assert!(
-        quantile(ok_took.clone(), 0.9) < Duration::from_millis(800),
-        "successes p90 {:?}",
-        quantile(ok_took, 0.9)
-    );
+    under(&ok_took, 0.9, Duration::from_millis(800), "successes p90");
     // Goodput: the upstream was kept busy (120 requests in 3 s at most; half is the margin).
     assert!(ok.len() >= 60, "only {} served in 3 s", ok.len());
     // Health, readiness and metrics answered by the gateway itself, never behind proxied
     // traffic (a probe queued behind it would have waited with the data requests).
-    assert!(
-        quantile(health.clone(), 0.5) < Duration::from_millis(100),
-        "probes p50 {:?}",
-        quantile(health.clone(), 0.5)
-    );
-    assert!(
-        quantile(health.clone(), 1.0) < Duration::from_secs(1),
-        "slowest probe {:?}",
-        quantile(health, 1.0)
-    );
+    under(&health, 0.5, Duration::from_millis(100), "probes p50");
+    under(&health, 1.0, Duration::from_secs(1), "slowest probe");
 
     // Overload is no failure: the breaker closed, no instance ejected, the refusals counted
     // as shed and never retried (attempts are the successes, nothing else).
