@@ -79,6 +79,15 @@ pub enum GatewayError {
     GatewaySaturated {
         retry_after: Duration,
     },
+    /// The upstream is at its learnt concurrency limit and the request waited as long as its
+    /// priority allows (`cause`: `queue_timeout`, `queue_full`): overload, not failure, so
+    /// never counted by the breaker or an ejection, never retried; the client may come back
+    /// after `retry_after`.
+    Overloaded {
+        upstream: Arc<str>,
+        cause: &'static str,
+        retry_after: Duration,
+    },
     /// A gateway bug; details are logged where it happened, never sent.
     Internal,
 }
@@ -264,6 +273,17 @@ impl GatewayError {
                 "overloaded",
                 Cow::Borrowed("Gateway overloaded"),
                 None,
+                H::RetryAfter(*retry_after),
+            ),
+            E::Overloaded {
+                upstream,
+                retry_after,
+                cause: _,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                Cow::Borrowed("Service overloaded, retry later"),
+                Some(&**upstream),
                 H::RetryAfter(*retry_after),
             ),
             E::Internal => (

@@ -32,6 +32,7 @@
 //! * [`ratelimit`]: Redis sliding-window limits shared by every replica, with an in-process
 //!   fallback when Redis is down.
 //! * [`upstream`]: one `Pipeline` per upstream, composed in `Pipeline::new` (client share,
+//!   the concurrency limit learnt from latency with its short wait (`upstream::concurrency`),
 //!   deadline and bulkhead -> retry -> attempt record -> breaker -> balancer -> attempt
 //!   timeout -> the chosen instance's pooled client), the instances behind each upstream and
 //!   their discovery, the per-call state its layers share (`upstream::call`), and the

@@ -366,6 +366,10 @@ async fn verify_remote(
         HeaderValue::from_static("application/json"),
     );
     req.set_body(bytes::Bytes::from(body));
+    // Under the auth upstream's adaptive limit, and critical there: a request whose token
+    // cannot be checked fails like a login would.
+    req.caller.priority = crate::config::Priority::Critical;
+    req.limited = true;
     let delivered = match pipeline.send_request(req).await {
         Ok(d) => d,
         Err(e) => {

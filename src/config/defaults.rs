@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::responses;
 use super::{
-    Dur, OpenApiDoc, ParamDoc, ParamLocation, RouteCachePolicy, RouteConfig, RouteKind,
+    Dur, OpenApiDoc, ParamDoc, ParamLocation, Priority, RouteCachePolicy, RouteConfig, RouteKind,
     UpstreamConfig,
 };
 
@@ -92,6 +92,17 @@ fn auth_post(
         // Credential stuffing is the threat on these two: a tighter policy than data reads.
         rate_limit: vec!["auth".into()],
         ..proxy(path, "auth", upstream_path, openapi)
+    }
+}
+
+/// Who is shed first at market open: a user who cannot log in is the incident, so login is
+/// critical (token verification is too, in `auth`); registering can wait like a data read;
+/// analytics are expensive, cached and retried later by a client at no loss.
+fn default_priority(path: &str) -> Priority {
+    match path {
+        "/api/auth/login" => Priority::Critical,
+        p if p.starts_with("/api/analytics/") => Priority::Sheddable,
+        _ => Priority::Default,
     }
 }
 
@@ -228,6 +239,7 @@ pub fn routes() -> Vec<RouteConfig> {
         ..RouteConfig::default()
     });
     for r in &mut routes {
+        r.priority = default_priority(&r.path);
         r.cache = default_cache_ttl(&r.path)
             .map(|secs| RouteCachePolicy::new(std::time::Duration::from_secs(secs)));
     }

@@ -42,6 +42,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod concurrency;
 pub mod defaults;
 pub mod ratelimit;
 pub mod redact;
@@ -62,6 +63,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthConfig, AuthMode, JwtAlgorithm};
 pub use cache::{CacheConfig, RouteCachePolicy};
+pub use concurrency::{ConcurrencyConfig, Priority};
 pub use ratelimit::{
     builtin_policy, default_policies, KeySource, OnRedisError, PolicyConfig, RateLimitConfig,
 };

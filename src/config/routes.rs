@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::cache::RouteCachePolicy;
+use super::concurrency::Priority;
 use super::schema;
 use super::types::{join, Dur, FieldError};
 use super::Config;
@@ -121,6 +122,8 @@ pub struct RouteConfig {
     pub forward_query: bool,
     /// Opt in to the shared response cache (GET/HEAD, unauthenticated requests only).
     pub cache: Option<RouteCachePolicy>,
+    /// Who is shed first when the upstream is overloaded (`critical`, `default`, `sheddable`).
+    pub priority: Priority,
     pub openapi: OpenApiDoc,
 }
 
@@ -141,6 +144,7 @@ impl Default for RouteConfig {
             rate_limit: Vec::new(),
             forward_query: true,
             cache: None,
+            priority: Priority::Default,
             openapi: OpenApiDoc::default(),
         }
     }

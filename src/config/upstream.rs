@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::concurrency::ConcurrencyConfig;
 use super::types::{join, Dur, FieldError};
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -42,6 +43,8 @@ pub struct UpstreamConfig {
     pub retry: RetryConfig,
     /// The circuit breaker in front of this upstream.
     pub breaker: BreakerConfig,
+    /// The adaptive concurrency limit under `max_connections` and the bounded wait for it.
+    pub concurrency: ConcurrencyConfig,
 }
 
 impl Default for UpstreamConfig {
@@ -62,6 +65,7 @@ impl Default for UpstreamConfig {
             unavailable_message: None,
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
+            concurrency: ConcurrencyConfig::default(),
         }
     }
 }
@@ -292,6 +296,8 @@ impl UpstreamConfig {
         // or breaker setting was accepted silently.
         self.retry.validate(&join(path, "retry"), errors);
         self.breaker.validate(&join(path, "breaker"), errors);
+        self.concurrency
+            .validate(&join(path, "concurrency"), self.max_connections, errors);
         if self.timeout.0.is_zero() {
             errors.push(FieldError::new(
                 join(path, "timeout"),

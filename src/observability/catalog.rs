@@ -31,6 +31,9 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_upstream_hedges_total", Kind::Counter, "Hedged second attempts sent to another instance"),
     ("gateway_upstream_ejections_total", Kind::Counter, "Instances ejected for failing"),
     ("gateway_upstream_in_flight", Kind::Gauge, "Calls holding one of an upstream's slots (max_connections): from the start of the call until the upstream has sent the whole body"),
+    ("gateway_upstream_concurrency_limit", Kind::Gauge, "The upstream's concurrency limit learnt from latency (under max_connections): calls beyond it wait briefly, then are shed"),
+    ("gateway_upstream_queue_wait_seconds", Kind::Histogram, "Time calls waited for a slot under the concurrency limit (only calls that had to wait; served or shed)"),
+    ("gateway_shed_total", Kind::Counter, "Requests refused 503 overloaded, by route, priority and cause (queue_timeout, queue_full)"),
     ("gateway_upstream_endpoints", Kind::Gauge, "Instances of an upstream, by state (healthy, ejected, draining)"),
     ("gateway_upstream_instance_probes_total", Kind::Counter, "Probes of ejected instances, by result"),
     ("gateway_circuit_breaker_state", Kind::Gauge, "Circuit breaker state: 1 for the current state (closed, open, half_open), 0 for the others"),
@@ -104,6 +107,16 @@ pub fn register_zeroes(cfg: &Config) {
         ] {
             counter!("gateway_errors_total", "route" => route.clone(), "reason" => reason)
                 .increment(0);
+        }
+        if r.upstream.is_some() && r.kind == RouteKind::Proxy {
+            counter!("gateway_errors_total", "route" => route.clone(), "reason" => "overloaded")
+                .increment(0);
+            // `upstream::concurrency::ShedCause` (upstream imports this module, not back).
+            for cause in ["queue_timeout", "queue_full"] {
+                counter!("gateway_shed_total", "route" => route.clone(),
+                    "priority" => r.priority.as_str(), "cause" => cause)
+                .increment(0);
+            }
         }
         for method in &r.methods {
             let labels = [

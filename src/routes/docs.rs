@@ -919,6 +919,11 @@ mod tests {
             GatewayError::GatewaySaturated {
                 retry_after: std::time::Duration::from_secs(1),
             },
+            GatewayError::Overloaded {
+                upstream: up(),
+                cause: "queue_timeout",
+                retry_after: std::time::Duration::from_secs(1),
+            },
             GatewayError::Internal,
         ];
         for e in &all {
@@ -942,6 +947,7 @@ mod tests {
                 | GatewayError::TooManyConnections
                 | GatewayError::TooManyInFlight { .. }
                 | GatewayError::GatewaySaturated { .. }
+                | GatewayError::Overloaded { .. }
                 | GatewayError::Internal => {}
             }
         }

@@ -67,6 +67,10 @@ use crate::upstream::{Pipeline, UpstreamError};
 pub use buffer::BufferBudget;
 use table::{Route, RouteMatch, RouteTable};
 
+/// What an `overloaded` refusal asks the client to wait: a spike at market open lasts
+/// seconds, and a client that comes back at once only adds to it.
+const OVERLOADED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One upstream at run time.
 pub struct UpstreamRuntime {
     /// Its name in the config: metric label, log field, the error body's `upstream`.
@@ -105,6 +109,11 @@ impl UpstreamRuntime {
             },
             UpstreamError::ClientShare { .. } => GatewayError::TooManyInFlight {
                 upstream: self.name.clone(),
+            },
+            UpstreamError::Overloaded { cause, .. } => GatewayError::Overloaded {
+                upstream: self.name.clone(),
+                cause: cause.as_str(),
+                retry_after: OVERLOADED_RETRY_AFTER,
             },
         }
     }
@@ -309,6 +318,9 @@ async fn phases<'a>(
 /// route carries the RateLimit headers, errors included.
 fn respond(result: Result<Response, GatewayError>, ctx: &RequestCtx<'_>) -> Response {
     let mut resp = result.unwrap_or_else(|error| {
+        if let GatewayError::Overloaded { cause, .. } = &error {
+            count_shed(ctx, cause);
+        }
         ErrorReply {
             error: &error,
             request_id: ctx.request_id.to_str().unwrap_or(""),
@@ -319,6 +331,16 @@ fn respond(result: Result<Response, GatewayError>, ctx: &RequestCtx<'_>) -> Resp
         decision.apply_headers(resp.headers_mut());
     }
     resp
+}
+
+/// `gateway_shed_total{route,priority,cause}`: one request refused for overload.
+fn count_shed(ctx: &RequestCtx<'_>, cause: &'static str) {
+    let priority = ctx.route.map(|r| r.priority).unwrap_or_default();
+    metrics::counter!("gateway_shed_total",
+        "route" => ctx.label.clone().unwrap_or_else(|| Arc::from("")),
+        "priority" => priority.as_str(),
+        "cause" => cause)
+    .increment(1);
 }
 
 /// Phase "match route": the route and its raw (still percent-encoded) parameters.

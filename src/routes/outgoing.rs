@@ -22,7 +22,7 @@ use super::headers::upstream_headers;
 use super::table::Route;
 use super::{AppState, RequestCtx, UpstreamRuntime};
 use crate::error::GatewayError;
-use crate::upstream::{CallLimits, CallOptions, UpstreamRequest};
+use crate::upstream::{CallLimits, CallOptions, Caller, UpstreamRequest};
 
 /// The upstream path, rewritten from the route's upstream template.
 pub fn upstream_path(route: &Route, params: &[&str]) -> String {
@@ -150,7 +150,12 @@ impl<'a> Outgoing<'a> {
         if !body.is_empty() || !matches!(*client_method, Method::GET | Method::HEAD) {
             req.set_body(body);
         }
-        req.client = Some(self.ctx.client);
+        req.caller = Caller {
+            client: Some(self.ctx.client),
+            priority: self.route.priority,
+            latency_class: self.route.latency_class,
+        };
+        req.limited = true;
         Ok(req)
     }
 

@@ -46,6 +46,11 @@ pub struct Route {
     pub cache: Option<crate::config::RouteCachePolicy>,
     /// Rate-limit policies, resolved to the limiter's handles at startup.
     pub policies: Vec<crate::ratelimit::PolicyId>,
+    /// Who is shed first when the upstream is overloaded.
+    pub priority: crate::config::Priority,
+    /// The route's own latency baseline in its upstream's concurrency limit (its position
+    /// in the table, plus one: 0 is calls outside a route).
+    pub latency_class: u32,
 }
 
 impl Route {
@@ -143,6 +148,8 @@ impl RouteTable {
                 forward_query: r.forward_query,
                 cache: r.cache,
                 policies: r.rate_limit.iter().filter_map(|n| policy(n)).collect(),
+                priority: r.priority,
+                latency_class: u32::try_from(i + 1).unwrap_or(u32::MAX),
             });
         }
         if !errors.is_empty() {

@@ -149,7 +149,8 @@ async fn breakers(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// Each upstream's slots (held ones are `in_flight`: calls from their start until the
 /// upstream has sent the whole body, however slowly the client reads; `max_connections`;
-/// `max_per_client`) and instances: address, state (healthy / ejected / draining), how long
+/// `max_per_client`), the adaptive `concurrency` limit (learnt `limit`, its `in_flight`,
+/// calls `waiting`) and instances: address, state (healthy / ejected / draining), how long
 /// an ejection or a 429/503 bias still lasts, attempts waiting for response headers
 /// (`in_flight`, the balancer's load), peak-EWMA latency, counts.
 async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
@@ -166,6 +167,12 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
                 "in_flight": slots.in_flight(),
                 "max_connections": slots.capacity(),
                 "max_per_client": slots.per_client(),
+                // The limit learnt from latency and the calls waiting under it (null: off).
+                "concurrency": u.pipeline.concurrency().map(|c| json!({
+                    "limit": c.limit(),
+                    "in_flight": c.in_flight(),
+                    "waiting": c.waiting(),
+                })),
                 "instances": instances,
             })
         })

@@ -133,20 +133,27 @@ pub struct UpstreamRequest {
     /// Method, URL, headers and the buffered body (retries clone it).
     pub request: reqwest::Request,
     pub options: CallOptions,
-    /// The client it is made for, counted against its share of the upstream's slots;
-    /// `None`: bounded by the slots only.
-    pub client: Option<ClientKey>,
+    /// On whose behalf: its client's share of the upstream's slots, its priority and latency
+    /// class under the adaptive concurrency limit.
+    pub caller: Caller,
+    /// Under the upstream's adaptive concurrency limit: proxied requests and token
+    /// verification. Not a WebSocket handshake (bounded by the `[websocket]` caps: a reconnect
+    /// storm after a socket restart must not be shed by a limit learnt from HTTP calls), nor a
+    /// caller of the pipeline alone.
+    pub limited: bool,
     /// The trace its attempt spans join (`None`: no spans).
     pub trace: Option<TraceParent>,
 }
 
 impl UpstreamRequest {
-    /// `method url`, no headers or body yet, for no client and in no trace.
+    /// `method url`, no headers or body yet, for no client, outside the adaptive limit and in no
+    /// trace.
     pub fn new(method: Method, url: reqwest::Url, options: CallOptions) -> UpstreamRequest {
         UpstreamRequest {
             request: reqwest::Request::new(method, url),
             options,
-            client: None,
+            caller: Caller::default(),
+            limited: false,
             trace: None,
         }
     }
@@ -167,6 +174,19 @@ impl UpstreamRequest {
     pub fn set_body(&mut self, body: Bytes) {
         *self.request.body_mut() = Some(reqwest::Body::from(body));
     }
+}
+
+/// On whose behalf a call is made: what the bulkhead and the concurrency limit weigh it by.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caller {
+    /// The client it counts against (its share of the slots); `None`: no client's (token
+    /// verification for a request already counted, probes).
+    pub client: Option<ClientKey>,
+    /// How long it may wait for a slot and who is shed first (the route's `priority`).
+    pub priority: crate::config::Priority,
+    /// Calls of one class share a no-load latency baseline in the concurrency limit: the
+    /// proxy gives each route its own (one upstream's endpoints differ in latency).
+    pub latency_class: u32,
 }
 
 /// An upstream response, headers received and body not yet read.
@@ -197,6 +217,14 @@ pub enum UpstreamError {
     /// refused without contacting the upstream (see `bulkhead`).
     #[error("client holds its share of the upstream's slots ({limit})")]
     ClientShare { limit: usize },
+    /// The upstream is at its learnt concurrency limit and the call waited as long as its
+    /// priority allows (or could not wait): refused without contacting the upstream, and no
+    /// failure of it (see `concurrency`).
+    #[error("upstream overloaded ({}, limit {limit})", cause.as_str())]
+    Overloaded {
+        cause: super::concurrency::ShedCause,
+        limit: usize,
+    },
 }
 
 /// A call was refused without contacting the upstream because the circuit is open.
@@ -591,7 +619,7 @@ mod tests {
         let options =
             CallOptions::for_method(&Method::GET, CallLimits::within(Duration::from_secs(1)));
         let plain = UpstreamRequest::new(Method::GET, url.clone(), options);
-        assert!(plain.trace.is_none() && plain.client.is_none());
+        assert!(plain.trace.is_none() && plain.caller.client.is_none() && !plain.limited);
         assert!(plain.request.headers().is_empty());
         let traced = UpstreamRequest::new(Method::GET, url, options).in_trace(&trace);
         let parent = traced.trace.expect("in a trace");

@@ -5,7 +5,8 @@
 //! every call to an upstream, token verification included, goes through it:
 //!
 //! ```text
-//! client share + deadline + bulkhead (Pipeline::send_for)
+//! client share + concurrency limit (a short wait, then `Overloaded`) + deadline + bulkhead
+//!   (Pipeline::send_for)
 //!   -> retry (503 + connect errors, budget, backoff with full jitter, Retry-After; a retry
 //!      or hedge goes to another instance)
 //!   -> attempt record (one tracing event + metrics per attempt)
@@ -17,6 +18,8 @@
 //! ```
 //!
 //! - [`bulkhead`]: the slots of one upstream and each client's share of them.
+//! - [`concurrency`]: the limit learnt from latency under the bulkhead, the short CoDel wait
+//!   for it, priorities.
 //! - [`call`]: the per-call types: options, results, outcomes, and the state the layers of
 //!   one call share through the request's `Extensions`.
 //! - [`pipeline`]: the composition and [`Pipeline::send`].
@@ -46,6 +49,7 @@ pub mod bulkhead;
 pub mod cache;
 pub mod call;
 pub mod client;
+pub mod concurrency;
 pub mod discovery;
 pub mod instances;
 pub mod pipeline;
@@ -58,7 +62,7 @@ pub use breaker::{
     http_health_check, Breaker, BreakerOpen, BreakerSnapshot, BreakerState, HealthCheck,
 };
 pub use call::{
-    AttemptTimedOut, CallLimits, CallOptions, Delivered, TraceParent, UpstreamError,
+    AttemptTimedOut, CallLimits, CallOptions, Caller, Delivered, TraceParent, UpstreamError,
     UpstreamRequest,
 };
 pub use discovery::{Resolve, SystemResolver};
@@ -77,6 +81,8 @@ pub fn register_zeroes(upstream: &str) {
             .increment(0);
     }
     metrics::gauge!("gateway_upstream_in_flight", "upstream" => u.clone()).increment(0.0);
+    metrics::gauge!("gateway_upstream_concurrency_limit", "upstream" => u.clone()).increment(0.0);
+    let _ = histogram!("gateway_upstream_queue_wait_seconds", "upstream" => u.clone());
     for family in [
         "gateway_upstream_retry_budget_exhausted_total",
         "gateway_upstream_hedges_total",

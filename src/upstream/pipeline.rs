@@ -16,15 +16,15 @@ use super::balancer::{Balancer, Chosen, Dispatch};
 use super::breaker::{any_instance_healthy, Breaker, BreakerLayer, CallPermit};
 use super::bulkhead::Bulkhead;
 use super::call::{
-    error_chain, instant_after, Call, CallOptions, Delivered, Outcome, UpstreamError,
+    error_chain, instant_after, Call, CallOptions, Caller, Delivered, Outcome, UpstreamError,
     UpstreamRequest,
 };
 use super::client::{build_client, unused_base};
+use super::concurrency::{ConcurrencyLimit, Sample};
 use super::discovery::{self, Resolve, SystemResolver, Target};
 use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
 use super::timeout::AttemptTimeout;
-use crate::client::ClientKey;
 use crate::config::UpstreamConfig;
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 use crate::observability::otlp::{self, Exporter, SpanRecord};
@@ -204,6 +204,10 @@ pub struct Pipeline {
     /// concurrent clients meant 1,000 upstream connections (and their buffers and tasks). No
     /// client holds more than `max_client_share` of them.
     bulkhead: Bulkhead,
+    /// The limit learnt from latency under the bulkhead (`[upstreams.X.concurrency]`): a
+    /// call beyond it waits only briefly, then is refused as `Overloaded`, so that a spike
+    /// queues neither here nor in the upstream's backlog. `None` when disabled.
+    limit: Option<ConcurrencyLimit>,
     /// Where the attempt layer sends its spans.
     spans: SpanSink,
 }
@@ -303,6 +307,10 @@ impl Pipeline {
             max_retries: cfg.retry.max_retries,
             instances,
             bulkhead: Bulkhead::new(name, cfg.max_connections, cfg.max_client_share),
+            limit: cfg
+                .concurrency
+                .enabled
+                .then(|| ConcurrencyLimit::new(name, &cfg.concurrency, cfg.max_connections)),
             spans,
         })
     }
@@ -339,6 +347,11 @@ impl Pipeline {
         &self.bulkhead
     }
 
+    /// The adaptive limit, for `/admin/upstreams` (`None`: disabled).
+    pub fn concurrency(&self) -> Option<&ConcurrencyLimit> {
+        self.limit.as_ref()
+    }
+
     /// Sends `req` (its body must be buffered, so that retries can clone it) through the stack.
     ///
     /// Any upstream answer, 5xx included, is `Ok` (the client gets it untouched); `Err` means
@@ -346,47 +359,73 @@ impl Pipeline {
     /// upstream, [`UpstreamError::Timeout`] when an attempt or the deadline ran out,
     /// [`UpstreamError::Unavailable`] when the connection failed on the last attempt.
     ///
-    /// Bounded by the slots only; a call made for a client is [`Pipeline::send_for`].
+    /// Bounded by the slots only, not by the adaptive limit: a WebSocket handshake (bounded
+    /// by the `[websocket]` connection caps; a reconnect storm after a socket restart must
+    /// not be shed by a limit learnt from HTTP calls), or a caller of the pipeline alone. A
+    /// proxied request or a token verification is sent `limited` ([`UpstreamRequest`]).
     pub async fn send(
         &self,
-        req: Request,
-        options: CallOptions,
-    ) -> Result<Delivered, UpstreamError> {
-        self.send_for(None, req, options).await
-    }
-
-    /// [`Pipeline::send`] on behalf of `client`, counted against its share of the slots:
-    /// [`UpstreamError::ClientShare`] at once, without contacting the upstream or counting
-    /// for the breaker and the retry budget, when it already holds or waits for its share.
-    pub async fn send_for(
-        &self,
-        client: Option<ClientKey>,
         req: Request,
         options: CallOptions,
     ) -> Result<Delivered, UpstreamError> {
         self.send_request(UpstreamRequest {
             request: req,
             options,
-            client,
+            caller: Caller::default(),
+            limited: false,
             trace: None,
         })
         .await
     }
 
-    /// Sends a request built for this upstream (see [`UpstreamRequest`]): for its client
-    /// ([`Pipeline::send_for`]), with its attempts' spans in its trace.
+    /// [`Pipeline::send`] on behalf of `caller`: counted against its client's share of the
+    /// slots ([`UpstreamError::ClientShare`] at once when it already holds or waits for its
+    /// share), and under the adaptive limit at its priority ([`UpstreamError::Overloaded`]
+    /// after a short wait). Neither refusal contacts the upstream or counts for the breaker
+    /// and the retry budget.
+    pub async fn send_for(
+        &self,
+        caller: Caller,
+        req: Request,
+        options: CallOptions,
+    ) -> Result<Delivered, UpstreamError> {
+        self.send_request(UpstreamRequest {
+            request: req,
+            options,
+            caller,
+            limited: true,
+            trace: None,
+        })
+        .await
+    }
+
+    /// Sends a request built for this upstream (see [`UpstreamRequest`]): for its caller (its
+    /// client's share, and its priority under the adaptive limit when `limited`), with its
+    /// attempts' spans in its trace.
     pub async fn send_request(&self, req: UpstreamRequest) -> Result<Delivered, UpstreamError> {
         let UpstreamRequest {
             request: req,
             options,
-            client,
+            caller,
+            limited,
             trace,
         } = req;
         let entry = self
             .bulkhead
-            .enter(client)
+            .enter(caller.client)
             .map_err(|e| UpstreamError::ClientShare { limit: e.limit })?;
         let deadline = instant_after(Instant::now(), options.deadline);
+        // Outside the deadline's timeout below: a refusal here is no timeout (the wait is
+        // bounded by `queue_interval`, and counts against the deadline all the same).
+        let limit_permit = match self.limit.as_ref().filter(|_| limited) {
+            Some(limit) => Some(limit.acquire(caller.priority).await.map_err(|refused| {
+                UpstreamError::Overloaded {
+                    cause: refused.cause,
+                    limit: refused.limit,
+                }
+            })?),
+            None => None,
+        };
         // Every call earns retry budget, whether or not it needs a retry.
         self.budget.deposit();
         let call = Call::in_trace(
@@ -404,27 +443,47 @@ impl Pipeline {
         // fires during an attempt; it is the backstop.
         let result = tokio::time::timeout_at(deadline, async {
             let slot = entry.acquire().await;
+            let sent = Instant::now();
             let response = self
                 .client
                 .execute_with_extensions(req, &mut extensions)
                 .await;
-            (response, slot)
+            (response, slot, sent.elapsed())
         })
         .await;
+        let attempts = call.attempts();
+        // The round trip feeds the limit: an answer (a 5xx may be a fast refusal, and a
+        // retried call's time includes backoff: neither is a sample), or a timeout.
+        let sample = match &result {
+            Ok((Ok(response), _, rtt)) if attempts == 1 && !response.status().is_server_error() => {
+                Some(Sample::Answered(*rtt))
+            }
+            Ok((Err(_), _, _)) if call.last_outcome() == Some(Outcome::Timeout) => {
+                Some(Sample::TimedOut)
+            }
+            Err(_elapsed) => Some(Sample::TimedOut),
+            Ok(_) => None,
+        };
+        if let (Some(sample), Some(permit)) = (sample, &limit_permit) {
+            permit.record(caller.latency_class, sample);
+        }
+        // The limit counts calls waiting for the upstream's answer, what its round trips
+        // measure: the slot goes back with the response headers. The body, however slowly a
+        // client reads it, holds a bulkhead slot (`max_connections`), not this.
+        drop(limit_permit);
         // One breaker record per call, for its final attempt (a timeout if the deadline cut
         // the call).
         permit.finish(match &result {
             Ok(_) => call.last_outcome().and_then(Outcome::breaker_failure),
             Err(_elapsed) => Outcome::Timeout.breaker_failure(),
         });
-        let attempts = call.attempts();
         match result {
-            Ok((Ok(response), slot)) => Ok(Delivered {
+            Ok((Ok(response), slot, _)) => Ok(Delivered {
                 response,
                 attempts,
                 slot,
             }),
-            Ok((Err(e), _)) => Err(match call.last_outcome() {
+            Ok((Err(e), _, _)) => Err(match call.last_outcome() {
                 Some(Outcome::CircuitOpen(retry_after)) => {
                     UpstreamError::CircuitOpen { retry_after }
                 }

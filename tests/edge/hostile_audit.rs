@@ -354,6 +354,9 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_slot() {
     cfg.limits.send_timeout = Dur::from_millis(500);
     for u in cfg.upstreams.values_mut() {
         u.max_connections = 1;
+        // The second client must WAIT for the one slot (the bulkhead's behaviour under
+        // test), not be refused after the adaptive limit's short wait.
+        u.concurrency.enabled = false;
     }
     let gw = spawn(cfg).await;
     // The only upstream slot goes to a client that reads a few bytes and then nothing.

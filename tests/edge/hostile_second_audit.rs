@@ -111,7 +111,14 @@ async fn concurrent_bad_tokens_cannot_multiply_verify_calls() {
         )
         .start()
         .await;
-    let gw = spawn(all_to(&auth)).await;
+    let mut cfg = all_to(&auth);
+    // This fake's latency jumps from a few ms to 500 ms at 20 concurrent calls: to the
+    // adaptive concurrency limit, exactly an overloaded auth service. The subject here is
+    // the failed-verification guard, so calls wait for slots as they did without it.
+    for u in cfg.upstreams.values_mut() {
+        u.concurrency.enabled = false;
+    }
+    let gw = spawn(cfg).await;
     let c = client();
     let me = format!("{}/api/user/me", gw.url());
     // A neighbour behind the same address verified its token before the flood.

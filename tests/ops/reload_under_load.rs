@@ -34,6 +34,10 @@ url = "{up}"
 # The load is one client (127.0.0.1) at 300 req/s: a stall of the machine puts more than a
 # client's share of the slots (max_client_share) in flight, which is not what this measures.
 max_client_share = 1.0
+# Nor the adaptive limit: a stall of the machine reads as upstream latency, and each reload
+# starts a fresh limit; shedding under load is tests/overload.rs's subject, not this one's.
+[upstreams.storage.concurrency]
+enabled = false
 [upstreams.analytics]
 url = "{up}"
 [upstreams.socket]

@@ -1,0 +1,438 @@
+//! The adaptive concurrency limit of one upstream, and the short wait for a slot under it.
+//!
+//! Overload is not failure. When demand exceeds what an upstream can serve, a queue forms
+//! somewhere: in the upstream's backlog, or in the gateway waiting for a connection. Either
+//! queue holds requests for seconds (every client waits, clients retry, deadlines fire, and
+//! a healthy service is marked down). So:
+//!
+//! - the limit is learnt from latency ([`controller`]): calls in flight beyond what the
+//!   upstream serves at once only queue there, and show as round trips above the no-load
+//!   latency. It stays under the static bulkhead (`max_connections`), the hard ceiling;
+//! - a call without a slot waits only briefly, CoDel-style ("Fail at Scale"): up to
+//!   `queue_interval` while the queue has been empty within the last interval (a burst),
+//!   up to `queue_target` once a queue stands or a waiter was refused within the last
+//!   interval (overloaded), and the newest waiter is served first then (adaptive LIFO: the
+//!   oldest have waited longest and are likeliest to be given up on).
+//!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. A refusal is not
+//!   a failure of the upstream: the breaker, ejection and retries never see it;
+//! - priorities: critical calls are served first and wait two no-load round trips (at least
+//!   `queue_interval`, at most a second) even when overloaded; sheddable calls are served last, wait `queue_target` at most, and not
+//!   at all when overloaded.
+//!
+//! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter, two to
+//! leave, and a `try_lock` of the controller to feed it its round trip; the queue's lock is
+//! taken only when there are waiters.
+
+pub mod controller;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{ConcurrencyConfig, Priority};
+use controller::Controller;
+pub use controller::Sample;
+
+/// The longest a critical call waits for a slot, whatever the upstream's latency.
+const CRITICAL_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// Why a call was refused a slot (the `cause` label of `gateway_shed_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedCause {
+    /// It waited as long as its priority allows.
+    QueueTimeout,
+    /// It could not wait at all: a sheddable call while overloaded, or
+    /// `max_connections` calls already waiting.
+    QueueFull,
+}
+
+impl ShedCause {
+    pub const ALL: [ShedCause; 2] = [ShedCause::QueueTimeout, ShedCause::QueueFull];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedCause::QueueTimeout => "queue_timeout",
+            ShedCause::QueueFull => "queue_full",
+        }
+    }
+}
+
+/// A call got no slot under the limit in the time its priority may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("upstream at its concurrency limit ({limit}): {}", cause.as_str())]
+pub struct Refused {
+    pub cause: ShedCause,
+    /// The limit when it was refused.
+    pub limit: usize,
+}
+
+/// One upstream's learnt limit and the calls waiting under it.
+pub struct ConcurrencyLimit {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The learnt limit (whole slots), written by the controller.
+    limit: AtomicUsize,
+    /// Slots held.
+    in_flight: AtomicUsize,
+    /// Calls in `queue`: read without the lock, so that releasing a slot takes it only when
+    /// someone waits.
+    waiting: AtomicUsize,
+    queue: Mutex<Queue>,
+    controller: Mutex<Controller>,
+    target: Duration,
+    interval: Duration,
+    /// The fastest latency class's no-load round trip, in nanoseconds (0: none yet): how long
+    /// a critical call may wait.
+    round_trip_nanos: AtomicU64,
+    /// Most calls waiting at once (`max_connections`): the waits are short, so this only
+    /// bounds what a burst can make the queue cost.
+    max_waiting: usize,
+    /// `gateway_upstream_concurrency_limit{upstream}`.
+    limit_gauge: metrics::Gauge,
+    /// `gateway_upstream_queue_wait_seconds{upstream}`: calls that had to wait, served or not.
+    wait_seconds: metrics::Histogram,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// One line per priority, most important first.
+    lines: [VecDeque<Waiter>; 3],
+    /// When the queue was last empty: a queue not empty for `interval` is standing.
+    last_empty: Option<Instant>,
+    /// Until when the limit counts as overloaded because a waiter waited its whole budget:
+    /// when arrivals are further apart than `queue_target`, the queue empties between them
+    /// and never stands, yet every one of them would wait `queue_interval` for nothing.
+    shedding_until: Option<Instant>,
+    next_id: u64,
+}
+
+struct Waiter {
+    id: u64,
+    grant: oneshot::Sender<()>,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.lines.iter().map(VecDeque::len).sum()
+    }
+
+    /// A queue has stood for `interval`, or a waiter was refused within the last one.
+    fn overloaded(&self, now: Instant, interval: Duration) -> bool {
+        let standing = self.len() > 0
+            && self
+                .last_empty
+                .is_some_and(|at| now.duration_since(at) >= interval);
+        standing || self.shedding_until.is_some_and(|until| now < until)
+    }
+
+    /// The next waiter: most important line first; newest first when overloaded.
+    fn pop(&mut self, now: Instant, interval: Duration) -> Option<Waiter> {
+        let lifo = self.overloaded(now, interval);
+        let line = self.lines.iter_mut().find(|l| !l.is_empty())?;
+        let waiter = if lifo {
+            line.pop_back()
+        } else {
+            line.pop_front()
+        };
+        if self.len() == 0 {
+            self.last_empty = Some(now);
+        }
+        waiter
+    }
+
+    /// Takes waiter `id` out of `line` (it gave up waiting: overloaded for the next
+    /// `interval`); `false` if it is not there (it was granted a slot).
+    fn remove(&mut self, line: usize, id: u64, now: Instant, interval: Duration) -> bool {
+        let Some(at) = self.lines[line].iter().position(|w| w.id == id) else {
+            return false;
+        };
+        self.lines[line].remove(at);
+        if self.len() == 0 {
+            self.last_empty = Some(now);
+        }
+        self.shedding_until = Some(now + interval);
+        true
+    }
+}
+
+fn line_of(priority: Priority) -> usize {
+    match priority {
+        Priority::Critical => 0,
+        Priority::Default => 1,
+        Priority::Sheddable => 2,
+    }
+}
+
+impl Shared {
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a slot if the limit has room.
+    fn try_take(&self) -> Option<usize> {
+        let limit = self.limit.load(SeqCst);
+        self.in_flight
+            .fetch_update(SeqCst, SeqCst, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|n| n + 1)
+    }
+
+    /// Hands free slots to waiters (under the queue's lock).
+    fn admit(&self, queue: &mut Queue) {
+        let now = Instant::now();
+        while queue.len() > 0 {
+            if self.try_take().is_none() {
+                return;
+            }
+            let Some(waiter) = queue.pop(now, self.interval) else {
+                self.in_flight.fetch_sub(1, SeqCst);
+                return;
+            };
+            self.waiting.fetch_sub(1, SeqCst);
+            if waiter.grant.send(()).is_err() {
+                // Its receiver is gone without leaving the line: impossible while waiters
+                // leave under this lock, but never keep a slot for nobody.
+                self.in_flight.fetch_sub(1, SeqCst);
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, SeqCst);
+        // Paired with the waiter's increment of `waiting` before its last look at the slots:
+        // one of the two sees the other, so a freed slot never idles while someone waits.
+        if self.waiting.load(SeqCst) > 0 {
+            self.admit(&mut self.lock_queue());
+        }
+    }
+
+    /// How long a critical call may wait: two no-load round trips of the upstream (time for
+    /// the calls in flight to answer and slow start to add slots: a burst of logins to a
+    /// healthy auth service is served, not shed), at least `queue_interval`, at most
+    /// [`CRITICAL_WAIT_MAX`]; that maximum before any round trip is known.
+    fn critical_wait(&self) -> Duration {
+        match self.round_trip_nanos.load(Relaxed) {
+            0 => CRITICAL_WAIT_MAX,
+            nanos => (Duration::from_nanos(nanos) * 2).clamp(self.interval, CRITICAL_WAIT_MAX),
+        }
+    }
+
+    fn set_limit(&self, limit: usize) {
+        let old = self.limit.swap(limit, SeqCst);
+        if old != limit {
+            self.limit_gauge.set(limit as f64);
+        }
+        if limit > old && self.waiting.load(SeqCst) > 0 {
+            self.admit(&mut self.lock_queue());
+        }
+    }
+}
+
+/// A slot under the limit; given back when dropped.
+pub struct Permit {
+    shared: Arc<Shared>,
+    /// Slots held when it was granted (itself included): whether its round trip is a
+    /// no-load sample.
+    in_flight: usize,
+}
+
+impl Permit {
+    /// Feeds the call's outcome to the controller (once per call). A sample that finds the
+    /// controller busy with another is skipped rather than waited for: the limit is a
+    /// statistic of many calls, and no call ever queues behind another's bookkeeping.
+    pub fn record(&self, class: u32, sample: Sample) {
+        let mut controller = match self.shared.controller.try_lock() {
+            Ok(controller) => controller,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let changed = controller.record(Instant::now(), class, self.in_flight, sample);
+        let round_trip = controller.fastest_round_trip().unwrap_or_default();
+        drop(controller);
+        let nanos = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.round_trip_nanos.store(nanos, Relaxed);
+        if let Some(limit) = changed {
+            self.shared.set_limit(limit);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.shared.release();
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+/// A waiter's place in line; leaving it (a timeout, or the caller gave up) takes it out, and
+/// gives back a slot granted in the meantime.
+struct Place<'a> {
+    shared: &'a Arc<Shared>,
+    line: usize,
+    id: u64,
+    grant: Option<oneshot::Receiver<()>>,
+}
+
+impl Place<'_> {
+    /// Leaves the line; `true` if a slot was granted before it could.
+    fn leave(&mut self) -> bool {
+        let removed = self.shared.lock_queue().remove(
+            self.line,
+            self.id,
+            Instant::now(),
+            self.shared.interval,
+        );
+        if removed {
+            self.shared.waiting.fetch_sub(1, SeqCst);
+        }
+        let granted = !removed
+            && self
+                .grant
+                .take()
+                .is_some_and(|mut rx| rx.try_recv().is_ok());
+        self.grant = None;
+        granted
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if self.grant.is_some() && self.leave() {
+            // Granted as the caller gave up: the slot goes to the next in line.
+            self.shared.release();
+        }
+    }
+}
+
+impl ConcurrencyLimit {
+    /// `upstream` labels the metrics; the limit starts at `initial_limit`.
+    pub fn new(upstream: &str, cfg: &ConcurrencyConfig, max_connections: usize) -> Self {
+        let controller = Controller::new(cfg, max_connections, Instant::now());
+        let limit = controller.limit();
+        let limit_gauge = metrics::gauge!("gateway_upstream_concurrency_limit",
+            "upstream" => upstream.to_string());
+        limit_gauge.set(limit as f64);
+        ConcurrencyLimit {
+            shared: Arc::new(Shared {
+                limit: AtomicUsize::new(limit),
+                in_flight: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+                queue: Mutex::default(),
+                controller: Mutex::new(controller),
+                target: cfg.queue_target.0,
+                interval: cfg.queue_interval.0,
+                max_waiting: max_connections.max(1),
+                round_trip_nanos: AtomicU64::new(0),
+                limit_gauge,
+                wait_seconds: metrics::histogram!("gateway_upstream_queue_wait_seconds",
+                    "upstream" => upstream.to_string()),
+            }),
+        }
+    }
+
+    /// A slot under the limit, at once or after a wait bounded by `priority` (see the
+    /// module docs); cancel-safe.
+    pub async fn acquire(&self, priority: Priority) -> Result<Permit, Refused> {
+        let shared = &self.shared;
+        let permit = |in_flight| Permit {
+            shared: shared.clone(),
+            in_flight,
+        };
+        if shared.waiting.load(SeqCst) == 0 {
+            if let Some(n) = shared.try_take() {
+                return Ok(permit(n));
+            }
+        }
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let (line, id, budget) = {
+            let mut queue = shared.lock_queue();
+            if queue.len() == 0 {
+                if let Some(n) = shared.try_take() {
+                    return Ok(permit(n));
+                }
+            }
+            let overloaded = queue.overloaded(started, shared.interval);
+            let budget = match (priority, overloaded) {
+                (Priority::Critical, _) => shared.critical_wait(),
+                (Priority::Default, false) => shared.interval,
+                (Priority::Default, true) | (Priority::Sheddable, false) => shared.target,
+                (Priority::Sheddable, true) => Duration::ZERO,
+            };
+            let limit = shared.limit.load(SeqCst);
+            if budget.is_zero() || queue.len() >= shared.max_waiting {
+                return Err(Refused {
+                    cause: ShedCause::QueueFull,
+                    limit,
+                });
+            }
+            if queue.len() == 0 {
+                queue.last_empty = Some(started);
+            }
+            let id = queue.next_id;
+            queue.next_id += 1;
+            let line = line_of(priority);
+            queue.lines[line].push_back(Waiter { id, grant: tx });
+            shared.waiting.fetch_add(1, SeqCst);
+            // A slot freed since the look above went unclaimed: claim it for the line.
+            shared.admit(&mut queue);
+            (line, id, budget)
+        };
+        let mut place = Place {
+            shared,
+            line,
+            id,
+            grant: Some(rx),
+        };
+        let granted = match place.grant.as_mut() {
+            Some(rx) => matches!(tokio::time::timeout(budget, rx).await, Ok(Ok(()))),
+            None => false,
+        };
+        let granted = if granted {
+            place.grant = None;
+            true
+        } else {
+            place.leave()
+        };
+        shared.wait_seconds.record(started.elapsed().as_secs_f64());
+        if granted {
+            Ok(permit(shared.in_flight.load(SeqCst)))
+        } else {
+            Err(Refused {
+                cause: ShedCause::QueueTimeout,
+                limit: shared.limit.load(SeqCst),
+            })
+        }
+    }
+
+    /// The learnt limit now.
+    pub fn limit(&self) -> usize {
+        self.shared.limit.load(SeqCst)
+    }
+
+    /// Slots held now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(SeqCst)
+    }
+
+    /// Calls waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The limit's arithmetic and its waits, on tokio's paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::controller::{Controller, Sample};
+use super::*;
+use crate::config::{ConcurrencyConfig, Dur};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Drives `controller` for `secs` with a saturated upstream of `workers` workers x
+/// `service` and a FIFO backlog: every call in flight is the limit, served `workers` at a
+/// time, so a round trip is `service x max(1, limit / workers)`. Returns the last limit and
+/// round trip.
+async fn saturate(
+    controller: &mut Controller,
+    workers: usize,
+    service: Duration,
+    secs: u64,
+) -> (usize, Duration) {
+    let tick = ms(10);
+    let mut owed = 0.0;
+    let mut rtt = service;
+    for _ in 0..(secs * 100) {
+        tokio::time::advance(tick).await;
+        let limit = controller.limit();
+        rtt = service.mul_f64((limit as f64 / workers as f64).max(1.0));
+        // Completions this tick: limit / rtt per second.
+        owed += limit as f64 * tick.as_secs_f64() / rtt.as_secs_f64();
+        while owed >= 1.0 {
+            owed -= 1.0;
+            controller.record(Instant::now(), 1, limit, Sample::Answered(rtt));
+        }
+    }
+    (controller.limit(), rtt)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saturated_worker_pool_settles_the_limit_just_above_its_workers_whatever_their_number() {
+    // Nothing in the defaults knows the upstream: the same settings suit each.
+    for (workers, service) in [(16, ms(200)), (4, ms(50)), (64, ms(20)), (16, ms(2))] {
+        let mut c = Controller::new(&ConcurrencyConfig::default(), 256, Instant::now());
+        // Light demand before the spike shows the no-load latency.
+        c.record(Instant::now(), 1, 1, Sample::Answered(service));
+        let (limit, rtt) = saturate(&mut c, workers, service, 20).await;
+        // Every worker kept busy...
+        assert!(limit >= workers, "{workers} x {service:?}: limit {limit}");
+        // ...and successes wait at most about as long again as the service time at the
+        // upstream (plus the 5 ms slack, which dominates for a 2 ms service).
+        assert!(
+            rtt <= service * 2 + ms(12),
+            "{workers} x {service:?}: limit {limit}, round trip {rtt:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_never_leaves_its_bounds() {
+    let cfg = ConcurrencyConfig {
+        min_limit: 6,
+        max_limit: Some(30),
+        ..ConcurrencyConfig::default()
+    };
+    // 200 workers: the limit would grow past 30 if it could.
+    let mut c = Controller::new(&cfg, 256, Instant::now());
+    assert_eq!(saturate(&mut c, 200, ms(20), 10).await.0, 30);
+    // Timeouts only: halves per window down to the floor (sqrt(limit) headroom would stop
+    // at 4), never under it.
+    for _ in 0..100 {
+        tokio::time::advance(ms(50)).await;
+        c.record(Instant::now(), 1, 30, Sample::TimedOut);
+    }
+    assert_eq!(c.limit(), 6);
+    // The upstream's max_connections is the ceiling whatever the section says.
+    let c = Controller::new(&ConcurrencyConfig::default(), 8, Instant::now());
+    assert_eq!(c.limit(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_halve_the_limit_each_window() {
+    let mut c = Controller::new(&ConcurrencyConfig::default(), 256, Instant::now());
+    // The first answer sets the class's baseline; windows are then at least 200 ms.
+    c.record(Instant::now(), 1, 10, Sample::Answered(ms(200)));
+    tokio::time::advance(ms(200)).await;
+    let limit = c.record(Instant::now(), 1, 20, Sample::TimedOut);
+    // 20 x 0.5 + sqrt(20)
+    assert_eq!(limit, Some(14));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_upstream_brings_the_limit_down_toward_twice_its_demand_and_busy_raises_it() {
+    let mut c = Controller::new(&ConcurrencyConfig::default(), 256, Instant::now());
+    // Busy for a while: the limit grew past the initial 20.
+    for _ in 0..100 {
+        tokio::time::advance(ms(10)).await;
+        c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
+    }
+    assert!(c.limit() > 100, "{}", c.limit());
+    for _ in 0..1000 {
+        tokio::time::advance(ms(10)).await;
+        // Then never more than 3 of the slots busy, answers at the no-load latency: down
+        // toward twice the demand, but not under the initial limit.
+        c.record(Instant::now(), 1, 3, Sample::Answered(ms(20)));
+    }
+    assert_eq!(c.limit(), 20);
+    let cfg = ConcurrencyConfig {
+        initial_limit: 4,
+        ..ConcurrencyConfig::default()
+    };
+    let mut c = Controller::new(&cfg, 256, Instant::now());
+    for _ in 0..1000 {
+        tokio::time::advance(ms(10)).await;
+        c.record(Instant::now(), 1, 3, Sample::Answered(ms(20)));
+    }
+    assert_eq!(c.limit(), 6);
+    // Busy (every slot taken), nothing queueing: one more slot per answer.
+    for _ in 0..5 {
+        tokio::time::advance(ms(10)).await;
+        c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
+    }
+    assert_eq!(c.limit(), 11);
+    for _ in 0..50 {
+        tokio::time::advance(ms(10)).await;
+        c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
+    }
+    assert!(c.limit() > 60, "{}", c.limit());
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_route_is_compared_with_its_own_no_load_latency() {
+    let mut c = Controller::new(&ConcurrencyConfig::default(), 256, Instant::now());
+    // A product list in 5 ms and a chain in 150 ms, both unloaded, all slots in use: nothing
+    // queues, so the limit must not shrink (one baseline for both read the chain as a queue
+    // 30 times the list's latency).
+    for _ in 0..300 {
+        tokio::time::advance(ms(10)).await;
+        let busy = c.limit();
+        c.record(Instant::now(), 1, busy, Sample::Answered(ms(5)));
+        c.record(Instant::now(), 2, busy, Sample::Answered(ms(150)));
+    }
+    assert!(c.limit() >= 20, "{}", c.limit());
+    assert_eq!(c.baseline_of(1), Some(ms(5)));
+    assert_eq!(c.baseline_of(2), Some(ms(150)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_no_load_latency_is_the_average_of_light_calls_and_queued_calls_never_move_it() {
+    let mut c = Controller::new(&ConcurrencyConfig::default(), 256, Instant::now());
+    // Light load on a noisy machine: 80, 100, 120 ms in turn. The average is the baseline,
+    // not the luckiest call (which made every typical call look queued).
+    let noisy = [ms(80), ms(100), ms(120)];
+    for i in 0..300 {
+        tokio::time::advance(ms(20)).await;
+        c.record(Instant::now(), 1, 1, Sample::Answered(noisy[i % 3]));
+    }
+    let learnt = c.baseline_of(1).unwrap();
+    assert!(learnt > ms(95) && learnt < ms(105), "{learnt:?}");
+    // Nothing queued, so the limit did not shrink for the noise.
+    assert!(c.limit() >= 4);
+    // Saturated at 300 ms for a minute: queueing, not the no-load latency.
+    for _ in 0..600 {
+        tokio::time::advance(ms(100)).await;
+        c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(300)));
+    }
+    assert_eq!(c.baseline_of(1), Some(learnt));
+    // The upstream really became slower: 200 ms with few calls in flight. Within a few
+    // baseline windows it is the new no-load latency.
+    for _ in 0..1000 {
+        tokio::time::advance(ms(50)).await;
+        c.record(Instant::now(), 1, 1, Sample::Answered(ms(200)));
+    }
+    let relearnt = c.baseline_of(1).unwrap();
+    assert!(relearnt > ms(190) && relearnt <= ms(200), "{relearnt:?}");
+}
+
+fn limit_of(initial: usize) -> Arc<ConcurrencyLimit> {
+    let cfg = ConcurrencyConfig {
+        min_limit: 1,
+        initial_limit: initial,
+        ..ConcurrencyConfig::default()
+    };
+    Arc::new(ConcurrencyLimit::new("t", &cfg, 256))
+}
+
+/// Starts `priority`'s acquire on its own task; returns how long it took and whether it got
+/// a slot (the slot is kept until `hold` ends).
+fn waiter(
+    limit: &Arc<ConcurrencyLimit>,
+    priority: Priority,
+    hold: Duration,
+) -> tokio::task::JoinHandle<(Duration, Result<(), ShedCause>)> {
+    let limit = limit.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let result = limit.acquire(priority).await;
+        let waited = started.elapsed();
+        match result {
+            Ok(permit) => {
+                tokio::time::sleep(hold).await;
+                drop(permit);
+                (waited, Ok(()))
+            }
+            Err(refused) => (waited, Err(refused.cause)),
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_limit_no_wait_at_it_a_burst_waits_the_interval_then_is_refused() {
+    let limit = limit_of(2);
+    let held = [
+        limit.acquire(Priority::Default).await.unwrap(),
+        limit.acquire(Priority::Default).await.unwrap(),
+    ];
+    assert_eq!((limit.in_flight(), limit.waiting()), (2, 0));
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(result, Err(ShedCause::QueueTimeout));
+    assert_eq!(
+        waited,
+        ms(100),
+        "queue_interval, never the route's deadline"
+    );
+    // An interval after that refusal (a burst again), a slot freed during the wait goes to
+    // the waiter at once.
+    tokio::time::sleep(ms(100)).await;
+    let w = waiter(&limit, Priority::Default, ms(0));
+    tokio::time::sleep(ms(30)).await;
+    drop(held);
+    let (waited, result) = w.await.unwrap();
+    assert_eq!((waited, result), (ms(30), Ok(())));
+    assert_eq!((limit.in_flight(), limit.waiting()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn behind_a_standing_queue_waits_shrink_to_the_target_and_sheddable_goes_first() {
+    let limit = limit_of(1);
+    let _held = limit.acquire(Priority::Default).await.unwrap();
+    // A critical waiter keeps the queue non-empty past the interval: it stands.
+    let critical = waiter(&limit, Priority::Critical, ms(0));
+    tokio::time::sleep(ms(1)).await;
+    let first = waiter(&limit, Priority::Default, ms(0));
+    tokio::time::sleep(ms(99)).await;
+    // The critical waiter waits on even so: two no-load round trips, and with none known
+    // yet a second, then is refused.
+    let (waited, result) = critical.await.unwrap();
+    assert_eq!((waited, result), (ms(1000), Err(ShedCause::QueueTimeout)));
+    let _ = first.await;
+    // Keep a queue standing: default waiters arriving every 4 ms.
+    let mut line = Vec::new();
+    for _ in 0..30 {
+        line.push(waiter(&limit, Priority::Default, ms(0)));
+        tokio::time::sleep(ms(4)).await;
+    }
+    // Standing now: a default call waits the 5 ms target, a sheddable one not at all.
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(5), Err(ShedCause::QueueTimeout)));
+    let (waited, result) = waiter(&limit, Priority::Sheddable, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(0), Err(ShedCause::QueueFull)));
+    for w in line {
+        let _ = w.await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freed_slot_goes_to_the_most_important_waiter() {
+    let limit = limit_of(1);
+    let held = limit.acquire(Priority::Default).await.unwrap();
+    let sheddable = waiter(&limit, Priority::Sheddable, ms(50));
+    let default = waiter(&limit, Priority::Default, ms(50));
+    let critical = waiter(&limit, Priority::Critical, ms(50));
+    tokio::time::sleep(ms(1)).await;
+    drop(held);
+    // The critical waiter came last and is served first; the default one after it.
+    assert_eq!(critical.await.unwrap(), (ms(1), Ok(())));
+    assert_eq!(default.await.unwrap(), (ms(51), Ok(())));
+    // The sheddable one waited its 5 ms target and was refused long before.
+    assert_eq!(
+        sheddable.await.unwrap(),
+        (ms(5), Err(ShedCause::QueueTimeout))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_gives_up_while_waiting_takes_no_slot_with_it() {
+    let limit = limit_of(1);
+    let held = limit.acquire(Priority::Default).await.unwrap();
+    let gone = waiter(&limit, Priority::Default, ms(0));
+    let next = waiter(&limit, Priority::Default, ms(10));
+    tokio::time::sleep(ms(1)).await;
+    assert_eq!(limit.waiting(), 2);
+    gone.abort();
+    let _ = gone.await;
+    assert_eq!(limit.waiting(), 1);
+    drop(held);
+    assert_eq!(next.await.unwrap(), (ms(1), Ok(())));
+    assert_eq!((limit.in_flight(), limit.waiting()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_raised_limit_lets_waiters_in_at_once() {
+    let cfg = ConcurrencyConfig {
+        min_limit: 1,
+        initial_limit: 1,
+        sample_window: Dur::from_millis(10),
+        ..ConcurrencyConfig::default()
+    };
+    let limit = Arc::new(ConcurrencyLimit::new("t", &cfg, 256));
+    let busy = limit.acquire(Priority::Default).await.unwrap();
+    let w = waiter(&limit, Priority::Default, ms(0));
+    tokio::time::sleep(ms(20)).await;
+    // A fast answer with every slot busy closes a window: the limit grows by sqrt(1).
+    busy.record(1, Sample::Answered(ms(1)));
+    assert_eq!(limit.limit(), 2);
+    assert_eq!(w.await.unwrap(), (ms(20), Ok(())));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_refusal_even_sparse_arrivals_wait_only_the_target_for_an_interval() {
+    let limit = limit_of(1);
+    let _held = limit.acquire(Priority::Default).await.unwrap();
+    // A burst: the first waits the whole interval.
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(100), Err(ShedCause::QueueTimeout)));
+    // The queue is empty again, but a call was just refused: arrivals further apart than the
+    // target (which never make a queue stand) wait the target, not the interval each.
+    for _ in 0..5 {
+        tokio::time::sleep(ms(20)).await;
+        let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+        assert_eq!((waited, result), (ms(5), Err(ShedCause::QueueTimeout)));
+        // Sheddable calls are not even queued meanwhile.
+        let (waited, result) = waiter(&limit, Priority::Sheddable, ms(0)).await.unwrap();
+        assert_eq!((waited, result), (ms(0), Err(ShedCause::QueueFull)));
+    }
+    // An interval without a refusal: a burst again.
+    tokio::time::sleep(ms(100)).await;
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+}
