@@ -193,6 +193,7 @@ pub async fn build_state(
             .collect(),
         header_policy: crate::routes::headers::HeaderPolicy::new(&cfg.headers.strip_from_untrusted),
         cors: routes::cors::Cors::new(&cfg.cors),
+        compressor: routes::compress::Compressor::new(&cfg.compression),
         openapi: Bytes::from(openapi),
         ws_connections: previous
             .map(|p| p.ws_connections.clone())

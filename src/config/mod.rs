@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod compression;
 pub mod defaults;
 pub mod ratelimit;
 pub mod redact;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthConfig, AuthMode, JwtAlgorithm};
 pub use cache::{CacheConfig, RouteCachePolicy};
+pub use compression::{CompressionConfig, CompressionLevel};
 pub use ratelimit::{
     builtin_policy, default_policies, KeySource, OnRedisError, PolicyConfig, RateLimitConfig,
 };
@@ -72,6 +74,8 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// The shared response cache's size limits.
     pub cache: CacheConfig,
+    /// Response compression (`Accept-Encoding`).
+    pub compression: CompressionConfig,
     /// Rate-limit policies and the Redis backend (`REDIS_URL`).
     pub rate_limit: RateLimitConfig,
     /// OpenTelemetry span export (`[tracing]`), off by default.
@@ -290,6 +294,7 @@ impl Config {
         self.headers.validate("headers", &mut errors);
         self.websocket.validate("websocket", &mut errors);
         self.cache.validate("cache", &mut errors);
+        self.compression.validate("compression", &mut errors);
         self.rate_limit.validate("rate_limit", &mut errors);
         self.tracing.validate("tracing", &mut errors);
         for (name, u) in &self.upstreams {
@@ -375,6 +380,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             tracing: TracingConfig::default(),
             cache: CacheConfig::default(),
+            compression: CompressionConfig::default(),
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),

@@ -13,6 +13,7 @@
 //! policy, the listener's answers and the WebSocket `Origin` check alike.
 
 mod buffer;
+pub mod compress;
 pub mod cors;
 pub mod docs;
 pub mod headers;
@@ -120,6 +121,8 @@ pub struct AppState {
     /// `[cors]`, every header value computed once: the listener's CORS answers and the
     /// WebSocket handshake's `Origin` check.
     pub cors: cors::Cors,
+    /// `[compression]`: how responses are compressed on the way out.
+    pub compressor: compress::Compressor,
     /// The OpenAPI document, rendered once from the route table.
     pub openapi: Bytes,
     /// `/health`'s body, rendered once.
@@ -218,11 +221,17 @@ impl<'a> RequestCtx<'a> {
     }
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response {
+/// A JSON answer the gateway makes itself, with the `Cache-Control` it decides: a response
+/// without one lets any cache in front assign it a heuristic lifetime.
+fn json_response(status: StatusCode, body: Bytes, cache_control: &'static str) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     resp
 }
 
@@ -239,8 +248,16 @@ pub async fn handle(
 ) -> (Response, RouteInfo) {
     let app = &*app;
     let mut ctx = RequestCtx::new(app, &rid, trace, peer, tls, req.headers());
+    let accepted = app.compressor.accepted(req.headers());
     let result = phases(app, req, &mut ctx).await;
-    let resp = respond(result, &ctx);
+    let mut resp = respond(result, &ctx);
+    // Last, after the cache: entries hold the identity body, each answer gets its coding.
+    if ctx
+        .route
+        .map_or(app.config.compression.enabled, |r| r.compress)
+    {
+        resp = app.compressor.apply(accepted, resp);
+    }
     let info = ctx.route_info(app);
     (resp, info)
 }
@@ -412,7 +429,7 @@ fn user_me(ctx: &RequestCtx<'_>) -> Result<Response, GatewayError> {
         "email": id.email,
     }))
     .map_err(|_| GatewayError::Internal)?;
-    Ok(json_response(StatusCode::OK, Bytes::from(body)))
+    Ok(json_response(StatusCode::OK, Bytes::from(body), "no-store"))
 }
 
 /// `/health` and the docs: answered by the gateway itself, on any version prefix.
@@ -425,10 +442,11 @@ fn builtin(
     let path = table::unversioned(path);
     let (label, resp): (&'static str, fn(&AppState) -> Response) = match &*path {
         "/health" => ("/health", |a| {
-            json_response(StatusCode::OK, a.health.clone())
+            json_response(StatusCode::OK, a.health.clone(), "no-store")
         }),
         "/api/docs" => ("/api/docs", |a| {
-            json_response(StatusCode::OK, a.openapi.clone())
+            // Changes only with a reload: may be kept, but asked for again each time.
+            json_response(StatusCode::OK, a.openapi.clone(), "no-cache")
         }),
         "/api/docs/ui" | "/api/docs/ui/" => ("/api/docs/ui", |_| docs::ui_page()),
         "/api/docs/ui/swagger-ui.css" => ("/api/docs/ui/*", |_| docs::ui_css()),
