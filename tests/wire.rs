@@ -73,6 +73,12 @@ async fn gateway_made_responses_say_no_store() {
     // The docs change only with a reload: revalidated each time, never guessed.
     let docs = get(gw.addr, "/api/docs", &[]).await;
     assert_eq!(header(&docs, "cache-control"), Some("no-cache"));
+    let etag = header(&docs, "etag")
+        .expect("the docs have a validator")
+        .to_string();
+    let again = get(gw.addr, "/api/docs", &[("if-none-match", &etag)]).await;
+    assert_eq!(again.status(), 304);
+    assert_eq!(header(&again, "etag"), Some(etag.as_str()));
     // A 503 for an upstream that is down must never be kept by a cache in front.
     let mut cfg = cfg_all(&up.url());
     let dead = format!("http://{}", refused_addr().await);
@@ -113,15 +119,11 @@ async fn cached_routes_say_public_with_the_remaining_freshness() {
     // The embedded table caches /api/data/products for 60 s.
     let miss = get(gw.addr, "/api/data/products", &[]).await;
     assert_eq!(header(&miss, "x-cache"), Some("MISS"));
-    assert_eq!(header(&miss, "cache-control"), Some("public, max-age=60"));
+    assert_eq!(header(&miss, "cache-control"), Some("max-age=60"));
     let hit = get(gw.addr, "/api/data/products", &[]).await;
     assert_eq!(header(&hit, "x-cache"), Some("HIT"));
     let cc = header(&hit, "cache-control").unwrap();
-    let max_age: u64 = cc
-        .strip_prefix("public, max-age=")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let max_age: u64 = cc.strip_prefix("max-age=").unwrap().parse().unwrap();
     let age: u64 = header(&hit, "age").unwrap().parse().unwrap();
     // max-age counts from Age: what is left is at most the 60 s the entry had.
     assert!(max_age - age <= 60 && max_age - age >= 58, "{cc} age {age}");
@@ -169,7 +171,7 @@ async fn if_none_match_gets_a_304_from_the_cache_without_an_upstream_call() {
         assert_eq!(header(&again, "etag"), Some(etag.as_str()));
         assert!(header(&again, "cache-control")
             .unwrap()
-            .starts_with("public, max-age="));
+            .starts_with("max-age="));
         assert_eq!(header(&again, "x-cache"), Some("HIT"));
         assert!(again.bytes().await.unwrap().is_empty());
     }
@@ -456,6 +458,13 @@ async fn the_cache_stores_identity_and_each_answer_gets_its_coding() {
         .await;
         assert_eq!(resp.status(), 304, "{tag}");
         assert_eq!(header(&resp, "content-encoding"), None);
+        // The 304 says what the 200 would have: this client's tag, and Vary.
+        assert_eq!(header(&resp, "etag"), Some(weak.as_str()));
+        assert!(varies_on_encoding(&resp));
+        let plain = get(gw.addr, path, &[("if-none-match", tag)]).await;
+        assert_eq!(plain.status(), 304, "{tag}");
+        assert_eq!(header(&plain, "etag"), Some(strong.as_str()));
+        assert!(varies_on_encoding(&plain));
     }
     assert_eq!(up.hits(), 1);
 }
@@ -546,4 +555,43 @@ async fn server_sent_events_arrive_compressed_event_by_event() {
     while let Some(piece) = resp.chunk().await.unwrap() {
         assert_eq!(decoder.feed(&piece).await, expected);
     }
+}
+
+#[test]
+fn invalid_wire_settings_name_their_field() {
+    let mut cfg = Config::embedded();
+    let chain = cfg
+        .routes
+        .iter()
+        .position(|r| r.path == "/api/data/chain/{product}")
+        .unwrap();
+    let live = cfg
+        .routes
+        .iter()
+        .position(|r| r.path == "/api/data/underlying/{product}")
+        .unwrap();
+    let ws = cfg.routes.iter().position(|r| r.path == "/ws").unwrap();
+    cfg.routes[chain].cache_control = Some("no-store".into());
+    cfg.routes[live].cache_control = Some("no-store\n".into());
+    cfg.routes[ws].cache_control = Some("no-store".into());
+    cfg.compression.codings = vec!["gzip".into(), "lzma".into()];
+    let shown = cfg.validate().unwrap_err().to_string();
+    for field in [
+        format!("routes[{chain}].cache_control: a cached route sends"),
+        format!("routes[{live}].cache_control: \"no-store\\n\" is not a header value"),
+        format!("routes[{ws}].cache_control: only proxy routes"),
+        "compression.codings[1]: unknown coding \"lzma\"".to_string(),
+    ] {
+        assert!(shown.contains(&field), "{field} in:\n{shown}");
+    }
+    // The embedded table says no-store for live data, nothing for cached routes.
+    let embedded = Config::embedded();
+    let by_path = |p: &str| embedded.routes.iter().find(|r| r.path == p).unwrap();
+    assert_eq!(
+        by_path("/api/data/underlying/{product}")
+            .cache_control
+            .as_deref(),
+        Some("no-store")
+    );
+    assert_eq!(by_path("/api/data/chain/{product}").cache_control, None);
 }

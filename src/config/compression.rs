@@ -96,3 +96,44 @@ impl CompressionConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(cfg: &CompressionConfig) -> Vec<String> {
+        let mut errors = Vec::new();
+        cfg.validate("compression", &mut errors);
+        errors.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn the_default_is_valid_and_mistakes_name_their_field() {
+        assert!(errors(&CompressionConfig::default()).is_empty());
+        let bad = CompressionConfig {
+            codings: vec!["gzip".into(), "deflate".into(), "gzip".into()],
+            content_types: vec!["application/json".into(), "JSON".into(), "Text/".into()],
+            ..CompressionConfig::default()
+        };
+        let shown = errors(&bad).join("\n");
+        assert!(
+            shown.contains("compression.codings[1]")
+                && shown.contains("unknown coding \"deflate\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("compression.codings[2]") && shown.contains("listed twice"),
+            "{shown}"
+        );
+        assert!(shown.contains("compression.content_types[1]"), "{shown}");
+        assert!(shown.contains("compression.content_types[2]"), "{shown}");
+        assert!(!shown.contains("content_types[0]"), "{shown}");
+        let none = CompressionConfig {
+            codings: Vec::new(),
+            ..CompressionConfig::default()
+        };
+        assert!(errors(&none)
+            .join("\n")
+            .contains("compression.codings: list at least one"));
+    }
+}

@@ -327,12 +327,12 @@ impl RouteConfig {
         } else if self.cache.is_some() {
             errors.push(FieldError::new(
                 field,
-                "a cached route sends `public, max-age=<remaining freshness>`; remove cache_control or cache",
+                "a cached route sends `max-age=<remaining freshness>`; remove cache_control or cache",
             ));
         } else if value.trim().is_empty() || http::HeaderValue::from_str(value).is_err() {
             errors.push(FieldError::new(
                 field,
-                format!("{value:?} is not a header value (e.g. \"no-store\", \"no-cache\", \"public, max-age=60\")"),
+                format!("{value:?} is not a header value (e.g. \"no-store\", \"no-cache\", \"max-age=60\")"),
             ));
         }
     }

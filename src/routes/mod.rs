@@ -125,6 +125,8 @@ pub struct AppState {
     pub compressor: compress::Compressor,
     /// The OpenAPI document, rendered once from the route table.
     pub openapi: Bytes,
+    /// Its validator: clients revalidate it (`no-cache`) and get a 304 until a reload.
+    pub openapi_etag: HeaderValue,
     /// `/health`'s body, rendered once.
     pub health: Bytes,
     /// Open WebSocket connections, counted against the `[websocket]` limits.
@@ -268,7 +270,7 @@ async fn phases<'a>(
     req: Request,
     ctx: &mut RequestCtx<'a>,
 ) -> Result<Response, GatewayError> {
-    if let Some(resp) = builtin(app, req.method(), req.uri().path(), ctx)? {
+    if let Some(resp) = builtin(app, req.method(), req.uri().path(), req.headers(), ctx)? {
         return Ok(resp);
     }
     // A `Uri` clone shares its bytes: the path outlives `req` without a copy.
@@ -437,6 +439,7 @@ fn builtin(
     app: &AppState,
     method: &Method,
     path: &str,
+    request: &HeaderMap,
     ctx: &mut RequestCtx<'_>,
 ) -> Result<Option<Response>, GatewayError> {
     let path = table::unversioned(path);
@@ -445,8 +448,11 @@ fn builtin(
             json_response(StatusCode::OK, a.health.clone(), "no-store")
         }),
         "/api/docs" => ("/api/docs", |a| {
-            // Changes only with a reload: may be kept, but asked for again each time.
-            json_response(StatusCode::OK, a.openapi.clone(), "no-cache")
+            // Changes only with a reload: may be kept, but revalidated each time.
+            let mut resp = json_response(StatusCode::OK, a.openapi.clone(), "no-cache");
+            resp.headers_mut()
+                .insert(http::header::ETAG, a.openapi_etag.clone());
+            resp
         }),
         "/api/docs/ui" | "/api/docs/ui/" => ("/api/docs/ui", |_| docs::ui_page()),
         "/api/docs/ui/swagger-ui.css" => ("/api/docs/ui/*", |_| docs::ui_css()),
@@ -459,5 +465,20 @@ fn builtin(
             allow: HeaderValue::from_static("GET, HEAD"),
         });
     }
-    Ok(Some(resp(app)))
+    let resp = resp(app);
+    if resp.headers().contains_key(http::header::ETAG)
+        && crate::upstream::cache::not_modified(request, resp.headers())
+    {
+        let mut not_modified = Response::new(Body::empty());
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        *not_modified.headers_mut() = crate::upstream::cache::not_modified_headers(resp.headers());
+        let size = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        let (parts, _) = resp.into_parts();
+        not_modified.extensions_mut().insert(compress::Selected {
+            headers: parts.headers,
+            size,
+        });
+        return Ok(Some(not_modified));
+    }
+    Ok(Some(resp))
 }

@@ -165,10 +165,7 @@ async fn from_cache(
     if let Some(fresh_for) = hit.fresh_for {
         // The upstream's own directives (`private`, `no-store`, `max-age`...) stand.
         if !headers.contains_key(header::CACHE_CONTROL) {
-            headers.insert(
-                header::CACHE_CONTROL,
-                cache::public_max_age(fresh_for, hit.age),
-            );
+            headers.insert(header::CACHE_CONTROL, cache::max_age(fresh_for, hit.age));
         }
     }
     // A poller that already holds this body gets a 304 from memory: no upstream call on a
@@ -182,6 +179,9 @@ async fn from_cache(
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = cache::not_modified_headers(&headers);
+        let size = hit.body.len() as u64;
+        resp.extensions_mut()
+            .insert(super::compress::Selected { headers, size });
         cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
         return Ok(resp);
     }

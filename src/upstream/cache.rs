@@ -52,7 +52,7 @@ use crate::config::{CacheConfig, RouteCachePolicy};
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 pub use key::CacheKey;
 pub use rules::{request_is_cacheable, strip_validators};
-pub use validators::{not_modified, not_modified_headers};
+pub use validators::{not_modified, not_modified_headers, strong_etag};
 
 use flight::{Flights, Role};
 use key::{Resource, Variant, Vary};
@@ -121,7 +121,7 @@ pub struct CacheHit {
     pub outcome: CacheOutcome,
     /// Time since the gateway stored the response; `None` when it was fetched for this request.
     pub age: Option<Duration>,
-    /// How long a cache in front may keep the answer (`Cache-Control: public, max-age`): the
+    /// How long a cache in front may keep the answer (`Cache-Control: max-age`): the
     /// entry's remaining freshness; `None` when the response is not storable.
     pub fresh_for: Option<Duration>,
 }
@@ -162,12 +162,14 @@ pub fn apply_headers(outcome: CacheOutcome, age: Option<Duration>, headers: &mut
     }
 }
 
-/// `Cache-Control` for an answer the upstream gave no directives for: shared caches in front
-/// may keep it for what is left of its freshness. `max-age` counts from the response's age
-/// (RFC 9111 §4.2.3), so it is the whole-second `Age` sent plus the remaining freshness.
-pub fn public_max_age(fresh_for: Duration, age: Option<Duration>) -> HeaderValue {
+/// `Cache-Control` for an answer the upstream gave no directives for: caches in front may keep
+/// it for what is left of its freshness. `max-age` counts from the response's age (RFC 9111
+/// §4.2.3), so it is the whole-second `Age` sent plus the remaining freshness. No `public`:
+/// it only lifts the rule against storing answers to requests with `Authorization`, and the
+/// cache never answers those (REDbot flags it as unnecessary).
+pub fn max_age(fresh_for: Duration, age: Option<Duration>) -> HeaderValue {
     let seconds = age.map_or(0, |a| a.as_secs()) + fresh_for.as_secs();
-    HeaderValue::from_str(&format!("public, max-age={seconds}"))
+    HeaderValue::from_str(&format!("max-age={seconds}"))
         .unwrap_or(HeaderValue::from_static("no-cache"))
 }
 

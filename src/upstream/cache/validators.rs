@@ -13,14 +13,16 @@ use sha2::{Digest, Sha256};
 /// Gives `headers` a strong `ETag` from `body` unless the upstream sent one. 128 bits of
 /// SHA-256: a collision would hand a poller a stale body, so no short or weak hash.
 pub(super) fn add_etag(headers: &mut HeaderMap, body: &Bytes) {
-    if headers.contains_key(ETAG) {
-        return;
+    if !headers.contains_key(ETAG) {
+        headers.insert(ETAG, strong_etag(body));
     }
+}
+
+/// `"<32 hex digits>"`: the first 128 bits of the body's SHA-256.
+pub fn strong_etag(body: &[u8]) -> HeaderValue {
     let digest = Sha256::digest(body);
     let tag = format!("\"{}\"", hex::encode(&digest[..16]));
-    if let Ok(value) = HeaderValue::from_str(&tag) {
-        headers.insert(ETAG, value);
-    }
+    HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"\""))
 }
 
 /// The opaque part of an entity tag, without `W/` (If-None-Match compares weakly, §13.1.2).
