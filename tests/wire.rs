@@ -110,7 +110,7 @@ async fn uncached_routes_get_the_route_default_only_when_the_upstream_says_nothi
 }
 
 #[tokio::test]
-async fn cached_routes_say_public_with_the_remaining_freshness() {
+async fn cached_routes_say_max_age_with_the_remaining_freshness() {
     let up = FakeUpstream::builder()
         .steps([Step::body(200, "application/json", chain_json())])
         .start()
@@ -262,24 +262,26 @@ impl Decoder {
     }
 
     async fn feed(&mut self, piece: &[u8]) -> String {
-        use tokio::io::AsyncWriteExt;
-        match &mut self.0 {
+        async fn push<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, piece: &[u8]) {
+            use tokio::io::AsyncWriteExt;
+            w.write_all(piece).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        let decoded = match &mut self.0 {
             DecoderInner::Gzip(d) => {
-                d.write_all(piece).await.unwrap();
-                d.flush().await.unwrap();
-                String::from_utf8(d.get_ref().clone()).unwrap()
+                push(d, piece).await;
+                d.get_ref()
             }
             DecoderInner::Br(d) => {
-                d.write_all(piece).await.unwrap();
-                d.flush().await.unwrap();
-                String::from_utf8(d.get_ref().clone()).unwrap()
+                push(d, piece).await;
+                d.get_ref()
             }
             DecoderInner::Zstd(d) => {
-                d.write_all(piece).await.unwrap();
-                d.flush().await.unwrap();
-                String::from_utf8(d.get_ref().clone()).unwrap()
+                push(d, piece).await;
+                d.get_ref()
             }
-        }
+        };
+        String::from_utf8(decoded.clone()).unwrap()
     }
 }
 

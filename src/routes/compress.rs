@@ -197,17 +197,14 @@ impl Compressor {
         let Some(media) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
             return false;
         };
-        let media = media
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        // Compared without lower-casing a copy: this runs on every response.
+        let media = media.split(';').next().unwrap_or("").trim().as_bytes();
         self.content_types.iter().any(|t| {
-            if t.ends_with('/') {
-                media.starts_with(t.as_str())
+            let t = t.as_bytes();
+            if t.ends_with(b"/") {
+                media.len() > t.len() && media[..t.len()].eq_ignore_ascii_case(t)
             } else {
-                media == *t
+                media.eq_ignore_ascii_case(t)
             }
         })
     }
