@@ -12,7 +12,8 @@
 //!   phases (match route -> check -> identity -> rate limit -> proxy -> respond); the route
 //!   table and templates, which headers cross (`routes::headers`), the one builder of the
 //!   request sent upstream for a client (`routes::outgoing`), CORS (`routes::cors`, also the
-//!   WebSocket `Origin` check), response bodies held for slow clients (`routes::buffer`)
+//!   WebSocket `Origin` check), response bodies held for slow clients (`routes::buffer`),
+//!   compression for the client's `Accept-Encoding` on the way out (`routes::compress`)
 //!   and the OpenAPI document.
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens (remotely
 //!   through the auth upstream's pipeline, or local JWTs); counts failed verifications.
@@ -22,7 +23,7 @@
 //!   deadline and bulkhead -> retry -> attempt record -> breaker -> balancer -> attempt
 //!   timeout -> the chosen instance's pooled client), the per-call state its layers share
 //!   (`upstream::call`), and the response cache in front of it (`upstream::cache`: store,
-//!   single flight, stale-if-error, RFC 9111 rules).
+//!   single flight, stale-if-error, RFC 9111 rules, the ETag and 304s).
 //! * [`websocket`]: relays an upgraded WebSocket frame-aware but unbuffered, closing both
 //!   sides cleanly (1012 when the upstream goes, 1001 at shutdown or idle); the handshake and
 //!   its policies are `routes::websocket`.
