@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Serialize;
 
@@ -337,6 +337,8 @@ impl IntoResponse for ErrorReply<'_> {
         resp.extensions_mut().insert(ErrorReason(r.reason));
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // A CDN or corporate proxy in front must never keep (heuristically) a 503 or a 429.
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match r.headers {
             ExtraHeaders::None => {}
             ExtraHeaders::RetryAfter(wait) => {

@@ -23,7 +23,8 @@
 //!   route table and templates, which headers cross (`routes::headers`), the one builder of
 //!   the request sent upstream for a client (`routes::outgoing`), CORS (`routes::cors`, also
 //!   the WebSocket `Origin` check), response bodies held for slow clients (`routes::buffer`),
-//!   the OpenAPI document (`routes::docs`) and the WebSocket handshake (`routes::websocket`);
+//!   compression for the client's `Accept-Encoding` on the way out
+//!   (`routes::compress`), the OpenAPI document (`routes::docs`) and the WebSocket handshake (`routes::websocket`);
 //!   `routes::admission` refuses new requests while the gateway itself is saturated (its
 //!   runtime late, or too many in flight for its memory).
 //! * [`auth`]: strips client-supplied identity headers; verifies bearer tokens (remotely
@@ -37,7 +38,7 @@
 //!   timeout -> the chosen instance's pooled client), the instances behind each upstream and
 //!   their discovery, the per-call state its layers share (`upstream::call`), and the
 //!   response cache in front of it (`upstream::cache`: store, single flight, stale-if-error,
-//!   RFC 9111 rules).
+//!   RFC 9111 rules, the ETag and 304s).
 //! * [`websocket`]: relays an upgraded WebSocket frame-aware but unbuffered, closing both
 //!   sides cleanly (1012 when the upstream goes, or goes silent: pinged, no answer; 1001 at
 //!   shutdown or idle); the handshake and its policies are `routes::websocket`.

@@ -246,6 +246,8 @@ pub async fn build_state(
             .collect(),
         header_policy: crate::routes::headers::HeaderPolicy::new(&cfg.headers.strip_from_untrusted),
         cors: routes::cors::Cors::new(&cfg.cors),
+        compressor: routes::compress::Compressor::new(&cfg.compression),
+        openapi_etag: crate::upstream::cache::strong_etag(&openapi),
         openapi: Bytes::from(openapi),
         ws_connections: previous
             .map(|p| p.ws_connections.clone())

@@ -117,6 +117,15 @@ fn default_cache_ttl(path: &str) -> Option<u64> {
     }
 }
 
+/// What an uncached route says to caches in front when its upstream says nothing: live
+/// prices and the answers to logins and registrations are never kept.
+fn default_cache_control(route: &RouteConfig) -> Option<&'static str> {
+    match route.kind {
+        RouteKind::Proxy if route.cache.is_none() => Some("no-store"),
+        RouteKind::Proxy | RouteKind::UserMe | RouteKind::Websocket => None,
+    }
+}
+
 pub fn routes() -> Vec<RouteConfig> {
     let product_ticks = vec![
         query(
@@ -242,6 +251,7 @@ pub fn routes() -> Vec<RouteConfig> {
         r.priority = default_priority(&r.path);
         r.cache = default_cache_ttl(&r.path)
             .map(|secs| RouteCachePolicy::new(std::time::Duration::from_secs(secs)));
+        r.cache_control = default_cache_control(r).map(str::to_owned);
     }
     routes
 }

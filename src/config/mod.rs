@@ -33,6 +33,10 @@
 //!   the named policies.
 //! - [`auth`]: `[auth]`: remote or local token verification and its caches.
 //! - [`telemetry`]: `[tracing]`: the optional OTLP span export.
+//! - [`concurrency`]: `[upstreams.NAME.concurrency]`, the adaptive concurrency limit and its
+//!   bounded wait, and the route `priority` it sheds by.
+//! - [`compression`]: `[compression]`: which codings, how hard, from what size, for which
+//!   media types.
 //! - [`saturation`]: `[server.saturation]`: when the gateway refuses new requests because it
 //!   is itself saturated, and the opt-in readiness rule.
 //! - [`responses`]: what each DeltaStream service answers on each route of the embedded
@@ -42,6 +46,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod compression;
 pub mod concurrency;
 pub mod defaults;
 pub mod ratelimit;
@@ -63,6 +68,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthConfig, AuthMode, JwtAlgorithm};
 pub use cache::{CacheConfig, RouteCachePolicy};
+pub use compression::{CompressionConfig, CompressionLevel};
 pub use concurrency::{ConcurrencyConfig, Priority};
 pub use ratelimit::{
     builtin_policy, default_policies, KeySource, OnRedisError, PolicyConfig, RateLimitConfig,
@@ -104,6 +110,8 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// The shared response cache's size limits.
     pub cache: CacheConfig,
+    /// Response compression (`Accept-Encoding`).
+    pub compression: CompressionConfig,
     /// Rate-limit policies and the Redis backend (`REDIS_URL`).
     pub rate_limit: RateLimitConfig,
     /// OpenTelemetry span export (`[tracing]`), off by default.
@@ -347,6 +355,7 @@ impl Config {
         self.headers.validate("headers", &mut errors);
         self.websocket.validate("websocket", &mut errors);
         self.cache.validate("cache", &mut errors);
+        self.compression.validate("compression", &mut errors);
         self.rate_limit.validate("rate_limit", &mut errors);
         self.tracing.validate("tracing", &mut errors);
         for (name, u) in &self.upstreams {
@@ -585,6 +594,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             tracing: TracingConfig::default(),
             cache: CacheConfig::default(),
+            compression: CompressionConfig::default(),
             rate_limit: RateLimitConfig::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),

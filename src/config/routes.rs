@@ -124,6 +124,12 @@ pub struct RouteConfig {
     pub cache: Option<RouteCachePolicy>,
     /// Who is shed first when the upstream is overloaded (`critical`, `default`, `sheddable`).
     pub priority: Priority,
+    /// `Cache-Control` sent when the upstream sends none, on an uncached proxy route (e.g.
+    /// `"no-store"` for live prices), so no cache in front guesses a lifetime of its own.
+    pub cache_control: Option<String>,
+    /// Compress this route's responses (`[compression]` decides how); unset follows
+    /// `compression.enabled`.
+    pub compression: Option<bool>,
     pub openapi: OpenApiDoc,
 }
 
@@ -145,6 +151,8 @@ impl Default for RouteConfig {
             forward_query: true,
             cache: None,
             priority: Priority::Default,
+            cache_control: None,
+            compression: None,
             openapi: OpenApiDoc::default(),
         }
     }
@@ -282,6 +290,9 @@ impl RouteConfig {
                 ));
             }
         }
+        if let Some(value) = &self.cache_control {
+            self.validate_cache_control(join(path, "cache_control"), value, errors);
+        }
         for (i, p) in self.openapi.params.iter().enumerate() {
             if !matches!(
                 p.schema_type.as_str(),
@@ -311,6 +322,25 @@ impl RouteConfig {
 
     /// The documented responses: real statuses, OpenAPI 3.0 schemas, `$ref`s that resolve,
     /// and titles that name one schema across the whole table.
+    fn validate_cache_control(&self, field: String, value: &str, errors: &mut Vec<FieldError>) {
+        if self.kind != RouteKind::Proxy {
+            errors.push(FieldError::new(
+                field,
+                "only proxy routes pass upstream responses that may lack Cache-Control",
+            ));
+        } else if self.cache.is_some() {
+            errors.push(FieldError::new(
+                field,
+                "a cached route sends `max-age=<remaining freshness>`; remove cache_control or cache",
+            ));
+        } else if value.trim().is_empty() || http::HeaderValue::from_str(value).is_err() {
+            errors.push(FieldError::new(
+                field,
+                format!("{value:?} is not a header value (e.g. \"no-store\", \"no-cache\", \"max-age=60\")"),
+            ));
+        }
+    }
+
     fn validate_responses(&self, path: &str, cfg: &Config, errors: &mut Vec<FieldError>) {
         // Every title the table defines, and the ones routes before this one claimed first.
         let mut all_titles = serde_json::Map::new();

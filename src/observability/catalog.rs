@@ -43,6 +43,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_cache_misses_total", Kind::Counter, "Cacheable requests fetched from the upstream"),
     ("gateway_cache_stale_total", Kind::Counter, "Expired entries served because the upstream failed (stale-if-error)"),
     ("gateway_cache_bypass_total", Kind::Counter, "Requests on cached routes that may not use the cache"),
+    ("gateway_not_modified_total", Kind::Counter, "304 Not Modified answered from the cache for a client's If-None-Match / If-Modified-Since, by route"),
     ("gateway_cache_evictions_total", Kind::Counter, "Cache entries evicted, by cause (size, expired)"),
     ("gateway_cache_bytes", Kind::Gauge, "Weighted size of the response cache in bytes"),
     ("gateway_cache_entries", Kind::Gauge, "Entries in the response cache"),
@@ -137,6 +138,7 @@ pub fn register_zeroes(cfg: &Config) {
                 counter!(family, "upstream" => upstream.clone(), "route" => route.clone())
                     .increment(0);
             }
+            counter!("gateway_not_modified_total", "route" => route.clone()).increment(0);
         }
         if r.kind == RouteKind::Websocket {
             gauge!("gateway_websocket_connections", "route" => route.clone()).increment(0.0);

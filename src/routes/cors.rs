@@ -9,7 +9,9 @@
 //!
 //! - Any `OPTIONS` request is a preflight: answered here with `200`, an empty body and the
 //!   allow-* headers; it never reaches a route or an upstream.
-//! - Every other response gets `Vary` (appended: the upstream's own `Vary` stays),
+//! - Every other response gets `Vary: origin` when the allowed origins are a list (the
+//!   answer then depends on `Origin`; with `"*"` it does not, and a needless `Vary` splits
+//!   every cache in front by origin), appended so the upstream's own `Vary` stays,
 //!   `Access-Control-Allow-Origin` when the origin is allowed, `Access-Control-Allow-Credentials`
 //!   when configured, and `Access-Control-Expose-Headers` for the gateway's own headers.
 
@@ -53,7 +55,10 @@ pub struct Cors {
     allow_methods: Option<HeaderValue>,
     allow_headers: AllowHeaders,
     max_age: HeaderValue,
+    /// A preflight's `Vary`: its answer depends on the request-method and -headers too.
     vary: HeaderValue,
+    /// An actual response's `Vary`: `origin` for a list of origins, none for `"*"`.
+    actual_vary: Option<HeaderValue>,
     expose: HeaderValue,
 }
 
@@ -102,7 +107,12 @@ impl Cors {
             .iter()
             .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
             .collect();
+        let actual_vary = match origins {
+            Origins::Any => None,
+            Origins::List(_) => Some(HeaderValue::from_static("origin")),
+        };
         Cors {
+            actual_vary,
             origins,
             credentials: c.allow_credentials,
             allow_methods: comma_separated(&methods),
@@ -140,7 +150,9 @@ impl Cors {
     /// Adds the CORS headers of an actual (non-preflight) response.
     pub fn apply(&self, allowed_origin: Option<HeaderValue>, response: &mut HeaderMap) {
         response.reserve(4);
-        response.append(header::VARY, self.vary.clone());
+        if let Some(vary) = &self.actual_vary {
+            response.append(header::VARY, vary.clone());
+        }
         if let Some(origin) = allowed_origin {
             response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         }
@@ -253,9 +265,21 @@ mod tests {
         let origin = c.allowed_origin(&HeaderMap::new());
         c.apply(origin, &mut resp);
         let vary: Vec<_> = resp.get_all("vary").iter().collect();
-        assert_eq!(vary.len(), 2, "the upstream's Vary is kept: {vary:?}");
-        assert_eq!(vary[0], "accept-encoding");
+        assert_eq!(
+            vary,
+            ["accept-encoding"],
+            "any origin: the answer does not vary on it"
+        );
         assert_eq!(resp["access-control-allow-origin"], "*");
+        let listed = cors(&["https://ok.example"], &["*"], false);
+        let mut resp = request(&[("vary", "accept-encoding")]);
+        listed.apply(None, &mut resp);
+        let vary: Vec<_> = resp.get_all("vary").iter().collect();
+        assert_eq!(
+            vary,
+            ["accept-encoding", "origin"],
+            "the upstream's Vary is kept"
+        );
         assert_eq!(
             resp["access-control-expose-headers"],
             "x-request-id,retry-after,ratelimit,ratelimit-policy,x-cache,x-upstream-attempts"

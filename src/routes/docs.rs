@@ -416,8 +416,33 @@ fn responses(
         if gw.is_some_and(|g| g.www_authenticate) {
             headers.insert("WWW-Authenticate".into(), header_ref("WWW-Authenticate"));
         }
+        headers.insert("Cache-Control".into(), header_ref("Cache-Control"));
+        if up.is_some() && route.kind == RouteKind::Proxy {
+            if route.compression.unwrap_or(cfg.compression.enabled) {
+                headers.insert("Content-Encoding".into(), header_ref("Content-Encoding"));
+                headers.insert("Vary".into(), header_ref("Vary"));
+            }
+            if route.cache.is_some() && code == 200 {
+                headers.insert("ETag".into(), header_ref("ETag"));
+            }
+        }
         response.insert("headers".into(), Value::Object(headers));
         out.insert(status, Value::Object(response));
+    }
+    if route.cache.is_some() && route.kind == RouteKind::Proxy {
+        out.insert(
+            "304".into(),
+            json!({
+                "description": "Not Modified: the request's If-None-Match (or If-Modified-Since) matches the cached answer; no body, and no upstream call",
+                "headers": {
+                    "X-Request-Id": header_ref("X-Request-Id"),
+                    "ETag": header_ref("ETag"),
+                    "Cache-Control": header_ref("Cache-Control"),
+                    "X-Cache": header_ref("X-Cache"),
+                    "Age": header_ref("Age"),
+                }
+            }),
+        );
     }
     Value::Object(out)
 }
@@ -542,6 +567,22 @@ fn headers() -> Value {
         },
         "WWW-Authenticate": {
             "description": "Bearer",
+            "schema": {"type": "string"}
+        },
+        "Cache-Control": {
+            "description": "no-store on the gateway's own answers (errors, 429, 503); on cached routes max-age=<seconds> (counted from Age) unless the upstream sent its own directives; otherwise the upstream's, or the route's default (no-store for live data)",
+            "schema": {"type": "string"}
+        },
+        "ETag": {
+            "description": "Strong validator of the cached answer (the upstream's, or computed when stored); weak (W/) when the body was compressed. Send it back in If-None-Match to get a 304",
+            "schema": {"type": "string"}
+        },
+        "Content-Encoding": {
+            "description": "gzip, br or zstd when the body was compressed for the request's Accept-Encoding",
+            "schema": {"type": "string", "enum": ["gzip", "br", "zstd"]}
+        },
+        "Vary": {
+            "description": "Includes Accept-Encoding on answers that may be compressed",
             "schema": {"type": "string"}
         }
     })
@@ -691,10 +732,8 @@ fn asset(content_type: &'static str, body: &'static [u8]) -> Response {
     let mut resp = Response::new(Body::from(body));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut().insert(
-        CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=86400"),
-    );
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("max-age=86400"));
     resp
 }
 

@@ -24,6 +24,7 @@
 //! - `outgoing`: every request sent upstream for a client (proxied, cache fill, WebSocket
 //!   handshake), built in one place (pingora's `upstream_request_filter`).
 //! - [`cors`]: the one CORS policy: the listener's answers and the WebSocket `Origin` check.
+//! - [`compress`]: response compression negotiated from `Accept-Encoding`, streamed.
 //! - [`admission`]: refuses new requests early while the gateway itself is saturated.
 //! - [`websocket`]: the WebSocket handshake and its policies; the relay after it is
 //!   `crate::websocket`.
@@ -35,6 +36,7 @@
 
 pub mod admission;
 mod buffer;
+pub mod compress;
 pub mod cors;
 pub mod docs;
 pub mod headers;
@@ -151,8 +153,12 @@ pub struct AppState {
     /// `[cors]`, every header value computed once: the listener's CORS answers and the
     /// WebSocket handshake's `Origin` check.
     pub cors: cors::Cors,
+    /// `[compression]`: how responses are compressed on the way out.
+    pub compressor: compress::Compressor,
     /// The OpenAPI document, rendered once from the route table.
     pub openapi: Bytes,
+    /// Its validator: clients revalidate it (`no-cache`) and get a 304 until a reload.
+    pub openapi_etag: HeaderValue,
     /// `/health`'s body, rendered once.
     pub health: Bytes,
     /// Open WebSocket connections, counted against the `[websocket]` limits.
@@ -252,11 +258,17 @@ impl<'a> RequestCtx<'a> {
     }
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response {
+/// A JSON answer the gateway makes itself, with the `Cache-Control` it decides: a response
+/// without one lets any cache in front assign it a heuristic lifetime.
+fn json_response(status: StatusCode, body: Bytes, cache_control: &'static str) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     resp
 }
 
@@ -273,8 +285,16 @@ pub async fn handle(
 ) -> (Response, RouteInfo) {
     let app = &*app;
     let mut ctx = RequestCtx::new(app, &rid, trace, peer, tls, req.headers());
+    let accepted = app.compressor.accepted(req.headers());
     let result = phases(app, req, &mut ctx).await;
-    let resp = respond(result, &ctx);
+    let mut resp = respond(result, &ctx);
+    // Last, after the cache: entries hold the identity body, each answer gets its coding.
+    if ctx
+        .route
+        .map_or(app.config.compression.enabled, |r| r.compress)
+    {
+        resp = app.compressor.apply(accepted, resp);
+    }
     let info = ctx.route_info(app);
     (resp, info)
 }
@@ -285,7 +305,7 @@ async fn phases<'a>(
     req: Request,
     ctx: &mut RequestCtx<'a>,
 ) -> Result<Response, GatewayError> {
-    if let Some(resp) = builtin(app, req.method(), req.uri().path(), ctx)? {
+    if let Some(resp) = builtin(app, req.method(), req.uri().path(), req.headers(), ctx)? {
         return Ok(resp);
     }
     // A `Uri` clone shares its bytes: the path outlives `req` without a copy.
@@ -462,7 +482,7 @@ fn user_me(ctx: &RequestCtx<'_>) -> Result<Response, GatewayError> {
         "email": id.email,
     }))
     .map_err(|_| GatewayError::Internal)?;
-    Ok(json_response(StatusCode::OK, Bytes::from(body)))
+    Ok(json_response(StatusCode::OK, Bytes::from(body), "no-store"))
 }
 
 /// `/health` and the docs: answered by the gateway itself, on any version prefix.
@@ -470,15 +490,20 @@ fn builtin(
     app: &AppState,
     method: &Method,
     path: &str,
+    request: &HeaderMap,
     ctx: &mut RequestCtx<'_>,
 ) -> Result<Option<Response>, GatewayError> {
     let path = table::unversioned(path);
     let (label, resp): (&'static str, fn(&AppState) -> Response) = match &*path {
         "/health" => ("/health", |a| {
-            json_response(StatusCode::OK, a.health.clone())
+            json_response(StatusCode::OK, a.health.clone(), "no-store")
         }),
         "/api/docs" => ("/api/docs", |a| {
-            json_response(StatusCode::OK, a.openapi.clone())
+            // Changes only with a reload: may be kept, but revalidated each time.
+            let mut resp = json_response(StatusCode::OK, a.openapi.clone(), "no-cache");
+            resp.headers_mut()
+                .insert(http::header::ETAG, a.openapi_etag.clone());
+            resp
         }),
         "/api/docs/ui" | "/api/docs/ui/" => ("/api/docs/ui", |_| docs::ui_page()),
         "/api/docs/ui/swagger-ui.css" => ("/api/docs/ui/*", |_| docs::ui_css()),
@@ -491,5 +516,20 @@ fn builtin(
             allow: HeaderValue::from_static("GET, HEAD"),
         });
     }
-    Ok(Some(resp(app)))
+    let resp = resp(app);
+    if resp.headers().contains_key(http::header::ETAG)
+        && crate::upstream::cache::not_modified(request, resp.headers())
+    {
+        let mut not_modified = Response::new(Body::empty());
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        *not_modified.headers_mut() = crate::upstream::cache::not_modified_headers(resp.headers());
+        let size = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        let (parts, _) = resp.into_parts();
+        not_modified.extensions_mut().insert(compress::Selected {
+            headers: parts.headers,
+            size,
+        });
+        return Ok(Some(not_modified));
+    }
+    Ok(Some(resp))
 }

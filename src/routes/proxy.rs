@@ -161,13 +161,37 @@ async fn from_cache(
         .cache
         .get_or_fetch(key, &parts.headers, policy, fetch)
         .await?;
+    let mut headers = hit.headers;
+    if let Some(fresh_for) = hit.fresh_for {
+        // The upstream's own directives (`private`, `no-store`, `max-age`...) stand.
+        if !headers.contains_key(header::CACHE_CONTROL) {
+            headers.insert(header::CACHE_CONTROL, cache::max_age(fresh_for, hit.age));
+        }
+    }
+    // A poller that already holds this body gets a 304 from memory: no upstream call on a
+    // hit, and no body on the wire either way.
+    if hit.streamed.is_none()
+        && hit.status == http::StatusCode::OK
+        && cache::not_modified(&parts.headers, &headers)
+    {
+        metrics::counter!("gateway_not_modified_total", "route" => route.label.clone())
+            .increment(1);
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
+        *resp.headers_mut() = cache::not_modified_headers(&headers);
+        let size = hit.body.len() as u64;
+        resp.extensions_mut()
+            .insert(super::compress::Selected { headers, size });
+        cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
+        return Ok(resp);
+    }
     let body = match hit.streamed {
         Some(streamed) => Body::new(streamed),
         None => Body::from(hit.body),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = hit.status;
-    *resp.headers_mut() = hit.headers;
+    *resp.headers_mut() = headers;
     cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
     if hit.attempts > 0 {
         resp.headers_mut()
@@ -208,6 +232,11 @@ async fn decoupled_response(
         .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(attempts));
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
+    }
+    if let Some(default) = &route.cache_control {
+        if !parts.headers.contains_key(header::CACHE_CONTROL) {
+            parts.headers.insert(header::CACHE_CONTROL, default.clone());
+        }
     }
     let known = http_body::Body::size_hint(&body).upper();
     let stream = |body, slot| {

@@ -44,6 +44,10 @@ pub struct Route {
     pub forward_query: bool,
     /// Opt-in shared caching for this route.
     pub cache: Option<crate::config::RouteCachePolicy>,
+    /// `Cache-Control` for an upstream response that has none (uncached routes).
+    pub cache_control: Option<HeaderValue>,
+    /// Whether responses are compressed (the route's setting, else `compression.enabled`).
+    pub compress: bool,
     /// Rate-limit policies, resolved to the limiter's handles at startup.
     pub policies: Vec<crate::ratelimit::PolicyId>,
     /// Who is shed first when the upstream is overloaded.
@@ -147,6 +151,11 @@ impl RouteTable {
                 auth: r.auth || r.kind == RouteKind::UserMe,
                 forward_query: r.forward_query,
                 cache: r.cache,
+                cache_control: r
+                    .cache_control
+                    .as_deref()
+                    .and_then(|v| HeaderValue::from_str(v).ok()),
+                compress: r.compression.unwrap_or(cfg.compression.enabled),
                 policies: r.rate_limit.iter().filter_map(|n| policy(n)).collect(),
                 priority: r.priority,
                 latency_class: u32::try_from(i + 1).unwrap_or(u32::MAX),

@@ -26,6 +26,16 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/config", get(config))
         .with_state(gateway)
+        // Readiness, metrics and admin answers describe this instant: no cache keeps them.
+        .layer(axum::middleware::map_response(no_store))
+}
+
+async fn no_store(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    resp
 }
 
 /// Reloads the configuration from its source (the `--config` file and the environment):

@@ -20,7 +20,11 @@
 //! Freshness is judged with `tokio::time::Instant` (so tests can pause the clock); moka's own
 //! expiry only reclaims memory.
 //!
-//! Not done, on purpose: conditional revalidation (ETag / `If-None-Match`: an expired entry is
+//! Clients revalidate against the gateway: a stored response carries a strong `ETag` (the
+//! upstream's, or one computed from the body when it is stored, `validators.rs`), and the
+//! handler answers a matching `If-None-Match` / `If-Modified-Since` with a 304 from the entry.
+//!
+//! Not done, on purpose: the gateway's own revalidation of the upstream (an expired entry is
 //! simply fetched again, and a client's validators are stripped from the fetch that fills an
 //! entry), `Expires`, the upstream's `Age`, range requests (they bypass the cache, see
 //! `rules::request_is_cacheable`), and the response's own `stale-if-error` directive (the
@@ -32,6 +36,7 @@ mod rules;
 mod store;
 #[cfg(test)]
 mod tests;
+mod validators;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -47,6 +52,7 @@ use crate::config::{CacheConfig, RouteCachePolicy};
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 pub use key::CacheKey;
 pub use rules::{request_is_cacheable, strip_validators};
+pub use validators::{not_modified, not_modified_headers, strong_etag};
 
 use flight::{Flights, Role};
 use key::{Resource, Variant, Vary};
@@ -115,6 +121,9 @@ pub struct CacheHit {
     pub outcome: CacheOutcome,
     /// Time since the gateway stored the response; `None` when it was fetched for this request.
     pub age: Option<Duration>,
+    /// How long a cache in front may keep the answer (`Cache-Control: max-age`): the
+    /// entry's remaining freshness; `None` when the response is not storable.
+    pub fresh_for: Option<Duration>,
 }
 
 /// How a response was obtained, reported to clients in `X-Cache`.
@@ -153,6 +162,17 @@ pub fn apply_headers(outcome: CacheOutcome, age: Option<Duration>, headers: &mut
     }
 }
 
+/// `Cache-Control` for an answer the upstream gave no directives for: caches in front may keep
+/// it for what is left of its freshness. `max-age` counts from the response's age (RFC 9111
+/// §4.2.3), so it is the whole-second `Age` sent plus the remaining freshness. No `public`:
+/// it only lifts the rule against storing answers to requests with `Authorization`, and the
+/// cache never answers those (REDbot flags it as unnecessary).
+pub fn max_age(fresh_for: Duration, age: Option<Duration>) -> HeaderValue {
+    let seconds = age.map_or(0, |a| a.as_secs()) + fresh_for.as_secs();
+    HeaderValue::from_str(&format!("max-age={seconds}"))
+        .unwrap_or(HeaderValue::from_static("no-cache"))
+}
+
 /// Snapshot for `/admin` and the gauges. moka updates its counts lazily, so these may lag by
 /// the writes of the last moment; [`ResponseCache::run_pending_tasks`] settles them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +191,8 @@ struct SharedResponse {
     /// What waiters report: HIT when the response was stored, otherwise the leader's outcome.
     outcome: CacheOutcome,
     stored_at: Option<Instant>,
+    /// Until when the stored response is fresh; `None` when it was not stored.
+    fresh_until: Option<Instant>,
     /// False for personal responses (`private`, `Set-Cookie`, ...) and bodies that disagree
     /// with their `Content-Length`: waiters then fetch on their own.
     shareable: bool,
@@ -187,12 +209,12 @@ impl SharedResponse {
 
     fn answer(&self, now: Instant, head: bool) -> CacheHit {
         let age = self.stored_at.map(|t| now.saturating_duration_since(t));
+        let fresh_for = self.fresh_until.map(|t| t.saturating_duration_since(now));
         answer(
             self.status,
             &self.headers,
             &self.body,
-            self.outcome,
-            age,
+            (self.outcome, age, fresh_for),
             head,
         )
     }
@@ -204,8 +226,7 @@ fn answer(
     status: StatusCode,
     headers: &HeaderMap,
     body: &Bytes,
-    outcome: CacheOutcome,
-    age: Option<Duration>,
+    (outcome, age, fresh_for): (CacheOutcome, Option<Duration>, Option<Duration>),
     head: bool,
 ) -> CacheHit {
     CacheHit {
@@ -216,6 +237,7 @@ fn answer(
         attempts: 0,
         outcome,
         age,
+        fresh_for,
     }
 }
 
@@ -327,7 +349,14 @@ impl ResponseCache {
             let method = if key.head { Method::HEAD } else { Method::GET };
             if !request_is_cacheable(&method, req_headers) {
                 let fetched = fetch().await?;
-                return Ok(fetched_answer(fetched, CacheOutcome::Bypass, key.head));
+                let fresh_for = rules::freshness(fetched.status, &fetched.headers, policy)
+                    .ok()
+                    .map(|f| f.ttl);
+                return Ok(fetched_answer(
+                    fetched,
+                    (CacheOutcome::Bypass, fresh_for),
+                    key.head,
+                ));
             }
             loop {
                 let cached = self.store.lookup(&key.resource, req_headers).await;
@@ -412,6 +441,7 @@ impl ResponseCache {
                         body: stale.body.clone(),
                         outcome: CacheOutcome::Stale,
                         stored_at: Some(stale.stored_at),
+                        fresh_until: Some(stale.fresh_until),
                         shareable: true,
                         vary: stale.vary.clone(),
                         leader_variant: Variant::of(&stale.vary, req_headers),
@@ -435,16 +465,29 @@ impl ResponseCache {
                 body: Bytes::new(),
                 outcome: CacheOutcome::Miss,
                 stored_at: None,
+                fresh_until: None,
                 shareable: false,
                 vary: Arc::from([]),
                 leader_variant: Variant::Primary,
             };
             return (
-                Ok(fetched_answer(fetched, CacheOutcome::Miss, key.head)),
+                Ok(fetched_answer(
+                    fetched,
+                    (CacheOutcome::Miss, None),
+                    key.head,
+                )),
                 Ok(Arc::new(shared)),
             );
         }
+        let mut fetched = fetched;
         let complete = body_is_complete(&fetched);
+        let ttl = rules::freshness(fetched.status, &fetched.headers, policy)
+            .ok()
+            .map(|f| f.ttl);
+        if complete && ttl.is_some() {
+            // Computed once per store, so every answer from the entry can be revalidated.
+            validators::add_etag(&mut fetched.headers, &fetched.body);
+        }
         let stored_at = if complete {
             self.store
                 .store(&key.resource, req_headers, policy, &fetched)
@@ -466,12 +509,13 @@ impl ResponseCache {
                 CacheOutcome::Miss
             },
             stored_at,
+            fresh_until: stored_at.zip(ttl).and_then(|(at, ttl)| at.checked_add(ttl)),
             shareable: complete && rules::shareable(&fetched.headers),
             leader_variant: Variant::of(&vary, req_headers),
             vary,
         };
         (
-            Ok(fetched_answer(fetched, CacheOutcome::Miss, key.head)),
+            Ok(fetched_answer(fetched, (CacheOutcome::Miss, ttl), key.head)),
             Ok(Arc::new(shared)),
         )
     }
@@ -484,7 +528,11 @@ fn fresh_answer(cached: Option<&StoredResponse>, head: bool) -> Option<CacheHit>
         .map(|entry| entry.answer(CacheOutcome::Hit, now, head))
 }
 
-fn fetched_answer(fetched: Fetched, outcome: CacheOutcome, head: bool) -> CacheHit {
+fn fetched_answer(
+    fetched: Fetched,
+    (outcome, fresh_for): (CacheOutcome, Option<Duration>),
+    head: bool,
+) -> CacheHit {
     CacheHit {
         status: fetched.status,
         headers: fetched.headers,
@@ -493,6 +541,7 @@ fn fetched_answer(fetched: Fetched, outcome: CacheOutcome, head: bool) -> CacheH
         attempts: fetched.attempts,
         outcome,
         age: None,
+        fresh_for,
     }
 }
 

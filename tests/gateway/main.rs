@@ -12,4 +12,5 @@ mod openapi_contract;
 mod tls_reload;
 mod upstream_request;
 mod websocket;
+mod wire;
 mod ws_silent;

@@ -44,7 +44,14 @@ pub(super) struct StoredResponse {
 impl StoredResponse {
     pub(super) fn answer(&self, outcome: CacheOutcome, now: Instant, head: bool) -> CacheHit {
         let age = Some(now.saturating_duration_since(self.stored_at));
-        answer(self.status, &self.headers, &self.body, outcome, age, head)
+        let fresh_for = Some(self.fresh_until.saturating_duration_since(now));
+        answer(
+            self.status,
+            &self.headers,
+            &self.body,
+            (outcome, age, fresh_for),
+            head,
+        )
     }
 }
 
