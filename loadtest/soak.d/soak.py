@@ -469,7 +469,7 @@ def fmt(v, spec="g"):
 
 
 def report(out_dir, samples, events, k6, k6_total, k6_auth, minutes, verdicts, meta):
-    ok = all(v[1] for v in verdicts)
+    ok = all(met for checks in verdicts.values() for _, met, _ in checks)
     others = [s["others_pct"] for s in samples if s.get("others_pct") is not None]
     rustc = [s["rustc"] for s in samples]
     lines = [f"# Soak {meta['stamp']}: {'TARGET MET' if ok else 'TARGET MISSED'}", "",
