@@ -11,12 +11,11 @@
 //! Needs a writable memory cgroup (root, cgroup v1 or v2 with delegation); where there is
 //! none the test says so and passes without running, like the fuzz smoke without nightly.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::support::process::{serve_command, status_kib, GatewayProcess, BINARY};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -113,27 +112,15 @@ impl Drop for Cgroup {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// The gateway binary running in `cgroup`: the child, its JSON log lines, its public address
-/// and the temporary directory its configuration lives in.
+/// The gateway binary running in `cgroup` (`support::process` spawns it and keeps its log).
 struct Gateway {
-    child: std::process::Child,
+    process: GatewayProcess,
     pid: u32,
-    log: Arc<Mutex<Vec<String>>>,
     addr: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
 }
 
 impl Gateway {
@@ -146,56 +133,22 @@ impl Gateway {
         )
         .unwrap();
         let procs = cgroup.procs.clone();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltastream-gateway"));
-        cmd.args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("GATEWAY_WORKER_THREADS", "1")
-            .env_remove("PORT")
-            .env_remove("ADMIN_PORT")
-            .env_remove("REDIS_URL")
-            .env_remove("GATEWAY_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        let mut cmd = serve_command(BINARY, &config);
+        cmd.env("GATEWAY_WORKER_THREADS", "1");
         // SAFETY: between fork and exec the child only writes "0" (itself) to cgroup.procs.
         unsafe {
             cmd.pre_exec(move || std::fs::write(&procs, "0"));
         }
-        let mut child = cmd.spawn().expect("start the gateway in the cgroup");
-        let pid = child.id();
-        let log = Arc::new(Mutex::new(Vec::<String>::new()));
-        {
-            let log = log.clone();
-            let out = child.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            let found = log.lock().unwrap().iter().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "gateway listening").then(|| v["addr"].as_str()?.parse().ok())?
-            });
-            if let Some(a) = found {
-                break a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no start: {:?}",
-                log.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let process = tokio::task::block_in_place(|| GatewayProcess::start(cmd)).keeping(dir);
         Gateway {
-            child,
-            pid,
-            log,
-            addr,
-            _dir: dir,
+            pid: process.pid(),
+            addr: process.addr,
+            process,
         }
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.process.log_lines()
     }
 
     /// Waits up to `within` for a log line containing every one of `parts`.
@@ -203,9 +156,7 @@ impl Gateway {
         let deadline = Instant::now() + within;
         loop {
             if self
-                .log
-                .lock()
-                .unwrap()
+                .log_lines()
                 .iter()
                 .any(|l| parts.iter().all(|p| l.contains(p)))
             {
@@ -253,13 +204,6 @@ impl Gateway {
     }
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients() {
     let cgroup = match Cgroup::create("start") {
@@ -270,19 +214,17 @@ async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients
         }
     };
     let mut gw = Gateway::start(&cgroup).await;
-    let (pid, log) = (gw.pid, gw.log.clone());
+    let pid = gw.pid;
+    let log = gw.log_lines();
     // (64 - 24 - 8) MiB / 32 KiB = 1,024 connections for all listeners, 64 of them the
     // admin listener's.
     assert!(
-        log.lock()
-            .unwrap()
-            .iter()
+        log.iter()
             // From 10000, or from what a lower open-file limit derived it to first.
             .any(|l| l.contains("caps lowered to fit the memory limit")
                 && l.contains("limits.max_connections ")
                 && l.contains(" -> 960")),
-        "{:?}",
-        log.lock().unwrap()
+        "{log:?}"
     );
 
     // 3,000 keep-alive clients, each asking once and then holding its connection; past the
@@ -290,11 +232,11 @@ async fn a_memory_limited_gateway_caps_its_connections_and_survives_3000_clients
     let (held, answered) = gw.hold_clients(3000).await;
     // Every client is connected now; look at the gateway while they all hold on. (VmRSS
     // counts the mapped pages of a debug binary too; the cgroup's charge is what matters.)
-    let rss = rss_kib(pid);
+    let rss = status_kib(pid, "VmRSS").unwrap_or(0);
     let fds = open_fds(pid);
     let charged = cgroup.usage();
     let ooms = cgroup.oom_kills();
-    let exited = gw.child.try_wait().unwrap();
+    let exited = gw.process.child.try_wait().unwrap();
     drop(held);
     drop(gw);
     assert!(
@@ -345,14 +287,14 @@ async fn a_memory_limit_changed_at_run_time_refits_the_cap_of_the_running_gatewa
         )
         .await,
         "{:?}",
-        gw.log.lock().unwrap()
+        gw.log_lines()
     );
     // 600 clients (the old cap would have taken every one): the gateway holds at most the new
     // cap's connections, keeps serving by shedding idle ones, and lives.
     let (held, answered) = gw.hold_clients(600).await;
     let fds = open_fds(gw.pid);
     assert!(
-        gw.child.try_wait().unwrap().is_none(),
+        gw.process.child.try_wait().unwrap().is_none(),
         "the gateway died: OOM-killed?"
     );
     assert_eq!(cgroup.oom_kills(), 0, "the cgroup's OOM killer ran");
@@ -380,12 +322,12 @@ async fn a_memory_limit_changed_at_run_time_refits_the_cap_of_the_running_gatewa
         )
         .await,
         "{:?}",
-        gw.log.lock().unwrap()
+        gw.log_lines()
     );
     let (held, answered) = gw.hold_clients(600).await;
     let raised_fds = open_fds(gw.pid);
     drop(held);
-    assert!(gw.child.try_wait().unwrap().is_none());
+    assert!(gw.process.child.try_wait().unwrap().is_none());
     assert_eq!(answered, 600);
     assert!(
         raised_fds >= 600,
