@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use deltastream_gateway::config::Config;
-use deltastream_gateway::routes::proxy::upstream_path;
+use deltastream_gateway::routes::outgoing::upstream_path;
 use deltastream_gateway::routes::table::{RouteMatch, RouteTable};
 use deltastream_gateway::routes::template::check_param;
 use http::Method;

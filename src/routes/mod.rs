@@ -40,7 +40,7 @@ pub mod compress;
 pub mod cors;
 pub mod docs;
 pub mod headers;
-mod outgoing;
+pub mod outgoing;
 pub mod proxy;
 pub mod table;
 pub mod template;
