@@ -310,13 +310,17 @@ async fn a_raised_limit_lets_waiters_in_at_once() {
         ..ConcurrencyConfig::default()
     };
     let limit = Arc::new(ConcurrencyLimit::new("t", &cfg, 256));
+    let instance = limit.instance("a");
+    instance.set_counted(true);
     let busy = limit.acquire(Priority::Default).await.unwrap();
+    let attempt = instance.take();
     let w = waiter(&limit, Priority::Default, ms(0));
     tokio::time::sleep(ms(20)).await;
     // A fast answer with every slot busy closes a window: the limit grows by sqrt(1).
-    busy.record(1, Sample::Answered(ms(1)));
-    assert_eq!(limit.limit(), 2);
+    attempt.record(1, Sample::Answered(ms(1)));
+    assert_eq!((instance.limit(), limit.limit()), (2, 2));
     assert_eq!(w.await.unwrap(), (ms(20), Ok(())));
+    drop(busy);
 }
 
 #[tokio::test(start_paused = true)]
