@@ -191,6 +191,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_empty_set_has_no_instance_to_pick() {
         let s = test_set(&config(), 0);
-        assert!(Picker::new(BalancerKind::P2cEwma).pick(&s, &[], false).is_none());
+        assert!(Picker::new(BalancerKind::P2cEwma)
+            .pick(&s, &[], false)
+            .is_none());
     }
 }

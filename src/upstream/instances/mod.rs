@@ -145,10 +145,7 @@ impl InstanceSet {
                         ))
                         .ok()
                     });
-                    let limit = self
-                        .concurrency
-                        .as_ref()
-                        .map(|c| c.instance(&e.display()));
+                    let limit = self.concurrency.as_ref().map(|c| c.instance(&e.display()));
                     let instance = Arc::new(Instance::new(
                         id,
                         e.clone(),

@@ -125,7 +125,10 @@ async fn with_a_probe_an_ejected_instance_returns_only_once_it_passes() {
     );
     assert_eq!(s.awaiting_probe().len(), 1);
     s.probed(&bad, false);
-    assert!(!s.has_untried(&[1, 2], false), "a failed probe keeps it out");
+    assert!(
+        !s.has_untried(&[1, 2], false),
+        "a failed probe keeps it out"
+    );
     s.probed(&bad, true);
     // Back at once: /admin and the gauges say so before any request picks it.
     let state = |s: &InstanceSet| s.snapshot()[0].state;
