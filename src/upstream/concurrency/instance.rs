@@ -35,8 +35,13 @@ pub struct InstanceLimit {
 }
 
 impl InstanceLimit {
-    pub(super) fn new(upstream: Arc<Shared>, address: &str) -> InstanceLimit {
-        let controller = Controller::new(&upstream.cfg, upstream.max_connections, Instant::now());
+    pub(super) fn new(upstream: Arc<Shared>, address: &str, instances: usize) -> InstanceLimit {
+        let controller = Controller::with_share(
+            &upstream.cfg,
+            upstream.max_connections,
+            Instant::now(),
+            instances,
+        );
         let limit = controller.limit();
         let labels = [
             ("upstream", upstream.upstream.to_string()),
@@ -98,6 +103,16 @@ impl InstanceLimit {
         }
         self.sync(&mut capacity);
         self.upstream.apply(&capacity);
+    }
+
+    /// One of `instances` in rotation: the limit it falls back to while idle is its share of
+    /// the upstream's `initial_limit`.
+    pub fn share_of(&self, instances: usize) {
+        let mut controller = self
+            .controller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        controller.share_floor(&self.upstream.cfg, self.upstream.max_connections, instances);
     }
 
     /// Whether its limit counts toward the upstream's now.

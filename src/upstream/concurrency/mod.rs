@@ -12,8 +12,12 @@
 //!   latency. A slower instance, or one with fewer workers, learns a smaller limit. Each
 //!   stays under the static bulkhead (`max_connections`), the hard ceiling;
 //! - the upstream admits calls against the SUM of the limits of its instances in rotation
-//!   (ejected and draining ones do not count; before the first resolution, and when every
-//!   instance is out, as one instance at `initial_limit`), capped by `max_connections`; the
+//!   (ejected and draining ones do not count; before the first resolution, `initial_limit`),
+//!   capped by `max_connections`. The instances share `initial_limit`: each starts at, and
+//!   while idle falls back to, `initial_limit / instances`, so that an upstream of three
+//!   instances meets a spike with the limit it was configured to start at, not three times
+//!   it (its capacity is unknown until round trips show it; slow start doubles a limit
+//!   per round trip where nothing queues). The
 //!   balancer then sends each attempt to an instance under its own limit (P2C among those
 //!   with room). One queue per upstream, not one per instance: a shared queue in front of
 //!   all instances is join-the-shortest-queue (a freed slot anywhere serves the oldest, or
@@ -458,11 +462,12 @@ impl ConcurrencyLimit {
         }
     }
 
-    /// The limit of a new instance of this upstream: it starts at `initial_limit` and does
-    /// not count toward the admission limit until [`InstanceLimit::set_counted`] says so.
-    /// `address` labels its metrics.
-    pub fn instance(&self, address: &str) -> Arc<InstanceLimit> {
-        Arc::new(InstanceLimit::new(self.shared.clone(), address))
+    /// The limit of a new instance of this upstream, one of `instances`: it starts at its
+    /// share of `initial_limit` (the upstream's limit at start is `initial_limit`, however
+    /// many instances it has), and does not count toward the admission limit until
+    /// [`InstanceLimit::set_counted`] says so. `address` labels its metrics.
+    pub fn instance(&self, address: &str, instances: usize) -> Arc<InstanceLimit> {
+        Arc::new(InstanceLimit::new(self.shared.clone(), address, instances))
     }
 
     /// The admission limit now: the limits of the instances in rotation, summed.

@@ -310,7 +310,7 @@ async fn a_raised_limit_lets_waiters_in_at_once() {
         ..ConcurrencyConfig::default()
     };
     let limit = Arc::new(ConcurrencyLimit::new("t", &cfg, 256));
-    let instance = limit.instance("a");
+    let instance = limit.instance("a", 1);
     instance.set_counted(true);
     let busy = limit.acquire(Priority::Default).await.unwrap();
     let attempt = instance.take();
@@ -375,36 +375,51 @@ fn limits(set: &InstanceSet) -> Vec<usize> {
 
 #[tokio::test(start_paused = true)]
 async fn the_admission_limit_is_the_sum_of_the_instances_in_rotation() {
-    let limit = ConcurrencyLimit::new("t", &ConcurrencyConfig::default(), 256);
-    // Before the first resolution: one instance's worth.
-    assert_eq!(limit.limit(), 20);
+    let cfg = ConcurrencyConfig {
+        initial_limit: 30,
+        ..ConcurrencyConfig::default()
+    };
+    let limit = ConcurrencyLimit::new("t", &cfg, 256);
+    // Before the first resolution: the upstream's initial limit.
+    assert_eq!(limit.limit(), 30);
+    // Three instances share it: the upstream starts where it was configured to, whatever
+    // the number of instances.
     let set = limited_set(&limit, 3);
-    assert_eq!(limits(&set), [20, 20, 20]);
-    assert_eq!(limit.limit(), 60);
+    assert_eq!(limits(&set), [10, 10, 10]);
+    assert_eq!(limit.limit(), 30);
     // An ejected instance's capacity is gone at once...
     let bad = set.active()[0].clone();
     for _ in 0..5 {
         set.finish(&bad, Outcome::ConnectError);
     }
     assert!(bad.health().ejected_until.is_some());
-    assert_eq!(limit.limit(), 40);
+    assert_eq!(limit.limit(), 20);
     // ...and back when its ejection ends (noticed at the next choice).
     tokio::time::advance(Duration::from_secs(10)).await;
     let _ = set.serving(Instant::now());
-    assert_eq!(limit.limit(), 60);
+    assert_eq!(limit.limit(), 30);
     // A removed instance stops counting, even with attempts still in flight on it.
     let draining = set.active()[2].clone();
     let attempt = draining.limit.as_ref().unwrap().take();
     set.update(&test_endpoints(0..2));
-    assert_eq!(limit.limit(), 40);
+    assert_eq!(limit.limit(), 20);
     drop(attempt);
     drop(draining);
     set.update(&test_endpoints(0..2));
-    assert_eq!(limit.limit(), 40);
+    assert_eq!(limit.limit(), 20);
+    // A learnt limit counts as it changes: one instance's growth is the upstream's.
+    let grown = set.active()[1].clone();
+    let slots: Vec<_> = (0..10)
+        .map(|_| grown.limit.as_ref().unwrap().take())
+        .collect();
+    slots[0].record(1, Sample::Answered(ms(20)));
+    let learnt = grown.limit.as_ref().unwrap().limit();
+    assert!(learnt > 10, "every slot busy, nothing queued: it grows");
+    assert_eq!(limit.limit(), 10 + learnt);
     // The cap: max_connections.
-    let small = ConcurrencyLimit::new("t", &ConcurrencyConfig::default(), 30);
+    let small = ConcurrencyLimit::new("t", &cfg, 25);
     let _set = limited_set(&small, 3);
-    assert_eq!(small.limit(), 30);
+    assert_eq!(small.limit(), 25);
 }
 
 #[tokio::test(start_paused = true)]

@@ -145,7 +145,10 @@ impl InstanceSet {
                         ))
                         .ok()
                     });
-                    let limit = self.concurrency.as_ref().map(|c| c.instance(&e.display()));
+                    let limit = self
+                        .concurrency
+                        .as_ref()
+                        .map(|c| c.instance(&e.display(), endpoints.len()));
                     let instance = Arc::new(Instance::new(
                         id,
                         e.clone(),
@@ -390,10 +393,14 @@ impl InstanceSet {
             .iter()
             .map(|i| i.health().ejected_until.is_none())
             .collect();
-        let any = in_rotation.contains(&true);
+        let counted = match in_rotation.iter().filter(|r| **r).count() {
+            0 => all.len(),
+            n => n,
+        };
         for (instance, in_rotation) in all.iter().zip(in_rotation) {
             if let Some(limit) = &instance.limit {
-                limit.set_counted(in_rotation || !any);
+                limit.set_counted(in_rotation || counted == all.len());
+                limit.share_of(counted);
             }
         }
     }
