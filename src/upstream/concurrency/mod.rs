@@ -26,8 +26,9 @@
 //!   instance is chosen when the call has a slot, with the freshest loads;
 //! - a call without a slot waits only briefly, CoDel-style ("Fail at Scale"): up to
 //!   `queue_interval` while the queue has been empty within the last interval (a burst),
-//!   up to `queue_target` once a queue stands or a waiter was refused within the last
-//!   interval (overloaded), and the newest waiter is served first then (adaptive LIFO: the
+//!   up to `queue_target` once a queue stands, or a waiter was refused and calls have kept
+//!   finding the limit full since, at least once per interval, for up to ten intervals
+//!   (overloaded), and the newest waiter is served first then (adaptive LIFO: the
 //!   oldest have waited longest and are likeliest to be given up on).
 //!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. A refusal is not
 //!   a failure of the upstream: the breaker, ejection and retries never see it;
@@ -140,12 +141,24 @@ struct Queue {
     lines: [VecDeque<Waiter>; 3],
     /// When the queue was last empty: a queue not empty for `interval` is standing.
     last_empty: Option<Instant>,
-    /// Until when the limit counts as overloaded because a waiter waited its whole budget:
-    /// when arrivals are further apart than `queue_target`, the queue empties between them
-    /// and never stands, yet every one of them would wait `queue_interval` for nothing.
+    /// Until when the limit counts as overloaded because a waiter waited its whole budget
+    /// ([`SHEDDING_HOLD`] intervals after the last such refusal): when arrivals are further
+    /// apart than `queue_target`, the queue empties between them and never stands, yet every
+    /// one of them would wait `queue_interval` for nothing. It ends sooner when an interval
+    /// passes in which no call had to wait (`last_wait`): the demand fell under the limit.
     shedding_until: Option<Instant>,
+    /// When a call last found the limit full: arrived to it (and waited, or was refused at
+    /// once), or left the line refused.
+    last_wait: Option<Instant>,
     next_id: u64,
 }
+
+/// How many `queue_interval`s a refusal keeps the limit overloaded while calls keep finding
+/// it full. One interval (as at first) let the state flicker off under a steady 4x spike
+/// whenever the limit grew and no waiter happened to be refused for 100 ms; each flicker
+/// then gave the next arrivals the burst's 100 ms wait before refusing them (chaos 17:
+/// refusals p99 50-102 ms against the 20 ms).
+const SHEDDING_HOLD: u32 = 10;
 
 struct Waiter {
     id: u64,
@@ -168,13 +181,19 @@ impl Queue {
         self.lines.iter().map(VecDeque::len).sum()
     }
 
-    /// A queue has stood for `interval`, or a waiter was refused within the last one.
+    /// A queue has stood for `interval`; or a waiter was refused within the last
+    /// [`SHEDDING_HOLD`] intervals and since then no interval passed without a call finding
+    /// the limit full.
     fn overloaded(&self, now: Instant, interval: Duration) -> bool {
         let standing = self.len() > 0
             && self
                 .last_empty
                 .is_some_and(|at| now.duration_since(at) >= interval);
-        standing || self.shedding_until.is_some_and(|until| now < until)
+        let shedding = self.shedding_until.is_some_and(|until| now < until)
+            && self
+                .last_wait
+                .is_some_and(|at| now.duration_since(at) < interval);
+        standing || shedding
     }
 
     /// The next waiter: most important line first; newest first when overloaded.
@@ -192,8 +211,8 @@ impl Queue {
         waiter
     }
 
-    /// Takes waiter `id` out of `line` (it gave up waiting: overloaded for the next
-    /// `interval`); `false` if it is not there (it was granted a slot).
+    /// Takes waiter `id` out of `line` (it gave up waiting: overloaded for a while, see
+    /// [`Queue::overloaded`]); `false` if it is not there (it was granted a slot).
     fn remove(&mut self, line: usize, id: u64, now: Instant, interval: Duration) -> bool {
         let Some(at) = self.lines[line].iter().position(|w| w.id == id) else {
             return false;
@@ -202,7 +221,8 @@ impl Queue {
         if self.len() == 0 {
             self.last_empty = Some(now);
         }
-        self.shedding_until = Some(now + interval);
+        self.shedding_until = Some(now + interval * SHEDDING_HOLD);
+        self.last_wait = Some(now);
         true
     }
 }
@@ -409,7 +429,10 @@ impl ConcurrencyLimit {
                     return Ok(permit(n));
                 }
             }
+            // Whether overloaded, as the calls before this one left it; then this one found
+            // the limit full too.
             let overloaded = queue.overloaded(started, shared.interval);
+            queue.last_wait = Some(started);
             let budget = match (priority, overloaded) {
                 (Priority::Critical, _) => shared.critical_wait(),
                 (Priority::Default, false) => shared.interval,

@@ -346,6 +346,49 @@ async fn after_a_refusal_even_sparse_arrivals_wait_only_the_target_for_an_interv
     assert_eq!(waited, ms(100));
 }
 
+/// Keeps one call holding the only slot of `limit` for `rounds` x 20 ms, each next call
+/// arriving 2 ms before the one holding it leaves: every call finds the limit full, and
+/// every one is served within the 5 ms target (none is refused).
+async fn hand_over(limit: &Arc<ConcurrencyLimit>, rounds: usize) {
+    let mut holder = waiter(limit, Priority::Default, ms(20));
+    for _ in 0..rounds {
+        tokio::time::sleep(ms(18)).await;
+        let next = waiter(limit, Priority::Default, ms(20));
+        let (waited, result) = holder.await.unwrap();
+        assert!(result.is_ok() && waited <= ms(2), "{waited:?} {result:?}");
+        holder = next;
+    }
+    let (waited, result) = holder.await.unwrap();
+    assert!(result.is_ok() && waited <= ms(2), "{waited:?} {result:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn overloaded_lasts_while_calls_keep_finding_the_limit_full_not_one_interval() {
+    let limit = limit_of(1);
+    let held = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(100), Err(ShedCause::QueueTimeout)));
+    drop(held);
+    // 300 ms without a refusal, but every call found the limit full: still overloaded (it
+    // used to end an interval after the refusal, and the next arrivals each waited 100 ms
+    // for nothing under a steady spike).
+    hand_over(&limit, 15).await;
+    let _busy = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(5), Err(ShedCause::QueueTimeout)));
+    // An interval in which no call found the limit full: the demand fell under it, and the
+    // next call waits as in a burst.
+    tokio::time::sleep(ms(100)).await;
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(100), Err(ShedCause::QueueTimeout)));
+    drop(_busy);
+    // And at most ten intervals after the last refusal, however full the limit stays.
+    hand_over(&limit, 55).await;
+    let _busy = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+}
+
 // ---- Per instance: each learns its own limit, the upstream admits against their sum. ----
 
 use crate::config::{BalancerKind, UpstreamConfig};
