@@ -137,6 +137,10 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let app = gw.current();
     app.cache.run_pending_tasks().await;
     app.cache.stats();
+    // The instances' in-flight gauges are read here, not kept by every call.
+    for u in app.upstreams.iter() {
+        u.pipeline.instances().publish_limits();
+    }
     let text = crate::observability::metrics::render();
     let mut resp = text.into_response();
     resp.headers_mut().insert(
@@ -159,10 +163,12 @@ async fn breakers(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// Each upstream's slots (held ones are `in_flight`: calls from their start until the
 /// upstream has sent the whole body, however slowly the client reads; `max_connections`;
-/// `max_per_client`), the adaptive `concurrency` limit (learnt `limit`, its `in_flight`,
-/// calls `waiting`) and instances: address, state (healthy / ejected / draining), how long
-/// an ejection or a 429/503 bias still lasts, attempts waiting for response headers
-/// (`in_flight`, the balancer's load), peak-EWMA latency, counts.
+/// `max_per_client`), the adaptive `concurrency` limit (the admission `limit`: the sum of
+/// the limits of the instances in rotation; its `in_flight`, calls `waiting`) and instances:
+/// address, state (healthy / ejected / draining), how long an ejection or a 429/503 bias
+/// still lasts, attempts waiting for response headers (`in_flight`, the balancer's load),
+/// peak-EWMA latency, counts, and the instance's own `concurrency` (learnt `limit`, attempts
+/// of limited calls `in_flight`, whether it is `counted` in the upstream's limit).
 async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
     let app = gw.current();
     let list: Vec<_> = app

@@ -389,6 +389,10 @@ pub(crate) struct CallState {
     pub(crate) hedge_after: Option<Duration>,
     /// Where the attempts' spans hang in the client request's trace.
     pub(crate) trace: Option<TraceParent>,
+    /// The call holds a slot of the adaptive limit, in this latency class: each attempt then
+    /// takes a slot of its instance, goes to one with room, and feeds its round trip to that
+    /// instance's limit. `None`: an unlimited call (a WebSocket handshake, a limit turned off).
+    pub(crate) limited: Option<u32>,
     progress: Mutex<Progress>,
 }
 
@@ -411,7 +415,7 @@ impl Call {
     /// A call outside any trace.
     #[cfg(test)]
     pub(crate) fn new(deadline: Instant, options: &CallOptions, max_retries: u32) -> Call {
-        Call::in_trace(deadline, options, max_retries, None)
+        Call::in_trace(deadline, options, max_retries, None, None)
     }
 
     /// A call whose attempts' spans hang from `trace`.
@@ -420,6 +424,7 @@ impl Call {
         options: &CallOptions,
         max_retries: u32,
         trace: Option<TraceParent>,
+        limited: Option<u32>,
     ) -> Call {
         Call(Arc::new(CallState {
             deadline,
@@ -429,6 +434,7 @@ impl Call {
             max_retries,
             hedge_after: options.hedge_after.filter(|_| options.idempotent),
             trace,
+            limited,
             progress: Mutex::new(Progress::default()),
         }))
     }
@@ -634,7 +640,7 @@ mod tests {
             )
         );
         // The attempt spans hang from the span the header names: one value, one source.
-        let call = Call::in_trace(Instant::now(), &options, 0, traced.trace);
+        let call = Call::in_trace(Instant::now(), &options, 0, traced.trace, None);
         assert_eq!(call.state().trace, Some(parent));
     }
 

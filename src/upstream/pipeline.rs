@@ -20,7 +20,7 @@ use super::call::{
     UpstreamRequest,
 };
 use super::client::{build_client, unused_base};
-use super::concurrency::{ConcurrencyLimit, Sample};
+use super::concurrency::ConcurrencyLimit;
 use super::discovery::{self, Resolve, SystemResolver, Target};
 use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
@@ -204,9 +204,10 @@ pub struct Pipeline {
     /// concurrent clients meant 1,000 upstream connections (and their buffers and tasks). No
     /// client holds more than `max_client_share` of them.
     bulkhead: Bulkhead,
-    /// The limit learnt from latency under the bulkhead (`[upstreams.X.concurrency]`): a
-    /// call beyond it waits only briefly, then is refused as `Overloaded`, so that a spike
-    /// queues neither here nor in the upstream's backlog. `None` when disabled.
+    /// The limit learnt from latency under the bulkhead (`[upstreams.X.concurrency]`), the
+    /// sum of the instances' own limits: a call beyond it waits only briefly, then is refused
+    /// as `Overloaded`, so that a spike queues neither here nor in the upstream's backlog.
+    /// `None` when disabled.
     limit: Option<ConcurrencyLimit>,
     /// Where the attempt layer sends its spans.
     spans: SpanSink,
@@ -237,11 +238,19 @@ impl Pipeline {
     ) -> Result<Pipeline, String> {
         let upstream: Arc<str> = Arc::from(name);
         let client_cfg = cfg.clone();
-        let instances = Arc::new(InstanceSet::new(
-            name,
-            cfg,
-            Box::new(move |endpoint| build_client(&client_cfg, endpoint)),
-        ));
+        let limit = cfg
+            .concurrency
+            .enabled
+            .then(|| ConcurrencyLimit::new(name, &cfg.concurrency, cfg.max_connections));
+        // Each instance learns its own limit; the upstream admits calls against their sum.
+        let instances = Arc::new(
+            InstanceSet::new(
+                name,
+                cfg,
+                Box::new(move |endpoint| build_client(&client_cfg, endpoint)),
+            )
+            .limited_by(limit.clone()),
+        );
         let breaker = Arc::new(Breaker::new(name, &cfg.breaker));
         let budget = Arc::new(RetryBudget::new(&cfg.retry));
         let spans: SpanSink = Arc::default();
@@ -307,10 +316,7 @@ impl Pipeline {
             max_retries: cfg.retry.max_retries,
             instances,
             bulkhead: Bulkhead::new(name, cfg.max_connections, cfg.max_client_share),
-            limit: cfg
-                .concurrency
-                .enabled
-                .then(|| ConcurrencyLimit::new(name, &cfg.concurrency, cfg.max_connections)),
+            limit,
             spans,
         })
     }
@@ -433,6 +439,7 @@ impl Pipeline {
             &options,
             options.max_retries.unwrap_or(self.max_retries),
             trace,
+            limit_permit.as_ref().map(|_| caller.latency_class),
         );
         let permit = CallPermit::default();
         let mut extensions = Extensions::new();
@@ -443,33 +450,18 @@ impl Pipeline {
         // fires during an attempt; it is the backstop.
         let result = tokio::time::timeout_at(deadline, async {
             let slot = entry.acquire().await;
-            let sent = Instant::now();
             let response = self
                 .client
                 .execute_with_extensions(req, &mut extensions)
                 .await;
-            (response, slot, sent.elapsed())
+            (response, slot)
         })
         .await;
         let attempts = call.attempts();
-        // The round trip feeds the limit: an answer (a 5xx may be a fast refusal, and a
-        // retried call's time includes backoff: neither is a sample), or a timeout.
-        let sample = match &result {
-            Ok((Ok(response), _, rtt)) if attempts == 1 && !response.status().is_server_error() => {
-                Some(Sample::Answered(*rtt))
-            }
-            Ok((Err(_), _, _)) if call.last_outcome() == Some(Outcome::Timeout) => {
-                Some(Sample::TimedOut)
-            }
-            Err(_elapsed) => Some(Sample::TimedOut),
-            Ok(_) => None,
-        };
-        if let (Some(sample), Some(permit)) = (sample, &limit_permit) {
-            permit.record(caller.latency_class, sample);
-        }
-        // The limit counts calls waiting for the upstream's answer, what its round trips
-        // measure: the slot goes back with the response headers. The body, however slowly a
-        // client reads it, holds a bulkhead slot (`max_connections`), not this.
+        // Each attempt fed its round trip to its instance's limit (balancer/layer.rs). The
+        // upstream's slot counts calls waiting for an answer: it goes back with the response
+        // headers. The body, however slowly a client reads it, holds a bulkhead slot
+        // (`max_connections`), not this.
         drop(limit_permit);
         // One breaker record per call, for its final attempt (a timeout if the deadline cut
         // the call).
@@ -478,12 +470,12 @@ impl Pipeline {
             Err(_elapsed) => Outcome::Timeout.breaker_failure(),
         });
         match result {
-            Ok((Ok(response), slot, _)) => Ok(Delivered {
+            Ok((Ok(response), slot)) => Ok(Delivered {
                 response,
                 attempts,
                 slot,
             }),
-            Ok((Err(e), _, _)) => Err(match call.last_outcome() {
+            Ok((Err(e), _)) => Err(match call.last_outcome() {
                 Some(Outcome::CircuitOpen(retry_after)) => {
                     UpstreamError::CircuitOpen { retry_after }
                 }

@@ -168,9 +168,13 @@ enum Cost {
 }
 
 impl RetryLayer {
-    /// Whether an instance this call has not tried could take the next attempt.
+    /// Whether an instance this call has not tried could take the next attempt: for a call
+    /// under the adaptive limit, one under its own limit (a hedge or a retry elsewhere never
+    /// pushes another instance past what it serves; with none there, a timed-out call is not
+    /// retried and a refused connection is retried after a backoff, as with one instance).
     fn elsewhere(&self, call: &Call) -> bool {
-        call.with_tried(|tried| self.instances.has_untried(tried))
+        let need_room = call.state().limited.is_some();
+        call.with_tried(|tried| self.instances.has_untried(tried, need_room))
     }
 
     /// How long to wait before retrying a call whose attempt number `n_past_retries + 1` just

@@ -284,6 +284,7 @@ fn the_dashboard_covers_the_issue_s_panels() {
         "process_cpu_seconds_total",
         "gateway_runtime_scheduling_delay_seconds_bucket",
         "gateway_shed_total",
+        "gateway_upstream_instance_concurrency_limit",
     ] {
         assert!(used.contains(needed), "no panel queries {needed}");
     }

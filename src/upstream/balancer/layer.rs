@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::p2c::Picker;
 use crate::config::BalancerKind;
 use crate::upstream::call::{Call, NoCall, NoInstance, Outcome};
+use crate::upstream::concurrency::Sample;
 use crate::upstream::instances::{Instance, InstanceSet};
 
 /// The instance an attempt was sent to, in that attempt's extensions.
@@ -96,13 +97,16 @@ impl Middleware for Balancer {
             // The first resolution is under way (startup); the call's deadline bounds this.
             self.instances.wait_resolved().await;
         }
+        let limited = call.state().limited;
         let instance = call
-            .with_tried(|tried| self.picker.pick(&self.instances, tried))
+            .with_tried(|tried| self.picker.pick(&self.instances, tried, limited.is_some()))
             .ok_or_else(|| reqwest_middleware::Error::middleware(NoInstance))?;
         call.tried_instance(instance.id);
         move_to(&mut req, &instance);
         extensions.insert(Chosen(instance.clone()));
         let _in_flight = instance.start();
+        // A slot under the instance's own limit, for the calls under the upstream's.
+        let slot = limited.and(instance.limit.as_ref()).map(|l| l.take());
         let report = AttemptReport {
             instances: &self.instances,
             abandoned: extensions.get::<Abandoned>().cloned(),
@@ -111,7 +115,24 @@ impl Middleware for Balancer {
             done: false,
         };
         let result = next.run(req, extensions).await;
-        report.finish(Outcome::of(&result));
+        let outcome = Outcome::of(&result);
+        if let (Some(slot), Some(class)) = (&slot, limited) {
+            // The attempt's round trip teaches its instance's limit: an answer (a 5xx may
+            // be a fast refusal: no sample), or a timeout (the worst sample). A cancelled
+            // attempt (a lost hedge) never gets here and teaches nothing.
+            let sample = match &result {
+                Ok(response) if !response.status().is_server_error() => {
+                    Some(Sample::Answered(report.started.elapsed()))
+                }
+                Ok(_) => None,
+                Err(_) => (outcome == Outcome::Timeout).then_some(Sample::TimedOut),
+            };
+            if let Some(sample) = sample {
+                slot.record(class, sample);
+            }
+        }
+        drop(slot);
+        report.finish(outcome);
         result
     }
 }

@@ -17,4 +17,6 @@ mod p2c;
 mod peak_ewma;
 
 pub(crate) use layer::{Abandoned, Balancer, Chosen, Dispatch};
+#[cfg(test)]
+pub(crate) use p2c::Picker;
 pub(crate) use peak_ewma::PeakEwma;

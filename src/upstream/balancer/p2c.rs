@@ -1,7 +1,9 @@
 //! The choice of one instance for one attempt, among those the instance set says may serve
-//! (`InstanceSet::serving`): the ones this call has not tried yet when there are any (so a
-//! retry or a hedge goes elsewhere), then power of two choices by peak-EWMA cost, as
-//! linkerd2-proxy and Finagle do (a slow or busy instance gets less traffic), or each in turn.
+//! (`InstanceSet::serving`): for a call under the adaptive limit, the ones under their own
+//! limit when there are any (an instance at its limit gets nothing while another has room);
+//! of those, the ones this call has not tried yet when there are any (so a retry or a hedge
+//! goes elsewhere); then power of two choices by peak-EWMA cost, as linkerd2-proxy and
+//! Finagle do (a slow or busy instance gets less traffic), or each in turn.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,11 +31,19 @@ impl Picker {
         }
     }
 
-    /// The instance for the next attempt of a call that has tried `tried`; `None` when the
-    /// set has none.
-    pub(crate) fn pick(&self, instances: &InstanceSet, tried: &[u64]) -> Option<Arc<Instance>> {
+    /// The instance for the next attempt of a call that has tried `tried`, under the
+    /// adaptive limit when `limited`; `None` when the set has none.
+    pub(crate) fn pick(
+        &self,
+        instances: &InstanceSet,
+        tried: &[u64],
+        limited: bool,
+    ) -> Option<Arc<Instance>> {
         let now = Instant::now();
         let mut candidates = instances.serving(now);
+        if limited {
+            with_room_first(&mut candidates);
+        }
         untried_first(&mut candidates, tried);
         let n = candidates.len();
         let chosen = match (n, self.kind) {
@@ -55,6 +65,15 @@ impl Picker {
             }
         };
         Some(candidates.swap_remove(chosen))
+    }
+}
+
+/// Keeps the instances under their own limit, or all of them when none is: the upstream
+/// admitted the call against the sum of the limits, so one has room unless an instance's
+/// limit just shrank, or an attempt that failed on one instance goes on to another.
+fn with_room_first(candidates: &mut Vec<Arc<Instance>>) {
+    if candidates.iter().any(|i| i.has_room()) {
+        candidates.retain(|i| i.has_room());
     }
 }
 
@@ -108,7 +127,7 @@ mod tests {
         answered(&all[2], ms(5));
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let i = p.pick(&s, &[]).unwrap();
+            let i = p.pick(&s, &[], false).unwrap();
             counts[i.id as usize] += 1;
         }
         assert_eq!(counts[0], 0, "{counts:?}");
@@ -118,7 +137,7 @@ mod tests {
         let _busy: Vec<_> = (0..5).map(|_| all[1].start()).collect();
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            counts[p.pick(&s, &[]).unwrap().id as usize] += 1;
+            counts[p.pick(&s, &[], false).unwrap().id as usize] += 1;
         }
         assert!(counts[2] > 1800 && counts[1] < 1200, "{counts:?}");
     }
@@ -131,12 +150,12 @@ mod tests {
         answered(&slow, ms(200));
         answered(&fast, ms(2));
         // Fresh: the fast one wins every comparison.
-        assert!((0..200).all(|_| p.pick(&s, &[]).unwrap().id == fast.id));
+        assert!((0..200).all(|_| p.pick(&s, &[], false).unwrap().id == fast.id));
         // The fast one keeps answering; the slow one gets nothing, so its estimate ages.
         tokio::time::advance(Duration::from_millis(1500)).await;
         answered(&fast, ms(2));
         let picked_slow = (0..200)
-            .filter(|_| p.pick(&s, &[]).unwrap().id == slow.id)
+            .filter(|_| p.pick(&s, &[], false).unwrap().id == slow.id)
             .count();
         assert!(picked_slow > 0, "starved by a 1.5 s old sample");
     }
@@ -146,15 +165,15 @@ mod tests {
         let s = test_set(&config(), 3);
         for kind in [BalancerKind::P2cEwma, BalancerKind::RoundRobin] {
             let p = Picker::new(kind);
-            let first = p.pick(&s, &[]).unwrap();
+            let first = p.pick(&s, &[], false).unwrap();
             for _ in 0..100 {
-                let second = p.pick(&s, &[first.id]).unwrap();
+                let second = p.pick(&s, &[first.id], false).unwrap();
                 assert_ne!(second.id, first.id);
-                let third = p.pick(&s, &[first.id, second.id]).unwrap();
+                let third = p.pick(&s, &[first.id, second.id], false).unwrap();
                 assert!(third.id != first.id && third.id != second.id);
             }
             // Everything tried: any instance again, rather than none.
-            assert!(p.pick(&s, &[0, 1, 2]).is_some());
+            assert!(p.pick(&s, &[0, 1, 2], false).is_some());
         }
     }
 
@@ -164,7 +183,7 @@ mod tests {
         let p = Picker::new(BalancerKind::RoundRobin);
         let mut counts = [0usize; 3];
         for _ in 0..300 {
-            counts[p.pick(&s, &[]).unwrap().id as usize] += 1;
+            counts[p.pick(&s, &[], false).unwrap().id as usize] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
     }
@@ -172,6 +191,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_empty_set_has_no_instance_to_pick() {
         let s = test_set(&config(), 0);
-        assert!(Picker::new(BalancerKind::P2cEwma).pick(&s, &[]).is_none());
+        assert!(Picker::new(BalancerKind::P2cEwma)
+            .pick(&s, &[], false)
+            .is_none());
     }
 }

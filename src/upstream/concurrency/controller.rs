@@ -95,8 +95,9 @@ pub struct Controller {
     limit: f64,
     min_limit: f64,
     max_limit: f64,
-    /// An idle limit shrinks no further than `initial_limit`: a burst to a healthy upstream
-    /// after a quiet spell (market open) must not meet a limit of a few slots.
+    /// An idle limit shrinks no further than `initial_limit` (this instance's share of it): a
+    /// burst to a healthy upstream after a quiet spell (market open) must not meet a limit of
+    /// a few slots.
     idle_floor: f64,
     tolerance: f64,
     slack: Duration,
@@ -109,10 +110,22 @@ pub struct Controller {
 impl Controller {
     /// Starts at `initial_limit`, within `[min_limit, max_limit or max_connections]`.
     pub fn new(cfg: &ConcurrencyConfig, max_connections: usize, now: Instant) -> Controller {
+        Controller::with_share(cfg, max_connections, now, 1)
+    }
+
+    /// Starts at `initial_limit / instances` (rounded up), within the bounds: one of
+    /// `instances` that share the upstream's initial limit.
+    pub fn with_share(
+        cfg: &ConcurrencyConfig,
+        max_connections: usize,
+        now: Instant,
+        instances: usize,
+    ) -> Controller {
         let (min, max) = cfg.bounds(max_connections);
+        let share = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
         Controller {
-            limit: cfg.initial_limit.clamp(min, max) as f64,
-            idle_floor: cfg.initial_limit.clamp(min, max) as f64,
+            limit: share,
+            idle_floor: share,
             min_limit: min as f64,
             max_limit: max as f64,
             tolerance: cfg.tolerance,
@@ -132,6 +145,19 @@ impl Controller {
     /// The limit now (whole slots).
     pub fn limit(&self) -> usize {
         self.limit as usize
+    }
+
+    /// Makes the idle floor `initial_limit / instances` (rounded up): the upstream's
+    /// instances in rotation share its initial limit, so an idle upstream of many instances
+    /// does not meet the next spike with many times the limit it was configured to start at.
+    pub fn share_floor(
+        &mut self,
+        cfg: &ConcurrencyConfig,
+        max_connections: usize,
+        instances: usize,
+    ) {
+        let (min, max) = cfg.bounds(max_connections);
+        self.idle_floor = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
     }
 
     /// Records one call of latency class `class` that started with `in_flight` slots held

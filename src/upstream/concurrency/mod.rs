@@ -1,17 +1,34 @@
-//! The adaptive concurrency limit of one upstream, and the short wait for a slot under it.
+//! The adaptive concurrency limit of one upstream, learnt per instance, and the short wait
+//! for a slot under it.
 //!
 //! Overload is not failure. When demand exceeds what an upstream can serve, a queue forms
 //! somewhere: in the upstream's backlog, or in the gateway waiting for a connection. Either
 //! queue holds requests for seconds (every client waits, clients retry, deadlines fire, and
 //! a healthy service is marked down). So:
 //!
-//! - the limit is learnt from latency ([`controller`]): calls in flight beyond what the
-//!   upstream serves at once only queue there, and show as round trips above the no-load
-//!   latency. It stays under the static bulkhead (`max_connections`), the hard ceiling;
+//! - each instance learns its own limit from the round trips of the attempts sent to it
+//!   ([`controller`], one per instance, in `instance.rs`): attempts in flight beyond what the
+//!   instance serves at once only queue there, and show as round trips above its no-load
+//!   latency. A slower instance, or one with fewer workers, learns a smaller limit. Each
+//!   stays under the static bulkhead (`max_connections`), the hard ceiling;
+//! - the upstream admits calls against the SUM of the limits of its instances in rotation
+//!   (ejected and draining ones do not count; before the first resolution, `initial_limit`),
+//!   capped by `max_connections`. The instances share `initial_limit`: each starts at, and
+//!   while idle falls back to, `initial_limit / instances`, so that an upstream of three
+//!   instances meets a spike with the limit it was configured to start at, not three times
+//!   it (its capacity is unknown until round trips show it; slow start doubles a limit
+//!   per round trip where nothing queues). The
+//!   balancer then sends each attempt to an instance under its own limit (P2C among those
+//!   with room). One queue per upstream, not one per instance: a shared queue in front of
+//!   all instances is join-the-shortest-queue (a freed slot anywhere serves the oldest, or
+//!   under overload the newest, waiter), where a queue per instance strands a waiter behind
+//!   a slow instance while another has room. The wait stays out of the balancer: the
+//!   instance is chosen when the call has a slot, with the freshest loads;
 //! - a call without a slot waits only briefly, CoDel-style ("Fail at Scale"): up to
 //!   `queue_interval` while the queue has been empty within the last interval (a burst),
-//!   up to `queue_target` once a queue stands or a waiter was refused within the last
-//!   interval (overloaded), and the newest waiter is served first then (adaptive LIFO: the
+//!   up to `queue_target` once a queue stands, or a waiter was refused and calls have kept
+//!   finding the limit full since, at least once per interval, for up to ten intervals
+//!   (overloaded), and the newest waiter is served first then (adaptive LIFO: the
 //!   oldest have waited longest and are likeliest to be given up on).
 //!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. A refusal is not
 //!   a failure of the upstream: the breaker, ejection and retries never see it;
@@ -19,11 +36,18 @@
 //!   `queue_interval`, at most a second) even when overloaded; sheddable calls are served last, wait `queue_target` at most, and not
 //!   at all when overloaded.
 //!
-//! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter, two to
-//! leave, and a `try_lock` of the controller to feed it its round trip; the queue's lock is
-//! taken only when there are waiters.
+//! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter the
+//! upstream, one to take its instance's slot and a load per candidate instance to see room,
+//! the same to leave, and a `try_lock` of its instance's controller to feed it the round
+//! trip; the queue's lock is taken only when there are waiters, the capacity's lock only
+//! when an instance's limit or the set of instances in rotation changes.
+//!
+//! - `controller.rs`: the arithmetic of one instance's limit, on a paused clock in the tests.
+//! - `instance.rs`: [`InstanceLimit`], one instance's controller, limit and slots, and its
+//!   share of the upstream's admission limit.
 
 pub mod controller;
+mod instance;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
@@ -34,8 +58,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{ConcurrencyConfig, Priority};
-use controller::Controller;
 pub use controller::Sample;
+pub use instance::{InstanceLimit, InstancePermit};
 
 /// The longest a critical call waits for a slot, whatever the upstream's latency.
 const CRITICAL_WAIT_MAX: Duration = Duration::from_secs(1);
@@ -70,13 +94,16 @@ pub struct Refused {
     pub limit: usize,
 }
 
-/// One upstream's learnt limit and the calls waiting under it.
+/// One upstream's admission limit (the sum of its instances' learnt limits) and the calls
+/// waiting under it. Cheap to clone: the instance set keeps one to make each instance's
+/// [`InstanceLimit`].
+#[derive(Clone)]
 pub struct ConcurrencyLimit {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    /// The learnt limit (whole slots), written by the controller.
+    /// The admission limit (whole slots): the instances' limits summed, see [`Capacity`].
     limit: AtomicUsize,
     /// Slots held.
     in_flight: AtomicUsize,
@@ -84,7 +111,16 @@ struct Shared {
     /// someone waits.
     waiting: AtomicUsize,
     queue: Mutex<Queue>,
-    controller: Mutex<Controller>,
+    /// The instances' contributions to `limit`; locked only when one changes.
+    capacity: Mutex<Capacity>,
+    /// The section each instance's controller is built from.
+    cfg: ConcurrencyConfig,
+    /// The ceiling of the admission limit and of each instance's.
+    max_connections: usize,
+    /// The admission limit while no instance counts (before the first resolution).
+    initial_limit: usize,
+    /// Labels the instances' metrics.
+    upstream: Arc<str>,
     target: Duration,
     interval: Duration,
     /// The fastest latency class's no-load round trip, in nanoseconds (0: none yet): how long
@@ -93,7 +129,7 @@ struct Shared {
     /// Most calls waiting at once (`max_connections`): the waits are short, so this only
     /// bounds what a burst can make the queue cost.
     max_waiting: usize,
-    /// `gateway_upstream_concurrency_limit{upstream}`.
+    /// `gateway_upstream_concurrency_limit{upstream}`: the admission limit.
     limit_gauge: metrics::Gauge,
     /// `gateway_upstream_queue_wait_seconds{upstream}`: calls that had to wait, served or not.
     wait_seconds: metrics::Histogram,
@@ -105,16 +141,39 @@ struct Queue {
     lines: [VecDeque<Waiter>; 3],
     /// When the queue was last empty: a queue not empty for `interval` is standing.
     last_empty: Option<Instant>,
-    /// Until when the limit counts as overloaded because a waiter waited its whole budget:
-    /// when arrivals are further apart than `queue_target`, the queue empties between them
-    /// and never stands, yet every one of them would wait `queue_interval` for nothing.
+    /// Until when the limit counts as overloaded because a waiter waited its whole budget
+    /// ([`SHEDDING_HOLD`] intervals after the last such refusal): when arrivals are further
+    /// apart than `queue_target`, the queue empties between them and never stands, yet every
+    /// one of them would wait `queue_interval` for nothing. It ends sooner when an interval
+    /// passes in which no call had to wait (`last_wait`): the demand fell under the limit.
     shedding_until: Option<Instant>,
+    /// When a call last found the limit full: arrived to it (and waited, or was refused at
+    /// once), or left the line refused.
+    last_wait: Option<Instant>,
     next_id: u64,
 }
+
+/// How many `queue_interval`s a refusal keeps the limit overloaded while calls keep finding
+/// it full. One interval (as at first) let the state flicker off under a steady 4x spike
+/// whenever the limit grew and no waiter happened to be refused for 100 ms; each flicker
+/// then gave the next arrivals the burst's 100 ms wait before refusing them (chaos 17:
+/// refusals p99 50-102 ms against the 20 ms).
+const SHEDDING_HOLD: u32 = 10;
 
 struct Waiter {
     id: u64,
     grant: oneshot::Sender<()>,
+}
+
+/// What the instances in rotation add up to. Each [`InstanceLimit`] keeps its own part in
+/// step under this lock (its limit changed, or it entered or left rotation), so the sum is
+/// never built from two instances' stale views.
+#[derive(Debug, Default)]
+struct Capacity {
+    /// The limits of the instances that count, summed.
+    sum: usize,
+    /// How many instances count: none (not resolved yet) admits `initial_limit`.
+    counted: usize,
 }
 
 impl Queue {
@@ -122,13 +181,19 @@ impl Queue {
         self.lines.iter().map(VecDeque::len).sum()
     }
 
-    /// A queue has stood for `interval`, or a waiter was refused within the last one.
+    /// A queue has stood for `interval`; or a waiter was refused within the last
+    /// [`SHEDDING_HOLD`] intervals and since then no interval passed without a call finding
+    /// the limit full.
     fn overloaded(&self, now: Instant, interval: Duration) -> bool {
         let standing = self.len() > 0
             && self
                 .last_empty
                 .is_some_and(|at| now.duration_since(at) >= interval);
-        standing || self.shedding_until.is_some_and(|until| now < until)
+        let shedding = self.shedding_until.is_some_and(|until| now < until)
+            && self
+                .last_wait
+                .is_some_and(|at| now.duration_since(at) < interval);
+        standing || shedding
     }
 
     /// The next waiter: most important line first; newest first when overloaded.
@@ -146,8 +211,8 @@ impl Queue {
         waiter
     }
 
-    /// Takes waiter `id` out of `line` (it gave up waiting: overloaded for the next
-    /// `interval`); `false` if it is not there (it was granted a slot).
+    /// Takes waiter `id` out of `line` (it gave up waiting: overloaded for a while, see
+    /// [`Queue::overloaded`]); `false` if it is not there (it was granted a slot).
     fn remove(&mut self, line: usize, id: u64, now: Instant, interval: Duration) -> bool {
         let Some(at) = self.lines[line].iter().position(|w| w.id == id) else {
             return false;
@@ -156,7 +221,8 @@ impl Queue {
         if self.len() == 0 {
             self.last_empty = Some(now);
         }
-        self.shedding_until = Some(now + interval);
+        self.shedding_until = Some(now + interval * SHEDDING_HOLD);
+        self.last_wait = Some(now);
         true
     }
 }
@@ -223,6 +289,20 @@ impl Shared {
         }
     }
 
+    fn lock_capacity(&self) -> MutexGuard<'_, Capacity> {
+        self.capacity.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the admission limit from the instances' capacity (under its lock, so two
+    /// changes never store their sums out of order).
+    fn apply(&self, capacity: &Capacity) {
+        let limit = match capacity.counted {
+            0 => self.initial_limit,
+            _ => capacity.sum.clamp(1, self.max_connections.max(1)),
+        };
+        self.set_limit(limit);
+    }
+
     fn set_limit(&self, limit: usize) {
         let old = self.limit.swap(limit, SeqCst);
         if old != limit {
@@ -234,33 +314,12 @@ impl Shared {
     }
 }
 
-/// A slot under the limit; given back when dropped.
+/// A slot under the upstream's admission limit; given back when dropped. The attempts of
+/// its call each take a slot of their instance besides ([`InstancePermit`]).
 pub struct Permit {
     shared: Arc<Shared>,
-    /// Slots held when it was granted (itself included): whether its round trip is a
-    /// no-load sample.
+    /// Slots held when it was granted (itself included), for the tests and `Debug`.
     in_flight: usize,
-}
-
-impl Permit {
-    /// Feeds the call's outcome to the controller (once per call). A sample that finds the
-    /// controller busy with another is skipped rather than waited for: the limit is a
-    /// statistic of many calls, and no call ever queues behind another's bookkeeping.
-    pub fn record(&self, class: u32, sample: Sample) {
-        let mut controller = match self.shared.controller.try_lock() {
-            Ok(controller) => controller,
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return,
-        };
-        let changed = controller.record(Instant::now(), class, self.in_flight, sample);
-        let round_trip = controller.fastest_round_trip().unwrap_or_default();
-        drop(controller);
-        let nanos = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
-        self.shared.round_trip_nanos.store(nanos, Relaxed);
-        if let Some(limit) = changed {
-            self.shared.set_limit(limit);
-        }
-    }
 }
 
 impl Drop for Permit {
@@ -318,10 +377,11 @@ impl Drop for Place<'_> {
 }
 
 impl ConcurrencyLimit {
-    /// `upstream` labels the metrics; the limit starts at `initial_limit`.
+    /// `upstream` labels the metrics; the limit starts at `initial_limit`, and follows the
+    /// instances once [`ConcurrencyLimit::instance`] made some.
     pub fn new(upstream: &str, cfg: &ConcurrencyConfig, max_connections: usize) -> Self {
-        let controller = Controller::new(cfg, max_connections, Instant::now());
-        let limit = controller.limit();
+        let (min, max) = cfg.bounds(max_connections);
+        let limit = cfg.initial_limit.clamp(min, max);
         let limit_gauge = metrics::gauge!("gateway_upstream_concurrency_limit",
             "upstream" => upstream.to_string());
         limit_gauge.set(limit as f64);
@@ -331,7 +391,11 @@ impl ConcurrencyLimit {
                 in_flight: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 queue: Mutex::default(),
-                controller: Mutex::new(controller),
+                capacity: Mutex::default(),
+                cfg: cfg.clone(),
+                max_connections,
+                initial_limit: limit,
+                upstream: Arc::from(upstream),
                 target: cfg.queue_target.0,
                 interval: cfg.queue_interval.0,
                 max_waiting: max_connections.max(1),
@@ -365,7 +429,10 @@ impl ConcurrencyLimit {
                     return Ok(permit(n));
                 }
             }
+            // Whether overloaded, as the calls before this one left it; then this one found
+            // the limit full too.
             let overloaded = queue.overloaded(started, shared.interval);
+            queue.last_wait = Some(started);
             let budget = match (priority, overloaded) {
                 (Priority::Critical, _) => shared.critical_wait(),
                 (Priority::Default, false) => shared.interval,
@@ -418,7 +485,15 @@ impl ConcurrencyLimit {
         }
     }
 
-    /// The learnt limit now.
+    /// The limit of a new instance of this upstream, one of `instances`: it starts at its
+    /// share of `initial_limit` (the upstream's limit at start is `initial_limit`, however
+    /// many instances it has), and does not count toward the admission limit until
+    /// [`InstanceLimit::set_counted`] says so. `address` labels its metrics.
+    pub fn instance(&self, address: &str, instances: usize) -> Arc<InstanceLimit> {
+        Arc::new(InstanceLimit::new(self.shared.clone(), address, instances))
+    }
+
+    /// The admission limit now: the limits of the instances in rotation, summed.
     pub fn limit(&self) -> usize {
         self.shared.limit.load(SeqCst)
     }

@@ -310,13 +310,17 @@ async fn a_raised_limit_lets_waiters_in_at_once() {
         ..ConcurrencyConfig::default()
     };
     let limit = Arc::new(ConcurrencyLimit::new("t", &cfg, 256));
+    let instance = limit.instance("a", 1);
+    instance.set_counted(true);
     let busy = limit.acquire(Priority::Default).await.unwrap();
+    let attempt = instance.take();
     let w = waiter(&limit, Priority::Default, ms(0));
     tokio::time::sleep(ms(20)).await;
     // A fast answer with every slot busy closes a window: the limit grows by sqrt(1).
-    busy.record(1, Sample::Answered(ms(1)));
-    assert_eq!(limit.limit(), 2);
+    attempt.record(1, Sample::Answered(ms(1)));
+    assert_eq!((instance.limit(), limit.limit()), (2, 2));
     assert_eq!(w.await.unwrap(), (ms(20), Ok(())));
+    drop(busy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -340,4 +344,270 @@ async fn after_a_refusal_even_sparse_arrivals_wait_only_the_target_for_an_interv
     tokio::time::sleep(ms(100)).await;
     let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
     assert_eq!(waited, ms(100));
+}
+
+/// Keeps one call holding the only slot of `limit` for `rounds` x 20 ms, each next call
+/// arriving 2 ms before the one holding it leaves: every call finds the limit full, and
+/// every one is served within the 5 ms target (none is refused).
+async fn hand_over(limit: &Arc<ConcurrencyLimit>, rounds: usize) {
+    let mut holder = waiter(limit, Priority::Default, ms(20));
+    for _ in 0..rounds {
+        tokio::time::sleep(ms(18)).await;
+        let next = waiter(limit, Priority::Default, ms(20));
+        let (waited, result) = holder.await.unwrap();
+        assert!(result.is_ok() && waited <= ms(2), "{waited:?} {result:?}");
+        holder = next;
+    }
+    let (waited, result) = holder.await.unwrap();
+    assert!(result.is_ok() && waited <= ms(2), "{waited:?} {result:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn overloaded_lasts_while_calls_keep_finding_the_limit_full_not_one_interval() {
+    let limit = limit_of(1);
+    let held = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(100), Err(ShedCause::QueueTimeout)));
+    drop(held);
+    // 300 ms without a refusal, but every call found the limit full: still overloaded (it
+    // used to end an interval after the refusal, and the next arrivals each waited 100 ms
+    // for nothing under a steady spike).
+    hand_over(&limit, 15).await;
+    let _busy = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(5), Err(ShedCause::QueueTimeout)));
+    // An interval in which no call found the limit full: the demand fell under it, and the
+    // next call waits as in a burst.
+    tokio::time::sleep(ms(100)).await;
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(100), Err(ShedCause::QueueTimeout)));
+    drop(_busy);
+    // And at most ten intervals after the last refusal, however full the limit stays.
+    hand_over(&limit, 55).await;
+    let _busy = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+}
+
+// ---- Per instance: each learns its own limit, the upstream admits against their sum. ----
+
+use crate::config::{BalancerKind, UpstreamConfig};
+use crate::upstream::balancer::Picker;
+use crate::upstream::call::Outcome;
+use crate::upstream::instances::{test_endpoints, InstanceSet};
+
+/// A set of `n` instances on 127.0.0.1:9000.., each with its own limit made by `limit`.
+fn limited_set(limit: &ConcurrencyLimit, n: u16) -> Arc<InstanceSet> {
+    let cfg = UpstreamConfig {
+        url: "http://127.0.0.1:9000".into(),
+        ..UpstreamConfig::default()
+    };
+    let set = InstanceSet::new("t", &cfg, Box::new(|_| Ok(reqwest::Client::new())))
+        .limited_by(Some(limit.clone()));
+    set.update(&test_endpoints(0..n));
+    Arc::new(set)
+}
+
+/// The learnt limit of each instance, in order.
+fn limits(set: &InstanceSet) -> Vec<usize> {
+    set.active()
+        .iter()
+        .map(|i| i.limit.as_ref().map_or(0, |l| l.limit()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_admission_limit_is_the_sum_of_the_instances_in_rotation() {
+    let cfg = ConcurrencyConfig {
+        initial_limit: 30,
+        ..ConcurrencyConfig::default()
+    };
+    let limit = ConcurrencyLimit::new("t", &cfg, 256);
+    // Before the first resolution: the upstream's initial limit.
+    assert_eq!(limit.limit(), 30);
+    // Three instances share it: the upstream starts where it was configured to, whatever
+    // the number of instances.
+    let set = limited_set(&limit, 3);
+    assert_eq!(limits(&set), [10, 10, 10]);
+    assert_eq!(limit.limit(), 30);
+    // An ejected instance's capacity is gone at once...
+    let bad = set.active()[0].clone();
+    for _ in 0..5 {
+        set.finish(&bad, Outcome::ConnectError);
+    }
+    assert!(bad.health().ejected_until.is_some());
+    assert_eq!(limit.limit(), 20);
+    // ...and back when its ejection ends (noticed at the next choice).
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let _ = set.serving(Instant::now());
+    assert_eq!(limit.limit(), 30);
+    // A removed instance stops counting, even with attempts still in flight on it.
+    let draining = set.active()[2].clone();
+    let attempt = draining.limit.as_ref().unwrap().take();
+    set.update(&test_endpoints(0..2));
+    assert_eq!(limit.limit(), 20);
+    drop(attempt);
+    drop(draining);
+    set.update(&test_endpoints(0..2));
+    assert_eq!(limit.limit(), 20);
+    // A learnt limit counts as it changes: one instance's growth is the upstream's.
+    let grown = set.active()[1].clone();
+    let slots: Vec<_> = (0..10)
+        .map(|_| grown.limit.as_ref().unwrap().take())
+        .collect();
+    slots[0].record(1, Sample::Answered(ms(20)));
+    let learnt = grown.limit.as_ref().unwrap().limit();
+    assert!(learnt > 10, "every slot busy, nothing queued: it grows");
+    assert_eq!(limit.limit(), 10 + learnt);
+    // The cap: max_connections.
+    let small = ConcurrencyLimit::new("t", &cfg, 25);
+    let _set = limited_set(&small, 3);
+    assert_eq!(small.limit(), 25);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_at_its_limit_gets_no_limited_attempt_while_another_has_room() {
+    let cfg = ConcurrencyConfig {
+        min_limit: 1,
+        initial_limit: 2,
+        ..ConcurrencyConfig::default()
+    };
+    let limit = ConcurrencyLimit::new("t", &cfg, 256);
+    let set = limited_set(&limit, 2);
+    let (full, other) = (set.active()[0].clone(), set.active()[1].clone());
+    let _held = [
+        full.limit.as_ref().unwrap().take(),
+        full.limit.as_ref().unwrap().take(),
+    ];
+    for kind in [BalancerKind::P2cEwma, BalancerKind::RoundRobin] {
+        let picker = Picker::new(kind);
+        for _ in 0..200 {
+            assert_eq!(picker.pick(&set, &[], true).unwrap().id, other.id);
+        }
+        // A retry of a call that tried `other` still does not pass `full`'s limit while
+        // `other` has room again (its attempt ended).
+        assert_eq!(picker.pick(&set, &[other.id], true).unwrap().id, other.id);
+        // Calls outside the limit (WebSocket handshakes) are not held to it.
+        let unlimited = (0..200)
+            .filter(|_| picker.pick(&set, &[], false).unwrap().id == full.id)
+            .count();
+        assert!(unlimited > 0);
+    }
+    // A hedge or a retry elsewhere needs an untried instance with room.
+    assert!(!set.has_untried(&[other.id], true));
+    assert!(set.has_untried(&[other.id], false));
+    // Both full: the call was admitted all the same (a limit just shrank), so it goes to
+    // one of them rather than nowhere.
+    let _also = [
+        other.limit.as_ref().unwrap().take(),
+        other.limit.as_ref().unwrap().take(),
+    ];
+    assert!(Picker::new(BalancerKind::P2cEwma)
+        .pick(&set, &[], true)
+        .is_some());
+}
+
+/// One simulated instance: `workers` served at once for `service` each, the rest in a FIFO
+/// backlog (gunicorn's sync workers), as tokio's fair semaphore queues them.
+struct Worker {
+    pool: tokio::sync::Semaphore,
+    service: Duration,
+}
+
+/// What the simulated spike saw.
+#[derive(Debug, Default)]
+struct Seen {
+    served: [usize; 2],
+    refused: usize,
+    /// Most attempts of limited calls at once on each instance.
+    peak: [usize; 2],
+    /// Slowest round trip on each instance in the second half of the spike.
+    slowest: [Duration; 2],
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_instances_of_different_capacity_learn_their_own_limits_and_share_a_spike_by_them() {
+    // 4 and 16 workers x 50 ms: 80 + 320 = 400 calls/s. Offered 800/s for 10 s.
+    let limit = Arc::new(ConcurrencyLimit::new(
+        "t",
+        &ConcurrencyConfig::default(),
+        256,
+    ));
+    let set = limited_set(&limit, 2);
+    let workers = Arc::new([
+        Worker {
+            pool: tokio::sync::Semaphore::new(4),
+            service: ms(50),
+        },
+        Worker {
+            pool: tokio::sync::Semaphore::new(16),
+            service: ms(50),
+        },
+    ]);
+    let picker = Arc::new(Picker::new(BalancerKind::P2cEwma));
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let start = Instant::now();
+    let spike = Duration::from_secs(10);
+    let mut calls = Vec::new();
+    while start.elapsed() < spike {
+        let (limit, set, workers, picker, seen) = (
+            limit.clone(),
+            set.clone(),
+            workers.clone(),
+            picker.clone(),
+            seen.clone(),
+        );
+        calls.push(tokio::spawn(async move {
+            let Ok(_permit) = limit.acquire(Priority::Default).await else {
+                seen.lock().unwrap().refused += 1;
+                return;
+            };
+            // What the balancer layer does for a limited call's attempt.
+            let instance = picker.pick(&set, &[], true).expect("an instance");
+            let _load = instance.start();
+            let slot = instance.limit.as_ref().unwrap().take();
+            let i = instance.id as usize;
+            let sent = Instant::now();
+            {
+                let mut s = seen.lock().unwrap();
+                s.peak[i] = s.peak[i].max(instance.limit.as_ref().unwrap().in_flight());
+            }
+            let worker = workers[i].pool.acquire().await.unwrap();
+            tokio::time::sleep(workers[i].service).await;
+            drop(worker);
+            let rtt = sent.elapsed();
+            instance.load.sample(rtt, Instant::now());
+            slot.record(1, Sample::Answered(rtt));
+            let mut s = seen.lock().unwrap();
+            s.served[i] += 1;
+            if sent.duration_since(start) > spike / 2 {
+                s.slowest[i] = s.slowest[i].max(rtt);
+            }
+        }));
+        tokio::time::sleep(Duration::from_micros(1250)).await;
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let [small, big] = limits(&set)[..] else {
+        unreachable!()
+    };
+    // Each learnt its own: the small one a few slots above its 4 workers, the big one a
+    // few above its 16 (nothing told them the worker counts; the controller keeps about
+    // sqrt(limit) queued at each, so that no worker idles while a slot travels back).
+    assert!((4..=12).contains(&small), "{small} / {big}: {seen:?}");
+    assert!((16..=32).contains(&big), "{small} / {big}: {seen:?}");
+    assert!(big >= small * 2, "{small} / {big}: {seen:?}");
+    // The spike was served at about the sum of the capacities (4,000 in 10 s)...
+    let served = seen.served[0] + seen.served[1];
+    assert!(served >= 3_400, "{served}: {seen:?}");
+    // ...each instance about in proportion to its workers...
+    assert!(seen.served[1] > seen.served[0] * 3, "{seen:?}");
+    // ...and the small one never flooded: never more in flight than its initial limit, and
+    // once learnt, round trips within a few service times (one limit for the upstream, 30
+    // or so, sent half of it here: round trips of 4 service times and more).
+    assert!(seen.peak[0] <= 21, "{seen:?}");
+    assert!(seen.slowest[0] <= ms(175), "{seen:?}");
+    assert!(seen.slowest[1] <= ms(175), "{seen:?}");
 }

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::health::{Availability, Health};
 use crate::config::EjectionConfig;
 use crate::upstream::balancer::PeakEwma;
+use crate::upstream::concurrency::InstanceLimit;
 
 /// Where an instance is: the scheme, host and port a request URL must carry for it, and the
 /// address its client connects to.
@@ -50,6 +51,9 @@ pub struct Instance {
     pub(crate) load: PeakEwma,
     /// Discovery no longer lists it: no new calls; calls in flight finish.
     pub(crate) draining: AtomicBool,
+    /// Its own adaptive limit, learnt from its attempts' round trips (`None`: the upstream's
+    /// `concurrency` is off).
+    pub(crate) limit: Option<Arc<InstanceLimit>>,
     health: Mutex<Health>,
 }
 
@@ -91,6 +95,17 @@ pub struct InstanceSnapshot {
     pub ewma_latency_ms: Option<f64>,
     pub successes: u64,
     pub failures: u64,
+    /// Its learnt limit and the attempts of limited calls on it (`null`: `concurrency` off).
+    pub concurrency: Option<InstanceConcurrency>,
+}
+
+/// One instance's adaptive limit as `/admin/upstreams` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceConcurrency {
+    pub limit: usize,
+    pub in_flight: usize,
+    /// Whether its limit counts toward the upstream's (it is in rotation).
+    pub counted: bool,
 }
 
 /// Ends the instance's in-flight count however the attempt ends (cancelled included).
@@ -109,6 +124,7 @@ impl Instance {
         client: reqwest::Client,
         probe_url: Option<reqwest::Url>,
         ejection: &EjectionConfig,
+        limit: Option<Arc<InstanceLimit>>,
     ) -> Instance {
         Instance {
             id,
@@ -118,6 +134,7 @@ impl Instance {
             probe_url,
             load: PeakEwma::new(),
             draining: AtomicBool::new(false),
+            limit,
             health: Mutex::new(Health::new(ejection)),
         }
     }
@@ -130,6 +147,11 @@ impl Instance {
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.load.start();
         InFlight(self.clone())
+    }
+
+    /// Whether an attempt of a limited call may go here without passing its limit.
+    pub(crate) fn has_room(&self) -> bool {
+        self.limit.as_ref().is_none_or(|l| l.has_room())
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -169,6 +191,11 @@ impl Instance {
             ewma_latency_ms: self.load.estimate_ns(now).map(|ns| ns / 1e6),
             successes: h.successes,
             failures: h.failures,
+            concurrency: self.limit.as_ref().map(|l| InstanceConcurrency {
+                limit: l.limit(),
+                in_flight: l.in_flight(),
+                counted: l.is_counted(),
+            }),
         }
     }
 }

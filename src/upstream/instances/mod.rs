@@ -33,10 +33,11 @@ use tokio::time::Instant;
 
 use health::Availability;
 pub(crate) use instance::Endpoint;
-pub use instance::{Instance, InstanceSnapshot, InstanceState};
+pub use instance::{Instance, InstanceConcurrency, InstanceSnapshot, InstanceState};
 
 use crate::config::{EjectionConfig, UpstreamConfig};
 use crate::upstream::call::Outcome;
+use crate::upstream::concurrency::ConcurrencyLimit;
 
 /// Builds the pooled client of a new instance (the upstream's settings, pinned to its address).
 pub(crate) type MakeClient =
@@ -66,6 +67,9 @@ pub struct InstanceSet {
     probe_path: Option<String>,
     /// The configured URL's path, which every probe URL starts with.
     path_prefix: String,
+    /// Makes each new instance's adaptive limit; the instances in rotation add up to its
+    /// admission limit (`None`: `concurrency` off).
+    concurrency: Option<ConcurrencyLimit>,
 }
 
 impl std::fmt::Debug for InstanceSet {
@@ -98,7 +102,15 @@ impl InstanceSet {
             make_client,
             probe_path: cfg.breaker.probe_path.clone(),
             path_prefix,
+            concurrency: None,
         }
+    }
+
+    /// Gives each instance its own adaptive limit, made by `limit`, and keeps `limit`'s
+    /// admission limit at the sum of the limits of the instances in rotation.
+    pub(crate) fn limited_by(mut self, limit: Option<ConcurrencyLimit>) -> InstanceSet {
+        self.concurrency = limit;
+        self
     }
 
     pub fn upstream(&self) -> &str {
@@ -133,12 +145,17 @@ impl InstanceSet {
                         ))
                         .ok()
                     });
+                    let limit = self
+                        .concurrency
+                        .as_ref()
+                        .map(|c| c.instance(&e.display(), endpoints.len()));
                     let instance = Arc::new(Instance::new(
                         id,
                         e.clone(),
                         client,
                         probe_url,
                         &self.ejection,
+                        limit,
                     ));
                     if self.is_resolved() && instance.probe_url.is_some() {
                         // Found after the start (scaled up, restarted): a container is in
@@ -158,6 +175,10 @@ impl InstanceSet {
         let removed: Vec<Arc<Instance>> = by_endpoint.into_values().cloned().collect();
         for r in &removed {
             r.draining.store(true, Ordering::Relaxed);
+            // Its calls in flight finish, but its capacity is gone at once.
+            if let Some(limit) = &r.limit {
+                limit.set_counted(false);
+            }
         }
         let changed = !added.is_empty() || !removed.is_empty();
         if changed {
@@ -228,16 +249,28 @@ impl InstanceSet {
         self.resolved.load(Ordering::Acquire)
     }
 
-    /// Whether an instance not in `tried` could take an attempt now.
-    pub(crate) fn has_untried(&self, tried: &[u64]) -> bool {
+    /// Whether an instance not in `tried` could take an attempt now; with `need_room` (a
+    /// call under the adaptive limit), only one under its own limit counts.
+    pub(crate) fn has_untried(&self, tried: &[u64], need_room: bool) -> bool {
         let now = Instant::now();
-        self.active.load().iter().any(|i| {
-            !tried.contains(&i.id)
-                && matches!(
-                    i.available(now, true),
-                    Availability::Yes | Availability::Returned
-                )
-        })
+        let mut returned = false;
+        let found = self.active.load().iter().any(|i| {
+            if tried.contains(&i.id) || (need_room && !i.has_room()) {
+                return false;
+            }
+            match i.available(now, true) {
+                Availability::Yes => true,
+                Availability::Returned => {
+                    returned = true;
+                    true
+                }
+                Availability::No | Availability::Biased => false,
+            }
+        });
+        if returned {
+            self.report();
+        }
+        found
     }
 
     /// The instances that should take the next attempt, the best group that has any: the
@@ -348,8 +381,49 @@ impl InstanceSet {
         list
     }
 
-    /// Sets `gateway_upstream_endpoints{upstream,state}` from the current set.
+    /// Counts toward the upstream's admission limit the instances in rotation: the ones not
+    /// ejected, or every one when all are out (they all serve then, see
+    /// [`InstanceSet::serving`]). Draining ones were taken out by [`InstanceSet::update`].
+    fn recount(&self) {
+        if self.concurrency.is_none() {
+            return;
+        }
+        let all = self.active.load();
+        let in_rotation: Vec<bool> = all
+            .iter()
+            .map(|i| i.health().ejected_until.is_none())
+            .collect();
+        let counted = match in_rotation.iter().filter(|r| **r).count() {
+            0 => all.len(),
+            n => n,
+        };
+        for (instance, in_rotation) in all.iter().zip(in_rotation) {
+            if let Some(limit) = &instance.limit {
+                limit.set_counted(in_rotation || counted == all.len());
+                limit.share_of(counted);
+            }
+        }
+    }
+
+    /// Sets each instance's concurrency gauges (`gateway_upstream_instance_*`): read at each
+    /// scrape, so that no call pays for a gauge.
+    pub fn publish_limits(&self) {
+        for instance in self.active.load().iter() {
+            if let Some(limit) = &instance.limit {
+                limit.publish();
+            }
+        }
+        for instance in self.lock_draining().iter() {
+            if let Some(limit) = &instance.limit {
+                limit.publish();
+            }
+        }
+    }
+
+    /// Sets `gateway_upstream_endpoints{upstream,state}` from the current set, and which
+    /// instances count toward the admission limit (every change of the set comes here).
     pub(crate) fn report(&self) {
+        self.recount();
         let snapshot = self.snapshot();
         for state in InstanceState::ALL {
             let n = snapshot.iter().filter(|s| s.state == state).count();

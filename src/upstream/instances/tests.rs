@@ -35,14 +35,14 @@ async fn consecutive_failures_eject_and_the_time_doubles() {
     assert!(!serving(&s).contains(&bad.id));
     // Back after 10 s, then ejected again for 20 s.
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert!(s.has_untried(&[1, 2]), "returned after its time");
+    assert!(s.has_untried(&[1, 2], false), "returned after its time");
     for _ in 0..5 {
         s.finish(&bad, Outcome::Timeout);
     }
     tokio::time::advance(Duration::from_secs(19)).await;
-    assert!(!s.has_untried(&[1, 2]), "second ejection lasts 20 s");
+    assert!(!s.has_untried(&[1, 2], false), "second ejection lasts 20 s");
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert!(s.has_untried(&[1, 2]));
+    assert!(s.has_untried(&[1, 2], false));
 }
 
 #[tokio::test(start_paused = true)]
@@ -56,12 +56,12 @@ async fn a_long_healthy_spell_starts_the_doubling_afresh() {
     };
     eject(&s);
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert!(s.has_untried(&[1, 2]), "back after 10 s");
+    assert!(s.has_untried(&[1, 2], false), "back after 10 s");
     // Healthy for longer than max_time (300 s): the next ejection is 10 s again, not 20 s.
     tokio::time::advance(Duration::from_secs(301)).await;
     eject(&s);
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert!(s.has_untried(&[1, 2]), "the first length again");
+    assert!(s.has_untried(&[1, 2], false), "the first length again");
 }
 
 #[tokio::test(start_paused = true)]
@@ -120,18 +120,21 @@ async fn with_a_probe_an_ejected_instance_returns_only_once_it_passes() {
     }
     tokio::time::advance(Duration::from_secs(11)).await;
     assert!(
-        !s.has_untried(&[1, 2]),
+        !s.has_untried(&[1, 2], false),
         "time is over, but no probe has passed"
     );
     assert_eq!(s.awaiting_probe().len(), 1);
     s.probed(&bad, false);
-    assert!(!s.has_untried(&[1, 2]), "a failed probe keeps it out");
+    assert!(
+        !s.has_untried(&[1, 2], false),
+        "a failed probe keeps it out"
+    );
     s.probed(&bad, true);
     // Back at once: /admin and the gauges say so before any request picks it.
     let state = |s: &InstanceSet| s.snapshot()[0].state;
     assert_eq!(state(&s), InstanceState::Healthy);
     assert!(s.awaiting_probe().is_empty());
-    assert!(s.has_untried(&[1, 2]));
+    assert!(s.has_untried(&[1, 2], false));
     // Its failures were forgotten: one more does not eject it again.
     s.finish(&bad, Outcome::ConnectError);
     assert_eq!(state(&s), InstanceState::Healthy);
