@@ -15,9 +15,17 @@ fn main() {
                 .success()
                 .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
         });
-    // Rebuild when HEAD moves (a commit or a checkout), when there is a .git to watch.
-    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
-        if std::path::Path::new(path).exists() {
+    // Rebuild when HEAD moves (a commit or a checkout), when there is a .git to watch: HEAD,
+    // and the ref of the branch it names, not the whole refs/heads folder (whose time stamp
+    // moves with a commit on ANY branch, which rebuilt this crate for work on other branches).
+    let mut watch = vec![".git/HEAD".to_string(), ".git/packed-refs".to_string()];
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
+        if let Some(branch) = head.trim().strip_prefix("ref: ") {
+            watch.push(format!(".git/{branch}"));
+        }
+    }
+    for path in watch {
+        if std::path::Path::new(&path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }
     }
