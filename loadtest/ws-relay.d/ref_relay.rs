@@ -64,8 +64,7 @@ async fn relay_pair(stream: TcpStream, upstream: String) {
         return;
     };
     let Ok((up, _)) =
-        tokio_tungstenite::connect_async_with_config(upstream.as_str(), Some(config()), true)
-            .await
+        tokio_tungstenite::connect_async_with_config(upstream.as_str(), Some(config()), true).await
     else {
         return;
     };

@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -111,17 +112,34 @@ async fn open(url: &str, product: &str) -> Result<Ws, String> {
     }
 }
 
-async fn hold(mut ws: Ws, from: Instant, until: Instant) -> Held {
+/// The measured window (from, until), once every subscriber is open.
+type Window = watch::Receiver<Option<(Instant, Instant)>>;
+
+/// Reads from the moment the subscriber is open (a subscriber that stopped reading while the
+/// others open would fill its socket and, silent, be pinged and closed by the gateway), and
+/// counts what arrives inside the window.
+async fn hold(mut ws: Ws, mut window: Window) -> Held {
     let mut held = Held::default();
-    let deadline = tokio::time::sleep_until(until);
+    let mut from = None;
+    // Far away until the window is known.
+    let deadline = tokio::time::sleep(Duration::from_secs(86_400));
     tokio::pin!(deadline);
     loop {
         tokio::select! {
+            changed = window.changed(), if from.is_none() => {
+                if changed.is_err() {
+                    break;
+                }
+                if let Some((start, until)) = *window.borrow_and_update() {
+                    from = Some(start);
+                    deadline.as_mut().reset(until);
+                }
+            }
             _ = &mut deadline => break,
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
                     if let Some(emitted) = emitted_ms(&t) {
-                        if Instant::now() >= from {
+                        if from.is_some_and(|from| Instant::now() >= from) {
                             held.ticks += 1;
                             held.latency_ms.push(unix_ms() - emitted);
                         }
@@ -164,22 +182,21 @@ fn main() {
         .ok()
         .and_then(|w| w.parse().ok())
         .unwrap_or(2);
-    let relay_pid: Option<u32> = std::env::var("RELAY_PID")
-        .ok()
-        .and_then(|p| p.parse().ok());
+    let relay_pid: Option<u32> = std::env::var("RELAY_PID").ok().and_then(|p| p.parse().ok());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async move {
         let opening = Instant::now();
-        let mut sockets = Vec::with_capacity(n);
+        let (set_window, window) = watch::channel(None);
+        let mut tasks = Vec::with_capacity(n);
         let mut refused = 0usize;
         let mut first_refusal = None;
         for i in 0..n {
             let product = PRODUCTS[i % PRODUCTS.len()];
             match tokio::time::timeout(Duration::from_secs(10), open(&url, product)).await {
-                Ok(Ok(ws)) => sockets.push(ws),
+                Ok(Ok(ws)) => tasks.push(tokio::spawn(hold(ws, window.clone()))),
                 Ok(Err(e)) => {
                     refused += 1;
                     first_refusal.get_or_insert(e);
@@ -191,14 +208,11 @@ fn main() {
             }
         }
         let open_s = opening.elapsed().as_secs_f64();
-        eprintln!("[ws-subscribers] {} open in {open_s:.1} s, {refused} refused", sockets.len());
+        let subscribed = tasks.len();
+        eprintln!("[ws-subscribers] {subscribed} open in {open_s:.1} s, {refused} refused");
         let from = Instant::now() + Duration::from_secs(warmup);
         let until = from + Duration::from_secs(duration);
-        let subscribed = sockets.len();
-        let tasks: Vec<_> = sockets
-            .into_iter()
-            .map(|ws| tokio::spawn(hold(ws, from, until)))
-            .collect();
+        let _ = set_window.send(Some((from, until)));
         // The relay's CPU over exactly the measured window.
         let cpu = tokio::spawn(async move {
             let pid = relay_pid?;
