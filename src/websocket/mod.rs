@@ -381,7 +381,8 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// route adds to the same four counters: per frame, that is four atomic read-modify-writes on
 /// cache lines every worker shares; in batches, a few a second.
 struct Published {
-    at: Instant,
+    /// When the next batch is due (a comparison per frame, no clock arithmetic).
+    due: Instant,
     bytes_in: u64,
     bytes_out: u64,
     messages_in: u64,
@@ -391,7 +392,7 @@ struct Published {
 impl Published {
     fn new(now: Instant) -> Published {
         Published {
-            at: now,
+            due: now + PUBLISH_EVERY,
             bytes_in: 0,
             bytes_out: 0,
             messages_in: 0,
@@ -407,10 +408,10 @@ impl Published {
         now: Instant,
         force: bool,
     ) {
-        if !force && now < self.at + PUBLISH_EVERY {
+        if !force && now < self.due {
             return;
         }
-        self.at = now;
+        self.due = now + PUBLISH_EVERY;
         let add = |counter: &metrics::Counter, total: u64, seen: &mut u64| {
             if total > *seen {
                 counter.increment(total - *seen);
