@@ -722,4 +722,30 @@ mod tests {
         assert_eq!(messages.load(Ordering::Relaxed), 30);
         assert_eq!(bytes.load(Ordering::Relaxed), 30 * tick.len() as u64);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
+        let mut r = start(settings(None));
+        let started = Instant::now();
+        // The client reads nothing: its pipe (64 KiB) fills, then the relay's write waits.
+        let frame = server_frame(OP_TEXT, &[b'x'; 100]);
+        for _ in 0..2_000 {
+            let sent =
+                tokio::time::timeout(Duration::from_millis(10), r.upstream.write_all(&frame)).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        let send = settings(None).send_timeout;
+        let stats = tokio::time::timeout(send * 2, r.relay)
+            .await
+            .expect("a stalled client must not hold the relay")
+            .unwrap();
+        assert_eq!(stats.ended_by, "stalled");
+        let took = started.elapsed();
+        assert!(
+            took >= send && took < send + Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
 }
