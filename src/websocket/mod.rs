@@ -31,6 +31,8 @@
 
 pub(crate) mod frame;
 
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -66,7 +68,8 @@ pub struct UpstreamPing {
 }
 
 /// Counters the relay adds to as bytes and messages pass (handles registered once per
-/// connection by the caller).
+/// connection by the caller), in batches at most a second apart while frames flow and once
+/// at the end (see `Published`).
 #[derive(Clone)]
 pub struct RelayCounters {
     pub bytes_in: metrics::Counter,
@@ -143,11 +146,23 @@ where
 
     /// Writes `bytes`, bounded by the send timeout; `false` when the peer is gone or stalled.
     async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8], limit: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(limit, w.write_all(bytes)).await,
-            Ok(Ok(()))
-        )
+        write_bounded(w, bytes, limit).await
     }
+
+    // Both live across the loop's turns, so each registers once rather than once per frame:
+    // a shutdown watch re-made per turn joins and leaves the shutdown channel's waiter list
+    // (a lock shared by every connection) for each frame relayed.
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
+    // The one timer, and the deadline it is set for (`None`: it has fired, set it again). It
+    // is moved only when a deadline comes EARLIER than that: every frame from the upstream
+    // pushes its ping `interval` away, and following that would take the timer out of the
+    // wheel and put it back (two lock round trips) per frame. A timer that fires before the
+    // real deadline finds nothing due, and is set again to it.
+    let timer = tokio::time::sleep_until(started);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+    let mut published = Published::new(started);
 
     loop {
         if close_to_client && close_from_client {
@@ -173,6 +188,10 @@ where
                 None => upstream_heard + hb.interval,
             });
         }
+        if armed.is_none_or(|at| wake < at) {
+            timer.as_mut().reset(wake);
+            armed = Some(wake);
+        }
         tokio::select! {
             read = client_rd.read(&mut client_buf) => {
                 let n = match read {
@@ -191,8 +210,7 @@ where
                 let seen = from_client.advance(&client_buf[..n]);
                 stats.bytes_in += n as u64;
                 stats.messages_in += seen.messages;
-                counters.bytes_in.increment(n as u64);
-                counters.messages_in.increment(seen.messages);
+                published.catch_up(&stats, &counters, client_heard, false);
                 if !upstream_gone && !write(&mut up_wr, &client_buf[..n], send).await {
                     upstream_gone = true;
                     if stats.ended_by.is_empty() {
@@ -243,8 +261,7 @@ where
                 let seen = from_upstream.advance(&up_buf[..n]);
                 stats.bytes_out += n as u64;
                 stats.messages_out += seen.messages;
-                counters.bytes_out.increment(n as u64);
-                counters.messages_out.increment(seen.messages);
+                published.catch_up(&stats, &counters, upstream_heard, false);
                 if !write(&mut client_wr, &up_buf[..n], send).await {
                     stats.ended_by = "stalled";
                     break;
@@ -258,8 +275,10 @@ where
                     closing_until.get_or_insert(Instant::now() + settings.close_timeout);
                 }
             }
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut timer => {
+                armed = None;
                 let now = Instant::now();
+                published.catch_up(&stats, &counters, now, true);
                 if closing_until.is_some_and(|u| now >= u) {
                     break;
                 }
@@ -328,7 +347,7 @@ where
                 close_to_client = true;
                 closing_until = Some(now + settings.close_timeout);
             }
-            _ = stopped(&mut shutdown), if !close_to_client => {
+            _ = &mut stop, if !close_to_client => {
                 stats.ended_by = "shutdown";
                 go_away(&mut client_wr, &mut up_wr, &from_client, &from_upstream, upstream_gone, &mut stats, 1001, "going away", send).await;
                 close_to_client = true;
@@ -336,9 +355,82 @@ where
             }
         }
     }
+    published.catch_up(&stats, &counters, Instant::now(), true);
     let _ = tokio::time::timeout(Duration::from_millis(100), client_wr.shutdown()).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), up_wr.shutdown()).await;
     stats
+}
+
+/// Writes `bytes` within `limit`; `false` when the peer is gone or stalled. A frame almost
+/// always goes into the socket at once, and only a write that has to wait needs a deadline:
+/// making one per frame (a clock read, the runtime's handle, a timer entry) cost more than
+/// the rest of the frame's bookkeeping together.
+async fn write_bounded<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8], limit: Duration) -> bool {
+    let mut all = std::pin::pin!(w.write_all(bytes));
+    match std::future::poll_fn(|cx| Poll::Ready(all.as_mut().poll(cx))).await {
+        Poll::Ready(done) => done.is_ok(),
+        Poll::Pending => matches!(tokio::time::timeout(limit, all).await, Ok(Ok(()))),
+    }
+}
+
+/// How often, at most, the relay adds what it relayed to the shared counters while frames
+/// flow (and once more at the end).
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// What of a connection's [`RelayStats`] the counters have been given. Every connection of a
+/// route adds to the same four counters: per frame, that is four atomic read-modify-writes on
+/// cache lines every worker shares; in batches, a few a second.
+struct Published {
+    /// When the next batch is due (a comparison per frame, no clock arithmetic).
+    due: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    messages_in: u64,
+    messages_out: u64,
+}
+
+impl Published {
+    fn new(now: Instant) -> Published {
+        Published {
+            due: now + PUBLISH_EVERY,
+            bytes_in: 0,
+            bytes_out: 0,
+            messages_in: 0,
+            messages_out: 0,
+        }
+    }
+
+    /// Adds what the counters have not seen of `stats` yet, if a batch is due (`force`: now).
+    fn catch_up(
+        &mut self,
+        stats: &RelayStats,
+        counters: &RelayCounters,
+        now: Instant,
+        force: bool,
+    ) {
+        if !force && now < self.due {
+            return;
+        }
+        self.due = now + PUBLISH_EVERY;
+        let add = |counter: &metrics::Counter, total: u64, seen: &mut u64| {
+            if total > *seen {
+                counter.increment(total - *seen);
+                *seen = total;
+            }
+        };
+        add(&counters.bytes_in, stats.bytes_in, &mut self.bytes_in);
+        add(&counters.bytes_out, stats.bytes_out, &mut self.bytes_out);
+        add(
+            &counters.messages_in,
+            stats.messages_in,
+            &mut self.messages_in,
+        );
+        add(
+            &counters.messages_out,
+            stats.messages_out,
+            &mut self.messages_out,
+        );
+    }
 }
 
 /// Resolves once shutdown was requested (the watch guard is not held across awaits).
@@ -432,10 +524,14 @@ mod tests {
     }
 
     fn start(settings: RelaySettings) -> Running {
+        start_counting(settings, counters())
+    }
+
+    fn start_counting(settings: RelaySettings, counters: RelayCounters) -> Running {
         let (client, client_side) = duplex(64 * 1024);
         let (upstream, upstream_side) = duplex(64 * 1024);
         let (shutdown, rx) = watch::channel(false);
-        let relay = tokio::spawn(relay(client_side, upstream_side, settings, rx, counters()));
+        let relay = tokio::spawn(relay(client_side, upstream_side, settings, rx, counters));
         Running {
             client,
             upstream,
@@ -593,5 +689,63 @@ mod tests {
         assert!(nothing_for(&mut r.upstream, Duration::from_secs(120)).await);
         assert!(nothing_for(&mut r.client, Duration::from_millis(1)).await);
         assert!(!r.relay.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counters_lag_the_frames_by_at_most_a_second_and_get_all_of_them_at_the_end() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let messages = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let mut c = counters();
+        c.messages_out = metrics::Counter::from_arc(messages.clone());
+        c.bytes_out = metrics::Counter::from_arc(bytes.clone());
+        let mut r = start_counting(settings(None), c);
+        let tick = server_frame(OP_TEXT, b"tick");
+        // Ten ticks a second for three seconds.
+        for sent in 1..=30u64 {
+            r.upstream.write_all(&tick).await.unwrap();
+            assert_eq!(read_frame(&mut r.client).await.unwrap().2, b"tick");
+            let counted = messages.load(Ordering::Relaxed);
+            assert!(
+                counted <= sent && counted + 11 >= sent,
+                "{counted} counted after {sent} relayed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Batched, not per frame: the count still lags the last frames.
+        assert!(messages.load(Ordering::Relaxed) < 30);
+        r.shutdown.send(true).unwrap();
+        assert_eq!(read_frame(&mut r.client).await.unwrap().0, OP_CLOSE);
+        let stats = r.relay.await.unwrap();
+        assert_eq!(stats.messages_out, 30);
+        assert_eq!(messages.load(Ordering::Relaxed), 30);
+        assert_eq!(bytes.load(Ordering::Relaxed), 30 * tick.len() as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
+        let mut r = start(settings(None));
+        let started = Instant::now();
+        // The client reads nothing: its pipe (64 KiB) fills, then the relay's write waits.
+        let frame = server_frame(OP_TEXT, &[b'x'; 100]);
+        for _ in 0..2_000 {
+            let sent =
+                tokio::time::timeout(Duration::from_millis(10), r.upstream.write_all(&frame)).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        let send = settings(None).send_timeout;
+        let stats = tokio::time::timeout(send * 2, r.relay)
+            .await
+            .expect("a stalled client must not hold the relay")
+            .unwrap();
+        assert_eq!(stats.ended_by, "stalled");
+        let took = started.elapsed();
+        assert!(
+            took >= send && took < send + Duration::from_secs(1),
+            "{took:?}"
+        );
     }
 }
