@@ -189,12 +189,33 @@ impl AppState {
     }
 }
 
+/// A client connection's TCP peer, with what every request on it needs formatted once per
+/// connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Its `X-Forwarded-For` value.
+    pub forwarded_for: headers::ForwardedFor,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: headers::ForwardedFor::new(addr.ip()),
+        }
+    }
+}
+
 /// What the gateway knows about one request, filled in phase by phase.
 pub struct RequestCtx<'a> {
     /// Echoed in `X-Request-Id`, error bodies and the log line; forwarded upstream.
     pub request_id: &'a HeaderValue,
     /// The TCP peer.
     pub peer: SocketAddr,
+    /// The peer as `X-Forwarded-For` states it (formatted once per connection).
+    pub forwarded_for: &'a headers::ForwardedFor,
     /// The peer is a trusted proxy: its forwarding headers are kept and believed.
     pub peer_trusted: bool,
     /// The request arrived over TLS (`X-Forwarded-Proto: https`).
@@ -221,19 +242,20 @@ impl<'a> RequestCtx<'a> {
         app: &AppState,
         request_id: &'a HeaderValue,
         trace: TraceContext,
-        peer: SocketAddr,
+        peer: &'a Peer,
         tls: bool,
         headers: &HeaderMap,
     ) -> Self {
         let client = Client::resolve(
-            peer,
+            peer.addr,
             headers,
             &app.trusted_proxies,
             app.config.server.ipv6_client_prefix,
         );
         RequestCtx {
             request_id,
-            peer,
+            peer: peer.addr,
+            forwarded_for: &peer.forwarded_for,
             peer_trusted: client.peer_trusted,
             tls,
             trace,
@@ -273,18 +295,18 @@ fn json_response(status: StatusCode, body: Bytes, cache_control: &'static str) -
 }
 
 /// The single entry point for every public request: `rid` is its request id, `trace` its
-/// trace context (both from the access layer), `peer` the TCP peer, `tls` whether it came
+/// trace context (both from the access layer), `peer` the connection's peer, `tls` whether it came
 /// over TLS. Returns the response and, for the access log, the route and upstream it took.
 pub async fn handle(
     app: Arc<AppState>,
     req: Request,
     rid: HeaderValue,
     trace: TraceContext,
-    peer: SocketAddr,
+    peer: Peer,
     tls: bool,
 ) -> (Response, RouteInfo) {
     let app = &*app;
-    let mut ctx = RequestCtx::new(app, &rid, trace, peer, tls, req.headers());
+    let mut ctx = RequestCtx::new(app, &rid, trace, &peer, tls, req.headers());
     let accepted = app.compressor.accepted(req.headers());
     let result = phases(app, req, &mut ctx).await;
     let mut resp = respond(result, &ctx);
@@ -327,8 +349,13 @@ async fn phases<'a>(
     match (route.kind, handshake) {
         (RouteKind::UserMe, _) => user_me(ctx),
         (RouteKind::Proxy, _) => proxy::forward(app, ctx, route, &params, parts, body).await,
+        // Boxed: a handshake is once per WebSocket connection, and its future inline would
+        // size every request's future (and so every connection's memory) for it.
         (RouteKind::Websocket, Some(handshake)) => {
-            websocket::connect(app, ctx, route, &params, parts, handshake).await
+            Box::pin(websocket::connect(
+                app, ctx, route, &params, parts, handshake,
+            ))
+            .await
         }
         (RouteKind::Websocket, None) => Err(GatewayError::Internal),
     }
@@ -532,4 +559,34 @@ fn builtin(
         return Ok(Some(not_modified));
     }
     Ok(Some(resp))
+}
+
+/// The size of the future [`handle`] returns (see `server::request_future_size`).
+pub fn handle_future_size() -> usize {
+    fn size_of_output<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    size_of_output(handle as fn(_, _, _, _, _, _) -> _)
+}
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    macro_rules! sz {
+        ($f:path, $($a:tt),*) => {{
+            fn s<$($a,)* R>(_: fn($($a),*) -> R) -> usize { std::mem::size_of::<R>() }
+            s($f as fn($(sz!(@u $a)),*) -> _)
+        }};
+        (@u $a:tt) => { _ };
+    }
+    #[test]
+    fn probe() {
+        eprintln!("phases {}", sz!(phases, A, B, C));
+        eprintln!("identity {}", sz!(identity, A, B, C));
+        eprintln!("rate_limit {}", sz!(rate_limit, A, B, C));
+        eprintln!("ws connect {}", sz!(websocket::connect, A, B, C, D, E, F));
+        eprintln!("forward {}", sz!(proxy::forward, A, B, C, D, E, F));
+        eprintln!("from_cache {}", proxy::from_cache_size());
+        eprintln!("decoupled {}", proxy::decoupled_size());
+    }
 }

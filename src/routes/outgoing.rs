@@ -201,7 +201,7 @@ impl<'a> Outgoing<'a> {
         let mut req = UpstreamRequest::new(method, url, options);
         *req.headers_mut() = upstream_headers(
             client_headers,
-            ctx.peer.ip().to_canonical(),
+            ctx.forwarded_for,
             ctx.peer_trusted,
             ctx.tls,
             ctx.request_id,

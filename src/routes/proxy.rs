@@ -143,19 +143,23 @@ async fn from_cache(
 ) -> Result<Response, GatewayError> {
     let key = ResponseCache::key_for_route(&route.label, &up.name, &target.path, target.query)
         .for_method(&parts.method);
-    let fetch = || async {
-        let upstream_method = match parts.method {
-            Method::HEAD => Method::GET,
-            ref m => m.clone(),
-        };
-        // The response fills an entry every client shares: its own validators must not
-        // turn it into a 304 (the rest of the request's conditions bypass the cache).
-        let mut headers = parts.headers.clone();
-        cache::strip_validators(&mut headers);
-        let req = outgoing.proxied(upstream_method, &parts.method, target, headers, body)?;
-        // A leader refused for its share hands that 429 to whoever joined its flight in the
-        // microseconds before the refusal: the refusal comes before any await on the upstream.
-        fetch_buffered(up, req, app.cache.max_entry_bytes()).await
+    // Boxed: the fill (an upstream call and a body read) is the rare part, and inline it would
+    // size every request's future, and so every connection, for it; hits allocate nothing.
+    let fetch = || {
+        Box::pin(async {
+            let upstream_method = match parts.method {
+                Method::HEAD => Method::GET,
+                ref m => m.clone(),
+            };
+            // The response fills an entry every client shares: its own validators must not
+            // turn it into a 304 (the rest of the request's conditions bypass the cache).
+            let mut headers = parts.headers.clone();
+            cache::strip_validators(&mut headers);
+            let req = outgoing.proxied(upstream_method, &parts.method, target, headers, body)?;
+            // A leader refused for its share hands that 429 to whoever joined its flight in the
+            // microseconds before the refusal: the refusal comes before any await on the upstream.
+            fetch_buffered(up, req, app.cache.max_entry_bytes()).await
+        })
     };
     let hit = app
         .cache
@@ -442,4 +446,27 @@ impl http_body::Body for Prefixed {
     fn is_end_stream(&self) -> bool {
         self.front.is_empty() && self.inner.is_end_stream()
     }
+}
+
+/// The size of the future [`forward`] returns (see `server::request_future_size`).
+pub fn forward_future_size() -> usize {
+    fn size_of_output<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    size_of_output(forward as fn(_, _, _, _, _, _) -> _)
+}
+
+#[cfg(test)]
+pub(super) fn from_cache_size() -> usize {
+    fn s<A, B, C, D, E, F, G, H, R>(_: fn(A, B, C, D, E, F, G, H) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    s(from_cache as fn(_, _, _, _, _, _, _, _) -> _)
+}
+#[cfg(test)]
+pub(super) fn decoupled_size() -> usize {
+    fn s<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    s(decoupled_response as fn(_, _, _, _, _, _) -> _)
 }
