@@ -24,6 +24,16 @@ use crate::upstream::{Delivered, UpstreamError, UpstreamRequest};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
 
+/// `X-Upstream-Attempts`: a static value for the counts retries can reach (formatting one
+/// allocated on every proxied response).
+fn attempts_value(attempts: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DIGITS.get(attempts as usize) {
+        Some(d) => HeaderValue::from_static(d),
+        None => HeaderValue::from(attempts),
+    }
+}
+
 /// Reads the request body into memory, up to `limit` bytes (413 beyond). Small bodies are
 /// the norm here, and a buffered body is what lets a request be retried.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, GatewayError> {
@@ -199,7 +209,7 @@ async fn from_cache(
     cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
     if hit.attempts > 0 {
         resp.headers_mut()
-            .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(hit.attempts));
+            .insert(X_UPSTREAM_ATTEMPTS.clone(), attempts_value(hit.attempts));
     }
     Ok(resp)
 }
@@ -233,7 +243,7 @@ async fn decoupled_response(
     strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
-        .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(attempts));
+        .insert(X_UPSTREAM_ATTEMPTS.clone(), attempts_value(attempts));
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
     }
@@ -454,6 +464,16 @@ pub fn forward_future_size() -> usize {
         std::mem::size_of::<R>()
     }
     size_of_output(forward as fn(_, _, _, _, _, _) -> _)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attempts_values() {
+        for n in [0u32, 1, 3, 9, 10, 12345] {
+            assert_eq!(super::attempts_value(n), n.to_string().as_str());
+        }
+    }
 }
 
 #[cfg(test)]
