@@ -614,11 +614,17 @@ async fn serve_public(
         let arrival = arrival.clone();
         // The peer's address as a header value, formatted once per connection rather than
         // once per request (`X-Forwarded-For`).
-        let peer = routes::Peer::new(peer);
+        let peer = Arc::new(routes::Peer::new(peer));
         hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             // The request's duration counts from its arrival on the connection, not from now.
             let arrived = arrival.take();
-            serve_request(gw.live_full(), arrived, peer.clone(), tls, req)
+            serve_request(
+                gw.live_full(),
+                arrived,
+                peer.clone(),
+                tls,
+                req.map(Body::new),
+            )
         })
     };
     let deadline = listener::run(public, settings, make_service, grace, shutdown).await;
@@ -640,47 +646,51 @@ async fn serve_public(
 /// connection, idle keep-alive ones included (a test bounds it: [`REQUEST_FUTURE_MAX`]). The
 /// large, rare parts (the upstream call, token verification, a cache fill, a WebSocket
 /// handshake) are boxed where they are awaited, so only the requests that take them pay.
-async fn serve_request(
+fn serve_request(
     live: Arc<reload::Live>,
     arrived: std::time::Instant,
-    peer: routes::Peer,
+    peer: Arc<routes::Peer>,
     tls: bool,
-    req: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<Body>, Infallible> {
-    let req = req.map(Body::new);
-    let spans = live.app.spans.clone();
-    // HSTS means something over TLS only (RFC 6797 section 8.1).
-    let hsts = live.hsts.clone().filter(|_| tls);
-    let remote = peer.addr;
-    let mut resp = access_since(
-        arrived,
-        Some(remote),
-        req,
-        spans,
-        |req, rid, trace| async move {
-            // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
-            if req.method() == http::Method::OPTIONS {
-                return (live.app.cors.preflight(req.headers()), RouteInfo::default());
-            }
-            let origin = live.app.cors.allowed_origin(req.headers());
-            let (mut resp, info) =
-                routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
-            live.app.cors.apply(origin, resp.headers_mut());
-            (resp, info)
-        },
-    )
-    .await;
-    if let Some(v) = hsts {
-        resp.headers_mut()
-            .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+    req: http::Request<Body>,
+) -> impl std::future::Future<Output = Result<http::Response<Body>, Infallible>> {
+    // An `async move` block, not an `async fn`: see `routes::handle`.
+    async move {
+        let spans = live.app.spans.clone();
+        // HSTS means something over TLS only (RFC 6797 section 8.1).
+        let hsts = live.hsts.clone().filter(|_| tls);
+        let remote = peer.addr;
+        // Lent, not moved: each future it were moved into would keep a copy of its own.
+        let peer = &*peer;
+        let mut resp = access_since(
+            arrived,
+            Some(remote),
+            req,
+            spans,
+            |req, rid, trace| async move {
+                // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
+                if req.method() == http::Method::OPTIONS {
+                    return (live.app.cors.preflight(req.headers()), RouteInfo::default());
+                }
+                let origin = live.app.cors.allowed_origin(req.headers());
+                let (mut resp, info) =
+                    routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
+                live.app.cors.apply(origin, resp.headers_mut());
+                (resp, info)
+            },
+        )
+        .await;
+        if let Some(v) = hsts {
+            resp.headers_mut()
+                .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+        }
+        Ok(resp)
     }
-    Ok(resp)
 }
 
 /// The most a public request's future may take (bytes), checked by a unit test in a debug
 /// build (a release build's is smaller): hyper allocates this much for every connection.
 #[cfg(test)]
-const REQUEST_FUTURE_MAX: usize = 8 << 10;
+const REQUEST_FUTURE_MAX: usize = 6 << 10;
 
 /// The size of the future [`serve_request`] returns, from its type alone.
 pub fn request_future_size() -> usize {

@@ -82,58 +82,62 @@ fn get_body_refused() -> GatewayError {
 
 /// Forwards one request along `route`: phases "read body", "cache lookup", "upstream call"
 /// and "response".
-pub async fn forward(
-    app: &AppState,
-    ctx: &RequestCtx<'_>,
-    route: &Route,
-    params: &[&str],
+///
+/// A plain fn returning an `async move` block (see `routes::handle`): one copy of `parts`.
+pub fn forward<'x>(
+    app: &'x AppState,
+    ctx: &'x RequestCtx<'x>,
+    route: &'x Route,
+    params: &'x [&'x str],
     parts: Parts,
     body: Body,
-) -> Result<Response, GatewayError> {
-    let up = app.upstream_of(route)?;
-    // A GET or HEAD body is refused, declared (before reading it; with `Expect: 100-continue`
-    // the client never sends it) or found. RFC 9110 9.3.1: it has no defined semantics, so no
-    // cache key can account for it, and an upstream that ignores a GET's `Content-Length`
-    // reads the body as the next request on a pooled connection.
-    let bodiless = matches!(parts.method, Method::GET | Method::HEAD);
-    if bodiless && declares_body(&parts.headers) {
-        return Err(get_body_refused());
+) -> impl std::future::Future<Output = Result<Response, GatewayError>> + Send + 'x {
+    async move {
+        let up = app.upstream_of(route)?;
+        // A GET or HEAD body is refused, declared (before reading it; with `Expect: 100-continue`
+        // the client never sends it) or found. RFC 9110 9.3.1: it has no defined semantics, so no
+        // cache key can account for it, and an upstream that ignores a GET's `Content-Length`
+        // reads the body as the next request on a pooled connection.
+        let bodiless = matches!(parts.method, Method::GET | Method::HEAD);
+        if bodiless && declares_body(&parts.headers) {
+            return Err(get_body_refused());
+        }
+        // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
+        let body = tokio::time::timeout(
+            route.deadline,
+            read_body(&parts.headers, body, app.max_body),
+        )
+        .await
+        .map_err(|_| GatewayError::RequestTimeout)??;
+        if bodiless && !body.is_empty() {
+            return Err(get_body_refused());
+        }
+        // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
+        let uri = parts.uri.clone();
+        let target = Target::new(route, params, uri.query().filter(|_| route.forward_query));
+        let outgoing = Outgoing::new(app, ctx, route, up);
+        // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
+        if let Some(policy) = route
+            .cache
+            .as_ref()
+            .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers))
+        {
+            return from_cache(app, route, up, &outgoing, &target, parts, body, policy).await;
+        }
+        let req = outgoing.proxied(
+            parts.method.clone(),
+            &parts.method,
+            &target,
+            parts.headers,
+            body,
+        )?;
+        let deadline = req.options.deadline;
+        let started = tokio::time::Instant::now();
+        let delivered = call_upstream(up, req).await?;
+        let left = deadline.saturating_sub(started.elapsed());
+        let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
+        decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
     }
-    // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
-    let body = tokio::time::timeout(
-        route.deadline,
-        read_body(&parts.headers, body, app.max_body),
-    )
-    .await
-    .map_err(|_| GatewayError::RequestTimeout)??;
-    if bodiless && !body.is_empty() {
-        return Err(get_body_refused());
-    }
-    // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
-    let uri = parts.uri.clone();
-    let target = Target::new(route, params, uri.query().filter(|_| route.forward_query));
-    let outgoing = Outgoing::new(app, ctx, route, up);
-    // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
-    if let Some(policy) = route
-        .cache
-        .as_ref()
-        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers))
-    {
-        return from_cache(app, route, up, &outgoing, &target, parts, body, policy).await;
-    }
-    let req = outgoing.proxied(
-        parts.method.clone(),
-        &parts.method,
-        &target,
-        parts.headers,
-        body,
-    )?;
-    let deadline = req.options.deadline;
-    let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req).await?;
-    let left = deadline.saturating_sub(started.elapsed());
-    let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
-    decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
 }
 
 /// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
@@ -474,19 +478,4 @@ mod tests {
             assert_eq!(super::attempts_value(n), n.to_string().as_str());
         }
     }
-}
-
-#[cfg(test)]
-pub(super) fn from_cache_size() -> usize {
-    fn s<A, B, C, D, E, F, G, H, R>(_: fn(A, B, C, D, E, F, G, H) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-    s(from_cache as fn(_, _, _, _, _, _, _, _) -> _)
-}
-#[cfg(test)]
-pub(super) fn decoupled_size() -> usize {
-    fn s<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-    s(decoupled_response as fn(_, _, _, _, _, _) -> _)
 }
