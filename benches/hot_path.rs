@@ -143,7 +143,7 @@ fn access_lines(c: &mut Criterion) {
 /// matched against the identity, gateway-set, framing and strip lists).
 fn forwarded_headers(c: &mut Criterion) {
     use deltastream_gateway::routes::headers::{
-        check_request_head, upstream_headers, HeaderPolicy,
+        check_request_head, upstream_headers, ForwardedFor, HeaderPolicy,
     };
     let mut headers = HeaderMap::new();
     for (name, value) in [
@@ -168,7 +168,7 @@ fn forwarded_headers(c: &mut Criterion) {
     }
     let policy = HeaderPolicy::default();
     let rid = http::HeaderValue::from_static("rid");
-    let peer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    let peer = ForwardedFor::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)));
     c.bench_function("forwarded_headers/typical", |b| {
         b.iter_batched(
             || headers.clone(),
@@ -176,7 +176,7 @@ fn forwarded_headers(c: &mut Criterion) {
                 let checked = check_request_head(http::Version::HTTP_11, &h).is_ok();
                 (
                     checked,
-                    upstream_headers(h, peer, false, false, &rid, &policy),
+                    upstream_headers(h, &peer, false, false, &rid, &policy),
                 )
             },
             BatchSize::SmallInput,

@@ -119,6 +119,11 @@ enum Command {
     },
 }
 
+/// With the `mimalloc` feature, mimalloc serves every allocation (see Cargo.toml).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     ignore_hangup();
     let matches = Cli::command().get_matches();

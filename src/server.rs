@@ -322,6 +322,11 @@ async fn start_inner(
     admin: TcpListener,
 ) -> Result<Running, String> {
     fds::fit_defaults(&mut cfg);
+    // What hyper allocates per connection for the request in flight (`serve_request`).
+    tracing::debug!(
+        bytes = request_future_size(),
+        "size of a public request's future"
+    );
     // The recorder first: the request path keeps metric handles, which must be real ones.
     crate::observability::metrics::handle();
     let addr = public.local_addr().map_err(|e| e.to_string())?;
@@ -607,44 +612,19 @@ async fn serve_public(
     let make_service = move |peer: SocketAddr, arrival: &Arc<conn::Arrival>| {
         let gw = gw.clone();
         let arrival = arrival.clone();
+        // The peer's address as a header value, formatted once per connection rather than
+        // once per request (`X-Forwarded-For`).
+        let peer = Arc::new(routes::Peer::new(peer));
         hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             // The request's duration counts from its arrival on the connection, not from now.
             let arrived = arrival.take();
-            let live = gw.live_full();
-            async move {
-                let req = req.map(Body::new);
-                let spans = live.app.spans.clone();
-                // HSTS means something over TLS only (RFC 6797 section 8.1).
-                let hsts = live.hsts.clone().filter(|_| tls);
-                let mut resp = access_since(
-                    arrived,
-                    Some(peer),
-                    req,
-                    spans,
-                    |req, rid, trace| async move {
-                        // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
-                        if req.method() == http::Method::OPTIONS {
-                            return (live.app.cors.preflight(req.headers()), RouteInfo::default());
-                        }
-                        let origin = live.app.cors.allowed_origin(req.headers());
-                        // Not boxed: hyper keeps each connection's in-flight future in one box
-                        // of its own, reused request after request. The handler's future is
-                        // ~4.5 KB since the big parts (the upstream call, token verification)
-                        // are boxed where they are awaited; boxing it whole here cost every
-                        // request, cache hits included, an 11.8 KB allocation and copy.
-                        let (mut resp, info) =
-                            routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
-                        live.app.cors.apply(origin, resp.headers_mut());
-                        (resp, info)
-                    },
-                )
-                .await;
-                if let Some(v) = hsts {
-                    resp.headers_mut()
-                        .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
-                }
-                Ok::<_, Infallible>(resp)
-            }
+            serve_request(
+                gw.live_full(),
+                arrived,
+                peer.clone(),
+                tls,
+                req.map(Body::new),
+            )
         })
     };
     let deadline = listener::run(public, settings, make_service, grace, shutdown).await;
@@ -655,6 +635,69 @@ async fn serve_public(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     deadline
+}
+
+/// One public request, outermost first: the access layer (request id, panic guard, metrics,
+/// the log line) -> CORS -> the generic handler, on the configuration `live` the request took
+/// when it arrived (`arrived`).
+///
+/// Not boxed: hyper keeps each connection's in-flight future in one box of its own, allocated
+/// when the connection opens and kept until it closes, so this future's size is memory per
+/// connection, idle keep-alive ones included (a test bounds it: [`REQUEST_FUTURE_MAX`]). The
+/// large, rare parts (the upstream call, token verification, a cache fill, a WebSocket
+/// handshake) are boxed where they are awaited, so only the requests that take them pay.
+fn serve_request(
+    live: Arc<reload::Live>,
+    arrived: std::time::Instant,
+    peer: Arc<routes::Peer>,
+    tls: bool,
+    req: http::Request<Body>,
+) -> impl std::future::Future<Output = Result<http::Response<Body>, Infallible>> {
+    // An `async move` block, not an `async fn`: see `routes::handle`.
+    async move {
+        let spans = live.app.spans.clone();
+        // HSTS means something over TLS only (RFC 6797 section 8.1).
+        let hsts = live.hsts.clone().filter(|_| tls);
+        let remote = peer.addr;
+        // Lent, not moved: each future it were moved into would keep a copy of its own.
+        let peer = &*peer;
+        let mut resp = access_since(
+            arrived,
+            Some(remote),
+            req,
+            spans,
+            |req, rid, trace| async move {
+                // Any OPTIONS is a preflight, answered here (as tower-http's CORS did).
+                if req.method() == http::Method::OPTIONS {
+                    return (live.app.cors.preflight(req.headers()), RouteInfo::default());
+                }
+                let origin = live.app.cors.allowed_origin(req.headers());
+                let (mut resp, info) =
+                    routes::handle(live.app.clone(), req, rid, trace, peer, tls).await;
+                live.app.cors.apply(origin, resp.headers_mut());
+                (resp, info)
+            },
+        )
+        .await;
+        if let Some(v) = hsts {
+            resp.headers_mut()
+                .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+        }
+        Ok(resp)
+    }
+}
+
+/// The most a public request's future may take (bytes), checked by a unit test in a debug
+/// build (a release build's is smaller): hyper allocates this much for every connection.
+#[cfg(test)]
+const REQUEST_FUTURE_MAX: usize = 6 << 10;
+
+/// The size of the future [`serve_request`] returns, from its type alone.
+pub fn request_future_size() -> usize {
+    fn size_of_output<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    size_of_output(serve_request as fn(_, _, _, _, _) -> _)
 }
 
 /// Resolves once shutdown was requested (the watch guard is not held across awaits).
@@ -760,4 +803,26 @@ pub async fn serve(cfg: Config, source: ConfigSource) -> Result<(), String> {
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper boxes one request future per connection for the connection's whole life: its
+    /// size is memory per idle keep-alive connection (issue 28: <= 12 KiB per connection in
+    /// all). A regression guard: what grows it should be boxed where it is awaited.
+    #[test]
+    fn the_request_future_stays_small() {
+        let size = request_future_size();
+        eprintln!(
+            "request future {size} bytes; handle {}, proxy {}",
+            routes::handle_future_size(),
+            routes::proxy::forward_future_size()
+        );
+        assert!(
+            size <= REQUEST_FUTURE_MAX,
+            "the request future is {size} bytes (at most {REQUEST_FUTURE_MAX}): box the large, rare part"
+        );
+    }
 }

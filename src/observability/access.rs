@@ -40,7 +40,11 @@ pub(crate) fn new_request_id() -> HeaderValue {
     let n: u128 = rand::random();
     let mut buf = [0u8; 32];
     hex::encode_to_slice(n.to_be_bytes(), &mut buf).expect("32 hex chars for 16 bytes");
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    // The bytes live inside their owner: one allocation, and the clones (the log line, the
+    // upstream request, `X-Request-Id`) only count references. From a copied slice it was a
+    // copy, then a second allocation when the first clone made it shared.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("hex is a valid header value")
 }
 
 /// Request id, panic guard, metrics and the access line around `inner` (the rest of the stack),
@@ -66,94 +70,101 @@ where
 /// [`access`] for a request that began to arrive at `start` (the gateway's server passes when
 /// its first byte was read, or the connection's accept: `server::conn::Arrival`), which the
 /// duration in the metrics and the log line counts from.
-pub async fn access_since<F, Fut>(
+///
+/// A plain fn returning an `async move` block: an `async fn` would keep `req` twice in the
+/// future (see `routes::handle`).
+pub fn access_since<F, Fut>(
     start: Instant,
     remote: Option<SocketAddr>,
     req: Request,
     spans: Option<Arc<Exporter>>,
     inner: F,
-) -> Response
+) -> impl std::future::Future<Output = Response>
 where
     F: FnOnce(Request, HeaderValue, TraceContext) -> Fut,
     Fut: std::future::Future<Output = (Response, RouteInfo)>,
 {
-    let rid = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) if client_request_id(v) => v.clone(),
-        _ => new_request_id(),
-    };
-    let method = req.method().clone();
-    // A `Uri` clone shares its bytes: the path for the log line costs no copy.
-    let uri = req.uri().clone();
-    // W3C trace context: the client's trace continues (or one starts here), with the gateway
-    // as the parent of what the upstream sees.
-    let trace = TraceContext::continue_or_start(req.headers());
+    async move {
+        let rid = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if client_request_id(v) => v.clone(),
+            _ => new_request_id(),
+        };
+        let method = req.method().clone();
+        // A `Uri` clone shares its bytes: the path for the log line costs no copy.
+        let uri = req.uri().clone();
+        // W3C trace context: the client's trace continues (or one starts here), with the gateway
+        // as the parent of what the upstream sees.
+        let trace = TraceContext::continue_or_start(req.headers());
 
-    // `inner` is called inside the guard too: whatever it runs before its first await is covered.
-    let inner_rid = rid.clone();
-    let (mut resp, info) = match AssertUnwindSafe(async move { inner(req, inner_rid, trace).await })
+        // `inner` is called inside the guard too: whatever it runs before its first await is covered.
+        let inner_rid = rid.clone();
+        let (mut resp, info) = match AssertUnwindSafe(
+            async move { inner(req, inner_rid, trace).await },
+        )
         .catch_unwind()
         .await
-    {
-        Ok(answer) => answer,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!(request_id = rid.to_str().unwrap_or(""), panic = %what, "handler panicked");
-            let resp = ErrorReply {
-                error: &GatewayError::Internal,
-                request_id: rid.to_str().unwrap_or(""),
+        {
+            Ok(answer) => answer,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(request_id = rid.to_str().unwrap_or(""), panic = %what, "handler panicked");
+                let resp = ErrorReply {
+                    error: &GatewayError::Internal,
+                    request_id: rid.to_str().unwrap_or(""),
+                }
+                .into_response();
+                (resp, RouteInfo::default())
             }
-            .into_response();
-            (resp, RouteInfo::default())
-        }
-    };
-    let status = resp.status().as_u16();
-    let RouteInfo { route, upstream } = info;
-    let reason = resp
-        .extensions()
-        .get::<crate::error::ErrorReason>()
-        .map_or("", |r| r.0);
-    record_request(
-        route.as_deref().unwrap_or("unmatched"),
-        method_label(&method),
-        status_class(status),
-        start.elapsed().as_secs_f64(),
-    );
-    if !reason.is_empty() {
-        record_error(route.as_deref().unwrap_or("unmatched"), reason);
-    }
-    let log = tracing::enabled!(target: "access", tracing::Level::INFO);
-    if log || spans.is_some() {
-        // The line is written (and the request's span exported) when the body is done (or
-        // dropped: the client went away), so it has the whole duration of a streamed
-        // response and the bytes sent.
-        let pending = PendingLine {
-            log,
-            spans,
-            start,
-            method,
-            uri,
-            route,
-            status,
-            upstream,
-            reason,
-            remote,
-            request_id: rid.clone(),
-            trace,
         };
-        resp = resp.map(|body| {
-            Body::new(LoggedBody {
-                inner: body,
-                bytes: 0,
-                pending: Some(pending),
-            })
-        });
+        let status = resp.status().as_u16();
+        let RouteInfo { route, upstream } = info;
+        let reason = resp
+            .extensions()
+            .get::<crate::error::ErrorReason>()
+            .map_or("", |r| r.0);
+        record_request(
+            route.as_deref().unwrap_or("unmatched"),
+            method_label(&method),
+            status_class(status),
+            start.elapsed().as_secs_f64(),
+        );
+        if !reason.is_empty() {
+            record_error(route.as_deref().unwrap_or("unmatched"), reason);
+        }
+        let log = tracing::enabled!(target: "access", tracing::Level::INFO);
+        if log || spans.is_some() {
+            // The line is written (and the request's span exported) when the body is done (or
+            // dropped: the client went away), so it has the whole duration of a streamed
+            // response and the bytes sent.
+            let pending = PendingLine {
+                log,
+                spans,
+                start,
+                method,
+                uri,
+                route,
+                status,
+                upstream,
+                reason,
+                remote,
+                request_id: rid.clone(),
+                trace,
+            };
+            resp = resp.map(|body| {
+                Body::new(LoggedBody {
+                    inner: body,
+                    bytes: 0,
+                    pending: Some(pending),
+                })
+            });
+        }
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
+        resp
     }
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
-    resp
 }
 
 /// What the access line needs, kept until the response body is done.

@@ -8,6 +8,10 @@
 //! policy that denied it, `t` equals the retry delay, because the draft asks that a
 //! `Retry-After` never point earlier than the end of the effective window.
 
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::HeaderMap;
 
@@ -55,7 +59,7 @@ pub fn policy_field(policies: &[PolicyOutcome]) -> String {
             out.push_str(", ");
         }
         sf_string(&mut out, &p.name);
-        out.push_str(&format!(";q={};w={}", p.limit, p.window_secs));
+        let _ = write!(out, ";q={};w={}", p.limit, p.window_secs);
     }
     out
 }
@@ -67,13 +71,33 @@ pub fn ratelimit_field(policies: &[PolicyOutcome]) -> String {
             out.push_str(", ");
         }
         sf_string(&mut out, &p.name);
-        out.push_str(&format!(
-            ";r={};t={}",
-            p.remaining,
-            effective_window_secs(p)
-        ));
+        let _ = write!(out, ";r={};t={}", p.remaining, effective_window_secs(p));
     }
     out
+}
+
+/// `RateLimit-Policy` for `policies`. It changes only with the configuration (and the
+/// per-replica share while Redis is down), so the last single-policy value is kept per
+/// thread and cloned (its bytes shared) while it still applies: every answer on a limited
+/// route carries it, and formatting it was most of the headers' ~4.5k instructions.
+fn policy_value(policies: &[PolicyOutcome]) -> Option<HeaderValue> {
+    type Last = Option<(Arc<str>, u64, u64, HeaderValue)>;
+    thread_local! {
+        static LAST: RefCell<Last> = const { RefCell::new(None) };
+    }
+    let [p] = policies else {
+        return HeaderValue::try_from(policy_field(policies)).ok();
+    };
+    LAST.with_borrow_mut(|last| {
+        if let Some((name, q, w, v)) = last.as_ref() {
+            if *name == p.name && *q == p.limit && *w == p.window_secs {
+                return Some(v.clone());
+            }
+        }
+        let v = HeaderValue::try_from(policy_field(policies)).ok()?;
+        *last = Some((p.name.clone(), p.limit, p.window_secs, v.clone()));
+        Some(v)
+    })
 }
 
 /// The policy legacy single-valued headers describe: the one that denied with the longest
@@ -95,7 +119,9 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
 
 pub fn apply(decision: &Decision, headers: &mut HeaderMap) {
     if !decision.policies.is_empty() {
-        set(headers, RATELIMIT_POLICY, policy_field(&decision.policies));
+        if let Some(v) = policy_value(&decision.policies) {
+            headers.insert(RATELIMIT_POLICY, v);
+        }
         set(headers, RATELIMIT, ratelimit_field(&decision.policies));
         if decision.legacy_headers {
             if let Some(p) = most_restrictive(&decision.policies) {
@@ -155,6 +181,23 @@ mod tests {
         assert!(h.get("retry-after").is_none());
         assert!(h.get("x-ratelimit-limit").is_none());
         assert_eq!(d.retry_after_secs(), None);
+    }
+
+    #[test]
+    fn the_kept_policy_value_follows_a_changed_limit() {
+        let policy = |name: &str, limit: u64| {
+            let mut h = HeaderMap::new();
+            let mut p = outcome(name, true, 1, 1_000, 0);
+            p.limit = limit;
+            decision(vec![p], false).apply_headers(&mut h);
+            h["ratelimit-policy"].to_str().unwrap().to_string()
+        };
+        assert_eq!(policy("default", 100), "\"default\";q=100;w=60");
+        assert_eq!(policy("default", 100), "\"default\";q=100;w=60");
+        // The per-replica share while Redis is down, another policy, and back.
+        assert_eq!(policy("default", 50), "\"default\";q=50;w=60");
+        assert_eq!(policy("ws", 50), "\"ws\";q=50;w=60");
+        assert_eq!(policy("default", 100), "\"default\";q=100;w=60");
     }
 
     #[test]

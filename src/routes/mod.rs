@@ -189,12 +189,33 @@ impl AppState {
     }
 }
 
+/// A client connection's TCP peer, with what every request on it needs formatted once per
+/// connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Its `X-Forwarded-For` value.
+    pub forwarded_for: headers::ForwardedFor,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: headers::ForwardedFor::new(addr.ip()),
+        }
+    }
+}
+
 /// What the gateway knows about one request, filled in phase by phase.
 pub struct RequestCtx<'a> {
     /// Echoed in `X-Request-Id`, error bodies and the log line; forwarded upstream.
     pub request_id: &'a HeaderValue,
     /// The TCP peer.
     pub peer: SocketAddr,
+    /// The peer as `X-Forwarded-For` states it (formatted once per connection).
+    pub forwarded_for: &'a headers::ForwardedFor,
     /// The peer is a trusted proxy: its forwarding headers are kept and believed.
     pub peer_trusted: bool,
     /// The request arrived over TLS (`X-Forwarded-Proto: https`).
@@ -221,19 +242,20 @@ impl<'a> RequestCtx<'a> {
         app: &AppState,
         request_id: &'a HeaderValue,
         trace: TraceContext,
-        peer: SocketAddr,
+        peer: &'a Peer,
         tls: bool,
         headers: &HeaderMap,
     ) -> Self {
         let client = Client::resolve(
-            peer,
+            peer.addr,
             headers,
             &app.trusted_proxies,
             app.config.server.ipv6_client_prefix,
         );
         RequestCtx {
             request_id,
-            peer,
+            peer: peer.addr,
+            forwarded_for: &peer.forwarded_for,
             peer_trusted: client.peer_trusted,
             tls,
             trace,
@@ -273,64 +295,77 @@ fn json_response(status: StatusCode, body: Bytes, cache_control: &'static str) -
 }
 
 /// The single entry point for every public request: `rid` is its request id, `trace` its
-/// trace context (both from the access layer), `peer` the TCP peer, `tls` whether it came
+/// trace context (both from the access layer), `peer` the connection's peer, `tls` whether it came
 /// over TLS. Returns the response and, for the access log, the route and upstream it took.
-pub async fn handle(
+///
+/// A plain fn returning an `async move` block, here and in `phases` and `proxy::forward`: an
+/// `async fn` keeps each by-value argument twice in its future (the argument and the local it
+/// is rebound to, rust-lang/rust#62958), and this future lives in every connection.
+pub fn handle(
     app: Arc<AppState>,
     req: Request,
     rid: HeaderValue,
     trace: TraceContext,
-    peer: SocketAddr,
+    peer: &Peer,
     tls: bool,
-) -> (Response, RouteInfo) {
-    let app = &*app;
-    let mut ctx = RequestCtx::new(app, &rid, trace, peer, tls, req.headers());
-    let accepted = app.compressor.accepted(req.headers());
-    let result = phases(app, req, &mut ctx).await;
-    let mut resp = respond(result, &ctx);
-    // Last, after the cache: entries hold the identity body, each answer gets its coding.
-    if ctx
-        .route
-        .map_or(app.config.compression.enabled, |r| r.compress)
-    {
-        resp = app.compressor.apply(accepted, resp);
+) -> impl std::future::Future<Output = (Response, RouteInfo)> + Send + '_ {
+    async move {
+        let app = &*app;
+        let mut ctx = RequestCtx::new(app, &rid, trace, peer, tls, req.headers());
+        let accepted = app.compressor.accepted(req.headers());
+        let result = phases(app, req, &mut ctx).await;
+        let mut resp = respond(result, &ctx);
+        // Last, after the cache: entries hold the identity body, each answer gets its coding.
+        if ctx
+            .route
+            .map_or(app.config.compression.enabled, |r| r.compress)
+        {
+            resp = app.compressor.apply(accepted, resp);
+        }
+        let info = ctx.route_info(app);
+        (resp, info)
     }
-    let info = ctx.route_info(app);
-    (resp, info)
 }
 
 /// The request phases, in order; any of them may end the request with an error.
-async fn phases<'a>(
+fn phases<'a, 'c>(
     app: &'a AppState,
     req: Request,
-    ctx: &mut RequestCtx<'a>,
-) -> Result<Response, GatewayError> {
-    if let Some(resp) = builtin(app, req.method(), req.uri().path(), req.headers(), ctx)? {
-        return Ok(resp);
-    }
-    // A `Uri` clone shares its bytes: the path outlives `req` without a copy.
-    let uri = req.uri().clone();
-    let (mut parts, body) = req.into_parts();
-    let (route, params) = match_route(app, &parts.method, uri.path(), ctx)?;
-    // Before anything that costs (the body, a token check, Redis): a saturated gateway
-    // refuses at once. Held until the handler returns.
-    let _admitted = app.saturation.admit(&route.label)?;
-    check_request(&parts, &params)?;
-    // The handshake's own checks come before identity: a browser's token may be in the
-    // WebSocket protocol list or the query.
-    let handshake = match route.kind {
-        RouteKind::Websocket => Some(websocket::prepare(app, &mut parts)?),
-        RouteKind::Proxy | RouteKind::UserMe => None,
-    };
-    identity(app, &mut parts.headers, ctx).await?;
-    rate_limit(app, &parts.headers, ctx).await?;
-    match (route.kind, handshake) {
-        (RouteKind::UserMe, _) => user_me(ctx),
-        (RouteKind::Proxy, _) => proxy::forward(app, ctx, route, &params, parts, body).await,
-        (RouteKind::Websocket, Some(handshake)) => {
-            websocket::connect(app, ctx, route, &params, parts, handshake).await
+    ctx: &'c mut RequestCtx<'a>,
+) -> impl std::future::Future<Output = Result<Response, GatewayError>> + Send + use<'a, 'c> {
+    async move {
+        if let Some(resp) = builtin(app, req.method(), req.uri().path(), req.headers(), ctx)? {
+            return Ok(resp);
         }
-        (RouteKind::Websocket, None) => Err(GatewayError::Internal),
+        // A `Uri` clone shares its bytes: the path outlives `req` without a copy.
+        let uri = req.uri().clone();
+        let (mut parts, body) = req.into_parts();
+        let (route, params) = match_route(app, &parts.method, uri.path(), ctx)?;
+        // Before anything that costs (the body, a token check, Redis): a saturated gateway
+        // refuses at once. Held until the handler returns.
+        let _admitted = app.saturation.admit(&route.label)?;
+        check_request(&parts, &params)?;
+        // The handshake's own checks come before identity: a browser's token may be in the
+        // WebSocket protocol list or the query.
+        let handshake = match route.kind {
+            RouteKind::Websocket => Some(websocket::prepare(app, &mut parts)?),
+            RouteKind::Proxy | RouteKind::UserMe => None,
+        };
+        identity(app, &mut parts.headers, ctx).await?;
+        rate_limit(app, &parts.headers, ctx).await?;
+        match (route.kind, handshake) {
+            (RouteKind::UserMe, _) => user_me(ctx),
+            (RouteKind::Proxy, _) => proxy::forward(app, ctx, route, &params, parts, body).await,
+            // Boxed: a handshake is once per WebSocket connection, and its future inline would
+            // size every request's future (and so every connection's memory) for it.
+            (RouteKind::Websocket, Some(handshake)) => {
+                Box::pin(websocket::connect(
+                    app, ctx, route, &params, parts, handshake,
+                ))
+                .await
+            }
+            (RouteKind::Websocket, None) => Err(GatewayError::Internal),
+        }
     }
 }
 
@@ -532,4 +567,12 @@ fn builtin(
         return Ok(Some(not_modified));
     }
     Ok(Some(resp))
+}
+
+/// The size of the future [`handle`] returns (see `server::request_future_size`).
+pub fn handle_future_size() -> usize {
+    fn size_of_output<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    size_of_output(handle as fn(_, _, _, _, _, _) -> _)
 }

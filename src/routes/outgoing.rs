@@ -71,11 +71,12 @@ pub fn parse_upstream_url(
     let plain_path = path.starts_with('/') && !matches!(path.as_bytes().get(1), Some(b'/' | b'\\'));
     match base {
         Some(base) if plain_path => {
-            let relative = upstream_url("", path, query);
-            reqwest::Url::options()
-                .base_url(Some(base))
-                .parse(&relative)
-                .ok()
+            let options = reqwest::Url::options().base_url(Some(base));
+            match query.filter(|q| !q.is_empty()) {
+                // No query: the path as it is, no copy.
+                None => options.parse(path).ok(),
+                Some(_) => options.parse(&upstream_url("", path, query)).ok(),
+            }
         }
         _ => reqwest::Url::parse(&upstream_url(base_url, path, query)).ok(),
     }
@@ -201,7 +202,7 @@ impl<'a> Outgoing<'a> {
         let mut req = UpstreamRequest::new(method, url, options);
         *req.headers_mut() = upstream_headers(
             client_headers,
-            ctx.peer.ip().to_canonical(),
+            ctx.forwarded_for,
             ctx.peer_trusted,
             ctx.tls,
             ctx.request_id,

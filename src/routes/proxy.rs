@@ -24,6 +24,16 @@ use crate::upstream::{Delivered, UpstreamError, UpstreamRequest};
 
 pub static X_UPSTREAM_ATTEMPTS: HeaderName = HeaderName::from_static("x-upstream-attempts");
 
+/// `X-Upstream-Attempts`: a static value for the counts retries can reach (formatting one
+/// allocated on every proxied response).
+fn attempts_value(attempts: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DIGITS.get(attempts as usize) {
+        Some(d) => HeaderValue::from_static(d),
+        None => HeaderValue::from(attempts),
+    }
+}
+
 /// Reads the request body into memory, up to `limit` bytes (413 beyond). Small bodies are
 /// the norm here, and a buffered body is what lets a request be retried.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, GatewayError> {
@@ -72,58 +82,62 @@ fn get_body_refused() -> GatewayError {
 
 /// Forwards one request along `route`: phases "read body", "cache lookup", "upstream call"
 /// and "response".
-pub async fn forward(
-    app: &AppState,
-    ctx: &RequestCtx<'_>,
-    route: &Route,
-    params: &[&str],
+///
+/// A plain fn returning an `async move` block (see `routes::handle`): one copy of `parts`.
+pub fn forward<'x>(
+    app: &'x AppState,
+    ctx: &'x RequestCtx<'x>,
+    route: &'x Route,
+    params: &'x [&'x str],
     parts: Parts,
     body: Body,
-) -> Result<Response, GatewayError> {
-    let up = app.upstream_of(route)?;
-    // A GET or HEAD body is refused, declared (before reading it; with `Expect: 100-continue`
-    // the client never sends it) or found. RFC 9110 9.3.1: it has no defined semantics, so no
-    // cache key can account for it, and an upstream that ignores a GET's `Content-Length`
-    // reads the body as the next request on a pooled connection.
-    let bodiless = matches!(parts.method, Method::GET | Method::HEAD);
-    if bodiless && declares_body(&parts.headers) {
-        return Err(get_body_refused());
+) -> impl std::future::Future<Output = Result<Response, GatewayError>> + Send + 'x {
+    async move {
+        let up = app.upstream_of(route)?;
+        // A GET or HEAD body is refused, declared (before reading it; with `Expect: 100-continue`
+        // the client never sends it) or found. RFC 9110 9.3.1: it has no defined semantics, so no
+        // cache key can account for it, and an upstream that ignores a GET's `Content-Length`
+        // reads the body as the next request on a pooled connection.
+        let bodiless = matches!(parts.method, Method::GET | Method::HEAD);
+        if bodiless && declares_body(&parts.headers) {
+            return Err(get_body_refused());
+        }
+        // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
+        let body = tokio::time::timeout(
+            route.deadline,
+            read_body(&parts.headers, body, app.max_body),
+        )
+        .await
+        .map_err(|_| GatewayError::RequestTimeout)??;
+        if bodiless && !body.is_empty() {
+            return Err(get_body_refused());
+        }
+        // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
+        let uri = parts.uri.clone();
+        let target = Target::new(route, params, uri.query().filter(|_| route.forward_query));
+        let outgoing = Outgoing::new(app, ctx, route, up);
+        // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
+        if let Some(policy) = route
+            .cache
+            .as_ref()
+            .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers))
+        {
+            return from_cache(app, route, up, &outgoing, &target, parts, body, policy).await;
+        }
+        let req = outgoing.proxied(
+            parts.method.clone(),
+            &parts.method,
+            &target,
+            parts.headers,
+            body,
+        )?;
+        let deadline = req.options.deadline;
+        let started = tokio::time::Instant::now();
+        let delivered = call_upstream(up, req).await?;
+        let left = deadline.saturating_sub(started.elapsed());
+        let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
+        decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
     }
-    // Bounded like the upstream call: a client that stalls mid-body must not hold us forever.
-    let body = tokio::time::timeout(
-        route.deadline,
-        read_body(&parts.headers, body, app.max_body),
-    )
-    .await
-    .map_err(|_| GatewayError::RequestTimeout)??;
-    if bodiless && !body.is_empty() {
-        return Err(get_body_refused());
-    }
-    // A `Uri` clone shares its bytes: the query outlives `parts` without a copy.
-    let uri = parts.uri.clone();
-    let target = Target::new(route, params, uri.query().filter(|_| route.forward_query));
-    let outgoing = Outgoing::new(app, ctx, route, up);
-    // Shared caching only for unauthenticated GET/HEAD on routes that opt in.
-    if let Some(policy) = route
-        .cache
-        .as_ref()
-        .filter(|_| !route.auth && cache::request_is_cacheable(&parts.method, &parts.headers))
-    {
-        return from_cache(app, route, up, &outgoing, &target, parts, body, policy).await;
-    }
-    let req = outgoing.proxied(
-        parts.method.clone(),
-        &parts.method,
-        &target,
-        parts.headers,
-        body,
-    )?;
-    let deadline = req.options.deadline;
-    let started = tokio::time::Instant::now();
-    let delivered = call_upstream(up, req).await?;
-    let left = deadline.saturating_sub(started.elapsed());
-    let limit = usize::try_from(app.config.limits.response_buffer.0).unwrap_or(usize::MAX);
-    decoupled_response(route, up, delivered, limit, &app.response_budget, left).await
 }
 
 /// Phase "cache lookup": a fresh entry answers at once; otherwise ONE upstream call per
@@ -143,19 +157,23 @@ async fn from_cache(
 ) -> Result<Response, GatewayError> {
     let key = ResponseCache::key_for_route(&route.label, &up.name, &target.path, target.query)
         .for_method(&parts.method);
-    let fetch = || async {
-        let upstream_method = match parts.method {
-            Method::HEAD => Method::GET,
-            ref m => m.clone(),
-        };
-        // The response fills an entry every client shares: its own validators must not
-        // turn it into a 304 (the rest of the request's conditions bypass the cache).
-        let mut headers = parts.headers.clone();
-        cache::strip_validators(&mut headers);
-        let req = outgoing.proxied(upstream_method, &parts.method, target, headers, body)?;
-        // A leader refused for its share hands that 429 to whoever joined its flight in the
-        // microseconds before the refusal: the refusal comes before any await on the upstream.
-        fetch_buffered(up, req, app.cache.max_entry_bytes()).await
+    // Boxed: the fill (an upstream call and a body read) is the rare part, and inline it would
+    // size every request's future, and so every connection, for it; hits allocate nothing.
+    let fetch = || {
+        Box::pin(async {
+            let upstream_method = match parts.method {
+                Method::HEAD => Method::GET,
+                ref m => m.clone(),
+            };
+            // The response fills an entry every client shares: its own validators must not
+            // turn it into a 304 (the rest of the request's conditions bypass the cache).
+            let mut headers = parts.headers.clone();
+            cache::strip_validators(&mut headers);
+            let req = outgoing.proxied(upstream_method, &parts.method, target, headers, body)?;
+            // A leader refused for its share hands that 429 to whoever joined its flight in the
+            // microseconds before the refusal: the refusal comes before any await on the upstream.
+            fetch_buffered(up, req, app.cache.max_entry_bytes()).await
+        })
     };
     let hit = app
         .cache
@@ -195,7 +213,7 @@ async fn from_cache(
     cache::apply_headers(hit.outcome, hit.age, resp.headers_mut());
     if hit.attempts > 0 {
         resp.headers_mut()
-            .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(hit.attempts));
+            .insert(X_UPSTREAM_ATTEMPTS.clone(), attempts_value(hit.attempts));
     }
     Ok(resp)
 }
@@ -229,7 +247,7 @@ async fn decoupled_response(
     strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
-        .insert(X_UPSTREAM_ATTEMPTS.clone(), HeaderValue::from(attempts));
+        .insert(X_UPSTREAM_ATTEMPTS.clone(), attempts_value(attempts));
     if route.cache.is_some() {
         cache::apply_headers(CacheOutcome::Bypass, None, &mut parts.headers);
     }
@@ -441,5 +459,23 @@ impl http_body::Body for Prefixed {
 
     fn is_end_stream(&self) -> bool {
         self.front.is_empty() && self.inner.is_end_stream()
+    }
+}
+
+/// The size of the future [`forward`] returns (see `server::request_future_size`).
+pub fn forward_future_size() -> usize {
+    fn size_of_output<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    size_of_output(forward as fn(_, _, _, _, _, _) -> _)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attempts_values() {
+        for n in [0u32, 1, 3, 9, 10, 12345] {
+            assert_eq!(super::attempts_value(n), n.to_string().as_str());
+        }
     }
 }

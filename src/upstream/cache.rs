@@ -370,9 +370,11 @@ impl ResponseCache {
                         if let Some(hit) = fresh_answer(cached.as_deref(), key.head) {
                             return Ok(hit);
                         }
-                        let (result, shared) = self
-                            .fetch_and_store(key, req_headers, policy, fetch, cached)
-                            .await;
+                        // Boxed, like the fill below: only a miss pays for its future
+                        // (the store's insert, ~1.6 KB), not every request's (a hit's).
+                        let (result, shared) =
+                            Box::pin(self.fetch_and_store(key, req_headers, policy, fetch, cached))
+                                .await;
                         leader.publish(Arc::new(shared));
                         return result;
                     }
@@ -390,9 +392,14 @@ impl ResponseCache {
                             // crowd of waiters from being served one upstream call at a time.
                             Some(Ok(_)) | None => {
                                 let cached = self.store.lookup(&key.resource, req_headers).await;
-                                let (result, _) = self
-                                    .fetch_and_store(key, req_headers, policy, fetch, cached)
-                                    .await;
+                                let (result, _) = Box::pin(self.fetch_and_store(
+                                    key,
+                                    req_headers,
+                                    policy,
+                                    fetch,
+                                    cached,
+                                ))
+                                .await;
                                 return result;
                             }
                         }
