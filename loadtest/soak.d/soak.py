@@ -12,7 +12,9 @@ compose stack (one k6 per replica, loadtest/soak.d/soak.js), while on a fixed sc
 Every SAMPLE_S seconds it samples, per replica: RSS and open fds of the gateway process
 (/proc on the host), established client and upstream connections (/proc/PID/net/tcp* in the
 container's namespace), cache bytes and open WebSocket relays (the admin /metrics), the
-request-duration histogram; and the machine: rustc processes, and the share of the two
+request-duration histogram, and what is alive (the heap glibc counts in use and free,
+configuration states, upstream pipelines and runtime tasks alive: a leak grows them, an
+allocator keeping freed memory does not); and the machine: rustc processes, and the share of the two
 cores used by processes other than the stack and k6.
 
 Writes OUT_DIR/summary.md, OUT_DIR/soak.svg, OUT_DIR/results.json and exits 1 when the
@@ -220,6 +222,12 @@ class Sampler(threading.Thread):
                 row["ws_relays"] = metric_sum(text, "gateway_websocket_connections")
                 row["hist"] = histogram(text, "gateway_request_duration_seconds", "/auth/")
                 row["reloads_ok"] = metric_sum(text, "gateway_config_reloads_total", skip='"invalid"')
+                # What is alive (issue 25 item 8): a leak grows these, the allocator does not.
+                row["heap_in_use_mib"] = round(metric_sum(text, "gateway_heap_bytes", skip='"free"') / 2**20, 2)
+                row["heap_free_mib"] = round(metric_sum(text, "gateway_heap_bytes", skip='"in_use"') / 2**20, 2)
+                row["states_alive"] = metric_sum(text, "gateway_config_states_alive")
+                row["pipelines_alive"] = metric_sum(text, "gateway_upstream_pipelines_alive")
+                row["tasks_alive"] = metric_sum(text, "gateway_runtime_alive_tasks")
             except Exception as e:
                 row["metrics_error"] = type(e).__name__
             s["replicas"][name] = row
@@ -353,9 +361,14 @@ def per_minute(samples, name):
         inside = [s for s in samples if m * 60 <= s["t"] < (m + 1) * 60 and name in s["replicas"]]
         vals = [s["replicas"][name] for s in inside]
         row = {"samples": len(vals)}
-        for k in ("rss_mib", "fds", "non_socket_fds", "client_conns", "upstream_conns", "ws_relays"):
+        for k in ("rss_mib", "fds", "non_socket_fds", "client_conns", "upstream_conns", "ws_relays",
+                  "heap_in_use_mib", "heap_free_mib", "tasks_alive"):
             row[k] = median([v.get(k) for v in vals])
         row["cache_bytes"] = vals[-1].get("cache_bytes") if vals else None
+        # The most seen in the minute: a replaced state or pipeline alive for longer than
+        # its requests would show in every sample.
+        for k in ("states_alive", "pipelines_alive"):
+            row[k] = max([v[k] for v in vals if v.get(k) is not None], default=None)
         hists = [v["hist"] for v in vals if v.get("hist")]
         if hists:
             start = prev_hist or {}
@@ -496,10 +509,14 @@ def report(out_dir, samples, events, k6, k6_total, k6_auth, minutes, verdicts, m
               "Medians of the minute's samples; cache bytes at its last sample; p50/p99 in ms from "
               "k6 (reads: data and analytics journeys; auth journey apart) and from the gateway's "
               "own histogram (all routes but /auth/, bucket-interpolated); others % = CPU share of "
-              "processes outside the stack and k6.", "",
+              "processes outside the stack and k6; heap in use / free: glibc's count of what the "
+              "program holds and what malloc keeps freed; states, pipelines: configuration states "
+              "and upstream pipelines alive (most in the minute; 1 and 4 when nothing replaced "
+              "is kept); tasks: the runtime's tasks alive.", "",
               "| replica | min | RSS MiB | fds | non-socket fds | client conns | upstream conns | WS relays "
-              "| cache bytes | requests | failed | k6 p50 | k6 p99 | gw p50 | gw p99 | others % | rustc |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| cache bytes | heap in use MiB | heap free MiB | states | pipelines | tasks "
+              "| requests | failed | k6 p50 | k6 p99 | gw p50 | gw p99 | others % | rustc |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in REPLICAS:
         for m in range(MINUTES):
             r, k = minutes[name][m], k6[name][m]
@@ -507,6 +524,8 @@ def report(out_dir, samples, events, k6, k6_total, k6_auth, minutes, verdicts, m
                 f"| {name} | {m + 1}{' (warm-up)' if m < WARMUP_MIN else ''} | {fmt(r['rss_mib'], '.1f')} | "
                 f"{fmt(r['fds'])} | {fmt(r['non_socket_fds'])} | {fmt(r['client_conns'])} | "
                 f"{fmt(r['upstream_conns'])} | {fmt(r['ws_relays'])} | {fmt(r['cache_bytes'], '.0f')} | "
+                f"{fmt(r['heap_in_use_mib'], '.2f')} | {fmt(r['heap_free_mib'], '.2f')} | "
+                f"{fmt(r['states_alive'])} | {fmt(r['pipelines_alive'])} | {fmt(r['tasks_alive'])} | "
                 f"{k['requests']} | {k['failed']} | {fmt(k['p50_ms'], '.1f')} | {fmt(k['p99_ms'], '.1f')} | "
                 f"{fmt(r.get('gw_p50_ms'), '.1f')} | {fmt(r.get('gw_p99_ms'), '.1f')} | "
                 f"{fmt(r['others_pct'], '.0f')} | {r['rustc_max']} |")

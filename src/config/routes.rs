@@ -32,7 +32,7 @@ pub enum ParamLocation {
     Query,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParamDoc {
     pub name: String,
@@ -59,7 +59,7 @@ fn default_param_type() -> String {
 }
 
 /// What the OpenAPI document says about a route.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpenApiDoc {
     pub summary: String,
@@ -92,7 +92,7 @@ pub struct ResponseDoc {
     pub example: Option<Value>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteConfig {
     /// Public path template, e.g. `/api/data/underlying/{product}`; also served under `/api/v1`.

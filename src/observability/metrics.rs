@@ -50,6 +50,7 @@ pub fn render() -> String {
     // The recorder first: the process metrics recorded before it exists would be lost.
     let handle = handle();
     process_collector().collect();
+    super::alive::collect();
     handle.render()
 }
 

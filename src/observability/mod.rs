@@ -17,10 +17,14 @@
 //!   span and one per upstream attempt.
 //! - [`lag`]: the runtime's scheduling delay (how late a 10 ms tick wakes), the signal of a
 //!   saturated or CPU-starved process for shedding, readiness and the metric.
+//! - [`alive`]: what is alive in the process (configuration states, pipelines, runtime
+//!   tasks, the heap held against the heap freed), read at each scrape: a leak or the
+//!   allocator, where resident memory alone cannot tell.
 //! - this file: the JSON log subscriber ([`init_logging`], `RUST_LOG`) and its batched
 //!   stdout writer ([`BufferedStdout`], [`flush_logs`]), so a request's log line costs no
 //!   `write(2)` of its own.
 pub mod access;
+pub mod alive;
 pub mod catalog;
 pub mod lag;
 pub mod metrics;

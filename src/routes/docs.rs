@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::schema::hoist_titled;
 use crate::config::{Config, OnRedisError, ParamLocation, ResponseDoc, RouteConfig, RouteKind};
+use std::collections::BTreeMap;
 
 use super::template::{parse_template, Segment};
 
@@ -43,6 +44,48 @@ pub const REASONS: &[&str] = &[
     "rate_limiter_unavailable",
     "auth_unavailable",
 ];
+
+/// Everything the document is rendered from, and nothing else: [`openapi`] reads the
+/// configuration only through it, so two configurations with equal sources have the same
+/// document, and a reload that changes none of it (an upstream's timeout, a rate limit)
+/// keeps the document it has instead of rendering it again (~19,000 short-lived
+/// allocations, whose freed memory malloc kept: README "Soak").
+#[derive(Debug, PartialEq)]
+pub struct DocsSource<'a> {
+    routes: &'a [RouteConfig],
+    service_name: &'a str,
+    max_body: u64,
+    /// `auth.failure_policy` is set: routes with a token can answer 429 for failed tokens.
+    counts_auth_failures: bool,
+    timeout_status: u16,
+    on_redis_error: OnRedisError,
+    compression: bool,
+    /// Each upstream's 503 message, by name.
+    unavailable: BTreeMap<&'a str, String>,
+}
+
+impl DocsSource<'_> {
+    pub fn of(cfg: &Config) -> DocsSource<'_> {
+        DocsSource {
+            routes: &cfg.routes,
+            service_name: &cfg.service_name,
+            max_body: cfg.limits.max_body.0,
+            counts_auth_failures: !cfg.auth.failure_policy.is_empty(),
+            timeout_status: cfg.errors.timeout_status,
+            on_redis_error: cfg.rate_limit.on_redis_error,
+            compression: cfg.compression.enabled,
+            unavailable: cfg
+                .upstreams
+                .iter()
+                .map(|(name, u)| (name.as_str(), u.unavailable_message(name)))
+                .collect(),
+        }
+    }
+
+    fn unavailable_message(&self, upstream: &str) -> String {
+        self.unavailable.get(upstream).cloned().unwrap_or_default()
+    }
+}
 
 const REQUEST_ID_EXAMPLE: &str = "9f0c3b6e2a1d4c58b7e6f5a4d3c2b1a0";
 
@@ -87,7 +130,11 @@ fn gateway_error(
 }
 
 /// What the gateway can answer on `route` by itself, from the route's settings.
-fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<GatewayStatus> {
+fn gateway_statuses(
+    cfg: &DocsSource<'_>,
+    route: &RouteConfig,
+    has_params: bool,
+) -> Vec<GatewayStatus> {
     let needs_token = route.auth || route.kind == RouteKind::UserMe;
     let proxies = matches!(route.kind, RouteKind::Proxy | RouteKind::Websocket);
     let mut out = vec![gateway_error(
@@ -135,12 +182,9 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
         ));
         out.push(gateway_error(
             413,
-            format!(
-                "A request body over limits.max_body ({})",
-                cfg.limits.max_body
-            ),
+            format!("A request body over limits.max_body ({})", cfg.max_body),
             "payload_too_large",
-            &format!("Request body larger than {} bytes", cfg.limits.max_body.0),
+            &format!("Request body larger than {} bytes", cfg.max_body),
             None,
         ));
     }
@@ -163,7 +207,7 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
         out.push(s);
     }
     let limited = !route.rate_limit.is_empty();
-    let counts_failures = needs_token && !cfg.auth.failure_policy.is_empty();
+    let counts_failures = needs_token && cfg.counts_auth_failures;
     // A proxied HTTP call counts against the client's share of the upstream's slots.
     let shared_slots = route.kind == RouteKind::Proxy;
     if limited || counts_failures || route.kind == RouteKind::Websocket || shared_slots {
@@ -216,17 +260,13 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
     let mut example = None;
     if proxies {
         let name = route.upstream.as_deref().unwrap_or_default();
-        let message = cfg
-            .upstreams
-            .get(name)
-            .map(|u| u.unavailable_message(name))
-            .unwrap_or_default();
+        let message = cfg.unavailable_message(name);
         unavailable.push(
             "the upstream is unreachable (upstream_unavailable), its breaker is open \
              (circuit_open, with Retry-After), it is saturated and the request was shed \
              (overloaded, with Retry-After)",
         );
-        if cfg.errors.timeout_status == 503 {
+        if cfg.timeout_status == 503 {
             unavailable.push("or too slow (upstream_timeout)");
         }
         example = Some((
@@ -245,7 +285,7 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
             )
         });
     }
-    if limited && cfg.rate_limit.on_redis_error == OnRedisError::Deny {
+    if limited && cfg.on_redis_error == OnRedisError::Deny {
         unavailable.push("Redis is down and on_redis_error = \"deny\" (rate_limiter_unavailable)");
     }
     if let Some((reason, message, upstream)) = example {
@@ -257,13 +297,9 @@ fn gateway_statuses(cfg: &Config, route: &RouteConfig, has_params: bool) -> Vec<
             upstream.as_deref(),
         ));
     }
-    if proxies && cfg.errors.timeout_status == 504 {
+    if proxies && cfg.timeout_status == 504 {
         let name = route.upstream.as_deref().unwrap_or_default();
-        let message = cfg
-            .upstreams
-            .get(name)
-            .map(|u| u.unavailable_message(name))
-            .unwrap_or_default();
+        let message = cfg.unavailable_message(name);
         let mut s = gateway_error(
             504,
             "The upstream was too slow (errors.timeout_status = 504)",
@@ -317,7 +353,7 @@ fn default_success(route: &RouteConfig) -> (String, ResponseDoc) {
 
 /// The `responses` of `route`'s operations; titled schemas are moved into `schemas`.
 fn responses(
-    cfg: &Config,
+    cfg: &DocsSource<'_>,
     route: &RouteConfig,
     has_params: bool,
     schemas: &mut Map<String, Value>,
@@ -418,7 +454,7 @@ fn responses(
         }
         headers.insert("Cache-Control".into(), header_ref("Cache-Control"));
         if up.is_some() && route.kind == RouteKind::Proxy {
-            if route.compression.unwrap_or(cfg.compression.enabled) {
+            if route.compression.unwrap_or(cfg.compression) {
                 headers.insert("Content-Encoding".into(), header_ref("Content-Encoding"));
                 headers.insert("Vary".into(), header_ref("Vary"));
             }
@@ -590,9 +626,13 @@ fn headers() -> Value {
 
 /// Renders the document for `cfg`'s routes.
 pub fn openapi(cfg: &Config) -> Value {
+    render(&DocsSource::of(cfg))
+}
+
+fn render(cfg: &DocsSource<'_>) -> Value {
     let mut schemas = builtin_schemas();
     let mut paths = Map::new();
-    for route in &cfg.routes {
+    for route in cfg.routes {
         let Ok(template) = parse_template(&route.path) else {
             continue;
         };
@@ -900,7 +940,7 @@ mod tests {
         let mut cfg = Config::embedded();
         let doc = openapi(&cfg);
         assert!(doc["paths"]["/api/data/products"]["get"]["responses"]["504"].is_null());
-        cfg.errors.timeout_status = 504;
+        cfg.timeout_status = 504;
         let doc = openapi(&cfg);
         let r = &doc["paths"]["/api/data/products"]["get"]["responses"];
         assert_eq!(

@@ -26,6 +26,7 @@ use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
 use super::timeout::AttemptTimeout;
 use crate::config::UpstreamConfig;
+use crate::observability::alive::AliveGauge;
 use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
 use crate::observability::otlp::{self, Exporter, SpanRecord};
 
@@ -211,6 +212,9 @@ pub struct Pipeline {
     limit: Option<ConcurrencyLimit>,
     /// Where the attempt layer sends its spans.
     spans: SpanSink,
+    /// Counts this pipeline in `gateway_upstream_pipelines_alive{upstream}`: one a reload
+    /// replaced must go once its calls are done.
+    _alive: AliveGauge,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -318,6 +322,7 @@ impl Pipeline {
             bulkhead: Bulkhead::new(name, cfg.max_connections, cfg.max_client_share),
             limit,
             spans,
+            _alive: AliveGauge::pipeline(name),
         })
     }
 
