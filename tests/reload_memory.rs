@@ -33,7 +33,7 @@ const CLIENTS: usize = 8;
 fn config(up: &FakeUpstream, reload: usize) -> Config {
     let mut cfg = config_with_instances("storage", &[up.url()]);
     let storage = cfg.upstreams.get_mut("storage").expect("storage");
-    storage.timeout = Dur::from_secs(if reload % 2 == 0 { 2 } else { 3 });
+    storage.timeout = Dur::from_secs(if reload.is_multiple_of(2) { 2 } else { 3 });
     storage.breaker.probe_path = Some("/health".into());
     storage.breaker.probe_interval = Dur::from_millis(100);
     cfg
