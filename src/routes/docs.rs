@@ -940,7 +940,7 @@ mod tests {
         let mut cfg = Config::embedded();
         let doc = openapi(&cfg);
         assert!(doc["paths"]["/api/data/products"]["get"]["responses"]["504"].is_null());
-        cfg.timeout_status = 504;
+        cfg.errors.timeout_status = 504;
         let doc = openapi(&cfg);
         let r = &doc["paths"]["/api/data/products"]["get"]["responses"];
         assert_eq!(

@@ -102,15 +102,17 @@ pub struct ReloadReport {
 /// points the upstreams at its simulators).
 pub type Overrides = Box<dyn Fn(&mut Config) + Send + Sync>;
 
+/// [`Overrides`] once set: shared with the configuration thread, which loads.
+type SharedOverrides = Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// The running gateway's configuration and state.
 pub struct Gateway {
     live: ArcSwap<Live>,
     /// Where a reload reads from; `None` (tests that start a `Config` directly):
     /// a reload can only be given its configuration (`apply`).
     source: Option<ConfigSource>,
-    /// Applied to what `source` loads; set once (`override_reloads`). Shared with the
-    /// configuration thread, which loads.
-    overrides: std::sync::OnceLock<Arc<dyn Fn(&mut Config) + Send + Sync>>,
+    /// Applied to what `source` loads; set once (`override_reloads`).
+    overrides: std::sync::OnceLock<SharedOverrides>,
     /// The certificate the TLS listener serves, when there is one.
     pub(crate) certs: Option<Arc<CertStore>>,
     /// The settings the listeners were started with: a reload cannot change them. Shared
