@@ -19,34 +19,10 @@ use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::Priority;
 use deltastream_gateway::server::Running;
-use deltastream_gateway::sim::{self, Service, SimOptions};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::gateway::{client, scrape, spawn};
-use tokio::sync::oneshot;
-
-/// The storage simulator on `127.0.0.1:0`, with `/_faults`; dropped, it stops.
-struct Storage {
-    base: String,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn storage() -> Storage {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let opts = SimOptions {
-        faults: true,
-        seed: 7,
-        ..SimOptions::default()
-    };
-    tokio::spawn(sim::serve(Service::Storage, listener, opts, async move {
-        let _ = stopped.await;
-    }));
-    Storage { base, _stop: stop }
-}
+use support::sim::{capacity_limited_storage, SimServer};
 
 /// One answer as a client saw it.
 #[derive(Debug)]
@@ -112,16 +88,9 @@ fn under(samples: &[Duration], q: f64, bound: Duration, what: &str) {
 async fn saturable(
     workers: u32,
     route: impl Fn(&mut deltastream_gateway::config::RouteConfig),
-) -> (Storage, Running) {
-    let storage = storage().await;
-    let set = client()
-        .post(format!("{}/_faults", storage.base))
-        .json(&json!({"workers": workers, "latency_ms": 100}))
-        .send()
-        .await
-        .expect("faults");
-    assert_eq!(set.status(), 200);
-    let base = storage.base.clone();
+) -> (SimServer, Running) {
+    let storage = capacity_limited_storage(workers, 100).await;
+    let base = storage.url("");
     let mut cfg = support::gateway::config_with_upstreams(|_| base.clone());
     for r in &mut cfg.routes {
         r.rate_limit.clear();

@@ -14,41 +14,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use deltastream_gateway::sim::{self, Service, SimOptions};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::gateway::{client, spawn};
-use tokio::sync::oneshot;
-
-/// A storage simulator of `workers` x 100 ms on `127.0.0.1:0`; dropped, it stops.
-struct Storage {
-    base: String,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn storage(workers: u32) -> Storage {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let opts = SimOptions {
-        faults: true,
-        seed: 7,
-        ..SimOptions::default()
-    };
-    tokio::spawn(sim::serve(Service::Storage, listener, opts, async move {
-        let _ = stopped.await;
-    }));
-    let set = client()
-        .post(format!("{base}/_faults"))
-        .json(&json!({"workers": workers, "latency_ms": 100}))
-        .send()
-        .await
-        .expect("faults");
-    assert_eq!(set.status(), 200);
-    Storage { base, _stop: stop }
-}
+use support::sim::capacity_limited_storage;
 
 /// One answer as a client saw it.
 #[derive(Debug)]
@@ -136,8 +105,11 @@ struct Watched {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_is_served_near_the_sum_of_the_capacities_and_the_small_instance_is_not_flooded() {
-    let (small, big) = (storage(2).await, storage(8).await);
-    let mut cfg = support::gateway::config_with_upstreams(|_| small.base.clone());
+    let (small, big) = (
+        capacity_limited_storage(2, 100).await,
+        capacity_limited_storage(8, 100).await,
+    );
+    let mut cfg = support::gateway::config_with_upstreams(|_| small.url(""));
     for r in &mut cfg.routes {
         r.rate_limit.clear();
         r.cache = None;
@@ -148,7 +120,7 @@ async fn a_spike_is_served_near_the_sum_of_the_capacities_and_the_small_instance
     }
     let storage_cfg = cfg.upstreams.get_mut("storage").expect("storage upstream");
     storage_cfg.url = String::new();
-    storage_cfg.urls = vec![small.base.clone(), big.base.clone()];
+    storage_cfg.urls = vec![small.url(""), big.url("")];
     let gw = spawn(cfg).await;
     let url = format!("{}/api/data/underlying/NIFTY", gw.url());
 
@@ -160,7 +132,7 @@ async fn a_spike_is_served_near_the_sum_of_the_capacities_and_the_small_instance
     // Three times the capacity for 4 s, the instances watched from the second second on
     // (the first is the limits' learning: each starts at initial_limit, 20).
     let admin = gw.admin_addr;
-    let (small_base, big_base) = (small.base.clone(), big.base.clone());
+    let (small_base, big_base) = (small.url(""), big.url(""));
     let watch = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut seen = [Watched::default(), Watched::default()];
@@ -204,7 +176,10 @@ async fn a_spike_is_served_near_the_sum_of_the_capacities_and_the_small_instance
     );
 
     let state = storage_state(gw.admin_addr).await;
-    let (s, b) = (instance(&state, &small.base), instance(&state, &big.base));
+    let (s, b) = (
+        instance(&state, &small.url("")),
+        instance(&state, &big.url("")),
+    );
     let limit = |i: &Value| i["concurrency"]["limit"].as_u64().expect("a learnt limit");
     let (small_limit, big_limit) = (limit(s), limit(b));
     let per_second: Vec<usize> = (0..4)

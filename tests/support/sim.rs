@@ -35,3 +35,26 @@ impl SimServer {
         format!("http://{}{path}", self.addr)
     }
 }
+
+/// A storage simulator with a capacity fault: `workers` requests served at once for
+/// `latency_ms` each, the rest in a FIFO backlog (as under gunicorn): a healthy upstream
+/// that real demand can overload.
+pub async fn capacity_limited_storage(workers: u32, latency_ms: u64) -> SimServer {
+    let server = SimServer::start(
+        Service::Storage,
+        SimOptions {
+            faults: true,
+            seed: 7,
+            ..SimOptions::default()
+        },
+    )
+    .await;
+    let set = reqwest::Client::new()
+        .post(server.url("/_faults"))
+        .json(&serde_json::json!({"workers": workers, "latency_ms": latency_ms}))
+        .send()
+        .await
+        .expect("set the capacity fault");
+    assert_eq!(set.status(), 200, "POST /_faults");
+    server
+}
