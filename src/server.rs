@@ -661,6 +661,7 @@ async fn serve_public(
 /// connection, idle keep-alive ones included (a test bounds it: [`REQUEST_FUTURE_MAX`]). The
 /// large, rare parts (the upstream call, token verification, a cache fill, a WebSocket
 /// handshake) are boxed where they are awaited, so only the requests that take them pay.
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice
 fn serve_request(
     live: Arc<reload::Live>,
     arrived: std::time::Instant,

@@ -73,6 +73,7 @@ where
 ///
 /// A plain fn returning an `async move` block: an `async fn` would keep `req` twice in the
 /// future (see `routes::handle`).
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice
 pub fn access_since<F, Fut>(
     start: Instant,
     remote: Option<SocketAddr>,

@@ -304,6 +304,7 @@ fn json_response(status: StatusCode, body: Bytes, cache_control: &'static str) -
 /// A plain fn returning an `async move` block, here and in `phases` and `proxy::forward`: an
 /// `async fn` keeps each by-value argument twice in its future (the argument and the local it
 /// is rebound to, rust-lang/rust#62958), and this future lives in every connection.
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice
 pub fn handle(
     app: Arc<AppState>,
     req: Request,
@@ -331,6 +332,7 @@ pub fn handle(
 }
 
 /// The request phases, in order; any of them may end the request with an error.
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice
 fn phases<'a, 'c>(
     app: &'a AppState,
     req: Request,

@@ -84,6 +84,7 @@ fn get_body_refused() -> GatewayError {
 /// and "response".
 ///
 /// A plain fn returning an `async move` block (see `routes::handle`): one copy of `parts`.
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice
 pub fn forward<'x>(
     app: &'x AppState,
     ctx: &'x RequestCtx<'x>,

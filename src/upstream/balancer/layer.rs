@@ -166,6 +166,29 @@ fn point_at(url: &mut reqwest::Url, e: &crate::upstream::instances::Endpoint) {
     let _ = url.set_port(Some(e.port));
 }
 
+/// The end of the chain: sends the attempt on its instance's pooled client.
+pub(crate) struct Dispatch;
+
+#[async_trait::async_trait]
+impl Middleware for Dispatch {
+    async fn handle(
+        &self,
+        req: Request,
+        extensions: &mut Extensions,
+        _next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let chosen = extensions
+            .get::<Chosen>()
+            .ok_or_else(|| reqwest_middleware::Error::middleware(NoCall))?;
+        chosen
+            .0
+            .client
+            .execute(req)
+            .await
+            .map_err(reqwest_middleware::Error::Reqwest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::point_at;
@@ -188,28 +211,5 @@ mod tests {
         assert_eq!(url.as_str(), "http://[::1]:8003/a/b?x=1&y");
         point_at(&mut url, &endpoint("http", "10.0.0.7", 80));
         assert_eq!(url.as_str(), "http://10.0.0.7/a/b?x=1&y");
-    }
-}
-
-/// The end of the chain: sends the attempt on its instance's pooled client.
-pub(crate) struct Dispatch;
-
-#[async_trait::async_trait]
-impl Middleware for Dispatch {
-    async fn handle(
-        &self,
-        req: Request,
-        extensions: &mut Extensions,
-        _next: Next<'_>,
-    ) -> reqwest_middleware::Result<Response> {
-        let chosen = extensions
-            .get::<Chosen>()
-            .ok_or_else(|| reqwest_middleware::Error::middleware(NoCall))?;
-        chosen
-            .0
-            .client
-            .execute(req)
-            .await
-            .map_err(reqwest_middleware::Error::Reqwest)
     }
 }
