@@ -14,6 +14,7 @@ COPY assets ./assets
 # (tests/ops/dockerfile.rs keeps this list complete).
 COPY benches ./benches
 COPY loadtest/floor ./loadtest/floor
+COPY loadtest/ws-relay.d ./loadtest/ws-relay.d
 # Static glibc build: the result runs in FROM scratch (no loader, no libc in the image).
 ENV RUSTFLAGS="-C target-feature=+crt-static"
 RUN cargo build --release --locked --target x86_64-unknown-linux-gnu \
