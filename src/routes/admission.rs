@@ -118,6 +118,10 @@ pub struct Controller {
     last_cut: Option<Instant>,
 }
 
+/// The most one delay sample counts for the readiness average, in thresholds: from there the
+/// average falls back under the threshold within ln(4) = 1.4 time constants of on-time ticks.
+const READY_SAMPLE_CAP: f64 = 4.0;
+
 /// While saturated, the limit is cut at most this often: each cut needs time to show in the
 /// delay (the requests already admitted still run), and a late runtime's ticks bunch up.
 pub const CUT_EVERY: Duration = Duration::from_millis(100);
@@ -152,7 +156,18 @@ impl Controller {
         } else {
             1.0 - (-covered.as_secs_f64() / rules.ready_sustain.as_secs_f64()).exp()
         };
-        self.ready_avg += (lag.as_secs_f64() - self.ready_avg) * weight;
+        // One sample counts at most READY_SAMPLE_CAP thresholds: the rule asks whether the
+        // delay STAYS above the threshold, and a multi-second stall of a starved replica
+        // otherwise held the average up for several time constants after the starvation
+        // ended (chaos 20: /ready 503 for 5.6 s after the CPU cap was lifted, every tick on
+        // time).
+        let most = rules.ready_threshold.as_secs_f64() * READY_SAMPLE_CAP;
+        let sample = if most > 0.0 {
+            lag.as_secs_f64().min(most)
+        } else {
+            lag.as_secs_f64()
+        };
+        self.ready_avg += (sample - self.ready_avg) * weight;
         let not_ready = !rules.ready_threshold.is_zero()
             && self.ready_avg >= rules.ready_threshold.as_secs_f64();
         let floor = MIN_LIMIT.min(cap) as f64;
@@ -478,6 +493,18 @@ mod tests {
             let v = c.tick(&off, Instant::now(), Duration::from_secs(1), 0, CAP);
             assert!(!v.not_ready);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_stall_does_not_hold_a_recovered_replica_out_of_rotation() {
+        // Starved: ticks up to 2 s late (100 ms threshold, 1 s average): not ready.
+        let mut c = Controller::new(CAP);
+        let v = run(&mut c, Duration::from_secs(2), 0, Duration::from_secs(6)).await;
+        assert!(v.not_ready);
+        // Every tick on time again: ready within 1.5 time constants (ln 4 = 1.39), not the
+        // ~3 (ln 20) a 2 s sample taken at full weight would take.
+        let v = run(&mut c, Duration::ZERO, 0, Duration::from_millis(1500)).await;
+        assert!(!v.not_ready);
     }
 
     #[tokio::test]
