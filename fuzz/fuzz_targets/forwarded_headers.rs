@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use deltastream_gateway::client::client_ip;
-use deltastream_gateway::routes::headers::{upstream_headers, HeaderPolicy};
+use deltastream_gateway::routes::headers::{upstream_headers, ForwardedFor, HeaderPolicy};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
@@ -46,7 +46,7 @@ fuzz_target!(|input: (u8, [u8; 4], &[u8])| {
     let tls = kind & 0x80 != 0;
     let out = upstream_headers(
         headers,
-        peer_ip,
+        &ForwardedFor::new(peer_ip),
         is_trusted,
         tls,
         &rid,
