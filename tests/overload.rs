@@ -22,54 +22,8 @@ use deltastream_gateway::server::Running;
 use reqwest::StatusCode;
 use serde_json::Value;
 use support::gateway::{client, scrape, spawn};
+use support::load::{fetch, offer, Answer};
 use support::sim::{capacity_limited_storage, SimServer};
-
-/// One answer as a client saw it.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    reason: Option<String>,
-    retry_after: Option<String>,
-    took: Duration,
-}
-
-async fn fetch(c: &reqwest::Client, url: &str) -> Answer {
-    let started = Instant::now();
-    let response = c.get(url).send().await.expect("the gateway answers");
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    Answer {
-        status,
-        reason: body["reason"].as_str().map(str::to_owned),
-        retry_after,
-        took: started.elapsed(),
-    }
-}
-
-/// `rate` requests per second to `url` for `for_how_long`, each on its own task whatever the
-/// others are doing (open model); every answer.
-async fn offer(url: &str, rate: u32, for_how_long: Duration) -> Vec<Answer> {
-    let c = client();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    while started.elapsed() < for_how_long {
-        tick.tick().await;
-        let (c, url) = (c.clone(), url.to_string());
-        tasks.push(tokio::spawn(async move { fetch(&c, &url).await }));
-    }
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.push(t.await.expect("request task"));
-    }
-    answers
-}
 
 /// Asserts that the `q` quantile of `samples` is under `bound`.
 fn under(samples: &[Duration], q: f64, bound: Duration, what: &str) {

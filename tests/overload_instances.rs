@@ -17,56 +17,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 use support::gateway::{client, spawn};
+use support::load::offer;
 use support::sim::capacity_limited_storage;
-
-/// One answer as a client saw it.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    reason: Option<String>,
-    retry_after: Option<String>,
-    took: Duration,
-    /// When it was sent, from the start of its offer.
-    sent: Duration,
-}
-
-/// `rate` requests per second to `url` for `for_how_long`, each on its own task (open
-/// model); every answer.
-async fn offer(url: &str, rate: u32, for_how_long: Duration) -> Vec<Answer> {
-    let c = client();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    while started.elapsed() < for_how_long {
-        tick.tick().await;
-        let (c, url) = (c.clone(), url.to_string());
-        let sent = started.elapsed();
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let response = c.get(&url).send().await.expect("the gateway answers");
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            Answer {
-                status,
-                reason: body["reason"].as_str().map(str::to_owned),
-                retry_after,
-                took: started.elapsed(),
-                sent,
-            }
-        }));
-    }
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.push(t.await.expect("request task"));
-    }
-    answers
-}
 
 /// The storage upstream's entry of `/admin/upstreams`.
 async fn storage_state(admin: std::net::SocketAddr) -> Value {

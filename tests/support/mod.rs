@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 pub mod fake_upstream;
 pub mod gateway;
+pub mod load;
 pub use fake_upstream::{refused_addr, FakeUpstream, Recorded, Step};
 pub use gateway::{scrape, Trio};
 pub mod process;
