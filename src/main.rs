@@ -453,23 +453,16 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 }
 
 fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
-    let outcome = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            rt.block_on(async {
-                let client = reqwest::Client::builder()
-                    .timeout(timeout)
-                    .no_proxy()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
-                Ok(resp.status())
-            })
-        });
+    // Plain http (the health check's case) takes one blocking socket: no runtime, no client,
+    // no TLS roots. A container's health check runs inside its CPU quota, so what it costs
+    // comes out of what the gateway has when it is already short (issue 24 item 5).
+    let outcome = match reqwest::Url::parse(url) {
+        Ok(parsed) if parsed.scheme() == "http" => probe_plain(&parsed, timeout),
+        Ok(_) => probe_client(url, timeout),
+        Err(e) => Err(e.to_string()),
+    };
     match outcome {
-        Ok(status) if status.is_success() => ExitCode::SUCCESS,
+        Ok(status) if (200..300).contains(&status) => ExitCode::SUCCESS,
         Ok(status) => {
             eprintln!("{url}: {status}");
             ExitCode::FAILURE
@@ -479,4 +472,88 @@ fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One `GET` over a blocking TCP socket, everything within `timeout`: the status code.
+fn probe_plain(url: &reqwest::Url, timeout: std::time::Duration) -> Result<u16, String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("no answer within {}ms", timeout.as_millis()))
+    };
+    let host = url.host_str().ok_or("no host")?;
+    let port = url.port_or_known_default().ok_or("no port")?;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, left()?).map_err(|e| e.to_string())?;
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    stream
+        .set_write_timeout(Some(left()?))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: deltastream-gateway-probe\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    // The status line is all a probe needs: "HTTP/1.1 200 OK".
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        stream
+            .set_read_timeout(Some(left()?))
+            .map_err(|e| e.to_string())?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return Err(format!("no answer within {}ms", timeout.as_millis()))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_ascii_whitespace();
+    match (
+        words.next(),
+        words.next().and_then(|w| w.parse::<u16>().ok()),
+    ) {
+        (Some(v), Some(status)) if v.starts_with("HTTP/1.") => Ok(status),
+        _ => Err(format!("not an HTTP answer: {:?}", line.trim_end())),
+    }
+}
+
+/// Any other scheme (https): the full client.
+fn probe_client(url: &str, timeout: std::time::Duration) -> Result<u16, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    })
 }

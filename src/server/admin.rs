@@ -2,10 +2,11 @@
 //! actions (breakers, cache, configuration reload). Kept off the public listener so clients
 //! cannot read internals, reset state or reload.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -14,8 +15,26 @@ use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
 use super::reload::{Gateway, ReloadError};
+use crate::routes::AppState;
+
+/// The admin listener's state: the gateway, and `/ready`'s reachability checks.
+#[derive(Clone)]
+struct Admin {
+    gateway: Arc<Gateway>,
+    checks: Arc<ReadyChecks>,
+}
+
+impl FromRef<Admin> for Arc<Gateway> {
+    fn from_ref(admin: &Admin) -> Arc<Gateway> {
+        admin.gateway.clone()
+    }
+}
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
+    let state = Admin {
+        gateway,
+        checks: Arc::default(),
+    };
     Router::new()
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -25,7 +44,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/cache", delete(purge_cache))
         .route("/admin/reload", post(reload))
         .route("/admin/config", get(config))
-        .with_state(gateway)
+        .with_state(state)
         // Readiness, metrics and admin answers describe this instant: no cache keeps them.
         .layer(axum::middleware::map_response(no_store))
 }
@@ -83,20 +102,82 @@ async fn reachable(url: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// How long `/ready` reuses its upstreams' reachability: probed every 100 ms by an
+/// orchestrator, or flooded, it would otherwise resolve and connect to every upstream each time,
+/// which on a replica short of CPU is work taken from the requests it serves (issue 24 item 5).
+const READY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// What one round of reachability checks found, one entry per upstream of `app`.
+struct Checked {
+    /// The configuration state the checks were made for: a reload starts over.
+    app: Weak<AppState>,
+    at: tokio::time::Instant,
+    results: Arc<[Result<(), String>]>,
+}
+
+/// `/ready`'s reachability checks, made at most once per [`READY_CHECK_EVERY`]: an answer
+/// after that shows the last round's results and starts the next round in the background
+/// (at most one at a time), so `/ready` never waits for a connect, except the first time
+/// after a start or a reload.
+#[derive(Default)]
+struct ReadyChecks {
+    last: Mutex<Option<Checked>>,
+    refreshing: AtomicBool,
+}
+
+impl ReadyChecks {
+    /// The reachability of each upstream of `app`, and how old that finding is.
+    async fn get(self: &Arc<Self>, app: &Arc<AppState>) -> (Arc<[Result<(), String>]>, Duration) {
+        let cached = {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            last.as_ref()
+                .filter(|c| Weak::ptr_eq(&c.app, &Arc::downgrade(app)))
+                .map(|c| (c.results.clone(), c.at.elapsed()))
+        };
+        match cached {
+            Some((results, age)) => {
+                if age >= READY_CHECK_EVERY && !self.refreshing.swap(true, Ordering::AcqRel) {
+                    let (checks, app) = (self.clone(), app.clone());
+                    tokio::spawn(async move {
+                        checks.check(&app).await;
+                        checks.refreshing.store(false, Ordering::Release);
+                    });
+                }
+                (results, age)
+            }
+            None => (self.check(app).await, Duration::ZERO),
+        }
+    }
+
+    /// One round: every upstream's primary address, at once, each within a second.
+    async fn check(&self, app: &Arc<AppState>) -> Arc<[Result<(), String>]> {
+        let checks = app
+            .upstreams
+            .iter()
+            .map(|u| reachable(&u.base_url, Duration::from_secs(1)));
+        let results: Arc<[_]> = futures_util::future::join_all(checks).await.into();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checked {
+            app: Arc::downgrade(app),
+            at: tokio::time::Instant::now(),
+            results: results.clone(),
+        });
+        results
+    }
+}
+
 /// Readiness: 200 while the gateway serves (it answers every route, with honest 503s for an
 /// upstream that is down), so one backend's outage never takes the gateway's replicas out of
 /// a load balancer; 503 once it is draining, and, with `server.saturation.ready_lag_threshold`
-/// set, while its runtime's scheduling delay stays over that threshold (`"saturated"`). The body says how each upstream looks: its
-/// primary address's TCP reachability, its breaker, its instances.
-async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    let app = gw.current();
-    let checks = app
+/// set, while its runtime's scheduling delay stays over that threshold (`"saturated"`). The
+/// body says how each upstream looks: its primary address's TCP reachability (checked at
+/// most once a second: `reachability_age_ms` says how long ago), its breaker, its instances.
+async fn ready(State(admin): State<Admin>) -> Response {
+    let app = admin.gateway.current();
+    let (reach, age) = admin.checks.get(&app).await;
+    let upstreams: serde_json::Map<String, serde_json::Value> = app
         .upstreams
         .iter()
-        .map(|u| async move { (u, reachable(&u.base_url, Duration::from_secs(1)).await) });
-    let results = futures_util::future::join_all(checks).await;
-    let upstreams: serde_json::Map<String, serde_json::Value> = results
-        .into_iter()
+        .zip(reach.iter())
         .map(|(u, r)| {
             let instances = u.pipeline.instances().snapshot();
             let healthy = instances
@@ -127,6 +208,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let body = json!({
         "status": word,
         "upstreams": upstreams,
+        "reachability_age_ms": age.as_millis() as u64,
         "saturation": app.saturation.snapshot(),
     });
     (status, Json(body)).into_response()

@@ -755,6 +755,73 @@ async fn admin_serves_readiness_and_metrics_by_route_template() {
     assert_eq!(body["upstreams"]["storage"]["status"], "up");
 }
 
+/// `/ready` reuses its upstreams' reachability for a second: a flood of probes (or an
+/// orchestrator probing every 100 ms) does not connect to every upstream each time, and an
+/// answer after that second starts one new round in the background without waiting for it.
+#[tokio::test]
+async fn ready_checks_reachability_at_most_once_a_second() {
+    let t = Trio::new().await;
+    // The analytics upstream is a listener that counts the connections made to it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connects = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connects.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let mut cfg = t.config();
+    cfg.upstreams.get_mut("analytics").unwrap().url = format!("http://{addr}");
+    let gw = spawn(cfg).await;
+    let c = client();
+    let ready = format!("http://{}/ready", gw.admin_addr);
+    let connects_now = || connects.load(std::sync::atomic::Ordering::SeqCst);
+    let until = |want: usize| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while connects_now() < want && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        connects_now()
+    };
+
+    let started = std::time::Instant::now();
+    let body = json(c.get(&ready).send().await.unwrap()).await;
+    assert_eq!(body["upstreams"]["analytics"]["status"], "up", "{body}");
+    assert_eq!(body["reachability_age_ms"], 0, "{body}");
+    assert_eq!(until(1).await, 1);
+    for _ in 0..20 {
+        let r = c.get(&ready).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Within the second, none of the 20 connected again (a busy machine may have taken
+    // longer than the second over them: then one background round is allowed).
+    let within = started.elapsed() < Duration::from_millis(900);
+    assert!(
+        connects_now() == 1 || (!within && connects_now() == 2),
+        "{} connects in {:?}",
+        connects_now(),
+        started.elapsed()
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = connects_now();
+    let body = json(c.get(&ready).send().await.unwrap()).await;
+    // Answered from the last round, which is over a second old; the next one runs behind it.
+    assert!(
+        body["reachability_age_ms"].as_u64().unwrap() >= 1000,
+        "{body}"
+    );
+    assert_eq!(until(before + 1).await, before + 1);
+    let body = json(c.get(&ready).send().await.unwrap()).await;
+    assert!(
+        body["reachability_age_ms"].as_u64().unwrap() < 1000,
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let t = Trio::new().await;
