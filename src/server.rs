@@ -393,19 +393,29 @@ async fn start_inner(
         let gw = gateway.clone();
         move || gw.live_full().conn.clone()
     };
-    let admin_router = admin::router(gateway.clone());
-    let admin_task = tokio::spawn(listener::run(
-        listener::Listener {
-            socket: admin,
-            name: "admin",
-            cap: live_caps.admin.clone(),
-            tls: None,
-        },
-        settings.clone(),
-        move |_peer, _| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
-        grace,
-        rx.clone(),
-    ));
+    let admin_router = admin::router(gateway.clone(), tokio::runtime::Handle::current());
+    let admin_task = {
+        let (cap, settings, rx) = (live_caps.admin.clone(), settings.clone(), rx.clone());
+        let admin = admin
+            .into_std()
+            .map_err(|e| format!("admin listener: {e}"))?;
+        own_thread("gateway-admin", move || {
+            let socket =
+                TcpListener::from_std(admin).map_err(|e| format!("admin listener: {e}"))?;
+            Ok(listener::run(
+                listener::Listener {
+                    socket,
+                    name: "admin",
+                    cap,
+                    tls: None,
+                },
+                settings,
+                move |_peer, _| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
+                grace,
+                rx,
+            ))
+        })?
+    };
     let redirect_task = redirect.map(|(socket, answers)| {
         let answers = Arc::new(answers);
         tokio::spawn(listener::run(
@@ -475,6 +485,43 @@ async fn start_inner(
         shutdown: tx,
         task,
     })
+}
+
+/// Runs the future `make` builds on a single-threaded runtime on a thread of its own; the
+/// returned receiver resolves with its output when it has finished (or with an error if the
+/// thread died). `make` runs inside that runtime's context, so the sockets it registers are
+/// that runtime's: a socket created on another runtime gets its readiness from that runtime's
+/// driver, and would wait for it.
+///
+/// The admin listener runs so: when the serving runtime is saturated (a flood, a CPU quota)
+/// its tasks queue behind the flood's, and `/ready` and `/metrics` answered in seconds exactly
+/// when an operator or an orchestrator needs them (chaos 19). On a thread of its own the
+/// kernel shares the CPU between the two, and the admin listener waits for CPU, not behind
+/// thousands of requests.
+fn own_thread<F>(
+    name: &str,
+    make: impl FnOnce() -> Result<F, String>,
+) -> Result<tokio::sync::oneshot::Receiver<F::Output>, String>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the {name} runtime: {e}"))?;
+    let task = {
+        let _entered = runtime.enter();
+        make()?
+    };
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _ = done.send(runtime.block_on(task));
+        })
+        .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+    Ok(finished)
 }
 
 /// Each listener's connection cap: as configured, lowered (each listener keeping its own

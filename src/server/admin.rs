@@ -17,11 +17,14 @@ use serde_json::json;
 use super::reload::{Gateway, ReloadError};
 use crate::routes::AppState;
 
-/// The admin listener's state: the gateway, and `/ready`'s reachability checks.
+/// The admin listener's state: the gateway, `/ready`'s reachability checks, and the
+/// serving runtime (the admin listener has a thread and runtime of its own, `server::own_thread`;
+/// a reload runs on the serving one, where the new state's tasks belong).
 #[derive(Clone)]
 struct Admin {
     gateway: Arc<Gateway>,
     checks: Arc<ReadyChecks>,
+    serving: tokio::runtime::Handle,
 }
 
 impl FromRef<Admin> for Arc<Gateway> {
@@ -30,10 +33,11 @@ impl FromRef<Admin> for Arc<Gateway> {
     }
 }
 
-pub fn router(gateway: Arc<Gateway>) -> Router {
+pub fn router(gateway: Arc<Gateway>, serving: tokio::runtime::Handle) -> Router {
     let state = Admin {
         gateway,
         checks: Arc::default(),
+        serving,
     };
     Router::new()
         .route("/ready", get(ready))
@@ -60,8 +64,15 @@ async fn no_store(mut resp: Response) -> Response {
 /// Reloads the configuration from its source (the `--config` file and the environment):
 /// 200 with what changed and what needs a restart, or 400 with the field errors (the running
 /// configuration stays).
-async fn reload(State(gw): State<Arc<Gateway>>) -> Response {
-    match gw.reload().await {
+async fn reload(State(admin): State<Admin>) -> Response {
+    // On the serving runtime: the new state's tasks (saturation monitor, discovery, probes)
+    // are spawned where they run.
+    let gw = admin.gateway.clone();
+    let outcome = match admin.serving.spawn(async move { gw.reload().await }).await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(ReloadError::Failed(format!("the reload task ended: {e}"))),
+    };
+    match outcome {
         Ok(report) => Json(report).into_response(),
         Err(ReloadError::Invalid(errors)) => (
             StatusCode::BAD_REQUEST,

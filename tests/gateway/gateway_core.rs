@@ -822,6 +822,80 @@ async fn ready_checks_reachability_at_most_once_a_second() {
     );
 }
 
+/// The admin listener has a thread and runtime of its own: with the serving runtime blocked
+/// (a task that never yields stands in for a runtime saturated by a flood or starved by a
+/// CPU quota), `/ready` and `/metrics` still answer at once while public `/health` waits.
+#[tokio::test]
+async fn admin_answers_while_the_serving_runtime_is_blocked() {
+    let t = Trio::new().await;
+    let gw = spawn(t.config()).await;
+    // Warm both listeners up (first connections, the reachability round).
+    let c = client();
+    let ready = format!("http://{}/ready", gw.admin_addr);
+    assert_eq!(c.get(&ready).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(format!("{}/health", gw.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    /// One GET over a blocking socket: the status and how long it took.
+    fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Duration) {
+        use std::io::{Read, Write};
+        let started = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("{path}: {e}: {out:?}"));
+        (out[9..12].parse().expect("status"), started.elapsed())
+    }
+    const BLOCKED: Duration = Duration::from_millis(2000);
+    let (admin, public) = (gw.admin_addr, gw.addr);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn(move || {
+        wait.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let ready = get(admin, "/ready");
+        let metrics = get(admin, "/metrics");
+        let health = get(public, "/health");
+        (ready, metrics, health)
+    });
+    go.send(()).unwrap();
+    // The test's runtime is the gateway's serving runtime: block it.
+    std::thread::sleep(BLOCKED);
+    // Joined off the runtime: the client's last request needs it running again.
+    let (ready, metrics, health) = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ready.0, 200);
+    assert_eq!(metrics.0, 200);
+    // Answered while the serving runtime was still blocked (margins for a busy machine: the
+    // two answers take milliseconds, the block lasts 1.9 s after they were asked).
+    assert!(
+        ready.1 + metrics.1 < Duration::from_millis(1500),
+        "/ready {:?}, /metrics {:?}",
+        ready.1,
+        metrics.1
+    );
+    // Public /health was asked after them and waited for the block to end: it really was
+    // blocked.
+    assert_eq!(health.0, 200);
+    assert!(
+        ready.1 + metrics.1 + health.1 >= BLOCKED - Duration::from_millis(150),
+        "public /health answered during the block: {:?}",
+        health.1
+    );
+}
+
 #[tokio::test]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let t = Trio::new().await;
