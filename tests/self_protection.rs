@@ -265,6 +265,7 @@ async fn a_runtime_kept_late_refuses_routed_requests_and_readiness_says_so_while
     );
     let body: Value = c.get(&ready).send().await.unwrap().json().await.unwrap();
     assert_eq!(body["status"], "saturated", "{body}");
+    assert_eq!(body["reason"], "saturated", "{body}");
     assert!(
         body["saturation"]["scheduling_delay_ms"]
             .as_f64()

@@ -216,12 +216,16 @@ async fn ready(State(admin): State<Admin>) -> Response {
     } else {
         (StatusCode::OK, "ready")
     };
-    let body = json!({
+    let mut body = json!({
         "status": word,
         "upstreams": upstreams,
         "reachability_age_ms": age.as_millis() as u64,
         "saturation": app.saturation.snapshot(),
     });
+    // A 503 says why in `reason`, as every error answer of the gateway does.
+    if status != StatusCode::OK {
+        body["reason"] = json!(word);
+    }
     (status, Json(body)).into_response()
 }
 
