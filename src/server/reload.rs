@@ -290,10 +290,13 @@ fn prepare(
     tls_on: bool,
 ) -> Result<Prepared, ReloadError> {
     let warnings = super::check_with_warnings(&next).map_err(ReloadError::Invalid)?;
-    let needs_restart = restart_only(started, &next);
-    let mut next = keep_running(started, next);
-    // The same caps derived from the open-file limit as at start.
+    // The same caps derived from the open-file limit as at start, before comparing: `started`
+    // holds the derived caps, and a default compared with them looked like a changed setting
+    // that needs a restart (a warning at every reload).
+    let mut next = next;
     super::fds::fit_defaults(&mut next);
+    let needs_restart = restart_only(started, &next);
+    let next = keep_running(started, next);
     let cert = match (tls_on, &next.server.tls) {
         (true, Some(tls)) => Some(
             super::tls::load(tls).map_err(|errors| ReloadError::Invalid(ConfigErrors(errors)))?,

@@ -454,9 +454,19 @@ fn default_caps_fit_a_lowered_open_file_limit_and_set_ones_are_warned_about() {
             && (l.contains("open-file") || l.contains("caps lowered"))),
         "a stock start warned: {log:#?}"
     );
-    // A reload derives the same caps again, without saying it twice.
+    // A reload derives the same caps again, without saying it twice, and does not take the
+    // derived caps for a changed setting that needs a restart.
     let (status, body) = http(&admin, "POST", "/admin/reload").unwrap();
     assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["needs_restart"], serde_json::json!([]), "{body}");
+    assert!(
+        !gw.log()
+            .iter()
+            .any(|l| l.contains("only applied at the next start")),
+        "{:#?}",
+        gw.log()
+    );
     assert_eq!(
         json(&admin, "/admin/config")["config"]["websocket"]["max_connections"],
         560
