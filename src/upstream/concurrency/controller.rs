@@ -31,10 +31,14 @@
 //!   workers) sent another round trip's worth of calls into that backlog before the queued
 //!   calls' answers could show it;
 //! - it grows only while the calls use it: when at most half its slots were busy in the
-//!   window, it shrinks toward twice the calls seen, but not under `initial_limit` (an idle
-//!   upstream otherwise kept a limit far above its demand, and the next spike went through
-//!   whole, to queue at the upstream for a round trip before the latency showed it; and a
-//!   burst after a quiet spell must not meet a limit of a few slots);
+//!   window, it shrinks toward twice the calls seen, down to `min_limit`. A spike meets the
+//!   limit the demand before it left, not `initial_limit` (where an instance starts, before
+//!   its first round trips): two replicas idling at 20 each let 40 calls at once into an
+//!   upstream of 16 workers x 200 ms, and the first second's successes waited up to three
+//!   service times in its backlog. The price: a burst to a healthy but slow upstream (round
+//!   trips longer than `queue_interval`) after a quiet spell is served up to twice the
+//!   demand before it at once, and its calls beyond that are refused after the burst's wait
+//!   unless answers come back within it (slow start doubles the limit per round trip);
 //! - a timed-out call counts as the worst sample (four times its class's expected
 //!   round trip), an error says nothing about queueing and is no sample.
 //!
@@ -108,10 +112,6 @@ pub struct Controller {
     limit: f64,
     min_limit: f64,
     max_limit: f64,
-    /// An idle limit shrinks no further than `initial_limit` (this instance's share of it): a
-    /// burst to a healthy upstream after a quiet spell (market open) must not meet a limit of
-    /// a few slots.
-    idle_floor: f64,
     tolerance: f64,
     slack: Duration,
     sample_window: Duration,
@@ -127,7 +127,8 @@ impl Controller {
     }
 
     /// Starts at `initial_limit / instances` (rounded up), within the bounds: one of
-    /// `instances` that share the upstream's initial limit.
+    /// `instances` that share the upstream's initial limit. Idle, it falls to twice the
+    /// calls it sees (at least `min_limit`), whatever it started at.
     pub fn with_share(
         cfg: &ConcurrencyConfig,
         max_connections: usize,
@@ -138,7 +139,6 @@ impl Controller {
         let share = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
         Controller {
             limit: share,
-            idle_floor: share,
             min_limit: min as f64,
             max_limit: max as f64,
             tolerance: cfg.tolerance,
@@ -160,19 +160,6 @@ impl Controller {
     /// The limit now (whole slots).
     pub fn limit(&self) -> usize {
         self.limit as usize
-    }
-
-    /// Makes the idle floor `initial_limit / instances` (rounded up): the upstream's
-    /// instances in rotation share its initial limit, so an idle upstream of many instances
-    /// does not meet the next spike with many times the limit it was configured to start at.
-    pub fn share_floor(
-        &mut self,
-        cfg: &ConcurrencyConfig,
-        max_connections: usize,
-        instances: usize,
-    ) {
-        let (min, max) = cfg.bounds(max_connections);
-        self.idle_floor = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
     }
 
     /// Records one call of latency class `class` that started with `in_flight` slots held
@@ -270,7 +257,7 @@ impl Controller {
         // whole, to queue at the upstream until the latency shows it a round trip later.
         let used = w.peak_in_flight as f64 * 2.0;
         if used <= limit {
-            next = next.min(used.max(limit * IDLE_DECAY).max(self.idle_floor));
+            next = next.min(used.max(limit * IDLE_DECAY));
         }
         self.limit = next.clamp(self.min_limit, self.max_limit);
         self.window = Window {

@@ -13,11 +13,14 @@
 //!   stays under the static bulkhead (`max_connections`), the hard ceiling;
 //! - the upstream admits calls against the SUM of the limits of its instances in rotation
 //!   (ejected and draining ones do not count; before the first resolution, `initial_limit`),
-//!   capped by `max_connections`. The instances share `initial_limit`: each starts at, and
-//!   while idle falls back to, `initial_limit / instances`, so that an upstream of three
-//!   instances meets a spike with the limit it was configured to start at, not three times
-//!   it (its capacity is unknown until round trips show it; slow start doubles a limit
-//!   per round trip where nothing queues). The
+//!   capped by `max_connections`. The instances share `initial_limit`: each starts at
+//!   `initial_limit / instances`, so that an upstream of three instances starts with the
+//!   limit it was configured to start at, not three times it (its capacity is unknown until
+//!   round trips show it; slow start doubles a limit per round trip where nothing queues).
+//!   While idle, each falls to twice the calls it sees (at least `min_limit`): a spike
+//!   meets the limit the demand before it left, so that what goes through at once is about
+//!   what was being served, not a configured figure that may be far above the upstream's
+//!   capacity (see `controller.rs`). The
 //!   balancer then sends each attempt to an instance under its own limit (P2C among those
 //!   with room). One queue per upstream, not one per instance: a shared queue in front of
 //!   all instances is join-the-shortest-queue (a freed slot anywhere serves the oldest, or
