@@ -666,6 +666,32 @@ impl SpikeRun {
     }
 }
 
+/// One call through a replica (its limit, instances and picker) to simulated worker pools
+/// (one per instance, FIFO, `service` each), as the balancer layer makes it; whether it was
+/// served.
+async fn through(
+    limit: &ConcurrencyLimit,
+    set: &InstanceSet,
+    picker: &Picker,
+    pools: &[tokio::sync::Semaphore],
+    service: Duration,
+) -> bool {
+    let Ok(_permit) = limit.acquire(Priority::Default).await else {
+        return false;
+    };
+    let instance = picker.pick(set, &[], true).expect("an instance");
+    let _load = instance.start();
+    let slot = instance.limit.as_ref().unwrap().take();
+    let sent = Instant::now();
+    let worker = pools[instance.id as usize].acquire().await.unwrap();
+    tokio::time::sleep(service).await;
+    drop(worker);
+    let rtt = sent.elapsed();
+    instance.load.sample(rtt, Instant::now());
+    slot.record(1, Sample::Answered(rtt));
+    true
+}
+
 /// The spike: an upstream of `workers` (per instance) x `service`, each instance a
 /// FIFO backlog in front of its workers (gunicorn), behind two gateway replicas with the
 /// default settings, each learning its own limit per instance. Offered `calm` calls per
@@ -724,22 +750,7 @@ async fn spike_through_two_replicas(
         };
         tasks.push(tokio::spawn(async move {
             let arrived = Instant::now();
-            let served = match limit.acquire(Priority::Default).await {
-                Ok(_permit) => {
-                    let instance = picker.pick(&set, &[], true).expect("an instance");
-                    let _load = instance.start();
-                    let slot = instance.limit.as_ref().unwrap().take();
-                    let sent = Instant::now();
-                    let worker = pools[instance.id as usize].acquire().await.unwrap();
-                    tokio::time::sleep(service).await;
-                    drop(worker);
-                    let rtt = sent.elapsed();
-                    instance.load.sample(rtt, Instant::now());
-                    slot.record(1, Sample::Answered(rtt));
-                    true
-                }
-                Err(_) => false,
-            };
+            let served = through(&limit, &set, &picker, &pools, service).await;
             calls.lock().unwrap().push(Call {
                 at,
                 took: arrived.elapsed(),
@@ -820,4 +831,49 @@ async fn a_4x_spike_through_two_replicas_is_served_within_500_ms_from_its_first_
     );
     assert!(run.quantile(true, 0.0, 1.0, 0.99) <= ms(600), "{run}");
     assert!(run.count(true, 1.0, 3.0) >= 144, "{run}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_quiet_spell_a_burst_to_a_fast_healthy_upstream_is_served_whole() {
+    // The idle limit follows the demand down to min_limit (4): a burst then meets a few
+    // slots, and slow start (one more per answer of a call that found them all taken and no
+    // queue) must open them within the burst's wait. 16 workers x 10 ms, one replica.
+    let limit = Arc::new(ConcurrencyLimit::new(
+        "t",
+        &ConcurrencyConfig::default(),
+        256,
+    ));
+    let set = limited_set(&limit, 1);
+    let picker = Arc::new(Picker::new(BalancerKind::P2cEwma));
+    let pools = Arc::new(vec![tokio::sync::Semaphore::new(16)]);
+    let service = ms(10);
+    // Quiet: one call at a time, every 100 ms, for 5 s.
+    for _ in 0..50 {
+        assert!(through(&limit, &set, &picker, &pools, service).await);
+        tokio::time::sleep(ms(90)).await;
+    }
+    assert_eq!(limit.limit(), 4);
+    // 60 calls at once: 40 ms of work for the 16 workers.
+    let burst: Vec<_> = (0..60)
+        .map(|_| {
+            let (limit, set, picker, pools) =
+                (limit.clone(), set.clone(), picker.clone(), pools.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let served = through(&limit, &set, &picker, &pools, service).await;
+                (served, started.elapsed())
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for call in burst {
+        let (served, took) = call.await.unwrap();
+        assert!(
+            served,
+            "a call of the burst refused (limit {})",
+            limit.limit()
+        );
+        slowest = slowest.max(took);
+    }
+    assert!(slowest <= ms(110), "{slowest:?}");
 }
