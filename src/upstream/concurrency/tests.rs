@@ -348,6 +348,44 @@ async fn after_a_refusal_even_sparse_arrivals_wait_only_the_target_for_an_interv
     assert_eq!(waited, ms(100));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_wait_that_no_answer_can_end_is_refused_at_once_not_after_the_interval() {
+    let limit = limit_of(2);
+    // An upstream whose no-load round trip (learnt) is 200 ms, slower than the 100 ms burst
+    // interval.
+    limit.shared.round_trip_nanos.store(200_000_000, Relaxed);
+    limit.shared.ages.set_round_trip(ms(200));
+    let [first, second] = [
+        limit.acquire(Priority::Default).await.unwrap(),
+        limit.acquire(Priority::Default).await.unwrap(),
+    ];
+    // Both slots were just taken: neither call can be answered within the interval, so a
+    // wait would end in a refusal 100 ms from now. It is refused at once.
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(0), Err(ShedCause::QueueFull)));
+    // A critical call waits two round trips: it waits, and gets the first slot freed.
+    let critical = waiter(&limit, Priority::Critical, ms(500));
+    tokio::time::sleep(ms(50)).await;
+    drop(first);
+    // 150 ms on, the second call may answer within the interval: a call waits, and gets its
+    // slot when it does.
+    tokio::time::sleep(ms(100)).await;
+    let default = waiter(&limit, Priority::Default, ms(0));
+    tokio::time::sleep(ms(50)).await;
+    drop(second);
+    assert_eq!(default.await.unwrap(), (ms(50), Ok(())));
+    assert_eq!(critical.await.unwrap(), (ms(50), Ok(())));
+    // No round trip known, or one faster than the interval: the burst's wait as before.
+    let limit = limit_of(1);
+    let _held = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+    tokio::time::sleep(ms(100)).await;
+    limit.shared.round_trip_nanos.store(50_000_000, Relaxed);
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+}
+
 /// Keeps one call holding the only slot of `limit` for `rounds` x 20 ms, each next call
 /// arriving 2 ms before the one holding it leaves: every call finds the limit full, and
 /// every one is served within the 5 ms target (none is refused).
@@ -654,7 +692,10 @@ impl SpikeRun {
     }
 
     fn count(&self, served: bool, from: f64, to: f64) -> usize {
-        self.over(served, from, to, Duration::ZERO)
+        self.calls
+            .iter()
+            .filter(|c| c.served == served && c.at >= from && c.at < to)
+            .count()
     }
 
     /// How many of those took longer than `took`.
@@ -812,8 +853,11 @@ async fn a_4x_spike_through_two_replicas_is_served_within_500_ms_from_its_first_
     assert!(run.quantile(true, 0.0, 1.0, 1.0) <= ms(500), "{run}");
     // Goodput held: at least 90% of the 80 calls/s for the calls sent after the first second.
     assert!(run.count(true, 1.0, 3.0) >= 144, "{run}");
-    // Refused in the target (5 ms) once overloaded.
+    // Refused in the target (5 ms) once overloaded, and from the first second on: a call
+    // that found the limit full before the first answers could come back was refused at
+    // once, not after the burst's 100 ms.
     assert!(run.quantile(false, 1.0, 3.0, 0.99) <= ms(5), "{run}");
+    assert!(run.quantile(false, 0.0, 1.0, 1.0) <= ms(5), "{run}");
 
     // The same 16 workers as the chaos experiment's three instances of 6 + 5 + 5: each
     // replica learns each instance's limit (the smallest share, 4 slots per replica for 5
