@@ -22,23 +22,11 @@
 //! - while nothing queues it grows fast (slow start): by half per window, and by one slot
 //!   per call that started with every slot taken and found no queue (doubling per round
 //!   trip), so a burst to a healthy upstream, or demand that rose, is not held back;
-//! - it grows only on calls that found it full: a window with no call that started with
-//!   every slot taken does not grow it (not even by the headroom), and slow start needs such
-//!   a call answered at the no-load latency. At the start of a spike the first answers are
-//!   those of the calls sent as the limit filled, which the upstream's workers took at once
-//!   and which found no queue, while the calls sent after them wait in its backlog. Growing
-//!   on those first answers (as it did: by half and by the headroom, 42 to 50 for 16
-//!   workers) sent another round trip's worth of calls into that backlog before the queued
-//!   calls' answers could show it;
 //! - it grows only while the calls use it: when at most half its slots were busy in the
-//!   window, it shrinks toward twice the calls seen, down to `min_limit`. A spike meets the
-//!   limit the demand before it left, not `initial_limit` (where an instance starts, before
-//!   its first round trips): two replicas idling at 20 each let 40 calls at once into an
-//!   upstream of 16 workers x 200 ms, and the first second's successes waited up to three
-//!   service times in its backlog. The price: a burst to a healthy but slow upstream (round
-//!   trips longer than `queue_interval`) after a quiet spell is served up to twice the
-//!   demand before it at once, and its calls beyond that are refused after the burst's wait
-//!   unless answers come back within it (slow start doubles the limit per round trip);
+//!   window, it shrinks toward twice the calls seen, but not under `initial_limit` (an idle
+//!   upstream otherwise kept a limit far above its demand, and the next spike went through
+//!   whole, to queue at the upstream for a round trip before the latency showed it; and a
+//!   burst after a quiet spell must not meet a limit of a few slots);
 //! - a timed-out call counts as the worst sample (four times its class's expected
 //!   round trip), an error says nothing about queueing and is no sample.
 //!
@@ -99,11 +87,6 @@ struct Window {
     samples: u32,
     /// Most slots held at once by the window's calls.
     peak_in_flight: usize,
-    /// Calls that started with every slot taken and found no queue: the evidence that the
-    /// limit, not the upstream, held the window back (slow start needs some).
-    held_back: u32,
-    /// Calls that started with every slot taken, answered fast or not.
-    at_limit: u32,
 }
 
 /// The adaptive limit of one upstream.
@@ -112,6 +95,10 @@ pub struct Controller {
     limit: f64,
     min_limit: f64,
     max_limit: f64,
+    /// An idle limit shrinks no further than `initial_limit` (this instance's share of it): a
+    /// burst to a healthy upstream after a quiet spell (market open) must not meet a limit of
+    /// a few slots.
+    idle_floor: f64,
     tolerance: f64,
     slack: Duration,
     sample_window: Duration,
@@ -127,8 +114,7 @@ impl Controller {
     }
 
     /// Starts at `initial_limit / instances` (rounded up), within the bounds: one of
-    /// `instances` that share the upstream's initial limit. Idle, it falls to twice the
-    /// calls it sees (at least `min_limit`), whatever it started at.
+    /// `instances` that share the upstream's initial limit.
     pub fn with_share(
         cfg: &ConcurrencyConfig,
         max_connections: usize,
@@ -139,6 +125,7 @@ impl Controller {
         let share = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
         Controller {
             limit: share,
+            idle_floor: share,
             min_limit: min as f64,
             max_limit: max as f64,
             tolerance: cfg.tolerance,
@@ -151,8 +138,6 @@ impl Controller {
                 sum: 0.0,
                 samples: 0,
                 peak_in_flight: 0,
-                held_back: 0,
-                at_limit: 0,
             },
         }
     }
@@ -160,6 +145,19 @@ impl Controller {
     /// The limit now (whole slots).
     pub fn limit(&self) -> usize {
         self.limit as usize
+    }
+
+    /// Makes the idle floor `initial_limit / instances` (rounded up): the upstream's
+    /// instances in rotation share its initial limit, so an idle upstream of many instances
+    /// does not meet the next spike with many times the limit it was configured to start at.
+    pub fn share_floor(
+        &mut self,
+        cfg: &ConcurrencyConfig,
+        max_connections: usize,
+        instances: usize,
+    ) {
+        let (min, max) = cfg.bounds(max_connections);
+        self.idle_floor = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
     }
 
     /// Records one call of latency class `class` that started with `in_flight` slots held
@@ -193,9 +191,8 @@ impl Controller {
         // doubles the limit per round trip while the latency stays flat (a burst to a
         // healthy upstream, or a limit cut below what it serves, is not held back for many
         // windows); a queue at the upstream stops it at once.
-        let at_limit = in_flight as f64 >= self.limit.floor();
-        let held_back = ratio <= 1.0 && at_limit;
-        let grew = held_back && self.limit < self.max_limit;
+        let grew =
+            ratio <= 1.0 && in_flight as f64 >= self.limit.floor() && self.limit < self.max_limit;
         if grew {
             self.limit = (self.limit + 1.0).min(self.max_limit);
         }
@@ -203,8 +200,6 @@ impl Controller {
         window.sum += ratio;
         window.samples += 1;
         window.peak_in_flight = window.peak_in_flight.max(in_flight);
-        window.held_back += u32::from(held_back);
-        window.at_limit += u32::from(at_limit);
         if now.duration_since(window.started) < self.window_length() {
             return grew.then(|| self.limit());
         }
@@ -232,24 +227,11 @@ impl Controller {
         let limit = self.limit;
         let gradient = (1.0 / measured.max(1e-6)).clamp(MIN_GRADIENT, 1.0);
         let mut next = limit * gradient + limit.sqrt();
-        if measured <= 1.0 && w.held_back > 0 {
-            // Nothing queues at the upstream, and calls that started with every slot taken
-            // were answered at the no-load latency: grow by half at once (slow start), so a
-            // limit cut below what the upstream serves, or demand that rose, is not held back
-            // for many windows. Without such a call the window says nothing about more: at
-            // the start of a spike the first answers are those of the calls the upstream's
-            // workers took first, which found no queue, while the calls sent after them wait
-            // in its backlog (growing on them let the next round trip's worth of calls join
-            // that backlog).
+        if measured <= 1.0 {
+            // Nothing queues at the upstream: grow by half at once (slow start), so a limit
+            // cut below what the upstream serves, or demand that rose, is not held back for
+            // many windows.
             next = next.max(limit * SLOW_START);
-        }
-        if w.at_limit == 0 {
-            // No call of the window found every slot taken: its latency says nothing about
-            // more calls, and the limit does not grow (not even by the headroom). At the
-            // start of a spike, the calls sent as the limit filled are answered first, those
-            // the upstream's workers took at once; the headroom grown on them sent the next
-            // calls to wait behind the ones still queued there.
-            next = next.min(limit);
         }
         // Application-limited: at most half the slots were busy, so the latency said
         // nothing about more. The limit does not grow, and shrinks (a tenth per window)
@@ -257,7 +239,7 @@ impl Controller {
         // whole, to queue at the upstream until the latency shows it a round trip later.
         let used = w.peak_in_flight as f64 * 2.0;
         if used <= limit {
-            next = next.min(used.max(limit * IDLE_DECAY));
+            next = next.min(used.max(limit * IDLE_DECAY).max(self.idle_floor));
         }
         self.limit = next.clamp(self.min_limit, self.max_limit);
         self.window = Window {
@@ -265,8 +247,6 @@ impl Controller {
             sum: 0.0,
             samples: 0,
             peak_in_flight: 0,
-            held_back: 0,
-            at_limit: 0,
         };
         self.limit()
     }

@@ -105,6 +105,16 @@ impl InstanceLimit {
         self.upstream.apply(&capacity);
     }
 
+    /// One of `instances` in rotation: the limit it falls back to while idle is its share of
+    /// the upstream's `initial_limit`.
+    pub fn share_of(&self, instances: usize) {
+        let mut controller = self
+            .controller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        controller.share_floor(&self.upstream.cfg, self.upstream.max_connections, instances);
+    }
+
     /// Whether its limit counts toward the upstream's now.
     pub fn is_counted(&self) -> bool {
         self.counted.load(SeqCst)
@@ -186,9 +196,6 @@ impl InstancePermit {
         // instances of one upstream run the same code, their no-load round trips are close.
         let nanos = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
         instance.upstream.round_trip_nanos.store(nanos, Relaxed);
-        if !round_trip.is_zero() {
-            instance.upstream.ages.set_round_trip(round_trip);
-        }
         if let Some(limit) = changed {
             instance.set_limit(limit);
         }

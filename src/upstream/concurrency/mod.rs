@@ -13,14 +13,11 @@
 //!   stays under the static bulkhead (`max_connections`), the hard ceiling;
 //! - the upstream admits calls against the SUM of the limits of its instances in rotation
 //!   (ejected and draining ones do not count; before the first resolution, `initial_limit`),
-//!   capped by `max_connections`. The instances share `initial_limit`: each starts at
-//!   `initial_limit / instances`, so that an upstream of three instances starts with the
-//!   limit it was configured to start at, not three times it (its capacity is unknown until
-//!   round trips show it; slow start doubles a limit per round trip where nothing queues).
-//!   While idle, each falls to twice the calls it sees (at least `min_limit`): a spike
-//!   meets the limit the demand before it left, so that what goes through at once is about
-//!   what was being served, not a configured figure that may be far above the upstream's
-//!   capacity (see `controller.rs`). The
+//!   capped by `max_connections`. The instances share `initial_limit`: each starts at, and
+//!   while idle falls back to, `initial_limit / instances`, so that an upstream of three
+//!   instances meets a spike with the limit it was configured to start at, not three times
+//!   it (its capacity is unknown until round trips show it; slow start doubles a limit
+//!   per round trip where nothing queues). The
 //!   balancer then sends each attempt to an instance under its own limit (P2C among those
 //!   with room). One queue per upstream, not one per instance: a shared queue in front of
 //!   all instances is join-the-shortest-queue (a freed slot anywhere serves the oldest, or
@@ -33,40 +30,22 @@
 //!   finding the limit full since, at least once per interval, for up to ten intervals
 //!   (overloaded), and the newest waiter is served first then (adaptive LIFO: the
 //!   oldest have waited longest and are likeliest to be given up on).
-//!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. It is refused at
-//!   once when no answer can end its wait: slots free (and the limit grows) only as calls
-//!   answer, and no call is expected back before the upstream's no-load round trip, so if
-//!   fewer of the calls holding slots were admitted that long ago (less the wait) than
-//!   there are waiters to serve before it, the wait could only end in the refusal. At the
-//!   start of a spike on an upstream slower than `queue_interval`, that is every call that
-//!   finds the limit full before the first answers (they waited the whole interval for
-//!   nothing: issue 24's 26-30 refusals of ~100 ms in the first second); a burst to a
-//!   healthy upstream meets the same answers, so it loses nothing it had. Such a refusal
-//!   counts as one for the overloaded state. Only for the burst's wait: once overloaded,
-//!   the wait is `queue_target`, and judging it against the no-load round trip (an
-//!   average, some answers come sooner) refused calls that a slot freed within it would
-//!   have served (a 3x spike on 2 + 8 workers x 100 ms: 134 served in 4 s, against 190-260
-//!   on the same busy machine). A refusal is not
+//!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. A refusal is not
 //!   a failure of the upstream: the breaker, ejection and retries never see it;
 //! - priorities: critical calls are served first and wait two no-load round trips (at least
 //!   `queue_interval`, at most a second) even when overloaded; sheddable calls are served last, wait `queue_target` at most, and not
 //!   at all when overloaded.
 //!
 //! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter the
-//! upstream, a clock read, two loads and an increment to count it in its cohort of
-//! admission (a compare-and-swap once per cohort, an eighth of a round trip), one to take
-//! its instance's slot and a load per candidate instance to see room,
+//! upstream, one to take its instance's slot and a load per candidate instance to see room,
 //! the same to leave, and a `try_lock` of its instance's controller to feed it the round
 //! trip; the queue's lock is taken only when there are waiters, the capacity's lock only
 //! when an instance's limit or the set of instances in rotation changes.
 //!
-//! - `ages.rs`: when the calls holding slots were admitted (cohorts of atomic counters), for
-//!   the refusal of a wait that no answer can end.
 //! - `controller.rs`: the arithmetic of one instance's limit, on a paused clock in the tests.
 //! - `instance.rs`: [`InstanceLimit`], one instance's controller, limit and slots, and its
 //!   share of the upstream's admission limit.
 
-mod ages;
 pub mod controller;
 mod instance;
 
@@ -79,7 +58,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{ConcurrencyConfig, Priority};
-use ages::Ages;
 pub use controller::Sample;
 pub use instance::{InstanceLimit, InstancePermit};
 
@@ -148,8 +126,6 @@ struct Shared {
     /// The fastest latency class's no-load round trip, in nanoseconds (0: none yet): how long
     /// a critical call may wait.
     round_trip_nanos: AtomicU64,
-    /// When the calls holding slots were admitted: whether a wait can end before its budget.
-    ages: Ages,
     /// Most calls waiting at once (`max_connections`): the waits are short, so this only
     /// bounds what a burst can make the queue cost.
     max_waiting: usize,
@@ -245,14 +221,9 @@ impl Queue {
         if self.len() == 0 {
             self.last_empty = Some(now);
         }
-        self.refused(now, interval);
-        true
-    }
-
-    /// A waiter was refused for want of a slot: overloaded for a while.
-    fn refused(&mut self, now: Instant, interval: Duration) {
         self.shedding_until = Some(now + interval * SHEDDING_HOLD);
         self.last_wait = Some(now);
+        true
     }
 }
 
@@ -318,24 +289,6 @@ impl Shared {
         }
     }
 
-    /// Whether a wait of `budget` from `now` can end only in a refusal: slots free as calls
-    /// answer (and the limit grows only on answers), and no call is expected back before the
-    /// upstream's no-load round trip; fewer than `ahead + 1` calls holding slots were
-    /// admitted long enough ago to answer within the budget. At the start of a spike on an
-    /// upstream slower than `queue_interval` this is every call that finds the limit full
-    /// before the first answers: they were refused all the same after waiting the burst's
-    /// interval (issue 24: 26-30 refusals of ~100 ms in the spike's first second), and a
-    /// burst to a healthy upstream meets the same answers, so it loses nothing it had.
-    /// Never for an upstream faster than the budget, nor before a round trip is known; only
-    /// asked for the burst's wait (see the module docs).
-    fn hopeless(&self, now: Instant, budget: Duration, ahead: usize) -> bool {
-        let round_trip = Duration::from_nanos(self.round_trip_nanos.load(Relaxed));
-        match round_trip.checked_sub(budget) {
-            Some(age) if !age.is_zero() => self.ages.older_than(now, age) <= ahead,
-            _ => false,
-        }
-    }
-
     fn lock_capacity(&self) -> MutexGuard<'_, Capacity> {
         self.capacity.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -367,13 +320,10 @@ pub struct Permit {
     shared: Arc<Shared>,
     /// Slots held when it was granted (itself included), for the tests and `Debug`.
     in_flight: usize,
-    /// Its cohort in the upstream's [`Ages`].
-    cohort: usize,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.shared.ages.leave(self.cohort);
         self.shared.release();
     }
 }
@@ -450,7 +400,6 @@ impl ConcurrencyLimit {
                 interval: cfg.queue_interval.0,
                 max_waiting: max_connections.max(1),
                 round_trip_nanos: AtomicU64::new(0),
-                ages: Ages::new(Instant::now()),
                 limit_gauge,
                 wait_seconds: metrics::histogram!("gateway_upstream_queue_wait_seconds",
                     "upstream" => upstream.to_string()),
@@ -465,7 +414,6 @@ impl ConcurrencyLimit {
         let permit = |in_flight| Permit {
             shared: shared.clone(),
             in_flight,
-            cohort: shared.ages.enter(Instant::now()),
         };
         if shared.waiting.load(SeqCst) == 0 {
             if let Some(n) = shared.try_take() {
@@ -492,21 +440,7 @@ impl ConcurrencyLimit {
                 (Priority::Sheddable, true) => Duration::ZERO,
             };
             let limit = shared.limit.load(SeqCst);
-            let line = line_of(priority);
-            // Served before it: the more important lines, and its own unless the newest is
-            // served first (overloaded).
-            let ahead: usize = queue.lines[..line + usize::from(!overloaded)]
-                .iter()
-                .map(VecDeque::len)
-                .sum();
-            let hopeless =
-                !overloaded && !budget.is_zero() && shared.hopeless(started, budget, ahead);
-            if hopeless {
-                // Refused as if it had waited: the calls after it wait the target, not the
-                // burst's interval.
-                queue.refused(started, shared.interval);
-            }
-            if budget.is_zero() || queue.len() >= shared.max_waiting || hopeless {
+            if budget.is_zero() || queue.len() >= shared.max_waiting {
                 return Err(Refused {
                     cause: ShedCause::QueueFull,
                     limit,
@@ -517,6 +451,7 @@ impl ConcurrencyLimit {
             }
             let id = queue.next_id;
             queue.next_id += 1;
+            let line = line_of(priority);
             queue.lines[line].push_back(Waiter { id, grant: tx });
             shared.waiting.fetch_add(1, SeqCst);
             // A slot freed since the look above went unclaimed: claim it for the line.

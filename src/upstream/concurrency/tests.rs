@@ -103,12 +103,11 @@ async fn an_idle_upstream_brings_the_limit_down_toward_twice_its_demand_and_busy
     assert!(c.limit() > 100, "{}", c.limit());
     for _ in 0..1000 {
         tokio::time::advance(ms(10)).await;
-        // Then never more than 3 of the slots busy, answers at the no-load latency: down to
-        // twice the demand, under the initial limit (a limit kept far above the demand let
-        // a spike through whole, to queue at the upstream).
+        // Then never more than 3 of the slots busy, answers at the no-load latency: down
+        // toward twice the demand, but not under the initial limit.
         c.record(Instant::now(), 1, 3, Sample::Answered(ms(20)));
     }
-    assert_eq!(c.limit(), 6);
+    assert_eq!(c.limit(), 20);
     let cfg = ConcurrencyConfig {
         initial_limit: 4,
         ..ConcurrencyConfig::default()
@@ -118,14 +117,13 @@ async fn an_idle_upstream_brings_the_limit_down_toward_twice_its_demand_and_busy
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, 3, Sample::Answered(ms(20)));
     }
-    // Never full, so no call said that more slots would be served as fast: it stays.
-    assert_eq!(c.limit(), 4);
+    assert_eq!(c.limit(), 6);
     // Busy (every slot taken), nothing queueing: one more slot per answer.
     for _ in 0..5 {
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
     }
-    assert_eq!(c.limit(), 9);
+    assert_eq!(c.limit(), 11);
     for _ in 0..50 {
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
@@ -348,44 +346,6 @@ async fn after_a_refusal_even_sparse_arrivals_wait_only_the_target_for_an_interv
     assert_eq!(waited, ms(100));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_wait_that_no_answer_can_end_is_refused_at_once_not_after_the_interval() {
-    let limit = limit_of(2);
-    // An upstream whose no-load round trip (learnt) is 200 ms, slower than the 100 ms burst
-    // interval.
-    limit.shared.round_trip_nanos.store(200_000_000, Relaxed);
-    limit.shared.ages.set_round_trip(ms(200));
-    let [first, second] = [
-        limit.acquire(Priority::Default).await.unwrap(),
-        limit.acquire(Priority::Default).await.unwrap(),
-    ];
-    // Both slots were just taken: neither call can be answered within the interval, so a
-    // wait would end in a refusal 100 ms from now. It is refused at once.
-    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
-    assert_eq!((waited, result), (ms(0), Err(ShedCause::QueueFull)));
-    // A critical call waits two round trips: it waits, and gets the first slot freed.
-    let critical = waiter(&limit, Priority::Critical, ms(500));
-    tokio::time::sleep(ms(50)).await;
-    drop(first);
-    // 150 ms on, the second call may answer within the interval: a call waits, and gets its
-    // slot when it does.
-    tokio::time::sleep(ms(100)).await;
-    let default = waiter(&limit, Priority::Default, ms(0));
-    tokio::time::sleep(ms(50)).await;
-    drop(second);
-    assert_eq!(default.await.unwrap(), (ms(50), Ok(())));
-    assert_eq!(critical.await.unwrap(), (ms(50), Ok(())));
-    // No round trip known, or one faster than the interval: the burst's wait as before.
-    let limit = limit_of(1);
-    let _held = limit.acquire(Priority::Default).await.unwrap();
-    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
-    assert_eq!(waited, ms(100));
-    tokio::time::sleep(ms(100)).await;
-    limit.shared.round_trip_nanos.store(50_000_000, Relaxed);
-    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
-    assert_eq!(waited, ms(100));
-}
-
 /// Keeps one call holding the only slot of `limit` for `rounds` x 20 ms, each next call
 /// arriving 2 ms before the one holding it leaves: every call finds the limit full, and
 /// every one is served within the 5 ms target (none is refused).
@@ -495,7 +455,7 @@ async fn the_admission_limit_is_the_sum_of_the_instances_in_rotation() {
     let slots: Vec<_> = (0..10)
         .map(|_| grown.limit.as_ref().unwrap().take())
         .collect();
-    slots[9].record(1, Sample::Answered(ms(20)));
+    slots[0].record(1, Sample::Answered(ms(20)));
     let learnt = grown.limit.as_ref().unwrap().limit();
     assert!(learnt > 10, "every slot busy, nothing queued: it grows");
     assert_eq!(limit.limit(), 10 + learnt);
@@ -655,270 +615,4 @@ async fn two_instances_of_different_capacity_learn_their_own_limits_and_share_a_
     // trips up to 3.6 service times): a known weakness of the growth at the spike's end,
     // bounded here so that it cannot get worse unseen.
     assert!(seen.slowest[1] <= ms(200), "{seen:?}");
-}
-
-// ---- A demand spike through two gateway replicas, on the paused clock. ----
-
-/// One call of [`spike_through_two_replicas`], as its client saw it.
-#[derive(Clone, Copy, Debug)]
-struct Call {
-    /// When it arrived, from the start of the spike (negative: before it).
-    at: f64,
-    took: Duration,
-    served: bool,
-}
-
-/// What [`spike_through_two_replicas`] saw.
-#[derive(Debug)]
-struct SpikeRun {
-    calls: Vec<Call>,
-    /// Both replicas' admission limits summed, every 10 ms from the start of the spike.
-    limits: Vec<usize>,
-}
-
-impl SpikeRun {
-    /// The `q` quantile of the time taken by the calls served (or refused) that arrived in
-    /// `[from, to)` seconds from the start of the spike.
-    fn quantile(&self, served: bool, from: f64, to: f64, q: f64) -> Duration {
-        let mut took: Vec<_> = self
-            .calls
-            .iter()
-            .filter(|c| c.served == served && c.at >= from && c.at < to)
-            .map(|c| c.took)
-            .collect();
-        took.sort();
-        let at = ((took.len() as f64 - 1.0) * q).round().max(0.0) as usize;
-        took.get(at).copied().unwrap_or_default()
-    }
-
-    fn count(&self, served: bool, from: f64, to: f64) -> usize {
-        self.calls
-            .iter()
-            .filter(|c| c.served == served && c.at >= from && c.at < to)
-            .count()
-    }
-
-    /// How many of those took longer than `took`.
-    fn over(&self, served: bool, from: f64, to: f64, took: Duration) -> usize {
-        self.calls
-            .iter()
-            .filter(|c| c.served == served && c.at >= from && c.at < to && c.took > took)
-            .count()
-    }
-}
-
-/// One call through a replica (its limit, instances and picker) to simulated worker pools
-/// (one per instance, FIFO, `service` each), as the balancer layer makes it; whether it was
-/// served.
-async fn through(
-    limit: &ConcurrencyLimit,
-    set: &InstanceSet,
-    picker: &Picker,
-    pools: &[tokio::sync::Semaphore],
-    service: Duration,
-) -> bool {
-    let Ok(_permit) = limit.acquire(Priority::Default).await else {
-        return false;
-    };
-    let instance = picker.pick(set, &[], true).expect("an instance");
-    let _load = instance.start();
-    let slot = instance.limit.as_ref().unwrap().take();
-    let sent = Instant::now();
-    let worker = pools[instance.id as usize].acquire().await.unwrap();
-    tokio::time::sleep(service).await;
-    drop(worker);
-    let rtt = sent.elapsed();
-    instance.load.sample(rtt, Instant::now());
-    slot.record(1, Sample::Answered(rtt));
-    true
-}
-
-/// The issue's spike: an upstream of `workers` (per instance) x `service`, each instance a
-/// FIFO backlog in front of its workers (gunicorn), behind two gateway replicas with the
-/// default settings, each learning its own limit per instance. Offered `calm` calls per
-/// second (alternating between the replicas, open model) for 5 s, then `spike` per second
-/// for `spike_secs`.
-async fn spike_through_two_replicas(
-    workers: &[usize],
-    service: Duration,
-    calm: u32,
-    spike: u32,
-    spike_secs: u64,
-) -> SpikeRun {
-    let n = workers.len();
-    let replicas: Vec<_> = (0..2)
-        .map(|_| {
-            let limit = Arc::new(ConcurrencyLimit::new(
-                "t",
-                &ConcurrencyConfig::default(),
-                256,
-            ));
-            let set = limited_set(&limit, n as u16);
-            (limit, set, Arc::new(Picker::new(BalancerKind::P2cEwma)))
-        })
-        .collect();
-    let pools: Arc<Vec<_>> = Arc::new(
-        workers
-            .iter()
-            .map(|&w| tokio::sync::Semaphore::new(w))
-            .collect(),
-    );
-    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let calm_for = Duration::from_secs(5);
-    let spike_for = Duration::from_secs(spike_secs);
-    let start = Instant::now();
-    let spike_start = start + calm_for;
-    let mut tasks = Vec::new();
-    let mut limits = Vec::new();
-    let mut next_sample = spike_start;
-    let mut i = 0usize;
-    loop {
-        let now = Instant::now();
-        if now >= spike_start + spike_for {
-            break;
-        }
-        while now >= next_sample {
-            limits.push(replicas.iter().map(|(l, _, _)| l.limit()).sum());
-            next_sample += ms(10);
-        }
-        let (limit, set, picker) = replicas[i % 2].clone();
-        i += 1;
-        let (pools, calls) = (pools.clone(), calls.clone());
-        let at = if now >= spike_start {
-            now.duration_since(spike_start).as_secs_f64()
-        } else {
-            -spike_start.duration_since(now).as_secs_f64()
-        };
-        tasks.push(tokio::spawn(async move {
-            let arrived = Instant::now();
-            let served = through(&limit, &set, &picker, &pools, service).await;
-            calls.lock().unwrap().push(Call {
-                at,
-                took: arrived.elapsed(),
-                served,
-            });
-        }));
-        let rate = if now >= spike_start { spike } else { calm };
-        tokio::time::sleep(Duration::from_secs(1) / rate).await;
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let calls = std::mem::take(&mut *calls.lock().unwrap());
-    SpikeRun { calls, limits }
-}
-
-impl std::fmt::Display for SpikeRun {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let first = |served| {
-            (
-                self.count(served, 0.0, 1.0),
-                self.quantile(served, 0.0, 1.0, 0.99),
-                self.quantile(served, 0.0, 1.0, 1.0),
-            )
-        };
-        write!(
-            f,
-            "first second: served (n, p99, max) {:?}, over 500 ms {}, refused {:?}; after it: \
-             served {} p99 {:?}, refused {} p99 {:?}; limits every 50 ms {:?}",
-            first(true),
-            self.over(true, 0.0, 1.0, ms(500)),
-            first(false),
-            self.count(true, 1.0, 99.0),
-            self.quantile(true, 1.0, 99.0, 0.99),
-            self.count(false, 1.0, 99.0),
-            self.quantile(false, 1.0, 99.0, 0.99),
-            self.limits.iter().step_by(5).take(30).collect::<Vec<_>>(),
-        )
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_4x_spike_through_two_replicas_is_served_within_500_ms_from_its_first_second() {
-    // The issue's spike: 16 workers x 200 ms (80 calls/s), 40 calls/s for 5 s, then 320/s,
-    // over two replicas. Each replica used to meet it at its idle floor, initial_limit (20):
-    // 40 calls for 16 workers, the first second's successes queued at the upstream for up to
-    // 600 ms (24 of 89 over 500 ms), and the limit grew on the first answers (those of the
-    // calls the workers took at once) before it fell.
-    let run = spike_through_two_replicas(&[16], ms(200), 40, 320, 3).await;
-    eprintln!("16 workers: {run}");
-    assert_eq!(
-        run.count(false, -5.0, 0.0),
-        0,
-        "refused below capacity: {run}"
-    );
-    // The limits the spike met: twice the calm demand (4 calls in flight per replica).
-    assert!(run.limits[0] <= 20, "{run}");
-    // Not one success of the first second waited 2.5 service times.
-    assert!(run.quantile(true, 0.0, 1.0, 1.0) <= ms(500), "{run}");
-    // Goodput held: at least 90% of the 80 calls/s for the calls sent after the first second.
-    assert!(run.count(true, 1.0, 3.0) >= 144, "{run}");
-    // Refused in the target (5 ms) once overloaded, and from the first second on: a call
-    // that found the limit full before the first answers could come back was refused at
-    // once, not after the burst's 100 ms.
-    assert!(run.quantile(false, 1.0, 3.0, 0.99) <= ms(5), "{run}");
-    assert!(run.quantile(false, 0.0, 1.0, 0.99) <= ms(5), "{run}");
-    assert!(run.over(false, 0.0, 1.0, ms(20)) <= 2, "{run}");
-
-    // The same 16 workers as the chaos experiment's three instances of 6 + 5 + 5: each
-    // replica learns each instance's limit (the smallest share, 4 slots per replica for 5
-    // workers, still queues a little). Before: 50 of 99 first-second successes over 500 ms.
-    let run = spike_through_two_replicas(&[6, 5, 5], ms(200), 40, 320, 3).await;
-    eprintln!("6 + 5 + 5 workers: {run}");
-    assert_eq!(
-        run.count(false, -5.0, 0.0),
-        0,
-        "refused below capacity: {run}"
-    );
-    assert!(
-        run.over(true, 0.0, 1.0, ms(500)) * 10 <= run.count(true, 0.0, 1.0),
-        "{run}"
-    );
-    assert!(run.quantile(true, 0.0, 1.0, 0.99) <= ms(600), "{run}");
-    assert!(run.count(true, 1.0, 3.0) >= 144, "{run}");
-}
-
-#[tokio::test(start_paused = true)]
-async fn after_a_quiet_spell_a_burst_to_a_fast_healthy_upstream_is_served_whole() {
-    // The idle limit follows the demand down to min_limit (4): a burst then meets a few
-    // slots, and slow start (one more per answer of a call that found them all taken and no
-    // queue) must open them within the burst's wait. 16 workers x 10 ms, one replica.
-    let limit = Arc::new(ConcurrencyLimit::new(
-        "t",
-        &ConcurrencyConfig::default(),
-        256,
-    ));
-    let set = limited_set(&limit, 1);
-    let picker = Arc::new(Picker::new(BalancerKind::P2cEwma));
-    let pools = Arc::new(vec![tokio::sync::Semaphore::new(16)]);
-    let service = ms(10);
-    // Quiet: one call at a time, every 100 ms, for 5 s.
-    for _ in 0..50 {
-        assert!(through(&limit, &set, &picker, &pools, service).await);
-        tokio::time::sleep(ms(90)).await;
-    }
-    assert_eq!(limit.limit(), 4);
-    // 60 calls at once: 40 ms of work for the 16 workers.
-    let burst: Vec<_> = (0..60)
-        .map(|_| {
-            let (limit, set, picker, pools) =
-                (limit.clone(), set.clone(), picker.clone(), pools.clone());
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let served = through(&limit, &set, &picker, &pools, service).await;
-                (served, started.elapsed())
-            })
-        })
-        .collect();
-    let mut slowest = Duration::ZERO;
-    for call in burst {
-        let (served, took) = call.await.unwrap();
-        assert!(
-            served,
-            "a call of the burst refused (limit {})",
-            limit.limit()
-        );
-        slowest = slowest.max(took);
-    }
-    assert!(slowest <= ms(110), "{slowest:?}");
 }

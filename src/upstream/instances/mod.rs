@@ -400,6 +400,7 @@ impl InstanceSet {
         for (instance, in_rotation) in all.iter().zip(in_rotation) {
             if let Some(limit) = &instance.limit {
                 limit.set_counted(in_rotation || counted == all.len());
+                limit.share_of(counted);
             }
         }
     }
