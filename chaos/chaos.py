@@ -662,9 +662,14 @@ def window_bounds(name, ev, end):
     steps run (`removing`: a `docker start` boots the container, a scale-up starts several)
     the fault is being lifted, neither held nor gone, so neither window judges it; recovery
     runs from the end of the remove steps to the end of the load. The charts draw these
-    same windows (report.py)."""
+    same windows (report.py). `injecting` is the inject steps' own run (a `docker restart`
+    takes 0.5-1.9 s here, depending on Docker more than on the service) and `after_inject`
+    everything after it: criteria about what the gateway controls, rather than how long Docker
+    took, select those."""
     return {
         "steady": (0.0, ev["inject_start"]),
+        "injecting": (ev["inject_start"], ev["inject_end"]),
+        "after_inject": (ev["inject_end"], end),
         "fault": (ev["inject_start"], ev["remove_start"]),
         "removing": (ev["remove_start"], ev["remove_end"]),
         "recovery": (ev["remove_end"], end),
