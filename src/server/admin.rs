@@ -142,7 +142,7 @@ impl ReadyChecks {
         let cached = {
             let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
             last.as_ref()
-                .filter(|c| Weak::ptr_eq(&c.app, &Arc::downgrade(app)))
+                .filter(|c| std::ptr::eq(c.app.as_ptr(), Arc::as_ptr(app)))
                 .map(|c| (c.results.clone(), c.at.elapsed()))
         };
         match cached {

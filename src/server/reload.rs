@@ -285,7 +285,7 @@ fn prepare(
     runtime: &tokio::runtime::Handle,
     started: &Config,
     current: &Live,
-    next: Config,
+    mut next: Config,
     shutdown: watch::Receiver<bool>,
     tls_on: bool,
 ) -> Result<Prepared, ReloadError> {
@@ -293,7 +293,6 @@ fn prepare(
     // The same caps derived from the open-file limit as at start, before comparing: `started`
     // holds the derived caps, and a default compared with them looked like a changed setting
     // that needs a restart (a warning at every reload).
-    let mut next = next;
     super::fds::fit_defaults(&mut next);
     let needs_restart = restart_only(started, &next);
     let next = keep_running(started, next);
