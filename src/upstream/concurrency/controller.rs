@@ -16,12 +16,17 @@
 //!   upstream that really became slower is learnt as soon as the load is light;
 //! - once per window (`sample_window`, at least the fastest class's no-load round trip, so
 //!   each change shows in the latency before the next), the limit becomes
-//!   `limit * gradient + sqrt(limit)`, where `gradient = expected / measured` (the mean over
-//!   the window's samples) is at most 1 and at least 0.5. The `sqrt(limit)` headroom keeps a
-//!   small queue at the upstream, so its workers never idle while a slot travels back;
-//! - while nothing queues it grows fast (slow start): by half per window, and by one slot
-//!   per call that started with every slot taken and found no queue (doubling per round
-//!   trip), so a burst to a healthy upstream, or demand that rose, is not held back;
+//!   `limit * gradient`, where `gradient = expected / measured` (the mean over the window's
+//!   samples) is at most 1 and at least 0.5;
+//! - it grows only on what calls made at the limit (started with every slot taken) said:
+//!   by one slot per such call that found no queue (doubling per round trip while nothing
+//!   queues), and, when the window had such calls and none of them found a queue, by
+//!   `sqrt(limit)` (headroom: a small queue at the upstream, so that its workers never idle
+//!   while a slot travels back), and to half as much again if no call queued at all (slow
+//!   start), so that a burst to a healthy upstream, or demand that rose, is not held back.
+//!   The answers of calls made under the limit say nothing about one more slot: at a
+//!   spike's start they are those the workers took at once, and growing on them let
+//!   through, a round trip later, calls that queued behind the ones already too many;
 //! - it grows only while the calls use it: when at most half its slots were busy in the
 //!   window, it shrinks toward twice the calls seen, but not under `initial_limit` (an idle
 //!   upstream otherwise kept a limit far above its demand, and the next spike went through
@@ -30,9 +35,9 @@
 //! - a timed-out call counts as the worst sample (four times its class's expected
 //!   round trip), an error says nothing about queueing and is no sample.
 //!
-//! Under a worker-limited upstream of N workers x S, the limit settles where the upstream
-//! queues about `sqrt(limit)` calls: for 16 x 200 ms, about 23 in flight and round trips of
-//! about 1.4 S, whatever N and S are (nothing here knows them).
+//! Under a worker-limited upstream of N workers x S, the limit settles a little above N,
+//! where calls made at the limit start to find a queue: for 16 x 200 ms about 19-26 in
+//! flight and round trips of 1.2-1.6 S, whatever N and S are (nothing here knows them).
 
 use std::time::Duration;
 
@@ -87,6 +92,10 @@ struct Window {
     samples: u32,
     /// Most slots held at once by the window's calls.
     peak_in_flight: usize,
+    /// Calls of the window that started with every slot taken...
+    at_limit: u32,
+    /// ...and how many of them found a queue at the upstream.
+    at_limit_queued: u32,
 }
 
 /// The adaptive limit of one upstream.
@@ -138,6 +147,8 @@ impl Controller {
                 sum: 0.0,
                 samples: 0,
                 peak_in_flight: 0,
+                at_limit: 0,
+                at_limit_queued: 0,
             },
         }
     }
@@ -191,8 +202,8 @@ impl Controller {
         // doubles the limit per round trip while the latency stays flat (a burst to a
         // healthy upstream, or a limit cut below what it serves, is not held back for many
         // windows); a queue at the upstream stops it at once.
-        let grew =
-            ratio <= 1.0 && in_flight as f64 >= self.limit.floor() && self.limit < self.max_limit;
+        let at_limit = in_flight as f64 >= self.limit.floor();
+        let grew = ratio <= 1.0 && at_limit && self.limit < self.max_limit;
         if grew {
             self.limit = (self.limit + 1.0).min(self.max_limit);
         }
@@ -200,6 +211,10 @@ impl Controller {
         window.sum += ratio;
         window.samples += 1;
         window.peak_in_flight = window.peak_in_flight.max(in_flight);
+        if at_limit {
+            window.at_limit += 1;
+            window.at_limit_queued += u32::from(ratio > 1.0);
+        }
         if now.duration_since(window.started) < self.window_length() {
             return grew.then(|| self.limit());
         }
@@ -226,12 +241,22 @@ impl Controller {
         let measured = w.sum / f64::from(w.samples.max(1));
         let limit = self.limit;
         let gradient = (1.0 / measured.max(1e-6)).clamp(MIN_GRADIENT, 1.0);
-        let mut next = limit * gradient + limit.sqrt();
-        if measured <= 1.0 {
-            // Nothing queues at the upstream: grow by half at once (slow start), so a limit
-            // cut below what the upstream serves, or demand that rose, is not held back for
-            // many windows.
-            next = next.max(limit * SLOW_START);
+        // Grows only on what calls made AT the limit said: the window had some, and none of
+        // them found a queue. The other calls' answers say nothing about one more slot: at a
+        // spike's start the first answers are those of the calls the workers took at once,
+        // and growing on them (as this did) let through, a round trip later, calls that
+        // queued behind those the limit had already sent too many of (a spike's first second
+        // at 16 x 200 ms: successes up to 600 ms; the harness in `spike.rs`).
+        let tested = w.at_limit > 0 && w.at_limit_queued == 0;
+        let mut next = limit * gradient;
+        if tested {
+            next += limit.sqrt();
+            if measured <= 1.0 {
+                // Nothing queues at the upstream: grow by half at once (slow start), so a
+                // limit cut below what the upstream serves, or demand that rose, is not held
+                // back for many windows.
+                next = next.max(limit * SLOW_START);
+            }
         }
         // Application-limited: at most half the slots were busy, so the latency said
         // nothing about more. The limit does not grow, and shrinks (a tenth per window)
@@ -247,6 +272,8 @@ impl Controller {
             sum: 0.0,
             samples: 0,
             peak_in_flight: 0,
+            at_limit: 0,
+            at_limit_queued: 0,
         };
         self.limit()
     }

@@ -196,6 +196,9 @@ impl InstancePermit {
         // instances of one upstream run the same code, their no-load round trips are close.
         let nanos = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
         instance.upstream.round_trip_nanos.store(nanos, Relaxed);
+        if !round_trip.is_zero() {
+            instance.upstream.ages.set_round_trip(round_trip);
+        }
         if let Some(limit) = changed {
             instance.set_limit(limit);
         }

@@ -30,22 +30,42 @@
 //!   finding the limit full since, at least once per interval, for up to ten intervals
 //!   (overloaded), and the newest waiter is served first then (adaptive LIFO: the
 //!   oldest have waited longest and are likeliest to be given up on).
-//!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. A refusal is not
-//!   a failure of the upstream: the breaker, ejection and retries never see it;
+//!   Then it is refused: [`Refused`], `503 overloaded` with `Retry-After`. It is refused at
+//!   once when no answer can end its wait: slots free (and the limit grows) only as calls
+//!   answer, and no call is expected back before the upstream's no-load round trip, so if
+//!   fewer of the calls holding slots were admitted that long ago (less the wait) than
+//!   there are waiters to serve before it, the wait could only end in the refusal. At the
+//!   start of a spike on an upstream slower than `queue_interval`, that is every call that
+//!   finds the limit full before the first answers (they waited the whole interval for
+//!   nothing: issue 24's refusals of ~100 ms in the first second); a burst to a healthy
+//!   upstream meets the same answers, so it loses nothing it had. Such a refusal counts as
+//!   one for the overloaded state. Only for the burst's wait: once overloaded, the wait is
+//!   `queue_target`, and judging it against the no-load round trip (an average, some
+//!   answers come sooner) refused calls that a slot freed within it would have served. A
+//!   refusal is not a failure of the upstream: the breaker, ejection and retries never see
+//!   it;
 //! - priorities: critical calls are served first and wait two no-load round trips (at least
 //!   `queue_interval`, at most a second) even when overloaded; sheddable calls are served last, wait `queue_target` at most, and not
 //!   at all when overloaded.
 //!
 //! Under the limit a call costs two atomics (a load and a compare-and-swap) to enter the
-//! upstream, one to take its instance's slot and a load per candidate instance to see room,
+//! upstream, a clock read, two loads and an increment to count it in its cohort of
+//! admission (a compare-and-swap once per cohort, an eighth of a round trip), one to take
+//! its instance's slot and a load per candidate instance to see room,
 //! the same to leave, and a `try_lock` of its instance's controller to feed it the round
 //! trip; the queue's lock is taken only when there are waiters, the capacity's lock only
 //! when an instance's limit or the set of instances in rotation changes.
 //!
+//! - `ages.rs`: when the calls holding slots were admitted (cohorts of atomic counters), for
+//!   the refusal of a wait that no answer can end.
 //! - `controller.rs`: the arithmetic of one instance's limit, on a paused clock in the tests.
 //! - `instance.rs`: [`InstanceLimit`], one instance's controller, limit and slots, and its
 //!   share of the upstream's admission limit.
+//! - `spike.rs`: demand steps (the issue's 4x spike, a step up to capacity after a quiet
+//!   spell) through whole replicas to simulated worker pools, on a paused clock.
+//! - `tests.rs`: the arithmetic and the waits, on a paused clock.
 
+mod ages;
 pub mod controller;
 mod instance;
 
@@ -58,6 +78,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{ConcurrencyConfig, Priority};
+use ages::Ages;
 pub use controller::Sample;
 pub use instance::{InstanceLimit, InstancePermit};
 
@@ -126,6 +147,8 @@ struct Shared {
     /// The fastest latency class's no-load round trip, in nanoseconds (0: none yet): how long
     /// a critical call may wait.
     round_trip_nanos: AtomicU64,
+    /// When the calls holding slots were admitted: whether a wait can end before its budget.
+    ages: Ages,
     /// Most calls waiting at once (`max_connections`): the waits are short, so this only
     /// bounds what a burst can make the queue cost.
     max_waiting: usize,
@@ -221,9 +244,14 @@ impl Queue {
         if self.len() == 0 {
             self.last_empty = Some(now);
         }
+        self.refused(now, interval);
+        true
+    }
+
+    /// A waiter was refused for want of a slot: overloaded for a while.
+    fn refused(&mut self, now: Instant, interval: Duration) {
         self.shedding_until = Some(now + interval * SHEDDING_HOLD);
         self.last_wait = Some(now);
-        true
     }
 }
 
@@ -289,6 +317,20 @@ impl Shared {
         }
     }
 
+    /// Whether a wait of `budget` from `now` can end only in a refusal: slots free as calls
+    /// answer (and the limit grows only on answers), and no call is expected back before the
+    /// upstream's no-load round trip; fewer than `ahead + 1` calls holding slots were
+    /// admitted long enough ago to answer within the budget. Never for an upstream faster
+    /// than the budget, nor before a round trip is known; only asked for the burst's wait
+    /// (see the module docs).
+    fn hopeless(&self, now: Instant, budget: Duration, ahead: usize) -> bool {
+        let round_trip = Duration::from_nanos(self.round_trip_nanos.load(Relaxed));
+        match round_trip.checked_sub(budget) {
+            Some(age) if !age.is_zero() => self.ages.older_than(now, age) <= ahead,
+            _ => false,
+        }
+    }
+
     fn lock_capacity(&self) -> MutexGuard<'_, Capacity> {
         self.capacity.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -320,10 +362,13 @@ pub struct Permit {
     shared: Arc<Shared>,
     /// Slots held when it was granted (itself included), for the tests and `Debug`.
     in_flight: usize,
+    /// Its cohort in the upstream's [`Ages`].
+    cohort: usize,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.shared.ages.leave(self.cohort);
         self.shared.release();
     }
 }
@@ -400,6 +445,7 @@ impl ConcurrencyLimit {
                 interval: cfg.queue_interval.0,
                 max_waiting: max_connections.max(1),
                 round_trip_nanos: AtomicU64::new(0),
+                ages: Ages::new(Instant::now()),
                 limit_gauge,
                 wait_seconds: metrics::histogram!("gateway_upstream_queue_wait_seconds",
                     "upstream" => upstream.to_string()),
@@ -414,6 +460,7 @@ impl ConcurrencyLimit {
         let permit = |in_flight| Permit {
             shared: shared.clone(),
             in_flight,
+            cohort: shared.ages.enter(Instant::now()),
         };
         if shared.waiting.load(SeqCst) == 0 {
             if let Some(n) = shared.try_take() {
@@ -440,7 +487,21 @@ impl ConcurrencyLimit {
                 (Priority::Sheddable, true) => Duration::ZERO,
             };
             let limit = shared.limit.load(SeqCst);
-            if budget.is_zero() || queue.len() >= shared.max_waiting {
+            let line = line_of(priority);
+            // Served before it: the more important lines, and its own unless the newest is
+            // served first (overloaded).
+            let ahead: usize = queue.lines[..line + usize::from(!overloaded)]
+                .iter()
+                .map(VecDeque::len)
+                .sum();
+            let hopeless =
+                !overloaded && !budget.is_zero() && shared.hopeless(started, budget, ahead);
+            if hopeless {
+                // Refused as if it had waited: the calls after it wait the target, not the
+                // burst's interval.
+                queue.refused(started, shared.interval);
+            }
+            if budget.is_zero() || queue.len() >= shared.max_waiting || hopeless {
                 return Err(Refused {
                     cause: ShedCause::QueueFull,
                     limit,
@@ -451,7 +512,6 @@ impl ConcurrencyLimit {
             }
             let id = queue.next_id;
             queue.next_id += 1;
-            let line = line_of(priority);
             queue.lines[line].push_back(Waiter { id, grant: tx });
             shared.waiting.fetch_add(1, SeqCst);
             // A slot freed since the look above went unclaimed: claim it for the line.
@@ -509,5 +569,7 @@ impl ConcurrencyLimit {
     }
 }
 
+#[cfg(test)]
+mod spike;
 #[cfg(test)]
 mod tests;

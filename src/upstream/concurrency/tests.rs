@@ -88,8 +88,8 @@ async fn timeouts_halve_the_limit_each_window() {
     c.record(Instant::now(), 1, 10, Sample::Answered(ms(200)));
     tokio::time::advance(ms(200)).await;
     let limit = c.record(Instant::now(), 1, 20, Sample::TimedOut);
-    // 20 x 0.5 + sqrt(20)
-    assert_eq!(limit, Some(14));
+    // 20 x 0.5, and no headroom: the call made at the limit found a queue.
+    assert_eq!(limit, Some(10));
 }
 
 #[tokio::test(start_paused = true)]
@@ -117,13 +117,14 @@ async fn an_idle_upstream_brings_the_limit_down_toward_twice_its_demand_and_busy
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, 3, Sample::Answered(ms(20)));
     }
-    assert_eq!(c.limit(), 6);
+    // Never full, so no call said that more slots would be served as fast: it stays.
+    assert_eq!(c.limit(), 4);
     // Busy (every slot taken), nothing queueing: one more slot per answer.
     for _ in 0..5 {
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
     }
-    assert_eq!(c.limit(), 11);
+    assert_eq!(c.limit(), 9);
     for _ in 0..50 {
         tokio::time::advance(ms(10)).await;
         c.record(Instant::now(), 1, c.limit(), Sample::Answered(ms(20)));
@@ -346,6 +347,44 @@ async fn after_a_refusal_even_sparse_arrivals_wait_only_the_target_for_an_interv
     assert_eq!(waited, ms(100));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_wait_that_no_answer_can_end_is_refused_at_once_not_after_the_interval() {
+    let limit = limit_of(2);
+    // An upstream whose no-load round trip (learnt) is 200 ms, slower than the 100 ms burst
+    // interval.
+    limit.shared.round_trip_nanos.store(200_000_000, Relaxed);
+    limit.shared.ages.set_round_trip(ms(200));
+    let [first, second] = [
+        limit.acquire(Priority::Default).await.unwrap(),
+        limit.acquire(Priority::Default).await.unwrap(),
+    ];
+    // Both slots were just taken: neither call can be answered within the interval, so a
+    // wait would end in a refusal 100 ms from now. It is refused at once.
+    let (waited, result) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!((waited, result), (ms(0), Err(ShedCause::QueueFull)));
+    // A critical call waits two round trips: it waits, and gets the first slot freed.
+    let critical = waiter(&limit, Priority::Critical, ms(500));
+    tokio::time::sleep(ms(50)).await;
+    drop(first);
+    // 150 ms on, the second call may answer within the interval: a call waits, and gets its
+    // slot when it does.
+    tokio::time::sleep(ms(100)).await;
+    let default = waiter(&limit, Priority::Default, ms(0));
+    tokio::time::sleep(ms(50)).await;
+    drop(second);
+    assert_eq!(default.await.unwrap(), (ms(50), Ok(())));
+    assert_eq!(critical.await.unwrap(), (ms(50), Ok(())));
+    // No round trip known, or one faster than the interval: the burst's wait as before.
+    let limit = limit_of(1);
+    let _held = limit.acquire(Priority::Default).await.unwrap();
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+    tokio::time::sleep(ms(100)).await;
+    limit.shared.round_trip_nanos.store(50_000_000, Relaxed);
+    let (waited, _) = waiter(&limit, Priority::Default, ms(0)).await.unwrap();
+    assert_eq!(waited, ms(100));
+}
+
 /// Keeps one call holding the only slot of `limit` for `rounds` x 20 ms, each next call
 /// arriving 2 ms before the one holding it leaves: every call finds the limit full, and
 /// every one is served within the 5 ms target (none is refused).
@@ -397,7 +436,7 @@ use crate::upstream::call::Outcome;
 use crate::upstream::instances::{test_endpoints, InstanceSet};
 
 /// A set of `n` instances on 127.0.0.1:9000.., each with its own limit made by `limit`.
-fn limited_set(limit: &ConcurrencyLimit, n: u16) -> Arc<InstanceSet> {
+pub(super) fn limited_set(limit: &ConcurrencyLimit, n: u16) -> Arc<InstanceSet> {
     let cfg = UpstreamConfig {
         url: "http://127.0.0.1:9000".into(),
         ..UpstreamConfig::default()
@@ -455,7 +494,7 @@ async fn the_admission_limit_is_the_sum_of_the_instances_in_rotation() {
     let slots: Vec<_> = (0..10)
         .map(|_| grown.limit.as_ref().unwrap().take())
         .collect();
-    slots[0].record(1, Sample::Answered(ms(20)));
+    slots[9].record(1, Sample::Answered(ms(20)));
     let learnt = grown.limit.as_ref().unwrap().limit();
     assert!(learnt > 10, "every slot busy, nothing queued: it grows");
     assert_eq!(limit.limit(), 10 + learnt);
