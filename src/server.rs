@@ -119,6 +119,12 @@ pub async fn build_state(
     );
     let timeout_status =
         StatusCode::from_u16(cfg.errors.timeout_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    // How many replicas share the upstreams' initial limits: kept across reloads (pipelines
+    // that a reload keeps hold it), counted by the limiter below.
+    let fleet = match previous {
+        Some(p) => p.fleet.clone(),
+        None => crate::upstream::concurrency::Fleet::new(cfg.rate_limit.expected_replicas as usize),
+    };
     let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
     for (name, u) in &cfg.upstreams {
         let before = previous.and_then(|p| {
@@ -130,13 +136,13 @@ pub async fn build_state(
             Some((old, p)) => {
                 // New settings: a new pipeline, which keeps the breaker and ejection state
                 // unless the addresses changed (then it is another service as far as we know).
-                let fresh = Arc::new(Pipeline::new(name, u)?);
+                let fresh = Arc::new(Pipeline::in_fleet(name, u, fleet.clone())?);
                 if same_addresses(old, u) {
                     fresh.inherit_health(p);
                 }
                 fresh
             }
-            None => Arc::new(Pipeline::new(name, u)?),
+            None => Arc::new(Pipeline::in_fleet(name, u, fleet.clone())?),
         };
         pipeline.export_spans_to(spans.clone());
         upstreams.push(UpstreamRuntime {
@@ -183,6 +189,7 @@ pub async fn build_state(
             Some(p) => (p.limiter.clone(), p.auth_guard.clone()),
             None => {
                 let limiter = crate::ratelimit::RateLimiter::new(&effective).await;
+                limiter.keep_fleet(&fleet, effective.expected_replicas as usize);
                 let policy = failure_policy.and_then(|name| {
                     let cfg = effective.policies.iter().find(|p| p.name == name)?;
                     Some(crate::auth::guard::FailurePolicy {
@@ -270,6 +277,7 @@ pub async fn build_state(
         spans,
         health: Bytes::from(health),
         saturation,
+        fleet,
         config: cfg,
         _alive: crate::observability::alive::AliveGauge::config_state(),
     }))

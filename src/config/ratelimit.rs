@@ -29,7 +29,9 @@ pub struct RateLimitConfig {
     /// Bound on one rate-limit decision round trip: this is latency every request pays when
     /// Redis is slow, so it is short; past it the request is decided locally.
     pub command_timeout: Dur,
-    /// How many gateway replicas share the limit; used to shrink the per-replica fallback limit.
+    /// How many gateway replicas share the limit; used to shrink the per-replica fallback limit,
+    /// and as the count of replicas sharing each upstream's concurrency `initial_limit` until
+    /// the replicas have counted each other in Redis (always, without Redis).
     pub expected_replicas: u32,
     /// While falling back, enforce `ceil(limit / expected_replicas)` per replica so the fleet
     /// as a whole stays near the configured limit instead of N times it.

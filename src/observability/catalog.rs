@@ -34,6 +34,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_upstream_concurrency_limit", Kind::Gauge, "The upstream's concurrency limit learnt from latency (under max_connections): the sum of the limits of its instances in rotation; calls beyond it wait briefly, then are shed"),
     ("gateway_upstream_instance_concurrency_limit", Kind::Gauge, "One instance's concurrency limit learnt from the latency of its own attempts (label address); the upstream's gateway_upstream_concurrency_limit is the sum over the instances in rotation"),
     ("gateway_upstream_instance_in_flight", Kind::Gauge, "Attempts of calls under the concurrency limit on one instance (label address), read at each scrape"),
+    ("gateway_fleet_replicas", Kind::Gauge, "Gateway replicas sharing the upstreams, as announced in the rate limiter's Redis within the last 3 s (rate_limit.expected_replicas without Redis, and until the first answer): each upstream's initial_limit is divided among them"),
     ("gateway_upstream_queue_wait_seconds", Kind::Histogram, "Time calls waited for a slot under the concurrency limit (only calls that had to wait; served or shed)"),
     ("gateway_shed_total", Kind::Counter, "Requests refused 503 overloaded, by route, priority and cause (queue_timeout, queue_full)"),
     ("gateway_upstream_endpoints", Kind::Gauge, "Instances of an upstream, by state (healthy, ejected, draining)"),

@@ -11,6 +11,8 @@
 //! - `local`: the same algorithm in process, for no-Redis setups and Redis outages.
 //! - `keys`: subject hashing and the Redis key layout (hash tags for Cluster).
 //! - `headers`: `RateLimit` / `RateLimit-Policy` / `Retry-After` formatting.
+//! - `fleet`: how many gateway replicas share the upstreams, announced in the same Redis
+//!   (the divisor of each upstream's `initial_limit`, `upstream::concurrency::Fleet`).
 //!
 //! Redis is guarded by a small breaker: after a failure or timeout, requests are decided
 //! without touching Redis while a background task probes it (one `SCRIPT LOAD`) with a short
@@ -22,6 +24,7 @@
 //! configured); every decision is counted in
 //! `gateway_ratelimit_decisions_total{policy,decision}`.
 
+mod fleet;
 mod headers;
 mod keys;
 mod local;
@@ -326,6 +329,15 @@ impl RateLimiter {
             },
         }
         limiter
+    }
+
+    /// Keeps `fleet`'s replica count: announced in this limiter's Redis while the limiter
+    /// lives (see `fleet.rs`), or `expected` (`rate_limit.expected_replicas`) without Redis.
+    pub fn keep_fleet(&self, fleet: &Arc<crate::upstream::concurrency::Fleet>, expected: usize) {
+        match &self.inner.redis {
+            Some(_) => fleet::announce(Arc::downgrade(&self.inner), fleet.clone()),
+            None => fleet.set_replicas(expected),
+        }
     }
 
     /// The handle of a configured policy.

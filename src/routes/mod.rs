@@ -170,6 +170,9 @@ pub struct AppState {
     /// The process's own saturation: admits or refuses each routed request
     /// (`[server.saturation]`; kept across reloads, which change only its rules).
     pub saturation: Arc<admission::Saturation>,
+    /// How many gateway replicas share the upstreams (the divisor of their initial limits);
+    /// kept across reloads.
+    pub fleet: Arc<crate::upstream::concurrency::Fleet>,
     /// Counts this state in `gateway_config_states_alive`: a replaced state that stays
     /// alive after its requests are done is memory a reload never gives back.
     pub(crate) _alive: crate::observability::alive::AliveGauge,

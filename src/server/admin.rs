@@ -265,7 +265,8 @@ async fn breakers(State(gw): State<Arc<Gateway>>) -> Response {
 /// address, state (healthy / ejected / draining), how long an ejection or a 429/503 bias
 /// still lasts, attempts waiting for response headers (`in_flight`, the balancer's load),
 /// peak-EWMA latency, counts, and the instance's own `concurrency` (learnt `limit`, attempts
-/// of limited calls `in_flight`, whether it is `counted` in the upstream's limit).
+/// of limited calls `in_flight`, whether it is `counted` in the upstream's limit); and
+/// `fleet_replicas`, the gateway replicas that share each upstream's `initial_limit`.
 async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
     let app = gw.current();
     let list: Vec<_> = app
@@ -290,7 +291,7 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
             })
         })
         .collect();
-    Json(json!({ "upstreams": list })).into_response()
+    Json(json!({ "upstreams": list, "fleet_replicas": app.fleet.replicas() })).into_response()
 }
 
 fn admin_error(status: StatusCode, reason: &str, message: String) -> Response {

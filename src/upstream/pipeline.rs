@@ -20,7 +20,7 @@ use super::call::{
     UpstreamRequest,
 };
 use super::client::{build_client, unused_base};
-use super::concurrency::ConcurrencyLimit;
+use super::concurrency::{ConcurrencyLimit, Fleet};
 use super::discovery::{self, Resolve, SystemResolver, Target};
 use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
@@ -229,7 +229,17 @@ impl Pipeline {
     /// Everything an upstream has, composed here and nowhere else, with the system resolver
     /// for host names (see [`Pipeline::with_resolver`]).
     pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Pipeline, String> {
-        Pipeline::with_resolver(name, cfg, Arc::new(SystemResolver))
+        Pipeline::in_fleet(name, cfg, Fleet::single())
+    }
+
+    /// [`Pipeline::new`] on one of `fleet`'s gateway replicas, which share the upstream's
+    /// `initial_limit` (see `concurrency/fleet.rs`).
+    pub fn in_fleet(
+        name: &str,
+        cfg: &UpstreamConfig,
+        fleet: Arc<Fleet>,
+    ) -> Result<Pipeline, String> {
+        Pipeline::with_resolver(name, cfg, Arc::new(SystemResolver), fleet)
     }
 
     /// [`Pipeline::new`] with the resolver that turns host names into instances. The
@@ -239,13 +249,13 @@ impl Pipeline {
         name: &str,
         cfg: &UpstreamConfig,
         resolver: Arc<dyn Resolve>,
+        fleet: Arc<Fleet>,
     ) -> Result<Pipeline, String> {
         let upstream: Arc<str> = Arc::from(name);
         let client_cfg = cfg.clone();
-        let limit = cfg
-            .concurrency
-            .enabled
-            .then(|| ConcurrencyLimit::new(name, &cfg.concurrency, cfg.max_connections));
+        let limit = cfg.concurrency.enabled.then(|| {
+            ConcurrencyLimit::in_fleet(name, &cfg.concurrency, cfg.max_connections, fleet)
+        });
         // Each instance learns its own limit; the upstream admits calls against their sum.
         let instances = Arc::new(
             InstanceSet::new(

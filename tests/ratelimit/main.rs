@@ -5,5 +5,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod fleet;
 mod ratelimit_gateway;
 mod ratelimit_redis;

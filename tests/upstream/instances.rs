@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deltastream_gateway::config::{Config, Dur, PolicyConfig, UpstreamConfig};
+use deltastream_gateway::upstream::concurrency::Fleet;
 use deltastream_gateway::upstream::{CallOptions, Pipeline, Resolve};
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -403,7 +404,7 @@ async fn a_name_resolving_to_several_addresses_is_several_instances_that_follow_
         discovery_interval: Dur::from_millis(200),
         ..UpstreamConfig::default()
     };
-    let p = Pipeline::with_resolver("storage", &cfg, resolver.clone()).unwrap();
+    let p = Pipeline::with_resolver("storage", &cfg, resolver.clone(), Fleet::single()).unwrap();
     let opts = CallOptions {
         deadline: Duration::from_secs(5),
         attempt_timeout: Duration::from_secs(2),

@@ -108,6 +108,8 @@ pub struct Controller {
     /// burst to a healthy upstream after a quiet spell (market open) must not meet a limit of
     /// a few slots.
     idle_floor: f64,
+    /// How many share `initial_limit`: the instances in rotation times the gateway replicas.
+    shares: usize,
     tolerance: f64,
     slack: Duration,
     sample_window: Duration,
@@ -135,6 +137,7 @@ impl Controller {
         Controller {
             limit: share,
             idle_floor: share,
+            shares: instances.max(1),
             min_limit: min as f64,
             max_limit: max as f64,
             tolerance: cfg.tolerance,
@@ -158,17 +161,20 @@ impl Controller {
         self.limit as usize
     }
 
-    /// Makes the idle floor `initial_limit / instances` (rounded up): the upstream's
-    /// instances in rotation share its initial limit, so an idle upstream of many instances
-    /// does not meet the next spike with many times the limit it was configured to start at.
-    pub fn share_floor(
-        &mut self,
-        cfg: &ConcurrencyConfig,
-        max_connections: usize,
-        instances: usize,
-    ) {
+    /// Makes the idle floor `initial_limit / shares` (rounded up): the upstream's instances
+    /// in rotation, on every gateway replica, share its initial limit, so an idle upstream
+    /// of many instances, behind many replicas, does not meet the next spike with many
+    /// times the limit it was configured to start at.
+    /// The limit itself is not moved: an idle one falls to the new floor window by window.
+    pub fn share_floor(&mut self, cfg: &ConcurrencyConfig, max_connections: usize, shares: usize) {
         let (min, max) = cfg.bounds(max_connections);
-        self.idle_floor = cfg.initial_limit.div_ceil(instances.max(1)).clamp(min, max) as f64;
+        self.shares = shares.max(1);
+        self.idle_floor = cfg.initial_limit.div_ceil(self.shares).clamp(min, max) as f64;
+    }
+
+    /// How many share `initial_limit` (see [`Controller::share_floor`]).
+    pub fn shares(&self) -> usize {
+        self.shares
     }
 
     /// Records one call of latency class `class` that started with `in_flight` slots held

@@ -27,6 +27,9 @@ pub struct InstanceLimit {
     counted: AtomicBool,
     /// What it adds to the upstream's sum now; changed only under the capacity lock.
     contributed: AtomicUsize,
+    /// The instances in rotation it is one of (its share of `initial_limit` is that many
+    /// times the gateway replicas).
+    instances: AtomicUsize,
     /// `gateway_upstream_instance_concurrency_limit{upstream,address}`.
     limit_gauge: metrics::Gauge,
     /// `gateway_upstream_instance_in_flight{upstream,address}`, set at each scrape
@@ -40,7 +43,7 @@ impl InstanceLimit {
             &upstream.cfg,
             upstream.max_connections,
             Instant::now(),
-            instances,
+            instances.max(1) * upstream.fleet.replicas(),
         );
         let limit = controller.limit();
         let labels = [
@@ -58,6 +61,7 @@ impl InstanceLimit {
             controller: Mutex::new(controller),
             counted: AtomicBool::new(false),
             contributed: AtomicUsize::new(0),
+            instances: AtomicUsize::new(instances.max(1)),
             limit_gauge,
             in_flight_gauge,
         }
@@ -106,13 +110,23 @@ impl InstanceLimit {
     }
 
     /// One of `instances` in rotation: the limit it falls back to while idle is its share of
-    /// the upstream's `initial_limit`.
+    /// the upstream's `initial_limit`, with the other instances on every gateway replica.
     pub fn share_of(&self, instances: usize) {
+        self.instances.store(instances.max(1), Relaxed);
         let mut controller = self
             .controller
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        controller.share_floor(&self.upstream.cfg, self.upstream.max_connections, instances);
+        controller.share_floor(
+            &self.upstream.cfg,
+            self.upstream.max_connections,
+            self.shares(),
+        );
+    }
+
+    /// The instances in rotation times the gateway replicas.
+    fn shares(&self) -> usize {
+        self.instances.load(Relaxed) * self.upstream.fleet.replicas()
     }
 
     /// Whether its limit counts toward the upstream's now.
@@ -189,6 +203,12 @@ impl InstancePermit {
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return,
         };
+        // The replica count changed since (a replica joined or left the fleet).
+        let shares = instance.shares();
+        if controller.shares() != shares {
+            let upstream = &instance.upstream;
+            controller.share_floor(&upstream.cfg, upstream.max_connections, shares);
+        }
         let changed = controller.record(Instant::now(), class, self.in_flight, sample);
         let round_trip = controller.fastest_round_trip().unwrap_or_default();
         drop(controller);

@@ -13,9 +13,10 @@
 //!   stays under the static bulkhead (`max_connections`), the hard ceiling;
 //! - the upstream admits calls against the SUM of the limits of its instances in rotation
 //!   (ejected and draining ones do not count; before the first resolution, `initial_limit`),
-//!   capped by `max_connections`. The instances share `initial_limit`: each starts at, and
-//!   while idle falls back to, `initial_limit / instances`, so that an upstream of three
-//!   instances meets a spike with the limit it was configured to start at, not three times
+//!   capped by `max_connections`. The instances share `initial_limit`, and so do the
+//!   gateway replicas ([`Fleet`]): each starts at, and while idle falls back to,
+//!   `initial_limit / (instances x replicas)`, so that an upstream of three instances behind
+//!   two replicas meets a spike with the limit it was configured to start at, not six times
 //!   it (its capacity is unknown until round trips show it; slow start doubles a limit
 //!   per round trip where nothing queues). The
 //!   balancer then sends each attempt to an instance under its own limit (P2C among those
@@ -59,6 +60,8 @@
 //! - `ages.rs`: when the calls holding slots were admitted (cohorts of atomic counters), for
 //!   the refusal of a wait that no answer can end.
 //! - `controller.rs`: the arithmetic of one instance's limit, on a paused clock in the tests.
+//! - `fleet.rs`: [`Fleet`], how many gateway replicas share the upstreams (announced in
+//!   the rate limiter's Redis).
 //! - `instance.rs`: [`InstanceLimit`], one instance's controller, limit and slots, and its
 //!   share of the upstream's admission limit.
 //! - `spike.rs`: demand steps (the 4x spike, a step up to capacity after a quiet
@@ -67,6 +70,7 @@
 
 mod ages;
 pub mod controller;
+mod fleet;
 mod instance;
 
 use std::collections::VecDeque;
@@ -80,6 +84,7 @@ use tokio::time::Instant;
 use crate::config::{ConcurrencyConfig, Priority};
 use ages::Ages;
 pub use controller::Sample;
+pub use fleet::{Fleet, ANNOUNCE_EVERY, ANNOUNCE_TTL};
 pub use instance::{InstanceLimit, InstancePermit};
 
 /// The longest a critical call waits for a slot, whatever the upstream's latency.
@@ -138,6 +143,8 @@ struct Shared {
     cfg: ConcurrencyConfig,
     /// The ceiling of the admission limit and of each instance's.
     max_connections: usize,
+    /// The gateway replicas that share `initial_limit` with this one.
+    fleet: Arc<Fleet>,
     /// The admission limit while no instance counts (before the first resolution).
     initial_limit: usize,
     /// Labels the instances' metrics.
@@ -425,6 +432,17 @@ impl ConcurrencyLimit {
     /// `upstream` labels the metrics; the limit starts at `initial_limit`, and follows the
     /// instances once [`ConcurrencyLimit::instance`] made some.
     pub fn new(upstream: &str, cfg: &ConcurrencyConfig, max_connections: usize) -> Self {
+        ConcurrencyLimit::in_fleet(upstream, cfg, max_connections, Fleet::single())
+    }
+
+    /// [`ConcurrencyLimit::new`] on one of `fleet`'s replicas: its instances' shares of
+    /// `initial_limit` are divided among the replicas too.
+    pub fn in_fleet(
+        upstream: &str,
+        cfg: &ConcurrencyConfig,
+        max_connections: usize,
+        fleet: Arc<Fleet>,
+    ) -> Self {
         let (min, max) = cfg.bounds(max_connections);
         let limit = cfg.initial_limit.clamp(min, max);
         let limit_gauge = metrics::gauge!("gateway_upstream_concurrency_limit",
@@ -439,6 +457,7 @@ impl ConcurrencyLimit {
                 capacity: Mutex::default(),
                 cfg: cfg.clone(),
                 max_connections,
+                fleet,
                 initial_limit: limit,
                 upstream: Arc::from(upstream),
                 target: cfg.queue_target.0,

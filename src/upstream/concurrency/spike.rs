@@ -47,6 +47,9 @@ struct Step {
     step_secs: u64,
     /// Each replica's section.
     cfg: ConcurrencyConfig,
+    /// Whether the replicas know how many they are (a [`Fleet`] announced in Redis), and
+    /// share each upstream's `initial_limit`; if not, each takes the whole of it.
+    counted: bool,
 }
 
 /// What a [`Step`] saw.
@@ -126,9 +129,15 @@ async fn through(
 
 impl Step {
     async fn run(&self) -> Run {
+        let fleet = Fleet::new(if self.counted { self.replicas } else { 1 });
         let replicas: Vec<Replica> = (0..self.replicas)
             .map(|_| {
-                let limit = Arc::new(ConcurrencyLimit::new("t", &self.cfg, 256));
+                let limit = Arc::new(ConcurrencyLimit::in_fleet(
+                    "t",
+                    &self.cfg,
+                    256,
+                    fleet.clone(),
+                ));
                 let set = limited_set(&limit, self.workers.len() as u16);
                 (limit, set, Arc::new(Picker::new(BalancerKind::P2cEwma)))
             })
@@ -199,6 +208,7 @@ impl Step {
             step: 320,
             step_secs: 3,
             cfg: ConcurrencyConfig::default(),
+            counted: true,
         }
     }
 
@@ -214,6 +224,7 @@ impl Step {
             step,
             step_secs: 3,
             cfg: ConcurrencyConfig::default(),
+            counted: true,
         }
     }
 }
@@ -273,4 +284,46 @@ async fn spikes_of_3x_to_5x_after_calm_demand_are_served_within_500_ms_through_o
             }
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn replicas_that_share_the_initial_limit_serve_a_4x_spike_within_500_ms() {
+    // Chaos 17's layout: two replicas, the upstream one instance of 16 workers or three of
+    // 6 + 5 + 5. Each replica meets the spike with its share of initial_limit (10, or 4 per
+    // instance), the two together about what the upstream serves at once.
+    for workers in [vec![16], vec![6, 5, 5]] {
+        let run = Step::spike(2, workers.clone()).run().await;
+        eprintln!("{workers:?}: {run}");
+        assert_spike_served(&run);
+    }
+    // Each replica taking the whole of it (the fleet unknown): 40 or 42 calls at once for
+    // 16 workers, and successes of the first second queued at the upstream past 500 ms.
+    for workers in [vec![16], vec![6, 5, 5]] {
+        let mut spike = Step::spike(2, workers.clone());
+        spike.counted = false;
+        let run = spike.run().await;
+        eprintln!("{workers:?}, each replica the whole initial limit: {run}");
+        assert!(run.quantile(true, 0.0, 1.0, 1.0) > ms(500), "{run}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_to_capacity_through_both_replicas_is_never_refused() {
+    // 5 calls/s, then 80/s (1x of 16 x 200 ms) over both replicas: each has half of the
+    // initial limit (10), and half of the demand (8 in flight).
+    let mut step = Step::after_a_quiet_spell(ms(200), 80);
+    step.replicas = 2;
+    step.busy_replicas = 2;
+    let run = step.run().await;
+    eprintln!("{run}");
+    assert_eq!(run.count(false, -99.0, 99.0), 0, "{run}");
+    // The whole step on one of the two (a balancer that sends everything to one replica):
+    // its half (10) is below the 16 in flight needed, and the calls that find it full before
+    // the first answers can only be refused; the limit grows on those answers. Bounded here
+    // so that it cannot get worse unseen: 11 refusals in the first second, none after.
+    step.busy_replicas = 1;
+    let run = step.run().await;
+    eprintln!("all on one replica: {run}");
+    assert!(run.count(false, 0.0, 1.0) <= 16, "{run}");
+    assert_eq!(run.count(false, 1.0, 99.0), 0, "{run}");
 }
