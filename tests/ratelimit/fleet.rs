@@ -10,7 +10,7 @@ use std::time::Duration;
 use deltastream_gateway::config::{Dur, RateLimitConfig};
 use deltastream_gateway::ratelimit::RateLimiter;
 use deltastream_gateway::upstream::concurrency::{Fleet, ANNOUNCE_TTL};
-use support::gateway::{client, config_with_instances, spawn, upstream_view};
+use support::gateway::{admin_upstreams, client, config_with_instances, spawn, upstream_view};
 use support::redis::RedisServer;
 use support::FakeUpstream;
 
@@ -93,14 +93,7 @@ async fn two_gateways_sharing_a_redis_each_fall_back_to_half_the_initial_limit()
     })
     .await;
     assert!(counted, "{} / {}", fleet(&one), fleet(&two));
-    let view: serde_json::Value = client()
-        .get(format!("http://{}/admin/upstreams", one.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = admin_upstreams(one.admin_addr).await;
     assert_eq!(view["fleet_replicas"], 2, "{view}");
     // Light traffic through one of them: its storage limit, 20 at start (the replica's count
     // was 1 then), falls window by window to its share, 20 / 2, and no lower.

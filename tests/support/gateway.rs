@@ -68,16 +68,21 @@ pub fn config_with_instances(name: &str, urls: &[String]) -> Config {
     cfg
 }
 
-/// Upstream `name`'s entry of the admin listener's `/admin/upstreams`.
-pub async fn upstream_view(admin: std::net::SocketAddr, name: &str) -> serde_json::Value {
-    let view: serde_json::Value = client()
+/// The admin listener's `/admin/upstreams`.
+pub async fn admin_upstreams(admin: std::net::SocketAddr) -> serde_json::Value {
+    client()
         .get(format!("http://{admin}/admin/upstreams"))
         .send()
         .await
         .expect("/admin/upstreams")
         .json()
         .await
-        .expect("/admin/upstreams JSON");
+        .expect("/admin/upstreams JSON")
+}
+
+/// Upstream `name`'s entry of the admin listener's `/admin/upstreams`.
+pub async fn upstream_view(admin: std::net::SocketAddr, name: &str) -> serde_json::Value {
+    let view = admin_upstreams(admin).await;
     view["upstreams"]
         .as_array()
         .expect("upstreams")
