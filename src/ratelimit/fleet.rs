@@ -25,7 +25,7 @@ return redis.call('ZCARD', KEYS[1])
 "#;
 
 /// The sorted set of announcements under the limiter's key prefix.
-pub(super) fn key(prefix: &str) -> String {
+fn key(prefix: &str) -> String {
     format!("{prefix}:fleet")
 }
 

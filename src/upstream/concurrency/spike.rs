@@ -45,8 +45,6 @@ struct Step {
     /// ...and after it, for `step_secs`.
     step: u32,
     step_secs: u64,
-    /// Each replica's section.
-    cfg: ConcurrencyConfig,
     /// Each call's service time is `service` times a factor drawn evenly from
     /// `[1, 1 + jitter]` (a real service is never exactly as fast twice).
     jitter: f64,
@@ -137,7 +135,7 @@ impl Step {
             .map(|_| {
                 let limit = Arc::new(ConcurrencyLimit::in_fleet(
                     "t",
-                    &self.cfg,
+                    &ConcurrencyConfig::default(),
                     256,
                     fleet.clone(),
                 ));
@@ -219,7 +217,6 @@ impl Step {
             calm: 40,
             step: 320,
             step_secs: 3,
-            cfg: ConcurrencyConfig::default(),
             jitter: 0.0,
             counted: true,
         }
@@ -236,7 +233,6 @@ impl Step {
             calm: 5,
             step,
             step_secs: 3,
-            cfg: ConcurrencyConfig::default(),
             jitter: 0.0,
             counted: true,
         }
