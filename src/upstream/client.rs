@@ -29,7 +29,7 @@ pub(crate) fn build_client(
 }
 
 /// The client reqwest-middleware's chain is built around. The chain never reaches it (it ends
-/// in `Dispatch`, on the chosen instance's client), so one process-wide instance serves all.
+/// in the attempt layer, on the chosen instance's client), so one process-wide instance serves all.
 pub(crate) fn unused_base() -> reqwest::Client {
     static BASE: OnceLock<reqwest::Client> = OnceLock::new();
     BASE.get_or_init(reqwest::Client::new).clone()

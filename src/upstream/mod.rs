@@ -9,12 +9,13 @@
 //!   (Pipeline::send_for)
 //!   -> retry (503 + connect errors, budget, backoff with full jitter, Retry-After; a retry
 //!      or hedge goes to another instance)
-//!   -> attempt record (one tracing event + metrics per attempt)
-//!   -> service breaker (fast `CircuitOpen` while open; admits per attempt, records one
-//!      outcome per client call when the retries are done)
-//!   -> balancer (picks the instance: P2C by peak EWMA; feeds its load and health)
-//!   -> per-attempt timeout
-//!   -> the chosen instance's pooled reqwest client
+//!   -> the attempt, one layer (attempt.rs), in this order:
+//!      record (one tracing event + metrics per attempt)
+//!      -> service breaker (fast `CircuitOpen` while open; admits per attempt, records one
+//!         outcome per client call when the retries are done)
+//!      -> balancer (picks the instance: P2C by peak EWMA; feeds its load and health)
+//!      -> per-attempt timeout
+//!      -> the chosen instance's pooled reqwest client
 //! ```
 //!
 //! - [`bulkhead`]: the slots of one upstream and each client's share of them.
@@ -23,8 +24,9 @@
 //! - [`call`]: the per-call types: options, results, outcomes, and the state the layers of
 //!   one call share through the request's `Extensions`.
 //! - [`pipeline`]: the composition and [`Pipeline::send`].
+//! - `attempt`: one attempt below the retry layer, as one middleware layer.
 //! - [`retry`]: the retry loop, its decisions, the retry budget and `Retry-After` handling.
-//! - [`breaker`]: the service circuit breaker: state machine, layer, health probe.
+//! - [`breaker`]: the service circuit breaker: state machine, per-call permit, health probe.
 //! - [`balancer`]: the choice of instance per attempt (P2C / peak EWMA, round robin) and
 //!   the dispatch to its client.
 //! - [`instances`]: the upstream's instances: membership and passive health (ejection).
@@ -33,7 +35,7 @@
 //! - `trip`: the one trip rule (N failures in a row, or a failure rate over a window with a
 //!   minimum volume) that the breaker and ejection share.
 //! - `backoff`: the one doubling backoff (breaker open time, ejection time).
-//! - [`timeout`]: the per-attempt timeout middleware.
+//! - [`timeout`]: the per-attempt timeout.
 //! - [`client`]: the pooled reqwest client of one instance.
 //! - [`cache`]: the RFC 9111 response cache in front of the pipeline (routes opt in).
 //! - `window`: a bucketed sliding window on tokio's clock, shared by the budget and the trip
@@ -42,6 +44,7 @@
 //! Every clock read here is `tokio::time::Instant`, so `#[tokio::test(start_paused = true)]` can
 //! drive the breaker's open time, the failure-rate window, ejections and the retry budget.
 
+mod attempt;
 mod backoff;
 pub mod balancer;
 pub mod breaker;

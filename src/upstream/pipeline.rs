@@ -4,16 +4,16 @@
 //! verification alike, so every call is bounded, retried, counted by the breaker and measured
 //! the same way.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use http::Extensions;
-use reqwest::{Request, Response};
-use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
+use reqwest::Request;
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokio::time::Instant;
 
-use super::balancer::{Balancer, Chosen, Dispatch};
-use super::breaker::{any_instance_healthy, Breaker, BreakerLayer, CallPermit};
+use super::attempt::{Attempt, RecordAttempt, SpanSink};
+use super::balancer::Balancer;
+use super::breaker::{any_instance_healthy, Breaker, CallPermit};
 use super::bulkhead::Bulkhead;
 use super::call::{
     error_chain, instant_after, Call, CallOptions, Caller, Delivered, Outcome, UpstreamError,
@@ -24,167 +24,9 @@ use super::concurrency::{ConcurrencyLimit, Fleet};
 use super::discovery::{self, Resolve, SystemResolver, Target};
 use super::instances::InstanceSet;
 use super::retry::{backoff_policy, RetryBudget, RetryLayer};
-use super::timeout::AttemptTimeout;
 use crate::config::UpstreamConfig;
 use crate::observability::alive::AliveGauge;
-use crate::observability::metrics::{with_kept, with_route_slot, RouteSlots};
-use crate::observability::otlp::{self, Exporter, SpanRecord};
-
-/// Why an attempt failed, for the log: the error's causes without reqwest's outer message,
-/// which names the URL, query string included (where clients put tokens).
-fn failure_cause(e: &reqwest_middleware::Error) -> Option<String> {
-    match e {
-        reqwest_middleware::Error::Reqwest(e) => {
-            use std::error::Error;
-            e.source().map(error_chain)
-        }
-        reqwest_middleware::Error::Middleware(e) => Some(error_chain(e.as_ref())),
-    }
-}
-
-/// One upstream's attempt series, one per outcome label.
-type AttemptSeries = [Option<(metrics::Counter, metrics::Histogram)>; Outcome::LABELS.len()];
-
-thread_local! {
-    /// Registered attempt series per upstream (see `observability::metrics::with_kept`).
-    static ATTEMPT_SERIES: RefCell<RouteSlots<AttemptSeries>> = RefCell::default();
-}
-
-/// One tracing event and one count + duration sample per attempt.
-struct RecordAttempt {
-    upstream: Arc<str>,
-    /// Where attempt spans go (`[tracing] otlp_endpoint`); set by the gateway's state.
-    spans: SpanSink,
-}
-
-/// The span exporter a pipeline reports to, swapped by a reload.
-type SpanSink = Arc<arc_swap::ArcSwapOption<Exporter>>;
-
-impl RecordAttempt {
-    fn record(&self, outcome: Outcome, seconds: f64) {
-        let label = outcome.label();
-        let i = Outcome::LABELS
-            .iter()
-            .position(|l| *l == label)
-            .unwrap_or_default();
-        let register = || {
-            (
-                metrics::counter!("gateway_upstream_attempts_total",
-                    "upstream" => self.upstream.clone(), "outcome" => label),
-                metrics::histogram!("gateway_upstream_attempt_duration_seconds",
-                    "upstream" => self.upstream.clone(), "outcome" => label),
-            )
-        };
-        ATTEMPT_SERIES.with(|cache| {
-            with_route_slot(cache, &self.upstream, |series: &mut AttemptSeries| {
-                with_kept(&mut series[i], register, |(count, duration)| {
-                    count.increment(1);
-                    duration.record(seconds);
-                })
-            })
-        });
-    }
-}
-
-/// Counts an attempt that is dropped before it ends (`Outcome::Abandoned`): a hedge that
-/// lost its race was sent all the same, and must show in `X-Upstream-Attempts` and the
-/// attempt metrics (issue 25: a hedged request reported one attempt and no loser).
-struct Unfinished<'a> {
-    recorder: &'a RecordAttempt,
-    call: &'a Call,
-    started: Instant,
-    ended: bool,
-}
-
-impl Drop for Unfinished<'_> {
-    fn drop(&mut self) {
-        if self.ended {
-            return;
-        }
-        let attempt = self.call.record_abandoned();
-        let elapsed = self.started.elapsed();
-        self.recorder
-            .record(Outcome::Abandoned, elapsed.as_secs_f64());
-        tracing::debug!(upstream = %self.recorder.upstream, attempt, outcome = Outcome::Abandoned.label(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0, "upstream attempt");
-    }
-}
-
-#[async_trait::async_trait]
-impl Middleware for RecordAttempt {
-    async fn handle(
-        &self,
-        req: Request,
-        extensions: &mut Extensions,
-        next: Next<'_>,
-    ) -> reqwest_middleware::Result<Response> {
-        let call = Call::of(extensions)?.clone();
-        // Spans only when exporting and the call is in a trace: no wall-clock read otherwise.
-        let exporter = self.spans.load_full();
-        let traced = exporter.as_ref().and(call.state().trace).map(|parent| {
-            (
-                (parent.trace_id, parent.span_id),
-                std::time::SystemTime::now(),
-            )
-        });
-        let started = Instant::now();
-        let mut unfinished = Unfinished {
-            recorder: self,
-            call: &call,
-            started,
-            ended: false,
-        };
-        let result = next.run(req, extensions).await;
-        unfinished.ended = true;
-        drop(unfinished);
-        let elapsed = started.elapsed();
-        let outcome = Outcome::of(&result);
-        let attempt = call.record(outcome, &result);
-        let label = outcome.label();
-        self.record(outcome, elapsed.as_secs_f64());
-        let latency_ms = elapsed.as_secs_f64() * 1000.0;
-        let instance = extensions
-            .get::<Chosen>()
-            .map(|c| c.0.addr.clone())
-            .unwrap_or_else(|| Arc::from(""));
-        if let (Some(exporter), Some(((trace_id, parent), wall_start))) = (exporter, traced) {
-            let mut attributes = vec![
-                ("upstream", otlp::Value::Str(self.upstream.to_string())),
-                ("server.address", otlp::Value::Str(instance.to_string())),
-                ("gateway.attempt", otlp::Value::Int(i64::from(attempt))),
-                ("gateway.outcome", otlp::Value::Str(label.to_string())),
-            ];
-            if let Ok(r) = &result {
-                attributes.push((
-                    "http.response.status_code",
-                    otlp::Value::Int(i64::from(r.status().as_u16())),
-                ));
-            }
-            exporter.record(SpanRecord {
-                trace_id,
-                span_id: rand::random(),
-                parent_id: Some(parent),
-                name: format!("upstream {}", self.upstream),
-                kind: otlp::Kind::Client,
-                start: wall_start,
-                end: wall_start + elapsed,
-                attributes,
-                error: outcome.breaker_failure() == Some(true),
-            });
-        }
-        match outcome.breaker_failure() {
-            Some(true) => {
-                // The cause (refused, DNS, connect timeout...) tells a restart from an outage.
-                let error = result.as_ref().err().and_then(failure_cause);
-                tracing::info!(upstream = %self.upstream, %instance, attempt, outcome = label, latency_ms, error, "upstream attempt")
-            }
-            Some(false) | None => {
-                tracing::debug!(upstream = %self.upstream, %instance, attempt, outcome = label, latency_ms, "upstream attempt")
-            }
-        }
-        result
-    }
-}
+use crate::observability::otlp::Exporter;
 
 /// One upstream's resilience stack around its pooled client.
 pub struct Pipeline {
@@ -280,27 +122,18 @@ impl Pipeline {
                 retry_after_cap: cfg.retry.retry_after_cap.0,
                 instances: instances.clone(),
             })
-            // Records every attempt, refusals included, so it sits above the breaker; it is
-            // below retry so that each attempt, not each call, is one event.
-            .with(RecordAttempt {
-                upstream: upstream.clone(),
-                spans: spans.clone(),
-            })
-            // The SERVICE breaker refuses fast while open, per attempt; it records one outcome
-            // per CALL, in `send` once retry is done (a call a retry saved on another instance
-            // is no failure: one bad instance never opens it). It is outside the timeout so
-            // that a call whose last attempt timed out is a failure.
-            .with(BreakerLayer {
+            // Everything one attempt does, in one layer (`attempt.rs`): its record, the
+            // service breaker's admission, the balancer's choice, the attempt timeout and the
+            // send on the chosen instance's client. Below retry, so that each attempt, not
+            // each call, is one record and asks the breaker again.
+            .with(Attempt {
+                record: RecordAttempt {
+                    upstream: upstream.clone(),
+                    spans: spans.clone(),
+                },
                 breaker: breaker.clone(),
+                balancer: Balancer::new(instances.clone(), cfg.balancer),
             })
-            // Picks the instance (untried first), moves the request to it, and feeds its
-            // load and health (ejection) with the attempt's outcome, timeouts included: so it
-            // sits outside the attempt timeout.
-            .with(Balancer::new(instances.clone(), cfg.balancer))
-            // Bounds one attempt until response headers, clamped to the deadline.
-            .with(AttemptTimeout)
-            // Innermost: sends on the chosen instance's pooled client.
-            .with(Dispatch)
             .build();
         let probe_interval = cfg
             .breaker

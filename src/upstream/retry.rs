@@ -259,7 +259,7 @@ impl RetryLayer {
         let (first_lost, second_lost) = (Abandoned::default(), Abandoned::default());
         extensions.insert(first_lost.clone());
         // The hedge's own extensions: the same call state and breaker permit (shared), its
-        // own chosen instance and flag.
+        // own flag.
         let mut hedge_extensions = extensions.clone();
         hedge_extensions.insert(second_lost.clone());
         let result = self

@@ -1,25 +1,20 @@
-//! The balancer and dispatch layers: each attempt picks an instance of the upstream
-//! (`p2c.rs`), moves the request to it, and reports how the attempt went so the instance's
-//! load (`peak_ewma.rs`) and health (`instances/health.rs`) follow. The chain then ends in
-//! [`Dispatch`], which sends on the chosen instance's own pooled client.
+//! The balancer's part of an attempt (`upstream/attempt.rs`): each attempt picks an instance
+//! of the upstream (`p2c.rs`), moves the request to it, sends it on that instance's own
+//! pooled client, and reports how the attempt went so the instance's load (`peak_ewma.rs`)
+//! and health (`instances/health.rs`) follow.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::Extensions;
 use reqwest::{Request, Response};
-use reqwest_middleware::{Middleware, Next};
 use tokio::time::Instant;
 
 use super::p2c::Picker;
 use crate::config::BalancerKind;
-use crate::upstream::call::{Call, NoCall, NoInstance, Outcome};
+use crate::upstream::call::{Call, NoInstance, Outcome};
 use crate::upstream::concurrency::Sample;
 use crate::upstream::instances::{Instance, InstanceSet};
-
-/// The instance an attempt was sent to, in that attempt's extensions.
-#[derive(Clone, Debug)]
-pub(crate) struct Chosen(pub(crate) Arc<Instance>);
+use crate::upstream::timeout::within_attempt_limit;
 
 /// Set by the retry layer on the attempt that lost a hedge race, just before it is dropped:
 /// the instance did not answer in time, and its health must say so. Any other cancellation
@@ -39,7 +34,7 @@ struct AttemptReport<'a> {
     instances: &'a InstanceSet,
     instance: Arc<Instance>,
     started: Instant,
-    abandoned: Option<Abandoned>,
+    abandoned: Option<&'a Abandoned>,
     done: bool,
 }
 
@@ -84,37 +79,48 @@ impl Balancer {
     }
 }
 
-#[async_trait::async_trait]
-impl Middleware for Balancer {
-    async fn handle(
+impl Balancer {
+    /// Sends one attempt of `call`: picks the instance (untried first), moves the request to
+    /// it, sends it on the instance's pooled client within the attempt timeout, and feeds the
+    /// instance's load, health (ejection) and limit with how it went, timeouts included. The
+    /// instance comes back with the result, for the attempt's record; `None` when there was
+    /// none to pick.
+    pub(crate) async fn send(
         &self,
         mut req: Request,
-        extensions: &mut Extensions,
-        next: Next<'_>,
-    ) -> reqwest_middleware::Result<Response> {
-        let call = Call::of(extensions)?.clone();
+        call: &Call,
+        abandoned: Option<&Abandoned>,
+    ) -> (reqwest_middleware::Result<Response>, Option<Arc<Instance>>) {
         if !self.instances.is_resolved() {
             // The first resolution is under way (startup); the call's deadline bounds this.
             self.instances.wait_resolved().await;
         }
         let limited = call.state().limited;
-        let instance = call
-            .with_tried(|tried| self.picker.pick(&self.instances, tried, limited.is_some()))
-            .ok_or_else(|| reqwest_middleware::Error::middleware(NoInstance))?;
+        let Some(instance) =
+            call.with_tried(|tried| self.picker.pick(&self.instances, tried, limited.is_some()))
+        else {
+            return (Err(reqwest_middleware::Error::middleware(NoInstance)), None);
+        };
         call.tried_instance(instance.id);
         move_to(&mut req, &instance);
-        extensions.insert(Chosen(instance.clone()));
         let _in_flight = instance.start();
         // A slot under the instance's own limit, for the calls under the upstream's.
         let slot = limited.and(instance.limit.as_ref()).map(|l| l.take());
         let report = AttemptReport {
             instances: &self.instances,
-            abandoned: extensions.get::<Abandoned>().cloned(),
-            instance,
+            abandoned,
+            instance: instance.clone(),
             started: Instant::now(),
             done: false,
         };
-        let result = next.run(req, extensions).await;
+        let result = within_attempt_limit(call, async {
+            instance
+                .client
+                .execute(req)
+                .await
+                .map_err(reqwest_middleware::Error::Reqwest)
+        })
+        .await;
         let outcome = Outcome::of(&result);
         if let (Some(slot), Some(class)) = (&slot, limited) {
             // The attempt's round trip teaches its instance's limit: an answer (a 5xx may
@@ -133,7 +139,7 @@ impl Middleware for Balancer {
         }
         drop(slot);
         report.finish(outcome);
-        result
+        (result, Some(instance))
     }
 }
 
@@ -164,29 +170,6 @@ fn point_at(url: &mut reqwest::Url, e: &crate::upstream::instances::Endpoint) {
         }
     }
     let _ = url.set_port(Some(e.port));
-}
-
-/// The end of the chain: sends the attempt on its instance's pooled client.
-pub(crate) struct Dispatch;
-
-#[async_trait::async_trait]
-impl Middleware for Dispatch {
-    async fn handle(
-        &self,
-        req: Request,
-        extensions: &mut Extensions,
-        _next: Next<'_>,
-    ) -> reqwest_middleware::Result<Response> {
-        let chosen = extensions
-            .get::<Chosen>()
-            .ok_or_else(|| reqwest_middleware::Error::middleware(NoCall))?;
-        chosen
-            .0
-            .client
-            .execute(req)
-            .await
-            .map_err(reqwest_middleware::Error::Reqwest)
-    }
 }
 
 #[cfg(test)]

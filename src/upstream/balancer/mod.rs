@@ -2,9 +2,9 @@
 //! Laid out as tower's `balance/p2c` and `load/peak_ewma`: the choice, and the load it
 //! compares, each in its own file.
 //!
-//! - `layer.rs`: the [`Balancer`] middleware (picks, moves the request to the instance,
-//!   reports the attempt's outcome to the instance's load and health) and [`Dispatch`], the
-//!   end of the chain that sends on the chosen instance's pooled client. Start reading here.
+//! - `layer.rs`: the [`Balancer`]'s part of an attempt: picks, moves the request to the
+//!   instance, sends it on the instance's pooled client, reports the attempt's outcome to
+//!   the instance's load and health. Start reading here.
 //! - `p2c.rs`: the choice among the instances that may serve: untried ones first (a retry or
 //!   a hedge goes elsewhere), then power of two choices by peak-EWMA cost, or round robin.
 //! - `peak_ewma.rs`: each instance's load: peak-EWMA latency x calls in flight.
@@ -16,7 +16,7 @@ mod layer;
 mod p2c;
 mod peak_ewma;
 
-pub(crate) use layer::{Abandoned, Balancer, Chosen, Dispatch};
+pub(crate) use layer::{Abandoned, Balancer};
 #[cfg(test)]
 pub(crate) use p2c::Picker;
 pub(crate) use peak_ewma::PeakEwma;

@@ -3,8 +3,8 @@
 //!
 //! - `state.rs`: the state machine ([`Breaker`]): closed / open / half-open, the [`Permit`]
 //!   a call holds across its attempts, the snapshot `/admin` shows. Start reading here.
-//! - `layer.rs`: the reqwest-middleware layer that asks the breaker before every attempt,
-//!   and the per-call permit slot through which `Pipeline::send` records ONE outcome per call.
+//! - `layer.rs`: the per-call permit slot: each attempt asks the breaker through it, and
+//!   `Pipeline::send` records ONE outcome per call through it.
 //! - `probe.rs`: the optional health probe (`probe_path`) that moves an open breaker to
 //!   half-open as soon as an instance answers again.
 //! - `tests.rs`: the breaker's behaviour on a paused clock.
@@ -35,7 +35,7 @@ mod state;
 mod tests;
 
 pub use super::call::BreakerOpen;
-pub(crate) use layer::{BreakerLayer, CallPermit};
+pub(crate) use layer::CallPermit;
 pub(crate) use probe::any_instance_healthy;
 pub use probe::{http_health_check, HealthCheck};
 pub use state::{Breaker, BreakerSnapshot, BreakerState, Permit};
