@@ -7,9 +7,10 @@
 //!   A count that keeps growing with reloads is a state something still holds.
 //! - the runtime's tasks alive (`gateway_runtime_alive_tasks`): connections, relays, probe and
 //!   discovery loops; a replaced pipeline's loops end with it.
-//! - the heap (glibc's `mallinfo2`, read at each scrape): bytes the program holds
-//!   (`in_use`) against bytes freed but kept by malloc (`free`). Resident memory that grows
-//!   while `in_use` stays flat is the allocator's, not a leak.
+//! - the heap (glibc's `mallinfo2`, read at each scrape) in a build without the `mimalloc`
+//!   feature: bytes the program holds (`in_use`) against bytes freed but kept by malloc
+//!   (`free`). Resident memory that grows while `in_use` stays flat is the allocator's, not a
+//!   leak. With mimalloc glibc sees only C libraries' allocations, so the gauge is absent.
 
 use metrics::Gauge;
 
@@ -65,12 +66,24 @@ pub struct Heap {
     pub free: u64,
 }
 
+/// Whether glibc's malloc serves the program's allocations: a glibc build without the
+/// `mimalloc` feature (the binary's global allocator), or a unit test (the test harness
+/// keeps the system allocator).
+pub const GLIBC_HEAP: bool = cfg!(all(
+    target_os = "linux",
+    target_env = "gnu",
+    any(test, not(feature = "mimalloc"))
+));
+
 /// The heap as glibc's malloc counts it; `None` with another allocator or C library.
 ///
 /// `mallinfo2` walks every arena's free lists under the arena's lock: fine once per scrape
 /// (tens of microseconds on a gateway's heap), not per request.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn heap() -> Option<Heap> {
+    if !GLIBC_HEAP {
+        return None;
+    }
     // SAFETY: mallinfo2 takes no pointers and is thread-safe (it locks each arena).
     let info = unsafe { libc::mallinfo2() };
     Some(Heap {

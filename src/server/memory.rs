@@ -13,7 +13,8 @@
 //! for it: measured over that test (debug build, 45 trims), median 0.18 ms, p90 0.9 ms, and
 //! 3.6 ms for the one trim that returned the ~20 MiB of a hostile round. Every 5 s by default,
 //! that is a rare sub-millisecond stall against memory that does come back. Other allocators
-//! (musl, a Rust global allocator) are not touched: the thread only exists on glibc.
+//! (musl, the `mimalloc` feature) are not touched: the thread only exists where glibc's
+//! malloc serves the program.
 
 use std::sync::Once;
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub fn start_trimmer(interval: Duration) {
     });
 }
 
-const SUPPORTED: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
+const SUPPORTED: bool = crate::observability::alive::GLIBC_HEAP;
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn trim() {
