@@ -18,8 +18,10 @@ allocator keeping freed memory does not); and the machine: rustc processes, and 
 cores used by processes other than the stack and k6.
 
 Writes OUT_DIR/summary.md, OUT_DIR/soak.svg, OUT_DIR/results.json and exits 1 when the
-target is missed (README "Soak"): after the warm-up, RSS and fds of each replica grow by at
-most 5% (last minute against the first minute after warm-up, per-minute medians) and every
+target is missed (README "Soak"): after the warm-up, RSS and fds (those not held by an
+established connection: how many connections k6 and the pools keep is load, not a leak) of
+each replica grow by at most 5% (last minute against the first minute after warm-up,
+per-minute medians) and every
 later minute's p99 (k6, reads) is at most 1.5x the first minute after warm-up.
 """
 
@@ -364,6 +366,13 @@ def per_minute(samples, name):
         for k in ("rss_mib", "fds", "non_socket_fds", "client_conns", "upstream_conns", "ws_relays",
                   "heap_in_use_mib", "heap_free_mib", "tasks_alive"):
             row[k] = median([v.get(k) for v in vals])
+        # The fds no established connection holds: k6 opens more client connections when
+        # answers slow down (a Redis restart) and keeps them, and the upstream pools keep what
+        # they opened meanwhile; neither is a leak. A socket the gateway failed to close
+        # (CLOSE_WAIT, or never connected) or any other descriptor still counts here.
+        row["fds_unconnected"] = median([
+            v["fds"] - v["client_conns"] - v["upstream_conns"] for v in vals
+            if None not in (v.get("fds"), v.get("client_conns"), v.get("upstream_conns"))])
         row["cache_bytes"] = vals[-1].get("cache_bytes") if vals else None
         # The most seen in the minute: a replaced state or pipeline alive for longer than
         # its requests would show in every sample.
@@ -398,7 +407,7 @@ def judge(minutes, k6):
         verdicts.append((label, g <= limit, f"{a:g} -> {b:g} ({g * 100:+.1f}%, limit +{limit * 100:g}%)"))
 
     growth("rss_mib", RSS_GROWTH, "RSS growth")
-    growth("fds", FDS_GROWTH, "open fds growth")
+    growth("fds_unconnected", FDS_GROWTH, "open fds growth (not held by an established connection)")
     base = k6[first]["p99_ms"]
     worst = max(((k6[m]["p99_ms"] or 0, m) for m in range(first + 1, last + 1)), default=(0, first))
     if base:
