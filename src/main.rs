@@ -389,15 +389,22 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|n| *n > 0);
+    // An idle thread hands its allocator's free memory back (`server::memory::on_idle`).
+    let idle = deltastream_gateway::server::memory::on_idle;
     match workers {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(idle)
             .build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .enable_all()
+            .on_thread_park(idle)
             .build(),
-        None => tokio::runtime::Runtime::new(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .on_thread_park(idle)
+            .build(),
     }
 }
 

@@ -40,8 +40,9 @@ pub struct ServerConfig {
     pub port: u16,
     /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
     pub shutdown_grace: Dur,
-    /// How often freed heap is handed back to the kernel (glibc `malloc_trim`), so resident
-    /// memory falls back after a burst; `0s` turns it off (see `server::memory`).
+    /// How often freed heap is handed back to the kernel (glibc `malloc_trim`; with the
+    /// `mimalloc` feature, mimalloc's collection, also by each runtime thread as it goes idle),
+    /// so resident memory falls back after a burst; `0s` turns it off (see `server::memory`).
     pub memory_trim_interval: Dur,
     /// Terminate TLS on the public listener (HTTP/2 and HTTP/1.1 by ALPN); absent: plain HTTP
     /// (HTTP/2 with prior knowledge still works).
