@@ -119,7 +119,8 @@ enum Command {
     },
 }
 
-/// With the `mimalloc` feature, mimalloc serves every allocation (see Cargo.toml).
+/// With the `mimalloc` feature (the default), mimalloc serves every allocation (see
+/// Cargo.toml).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

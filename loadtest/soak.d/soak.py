@@ -225,8 +225,10 @@ class Sampler(threading.Thread):
                 row["hist"] = histogram(text, "gateway_request_duration_seconds", "/auth/")
                 row["reloads_ok"] = metric_sum(text, "gateway_config_reloads_total", skip='"invalid"')
                 # What is alive (issue 25 item 8): a leak grows these, the allocator does not.
-                row["heap_in_use_mib"] = round(metric_sum(text, "gateway_heap_bytes", skip='"free"') / 2**20, 2)
-                row["heap_free_mib"] = round(metric_sum(text, "gateway_heap_bytes", skip='"in_use"') / 2**20, 2)
+                # glibc's count; absent where mimalloc serves the gateway (the default build).
+                if re.search(r"^gateway_heap_bytes\{", text, re.M):
+                    row["heap_in_use_mib"] = round(metric_sum(text, "gateway_heap_bytes", skip='"free"') / 2**20, 2)
+                    row["heap_free_mib"] = round(metric_sum(text, "gateway_heap_bytes", skip='"in_use"') / 2**20, 2)
                 row["states_alive"] = metric_sum(text, "gateway_config_states_alive")
                 row["pipelines_alive"] = metric_sum(text, "gateway_upstream_pipelines_alive")
                 row["tasks_alive"] = metric_sum(text, "gateway_runtime_alive_tasks")
@@ -519,7 +521,7 @@ def report(out_dir, samples, events, k6, k6_total, k6_auth, minutes, verdicts, m
               "k6 (reads: data and analytics journeys; auth journey apart) and from the gateway's "
               "own histogram (all routes but /auth/, bucket-interpolated); others % = CPU share of "
               "processes outside the stack and k6; heap in use / free: glibc's count of what the "
-              "program holds and what malloc keeps freed; states, pipelines: configuration states "
+              "program holds and what malloc keeps freed (`-`: a build where mimalloc serves the program); states, pipelines: configuration states "
               "and upstream pipelines alive (most in the minute; 1 and 4 when nothing replaced "
               "is kept); tasks: the runtime's tasks alive.", "",
               "| replica | min | RSS MiB | fds | non-socket fds | client conns | upstream conns | WS relays "

@@ -10,7 +10,8 @@
 //! - the heap (glibc's `mallinfo2`, read at each scrape) in a build without the `mimalloc`
 //!   feature: bytes the program holds (`in_use`) against bytes freed but kept by malloc
 //!   (`free`). Resident memory that grows while `in_use` stays flat is the allocator's, not a
-//!   leak. With mimalloc glibc sees only C libraries' allocations, so the gauge is absent.
+//!   leak. With mimalloc (the default build) glibc sees only C libraries' allocations, so the
+//!   gauge is absent.
 
 use metrics::Gauge;
 

@@ -63,7 +63,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("gateway_config_states_alive", Kind::Gauge, "Configuration states alive: 1, plus each one a reload replaced while requests and WebSocket relays that started on it last"),
     ("gateway_upstream_pipelines_alive", Kind::Gauge, "An upstream's pipelines alive: 1, plus each one a reload replaced while calls that started on it last"),
     ("gateway_runtime_alive_tasks", Kind::Gauge, "Tasks alive in the runtime (connections, relays, probe and discovery loops), read at each scrape"),
-    ("gateway_heap_bytes", Kind::Gauge, "The heap as glibc's malloc counts it, read at each scrape: in_use (held by the program), free (freed but kept by malloc); absent with another allocator (the `mimalloc` feature)"),
+    ("gateway_heap_bytes", Kind::Gauge, "The heap as glibc's malloc counts it, read at each scrape: in_use (held by the program), free (freed but kept by malloc); absent with another allocator (mimalloc, the default build's)"),
     ("gateway_build_info", Kind::Gauge, "Always 1; the build's version and git commit as labels"),
     ("gateway_errors_total", Kind::Counter, "Error answers by route and reason (the error body's `reason`)"),
     ("gateway_otlp_spans_exported_total", Kind::Counter, "Spans accepted by the OTLP collector ([tracing] otlp_endpoint)"),

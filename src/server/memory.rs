@@ -15,7 +15,7 @@
 //! that is a rare sub-millisecond stall against memory that does come back. On musl nothing
 //! is done.
 //!
-//! With the `mimalloc` feature the same thread asks mimalloc to purge what it holds free
+//! With the `mimalloc` feature (the default build) the same thread asks mimalloc to purge what it holds free
 //! (`mi_collect`), and each runtime thread collects its own heap when it goes idle (tokio's
 //! `on_thread_park`, at most once per interval, [`on_idle`]): mimalloc purges a thread's
 //! freed pages only when that thread calls into it again, and an idle worker never does, so
