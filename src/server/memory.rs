@@ -98,25 +98,28 @@ pub fn start_trimmer(interval: Duration) {
     });
 }
 
-const SUPPORTED: bool =
-    crate::observability::alive::GLIBC_HEAP || cfg!(all(feature = "mimalloc", not(test)));
+/// Whether mimalloc serves the program: the binary's global allocator with the feature (a unit
+/// test keeps the system allocator).
+const MIMALLOC: bool = cfg!(all(feature = "mimalloc", not(test)));
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Whether the trim thread has anything to hand back: glibc's arenas or mimalloc's.
+const SUPPORTED: bool = crate::observability::alive::GLIBC_HEAP || MIMALLOC;
+
 fn trim() {
-    #[cfg(all(feature = "mimalloc", not(test)))]
-    // SAFETY: takes no pointers; purges the arenas all threads share.
-    unsafe {
-        mi_collect(true)
+    #[cfg(feature = "mimalloc")]
+    if MIMALLOC {
+        // SAFETY: takes no pointers; purges the arenas all threads share.
+        unsafe { mi_collect(true) };
+        return;
     }
-    #[cfg(not(all(feature = "mimalloc", not(test))))]
-    // SAFETY: malloc_trim takes no pointers and is thread-safe (it locks each arena).
-    unsafe {
-        libc::malloc_trim(0);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if crate::observability::alive::GLIBC_HEAP {
+        // SAFETY: malloc_trim takes no pointers and is thread-safe (it locks each arena).
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
 
 /// What one client connection may hold, for the cap derived from a memory limit: an idle
 /// keep-alive connection measured 23 KiB in a container (issue 18), with room for a request
